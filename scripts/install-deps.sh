@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests and the demo use (run as root).
+# Idempotent: packages already present are skipped quickly by apt.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+pkgs=(qemu-system-x86 ipxe ovmf busybox-static iperf3 socat cpio kmod iproute2 tshark)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

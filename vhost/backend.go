@@ -1,0 +1,29 @@
+package vhost
+
+import "github.com/vunet/vunet/vhost/virtqueue"
+
+// Backend is the virtio device behind the vhost-user control plane (for us,
+// virtio-net). The control plane owns the queues' lifecycle and calls these
+// methods from one goroutine.
+type Backend interface {
+	// Features returns the virtio feature bits the device offers. The
+	// control plane adds the transport bits it implements itself.
+	Features() uint64
+	// SetFeatures tells the device which bits the driver acknowledged.
+	// It is called before any queue starts.
+	SetFeatures(acked uint64) error
+	// NumQueues returns the number of virtqueues the device uses.
+	NumQueues() int
+	// Config returns the device's virtio config space.
+	Config() []byte
+	// StartQueue hands queue idx, set up and enabled, to the device. kick
+	// is signalled by the guest when it adds buffers; the device waits on
+	// it in its own goroutine.
+	StartQueue(idx int, q *virtqueue.Queue, kick *virtqueue.EventFD)
+	// StopQueue returns once the device no longer uses queue idx. The
+	// device interrupts its worker through the kick's Interrupt method.
+	StopQueue(idx int)
+	// Reset returns the device to its initial state (frontend gone or
+	// RESET_DEVICE): all queues are already stopped.
+	Reset()
+}

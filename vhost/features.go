@@ -1,0 +1,25 @@
+package vhost
+
+// Virtio feature bits used by the vhost-user layer itself. Device-specific
+// bits (offloads and so on) come from the Backend.
+const (
+	FeatureNotifyOnEmpty    = 24
+	FeatureAnyLayout        = 27
+	FeatureIndirectDesc     = 28
+	FeatureEventIdx         = 29
+	FeatureProtocolFeatures = 30 // VHOST_USER_F_PROTOCOL_FEATURES
+	FeatureVersion1         = 32
+)
+
+// Virtio device status bits (SET_STATUS / GET_STATUS).
+const (
+	StatusAcknowledge = 1
+	StatusDriver      = 2
+	StatusDriverOK    = 4
+	StatusFeaturesOK  = 8
+	StatusNeedsReset  = 64
+	StatusFailed      = 128
+)
+
+// Bit returns the mask for feature bit n.
+func Bit(n uint) uint64 { return 1 << n }

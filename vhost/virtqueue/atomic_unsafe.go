@@ -1,0 +1,43 @@
+package virtqueue
+
+import (
+	"sync/atomic"
+	"unsafe"
+)
+
+// The ring indices and flags shared with the guest are 16-bit fields that the
+// guest reads and writes concurrently. Go has no 16-bit atomics, so these
+// helpers operate on the naturally aligned 32-bit word containing the field.
+// Callers guarantee that off is 2-byte aligned within a slice whose base is
+// 2-byte aligned (ring addresses are validated), so a field never straddles
+// two words, and the containing word lies in the same page as the field, so
+// it is always mapped. Go's atomics are sequentially consistent, which gives
+// the acquire/release (and, for notification decisions, full) ordering the
+// virtio memory model asks for.
+
+func word(b []byte, off int) (*uint32, uint) {
+	p := unsafe.Pointer(&b[off])
+	mis := uintptr(p) & 3
+	return (*uint32)(unsafe.Add(p, -int(mis))), uint(mis) * 8
+}
+
+// load16 atomically reads the little-endian uint16 at b[off:].
+func load16(b []byte, off int) uint16 {
+	_ = b[off+1]
+	w, sh := word(b, off)
+	return uint16(atomic.LoadUint32(w) >> sh)
+}
+
+// store16 atomically writes v as a little-endian uint16 at b[off:] without
+// disturbing the other half of the word, which the guest may own.
+func store16(b []byte, off int, v uint16) {
+	_ = b[off+1]
+	w, sh := word(b, off)
+	for {
+		old := atomic.LoadUint32(w)
+		nw := old&^(0xffff<<sh) | uint32(v)<<sh
+		if atomic.CompareAndSwapUint32(w, old, nw) {
+			return
+		}
+	}
+}

@@ -1,0 +1,414 @@
+// Package virtqueue implements the device side of a virtio split virtqueue
+// over guest memory: popping descriptor chains into iovec lists, returning
+// them with explicit lengths, batching used-ring updates and deciding when
+// the guest needs an interrupt.
+//
+// Everything read from the rings is guest-controlled. Bad chains are
+// returned to the guest with length 0 and counted; a ring whose indices make
+// no sense is marked broken and stops being processed. Nothing here panics
+// on guest input.
+//
+// A Queue is not safe for concurrent use: its owner (a queue worker) calls
+// it from one goroutine at a time, and the control plane reconfigures it only
+// while holding the queue's lock (Lock/Unlock).
+package virtqueue
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/vunet/vunet/vhost/memory"
+)
+
+// Descriptor flags (virtio 1.2, 2.7.5).
+const (
+	descFNext     = 1
+	descFWrite    = 2
+	descFIndirect = 4
+)
+
+// Ring flags.
+const (
+	availFNoInterrupt = 1
+	usedFNoNotify     = 1
+)
+
+const descSize = 16
+
+// MaxSize is the largest queue size the split ring format allows.
+const MaxSize = 32768
+
+// MaxIovecs bounds the iovecs of one element. A chain can have at most
+// queue-size descriptors (or an indirect table's worth); each descriptor may
+// split at region boundaries, so this also bounds that splitting.
+const MaxIovecs = 1024
+
+// Errors. Chain errors are counted and the chain is returned with length 0;
+// ErrBroken means the ring itself is unusable until it is reset.
+var (
+	ErrEmpty        = errors.New("virtqueue: no available elements")
+	ErrNotReady     = errors.New("virtqueue: not ready")
+	ErrBroken       = errors.New("virtqueue: ring broken")
+	ErrAvailJump    = errors.New("avail index moved more than the queue size")
+	ErrBadHead      = errors.New("descriptor head index out of range")
+	ErrBadNext      = errors.New("descriptor next index out of range")
+	ErrChainLoop    = errors.New("descriptor chain longer than the queue (loop)")
+	ErrNestedIndir  = errors.New("nested indirect descriptor")
+	ErrIndirectLen  = errors.New("indirect table length not a multiple of 16")
+	ErrIndirectNext = errors.New("indirect descriptor with NEXT flag")
+	ErrWriteOrder   = errors.New("readable descriptor after a writable one")
+	ErrDescMemory   = errors.New("descriptor buffer outside guest memory")
+)
+
+// Element is one popped descriptor chain. Out holds the device-readable
+// buffers (guest → device), In the device-writable ones (device → guest).
+// The slices alias guest memory; their backing arrays are reused by the
+// next Pop into the same Element.
+type Element struct {
+	Head uint16
+	Out  [][]byte
+	In   [][]byte
+}
+
+// Stats are the queue's counters. They are updated atomically and may be
+// read at any time.
+type Stats struct {
+	Popped     atomic.Uint64 // elements handed to the owner
+	Used       atomic.Uint64 // elements returned to the guest
+	Notifies   atomic.Uint64 // interrupts sent
+	Suppressed atomic.Uint64 // interrupts the guest asked us to skip
+	BadChains  atomic.Uint64 // chains returned with length 0 as malformed
+	Broken     atomic.Uint64 // times the ring was marked broken
+}
+
+// Config describes where a ring lives, as set by SET_VRING_NUM/ADDR/BASE.
+type Config struct {
+	Size      uint16 // number of descriptors, a power of two ≤ MaxSize
+	DescAddr  uint64 // guest-physical address of the descriptor table
+	AvailAddr uint64 // guest-physical address of the available ring
+	UsedAddr  uint64 // guest-physical address of the used ring
+	EventIdx  bool   // VIRTIO_RING_F_EVENT_IDX negotiated
+	Indirect  bool   // VIRTIO_RING_F_INDIRECT_DESC negotiated
+	// NextAvail is the ring's starting available index (SET_VRING_BASE).
+	NextAvail uint16
+}
+
+// Queue is the device side of one split virtqueue.
+type Queue struct {
+	mu sync.Mutex
+
+	mem   *memory.Table
+	cfg   Config
+	desc  []byte
+	avail []byte
+	used  []byte
+	ready bool
+
+	lastAvail uint16 // next available-ring slot to pop
+	usedIdx   uint16 // used index last published to the guest
+	pending   uint16 // used entries written but not yet published
+
+	// signalled is the used index at the last interrupt; valid says whether
+	// it means anything (EVENT_IDX needs a reference point).
+	signalled      uint16
+	signalledValid bool
+
+	// notify sends an interrupt to the guest (writes the call eventfd).
+	notify func() error
+	// onError reports chain and ring errors (rate-limited by the owner).
+	onError func(error)
+
+	broken atomic.Bool
+	Stats  Stats
+}
+
+// New returns an unconfigured queue. notify is called to interrupt the
+// guest; onError (optional) is told about each malformed chain or ring.
+func New(notify func() error, onError func(error)) *Queue {
+	if onError == nil {
+		onError = func(error) {}
+	}
+	return &Queue{notify: notify, onError: onError}
+}
+
+// Lock takes the queue's lock: the data path holds it for each batch, the
+// control plane to reconfigure the ring.
+func (q *Queue) Lock() { q.mu.Lock() }
+
+// Unlock releases the queue's lock.
+func (q *Queue) Unlock() { q.mu.Unlock() }
+
+// SetNotify replaces the interrupt function (the call eventfd changed).
+func (q *Queue) SetNotify(notify func() error) { q.notify = notify }
+
+// Setup validates cfg against mem and makes the queue ready. The used index
+// is taken from the ring itself so that a ring handed over from a previous
+// backend (reconnect) continues where it was.
+func (q *Queue) Setup(mem *memory.Table, cfg Config) error {
+	q.ready = false
+	if cfg.Size == 0 || cfg.Size > MaxSize || cfg.Size&(cfg.Size-1) != 0 {
+		return fmt.Errorf("virtqueue: size %d is not a power of two in 1..%d", cfg.Size, MaxSize)
+	}
+	if cfg.DescAddr%16 != 0 || cfg.AvailAddr%2 != 0 || cfg.UsedAddr%4 != 0 {
+		return fmt.Errorf("virtqueue: misaligned ring desc %#x avail %#x used %#x", cfg.DescAddr, cfg.AvailAddr, cfg.UsedAddr)
+	}
+	n := uint64(cfg.Size)
+	desc, err := mem.Slice(cfg.DescAddr, n*descSize)
+	if err != nil {
+		return fmt.Errorf("virtqueue: descriptor table: %w", err)
+	}
+	avail, err := mem.Slice(cfg.AvailAddr, 6+2*n)
+	if err != nil {
+		return fmt.Errorf("virtqueue: available ring: %w", err)
+	}
+	used, err := mem.Slice(cfg.UsedAddr, 6+8*n)
+	if err != nil {
+		return fmt.Errorf("virtqueue: used ring: %w", err)
+	}
+	q.mem, q.cfg, q.desc, q.avail, q.used = mem, cfg, desc, avail, used
+	q.lastAvail = cfg.NextAvail
+	q.usedIdx = load16(used, 2)
+	q.pending = 0
+	q.signalledValid = false
+	q.broken.Store(false)
+	q.ready = true
+	return nil
+}
+
+// Stop makes the queue not ready and returns the next available index, the
+// value GET_VRING_BASE reports. Unpublished used entries are published first.
+func (q *Queue) Stop() uint16 {
+	if q.ready {
+		q.Flush()
+	}
+	q.ready = false
+	return q.lastAvail
+}
+
+// Ready reports whether the queue is set up and not broken.
+func (q *Queue) Ready() bool { return q.ready && !q.broken.Load() }
+
+// Broken reports whether the ring was marked unusable.
+func (q *Queue) Broken() bool { return q.broken.Load() }
+
+// Size returns the queue size.
+func (q *Queue) Size() uint16 { return q.cfg.Size }
+
+func (q *Queue) markBroken(err error) error {
+	if !q.broken.Swap(true) {
+		q.Stats.Broken.Add(1)
+		q.onError(err)
+	}
+	return fmt.Errorf("%w: %v", ErrBroken, err)
+}
+
+// availIdx reads the guest's available index and checks it is plausible.
+func (q *Queue) pendingAvail() (uint16, error) {
+	idx := load16(q.avail, 2)
+	n := idx - q.lastAvail
+	if n > q.cfg.Size {
+		return 0, q.markBroken(fmt.Errorf("%w: avail %d last %d size %d", ErrAvailJump, idx, q.lastAvail, q.cfg.Size))
+	}
+	return n, nil
+}
+
+// Pending returns the number of elements the guest has made available and
+// that have not been popped.
+func (q *Queue) Pending() int {
+	if !q.Ready() {
+		return 0
+	}
+	n, err := q.pendingAvail()
+	if err != nil {
+		return 0
+	}
+	return int(n)
+}
+
+// Pop takes the next available chain into e. Malformed chains are returned
+// to the guest with length 0, counted, and skipped. It returns ErrEmpty when
+// nothing is available, and an error wrapping ErrBroken or ErrNotReady when
+// the ring cannot be used.
+func (q *Queue) Pop(e *Element) error {
+	if !q.ready {
+		return ErrNotReady
+	}
+	if q.broken.Load() {
+		return ErrBroken
+	}
+	for {
+		n, err := q.pendingAvail()
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return ErrEmpty
+		}
+		slot := 4 + 2*int(q.lastAvail%q.cfg.Size)
+		head := binary.LittleEndian.Uint16(q.avail[slot:])
+		if head >= q.cfg.Size {
+			// There is no valid id to return; the ring is unusable.
+			return q.markBroken(fmt.Errorf("%w: %d", ErrBadHead, head))
+		}
+		q.lastAvail++
+		e.Head = head
+		if err := q.walk(e, head); err != nil {
+			q.Stats.BadChains.Add(1)
+			q.onError(fmt.Errorf("virtqueue: chain %d: %w", head, err))
+			q.Push(head, 0)
+			continue
+		}
+		q.Stats.Popped.Add(1)
+		return nil
+	}
+}
+
+// walk collects chain head into e.
+func (q *Queue) walk(e *Element, head uint16) error {
+	e.Out, e.In = e.Out[:0], e.In[:0]
+	table := q.desc
+	max := uint32(q.cfg.Size)
+	i := uint32(head)
+	indirect := false
+	for count := uint32(0); ; count++ {
+		if count >= max {
+			return ErrChainLoop
+		}
+		d := table[i*descSize : i*descSize+descSize]
+		addr := binary.LittleEndian.Uint64(d[0:])
+		length := binary.LittleEndian.Uint32(d[8:])
+		flags := binary.LittleEndian.Uint16(d[12:])
+		next := binary.LittleEndian.Uint16(d[14:])
+		if flags&descFIndirect != 0 {
+			if indirect {
+				return ErrNestedIndir
+			}
+			if flags&descFNext != 0 {
+				return ErrIndirectNext
+			}
+			if length == 0 || length%descSize != 0 || length/descSize > MaxSize {
+				return fmt.Errorf("%w: %d", ErrIndirectLen, length)
+			}
+			t, err := q.mem.Slice(addr, uint64(length))
+			if err != nil {
+				return fmt.Errorf("indirect table: %w", err)
+			}
+			table, max, i, count, indirect = t, length/descSize, 0, 0, true
+			// The loop's count++ would make this 1; the table's first
+			// descriptor is the chain's first.
+			count--
+			continue
+		}
+		var err error
+		if flags&descFWrite != 0 {
+			e.In, err = q.mem.Translate(e.In, addr, uint64(length), MaxIovecs-len(e.In)-len(e.Out))
+		} else {
+			if len(e.In) > 0 {
+				return ErrWriteOrder
+			}
+			e.Out, err = q.mem.Translate(e.Out, addr, uint64(length), MaxIovecs-len(e.In)-len(e.Out))
+		}
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrDescMemory, err)
+		}
+		if flags&descFNext == 0 {
+			return nil
+		}
+		if uint32(next) >= max {
+			return fmt.Errorf("%w: %d", ErrBadNext, next)
+		}
+		i = uint32(next)
+	}
+}
+
+// Rewind gives back the last n popped elements, which were collected but
+// not used; the next Pop returns them again.
+func (q *Queue) Rewind(n int) {
+	q.lastAvail -= uint16(n)
+}
+
+// Push writes a used-ring entry returning chain head with length bytes
+// written by the device. The entry becomes visible to the guest at the
+// next Flush. The length is always explicit: it is the number of bytes of
+// the frame in this element, never the element's buffer size.
+func (q *Queue) Push(head uint16, length uint32) {
+	if !q.ready || q.cfg.Size == 0 {
+		return
+	}
+	slot := 4 + 8*int((q.usedIdx+q.pending)%q.cfg.Size)
+	binary.LittleEndian.PutUint32(q.used[slot:], uint32(head))
+	binary.LittleEndian.PutUint32(q.used[slot+4:], length)
+	q.pending++
+}
+
+// Flush publishes all pushed entries with a single used-index update.
+func (q *Queue) Flush() {
+	if !q.ready || q.pending == 0 {
+		return
+	}
+	q.usedIdx += q.pending
+	q.Stats.Used.Add(uint64(q.pending))
+	q.pending = 0
+	// Atomic store: the entries written above are visible before the index.
+	store16(q.used, 2, q.usedIdx)
+}
+
+// needsNotify decides, after a Flush, whether the guest wants an interrupt.
+func (q *Queue) needsNotify() bool {
+	if !q.cfg.EventIdx {
+		return load16(q.avail, 0)&availFNoInterrupt == 0
+	}
+	old, valid := q.signalled, q.signalledValid
+	q.signalled, q.signalledValid = q.usedIdx, true
+	if !valid {
+		return true
+	}
+	// used_event lives after the available ring. The guest wants an
+	// interrupt when the used index moves past it (virtio 2.7.10).
+	event := load16(q.avail, 4+2*int(q.cfg.Size))
+	return q.usedIdx-event-1 < q.usedIdx-old
+}
+
+// Notify interrupts the guest if it asked for one since the last call.
+// Call it once per batch, after Flush.
+func (q *Queue) Notify() error {
+	if !q.ready || q.notify == nil {
+		return nil
+	}
+	if !q.needsNotify() {
+		q.Stats.Suppressed.Add(1)
+		return nil
+	}
+	q.Stats.Notifies.Add(1)
+	return q.notify()
+}
+
+// EnableKicks asks the guest to notify us when it adds buffers, and
+// reports whether buffers arrived meanwhile (the caller must then process
+// them instead of sleeping, or a kick can be lost).
+func (q *Queue) EnableKicks() bool {
+	if !q.Ready() {
+		return false
+	}
+	if q.cfg.EventIdx {
+		// avail_event lives after the used ring.
+		store16(q.used, 4+8*int(q.cfg.Size), q.lastAvail)
+	} else {
+		store16(q.used, 0, load16(q.used, 0)&^usedFNoNotify)
+	}
+	// The atomics order the store above before this reload.
+	return q.Pending() > 0
+}
+
+// DisableKicks tells the guest that we are polling and need no kicks. With
+// EVENT_IDX this is implicit (avail_event is left behind), so nothing is
+// written.
+func (q *Queue) DisableKicks() {
+	if !q.Ready() || q.cfg.EventIdx {
+		return
+	}
+	store16(q.used, 0, load16(q.used, 0)|usedFNoNotify)
+}

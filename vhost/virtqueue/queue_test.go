@@ -1,0 +1,316 @@
+package virtqueue_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"testing"
+
+	"github.com/vunet/vunet/vhost/virtqueue"
+	vqt "github.com/vunet/vunet/vhost/virtqueue/virtqueuetest"
+)
+
+func TestPopLayouts(t *testing.T) {
+	frame := bytes.Repeat([]byte("0123456789abcdef"), 20)
+	for _, tc := range []struct {
+		name     string
+		outSizes []int
+		inSizes  []int
+		indirect bool
+	}{
+		{"single", nil, nil, false},
+		{"header apart", []int{12}, nil, false},
+		{"header split 5+7", []int{5, 7}, nil, false},
+		{"one-byte pieces", []int{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, nil, false},
+		{"indirect", []int{12, 100}, []int{64, 64}, true},
+		{"readable then writable", []int{12}, []int{4096}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := vqt.New(1<<20, 256, false)
+			q := d.Queue(func() error { return nil })
+			head, err := d.Post(frame, tc.outSizes, tc.inSizes, tc.indirect)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var e virtqueue.Element
+			if err := q.Pop(&e); err != nil {
+				t.Fatal(err)
+			}
+			if e.Head != head || !bytes.Equal(bytes.Join(e.Out, nil), frame) || len(e.In) != len(tc.inSizes) {
+				t.Fatalf("head %d/%d out %d iov in %d iov", e.Head, head, len(e.Out), len(e.In))
+			}
+			if err := q.Pop(&e); !errors.Is(err, virtqueue.ErrEmpty) {
+				t.Fatalf("second pop: %v", err)
+			}
+			q.Push(e.Head, 42)
+			if got := d.Reap(); len(got) != 0 {
+				t.Fatalf("used visible before flush: %v", got)
+			}
+			q.Flush()
+			got := d.Reap()
+			if len(got) != 1 || got[0].Head != head || got[0].Len != 42 {
+				t.Fatalf("used %+v", got)
+			}
+		})
+	}
+}
+
+func TestRewind(t *testing.T) {
+	d := vqt.New(1<<20, 8, false)
+	q := d.Queue(nil)
+	for i := 0; i < 3; i++ {
+		d.Post(nil, nil, []int{100 + i}, false)
+	}
+	var e virtqueue.Element
+	var heads []uint16
+	for i := 0; i < 3; i++ {
+		if err := q.Pop(&e); err != nil {
+			t.Fatal(err)
+		}
+		heads = append(heads, e.Head)
+	}
+	q.Rewind(2)
+	if q.Pending() != 2 {
+		t.Fatalf("pending %d after rewind", q.Pending())
+	}
+	for i := 1; i < 3; i++ {
+		if err := q.Pop(&e); err != nil || e.Head != heads[i] || len(e.In[0]) != 100+i {
+			t.Fatalf("re-pop %d: %v head %d", i, err, e.Head)
+		}
+	}
+}
+
+// hostile builds a one-descriptor-table ring by hand.
+func TestHostileChains(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		descs map[uint16]vqt.Desc
+		want  error
+	}{
+		{"outside memory", map[uint16]vqt.Desc{14: {Addr: 0x1, Len: 10}}, virtqueue.ErrDescMemory},
+		{"addr+len overflow", map[uint16]vqt.Desc{14: {Addr: ^uint64(0) - 4, Len: 10}}, virtqueue.ErrDescMemory},
+		{"loop", map[uint16]vqt.Desc{14: {Addr: vqt.GuestBase + 0x8000, Len: 10, Flags: 1, Next: 15}, 15: {Addr: vqt.GuestBase + 0x8000, Len: 10, Flags: 1, Next: 14}}, virtqueue.ErrChainLoop},
+		{"next out of range", map[uint16]vqt.Desc{14: {Addr: vqt.GuestBase + 0x8000, Len: 10, Flags: 1, Next: 99}}, virtqueue.ErrBadNext},
+		{"write then read", map[uint16]vqt.Desc{14: {Addr: vqt.GuestBase + 0x8000, Len: 10, Flags: 3, Next: 15}, 15: {Addr: vqt.GuestBase + 0x8000, Len: 10}}, virtqueue.ErrWriteOrder},
+		{"indirect len", map[uint16]vqt.Desc{14: {Addr: vqt.GuestBase + 0x8000, Len: 17, Flags: 4}}, virtqueue.ErrIndirectLen},
+		{"indirect with next", map[uint16]vqt.Desc{14: {Addr: vqt.GuestBase + 0x8000, Len: 16, Flags: 5, Next: 1}}, virtqueue.ErrIndirectNext},
+		{"indirect outside memory", map[uint16]vqt.Desc{14: {Addr: 0x10, Len: 32, Flags: 4}}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := vqt.New(1<<20, 16, false)
+			var errs []error
+			q := virtqueue.New(nil, func(err error) { errs = append(errs, err) })
+			if err := q.Setup(d.Table, d.Config()); err != nil {
+				t.Fatal(err)
+			}
+			for i, ds := range tc.descs {
+				d.WriteDesc(i, ds)
+			}
+			d.PublishRaw(14)
+			good, _ := d.Post([]byte("ok"), nil, nil, false)
+			var e virtqueue.Element
+			if err := q.Pop(&e); err != nil || e.Head != good {
+				t.Fatalf("pop after bad chain: %v head %d", err, e.Head)
+			}
+			if q.Stats.BadChains.Load() != 1 || len(errs) != 1 {
+				t.Fatalf("bad chains %d errs %v", q.Stats.BadChains.Load(), errs)
+			}
+			if tc.want != nil && !errors.Is(errs[0], tc.want) {
+				t.Fatalf("error %v, want %v", errs[0], tc.want)
+			}
+			q.Flush()
+			used := d.Reap()
+			if len(used) != 1 || used[0].Head != 14 || used[0].Len != 0 {
+				t.Fatalf("bad chain not returned with length 0: %+v", used)
+			}
+		})
+	}
+}
+
+func TestNestedIndirect(t *testing.T) {
+	d := vqt.New(1<<20, 16, false)
+	var errs []error
+	q := virtqueue.New(nil, func(err error) { errs = append(errs, err) })
+	q.Setup(d.Table, d.Config())
+	taddr, tbl := d.Alloc(16)
+	binary.LittleEndian.PutUint64(tbl, taddr)
+	binary.LittleEndian.PutUint32(tbl[8:], 16)
+	binary.LittleEndian.PutUint16(tbl[12:], 4)
+	d.WriteDesc(0, vqt.Desc{Addr: taddr, Len: 16, Flags: 4})
+	d.PublishRaw(0)
+	var e virtqueue.Element
+	if err := q.Pop(&e); !errors.Is(err, virtqueue.ErrEmpty) || len(errs) != 1 || !errors.Is(errs[0], virtqueue.ErrNestedIndir) {
+		t.Fatalf("pop %v errs %v", err, errs)
+	}
+}
+
+func TestBrokenRing(t *testing.T) {
+	d := vqt.New(1<<20, 16, false)
+	q := d.Queue(nil)
+	d.SetAvailIdx(100)
+	var e virtqueue.Element
+	if err := q.Pop(&e); !errors.Is(err, virtqueue.ErrBroken) {
+		t.Fatalf("avail jump: %v", err)
+	}
+	if !q.Broken() || q.Ready() {
+		t.Fatal("ring not marked broken")
+	}
+	// A new setup (the next frontend) clears it.
+	d2 := vqt.New(1<<20, 16, false)
+	if err := q.Setup(d2.Table, d2.Config()); err != nil || q.Broken() {
+		t.Fatalf("setup after broken: %v", err)
+	}
+	// Head index out of range.
+	d3 := vqt.New(1<<20, 16, false)
+	q3 := d3.Queue(nil)
+	d3.PublishRaw(16)
+	if err := q3.Pop(&e); !errors.Is(err, virtqueue.ErrBroken) {
+		t.Fatalf("bad head: %v", err)
+	}
+}
+
+func TestSetupValidation(t *testing.T) {
+	d := vqt.New(1<<16, 16, false)
+	q := virtqueue.New(nil, nil)
+	bad := []virtqueue.Config{
+		{Size: 0},
+		{Size: 3, DescAddr: vqt.GuestBase},
+		func() virtqueue.Config { c := d.Config(); c.DescAddr++; return c }(),
+		func() virtqueue.Config { c := d.Config(); c.UsedAddr = 0x10; return c }(),
+		func() virtqueue.Config { c := d.Config(); c.Size = 32768; return c }(),
+	}
+	for i, c := range bad {
+		if err := q.Setup(d.Table, c); err == nil {
+			t.Errorf("config %d accepted", i)
+		}
+	}
+}
+
+func TestNotify(t *testing.T) {
+	for _, eventIdx := range []bool{false, true} {
+		d := vqt.New(1<<20, 16, eventIdx)
+		calls := 0
+		q := d.Queue(func() error { calls++; return nil })
+		var e virtqueue.Element
+		round := func() {
+			d.Post(nil, nil, []int{10}, false)
+			if err := q.Pop(&e); err != nil {
+				t.Fatal(err)
+			}
+			q.Push(e.Head, 1)
+			q.Flush()
+			q.Notify()
+			d.Reap()
+		}
+		round()
+		if calls != 1 {
+			t.Fatalf("eventIdx=%v: first notify: %d calls", eventIdx, calls)
+		}
+		if eventIdx {
+			// used_event = 5: no interrupt until the used index passes 5.
+			d.SetUsedEvent(5)
+			for i := 0; i < 4; i++ {
+				round()
+			}
+			if calls != 1 {
+				t.Fatalf("event idx suppression: %d calls", calls)
+			}
+			round() // used idx 5 → 6 crosses the event
+			if calls != 2 {
+				t.Fatalf("event idx crossing: %d calls", calls)
+			}
+		} else {
+			d.SetNoInterrupt(true)
+			round()
+			if calls != 1 {
+				t.Fatalf("NO_INTERRUPT ignored: %d calls", calls)
+			}
+			d.SetNoInterrupt(false)
+			round()
+			if calls != 2 {
+				t.Fatalf("notify after clearing NO_INTERRUPT: %d calls", calls)
+			}
+		}
+	}
+}
+
+func TestKicks(t *testing.T) {
+	d := vqt.New(1<<20, 16, true)
+	q := d.Queue(nil)
+	if q.EnableKicks() {
+		t.Fatal("pending on empty ring")
+	}
+	if d.AvailEvent() != 0 {
+		t.Fatalf("avail_event %d", d.AvailEvent())
+	}
+	d.Post([]byte("x"), nil, nil, false)
+	if !q.EnableKicks() {
+		t.Fatal("missed a pending buffer")
+	}
+	d2 := vqt.New(1<<20, 16, false)
+	q2 := d2.Queue(nil)
+	q2.DisableKicks()
+	if d2.UsedFlags() != 1 {
+		t.Fatal("NO_NOTIFY not set")
+	}
+	q2.EnableKicks()
+	if d2.UsedFlags() != 0 {
+		t.Fatal("NO_NOTIFY not cleared")
+	}
+}
+
+// FuzzPop feeds arbitrary descriptor tables and avail rings to Pop: it must
+// never panic, never loop forever, and always return bad chains.
+func FuzzPop(f *testing.F) {
+	f.Add(make([]byte, 16*8), []byte{0, 0, 1, 0, 2, 0}, uint16(3))
+	seed := make([]byte, 16*8)
+	binary.LittleEndian.PutUint64(seed, vqt.GuestBase+0x4000)
+	binary.LittleEndian.PutUint32(seed[8:], 64)
+	binary.LittleEndian.PutUint16(seed[12:], 4)
+	f.Add(seed, []byte{0, 0}, uint16(1))
+	f.Fuzz(func(t *testing.T, table []byte, heads []byte, availIdx uint16) {
+		d := vqt.New(1<<16, 8, false)
+		q := d.Queue(nil)
+		for i := 0; i+16 <= len(table) && i < 16*8; i += 16 {
+			d.WriteDesc(uint16(i/16), vqt.Desc{
+				Addr: binary.LittleEndian.Uint64(table[i:]), Len: binary.LittleEndian.Uint32(table[i+8:]),
+				Flags: binary.LittleEndian.Uint16(table[i+12:]), Next: binary.LittleEndian.Uint16(table[i+14:]),
+			})
+		}
+		// Indirect tables may point into the fake memory: fill some with the same bytes.
+		copy(d.Mem[0x4000:], table)
+		for i := 0; i+1 < len(heads) && i < 16; i += 2 {
+			d.PublishRaw(binary.LittleEndian.Uint16(heads[i:]) % 10)
+		}
+		if availIdx%4 == 3 {
+			d.SetAvailIdx(availIdx)
+		}
+		var e virtqueue.Element
+		for i := 0; i < 32; i++ {
+			if err := q.Pop(&e); err != nil {
+				break
+			}
+			if len(e.In)+len(e.Out) > virtqueue.MaxIovecs {
+				t.Fatalf("too many iovecs: %d", len(e.In)+len(e.Out))
+			}
+			q.Push(e.Head, 0)
+		}
+		q.Flush()
+	})
+}
+
+func BenchmarkPopPush(b *testing.B) {
+	d := vqt.New(1<<22, 256, true)
+	q := d.Queue(func() error { return nil })
+	frame := make([]byte, 1514)
+	var e virtqueue.Element
+	for b.Loop() {
+		d.Post(frame, []int{12}, nil, false)
+		if err := q.Pop(&e); err != nil {
+			b.Fatal(err)
+		}
+		q.Push(e.Head, 0)
+		q.Flush()
+		d.Reap()
+	}
+}
