@@ -30,7 +30,7 @@ func newSink() *sinkBackend {
 	return &sinkBackend{frames: make(chan []byte, 64), workers: map[int]chan struct{}{}, kicks: map[int]*virtqueue.EventFD{}}
 }
 
-func (b *sinkBackend) Features() uint64            { return 1 << 15 }
+func (b *sinkBackend) Features() uint64           { return 1 << 15 }
 func (b *sinkBackend) SetFeatures(v uint64) error { b.acked = v; return nil }
 func (b *sinkBackend) NumQueues() int             { return 2 }
 func (b *sinkBackend) Config() []byte             { return []byte{0x52, 0x54, 0, 0x12, 0x34, 0x56, 1, 0} }

@@ -20,6 +20,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/vunet/vunet/vhost/internal/ringatomic"
 	"github.com/vunet/vunet/vhost/memory"
 )
 
@@ -170,7 +171,7 @@ func (q *Queue) Setup(mem *memory.Table, cfg Config) error {
 	}
 	q.mem, q.cfg, q.desc, q.avail, q.used = mem, cfg, desc, avail, used
 	q.lastAvail = cfg.NextAvail
-	q.usedIdx = load16(used, 2)
+	q.usedIdx = ringatomic.Load16(used, 2)
 	q.pending = 0
 	q.signalledValid = false
 	q.broken.Store(false)
@@ -207,7 +208,7 @@ func (q *Queue) markBroken(err error) error {
 
 // availIdx reads the guest's available index and checks it is plausible.
 func (q *Queue) pendingAvail() (uint16, error) {
-	idx := load16(q.avail, 2)
+	idx := ringatomic.Load16(q.avail, 2)
 	n := idx - q.lastAvail
 	if n > q.cfg.Size {
 		return 0, q.markBroken(fmt.Errorf("%w: avail %d last %d size %d", ErrAvailJump, idx, q.lastAvail, q.cfg.Size))
@@ -353,13 +354,13 @@ func (q *Queue) Flush() {
 	q.Stats.Used.Add(uint64(q.pending))
 	q.pending = 0
 	// Atomic store: the entries written above are visible before the index.
-	store16(q.used, 2, q.usedIdx)
+	ringatomic.Store16(q.used, 2, q.usedIdx)
 }
 
 // needsNotify decides, after a Flush, whether the guest wants an interrupt.
 func (q *Queue) needsNotify() bool {
 	if !q.cfg.EventIdx {
-		return load16(q.avail, 0)&availFNoInterrupt == 0
+		return ringatomic.Load16(q.avail, 0)&availFNoInterrupt == 0
 	}
 	old, valid := q.signalled, q.signalledValid
 	q.signalled, q.signalledValid = q.usedIdx, true
@@ -368,7 +369,7 @@ func (q *Queue) needsNotify() bool {
 	}
 	// used_event lives after the available ring. The guest wants an
 	// interrupt when the used index moves past it (virtio 2.7.10).
-	event := load16(q.avail, 4+2*int(q.cfg.Size))
+	event := ringatomic.Load16(q.avail, 4+2*int(q.cfg.Size))
 	return q.usedIdx-event-1 < q.usedIdx-old
 }
 
@@ -395,9 +396,9 @@ func (q *Queue) EnableKicks() bool {
 	}
 	if q.cfg.EventIdx {
 		// avail_event lives after the used ring.
-		store16(q.used, 4+8*int(q.cfg.Size), q.lastAvail)
+		ringatomic.Store16(q.used, 4+8*int(q.cfg.Size), q.lastAvail)
 	} else {
-		store16(q.used, 0, load16(q.used, 0)&^usedFNoNotify)
+		ringatomic.Store16(q.used, 0, ringatomic.Load16(q.used, 0)&^usedFNoNotify)
 	}
 	// The atomics order the store above before this reload.
 	return q.Pending() > 0
@@ -410,5 +411,5 @@ func (q *Queue) DisableKicks() {
 	if !q.Ready() || q.cfg.EventIdx {
 		return
 	}
-	store16(q.used, 0, load16(q.used, 0)|usedFNoNotify)
+	ringatomic.Store16(q.used, 0, ringatomic.Load16(q.used, 0)|usedFNoNotify)
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/binary"
 	"fmt"
 
+	"github.com/vunet/vunet/vhost/internal/ringatomic"
 	"github.com/vunet/vunet/vhost/memory"
 	"github.com/vunet/vunet/vhost/virtqueue"
 )
@@ -125,13 +126,15 @@ func (d *Driver) PublishRaw(head uint16) {
 	off := d.availAddr - d.Base
 	binary.LittleEndian.PutUint16(d.Mem[off+4+2*uint64(d.availIdx%d.Size):], head)
 	d.availIdx++
-	binary.LittleEndian.PutUint16(d.Mem[off+2:], d.availIdx)
+	// Atomic, like a real driver's release store: descriptors and the
+	// ring entry written above are visible before the index.
+	ringatomic.Store16(d.Mem, int(off+2), d.availIdx)
 }
 
 // SetAvailIdx writes the avail index directly (for hostile-ring tests).
 func (d *Driver) SetAvailIdx(v uint16) {
 	d.availIdx = v
-	binary.LittleEndian.PutUint16(d.Mem[d.availAddr-d.Base+2:], v)
+	ringatomic.Store16(d.Mem, int(d.availAddr-d.Base+2), v)
 }
 
 // Post adds a chain whose device-readable part carries out split into
@@ -211,7 +214,7 @@ func (d *Driver) chainIDs(ids []uint16) { d.ids[ids[0]] = ids }
 // their descriptors.
 func (d *Driver) Reap() []Used {
 	off := d.usedAddr - d.Base
-	idx := binary.LittleEndian.Uint16(d.Mem[off+2:])
+	idx := ringatomic.Load16(d.Mem, int(off+2))
 	var out []Used
 	for ; d.lastUsed != idx; d.lastUsed++ {
 		e := d.Mem[off+4+8*uint64(d.lastUsed%d.Size):]
@@ -233,21 +236,21 @@ func (d *Driver) SetNoInterrupt(on bool) {
 	if on {
 		v = 1
 	}
-	binary.LittleEndian.PutUint16(d.Mem[d.availAddr-d.Base:], v)
+	ringatomic.Store16(d.Mem, int(d.availAddr-d.Base), v)
 }
 
 // SetUsedEvent writes used_event (EVENT_IDX): the guest wants an interrupt
 // once the used index passes v.
 func (d *Driver) SetUsedEvent(v uint16) {
-	binary.LittleEndian.PutUint16(d.Mem[d.availAddr-d.Base+4+2*uint64(d.Size):], v)
+	ringatomic.Store16(d.Mem, int(d.availAddr-d.Base+4+2*uint64(d.Size)), v)
 }
 
 // AvailEvent reads avail_event (EVENT_IDX) as written by the device.
 func (d *Driver) AvailEvent() uint16 {
-	return binary.LittleEndian.Uint16(d.Mem[d.usedAddr-d.Base+4+8*uint64(d.Size):])
+	return ringatomic.Load16(d.Mem, int(d.usedAddr-d.Base+4+8*uint64(d.Size)))
 }
 
 // UsedFlags reads the used ring's flags as written by the device.
 func (d *Driver) UsedFlags() uint16 {
-	return binary.LittleEndian.Uint16(d.Mem[d.usedAddr-d.Base:])
+	return ringatomic.Load16(d.Mem, int(d.usedAddr-d.Base))
 }

@@ -1,4 +1,6 @@
-package virtqueue
+// Package ringatomic reads and writes the 16-bit ring fields that a virtio
+// device and driver share, atomically.
+package ringatomic
 
 import (
 	"sync/atomic"
@@ -21,17 +23,17 @@ func word(b []byte, off int) (*uint32, uint) {
 	return (*uint32)(unsafe.Add(p, -int(mis))), uint(mis) * 8
 }
 
-// load16 atomically reads the little-endian uint16 at b[off:].
-func load16(b []byte, off int) uint16 {
-	_ = b[off+1]
+// Load16 atomically reads the little-endian uint16 at b[off:].
+func Load16(b []byte, off int) uint16 {
+	_ = b[off : off+2] // bounds check without a (racy) read
 	w, sh := word(b, off)
 	return uint16(atomic.LoadUint32(w) >> sh)
 }
 
-// store16 atomically writes v as a little-endian uint16 at b[off:] without
+// Store16 atomically writes v as a little-endian uint16 at b[off:] without
 // disturbing the other half of the word, which the guest may own.
-func store16(b []byte, off int, v uint16) {
-	_ = b[off+1]
+func Store16(b []byte, off int, v uint16) {
+	_ = b[off : off+2] // bounds check without a (racy) read
 	w, sh := word(b, off)
 	for {
 		old := atomic.LoadUint32(w)

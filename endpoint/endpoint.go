@@ -1,0 +1,328 @@
+// Package endpoint is a gVisor link endpoint whose packets live in virtio-net
+// virtqueues. Frames from the guest are popped from the TX queue, their
+// virtio-net header is read across however many descriptors it spans, and
+// they are copied once into a PacketBuffer for the stack. Frames from the
+// stack are written into as many RX elements as they need (mergeable
+// buffers), padded to the Ethernet minimum across iovec boundaries, and
+// returned with their explicit lengths and one interrupt per batch.
+//
+// The Endpoint is also the vhost.Backend for a virtio-net device: the
+// control plane hands it queues as the frontend sets them up.
+package endpoint
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/vunet/vunet/pcap"
+	"github.com/vunet/vunet/vhost/virtqueue"
+)
+
+// Virtio-net feature bits (virtio 1.2, 5.1.3).
+const (
+	FeatureCsum      = 0
+	FeatureGuestCsum = 1
+	FeatureMTU       = 3
+	FeatureMAC       = 5
+	FeatureGuestTSO4 = 7
+	FeatureGuestTSO6 = 8
+	FeatureHostTSO4  = 11
+	FeatureHostTSO6  = 12
+	FeatureHostECN   = 13
+	FeatureMrgRxbuf  = 15
+	FeatureStatus    = 16
+	featureVersion1  = 32
+)
+
+// Queue indices: virtio-net puts receiveq1 at 0 and transmitq1 at 1.
+const (
+	rxQueue = 0
+	txQueue = 1
+)
+
+const (
+	// ethZLen is the minimum Ethernet frame length without FCS; shorter
+	// frames are padded with zeros.
+	ethZLen = 60
+	// maxFrame bounds a frame from the guest: a 64 KiB GSO segment plus
+	// its Ethernet header.
+	maxFrame = 65535 + header.EthernetMinimumSize
+	// txBatch is how many TX elements are returned with one flush.
+	txBatch = 64
+	// maxMergeBuffers bounds the RX elements one frame may use.
+	maxMergeBuffers = 64
+	// DefaultRXBacklog is how many packets wait when the guest has posted
+	// no RX buffers.
+	DefaultRXBacklog = 1024
+	// MaxMTU is the largest MTU virtio-net can advertise (u16 in config
+	// space) that still leaves room for the Ethernet header in 64 KiB.
+	MaxMTU = 65520
+)
+
+// Options configure an Endpoint.
+type Options struct {
+	// MTU is the IP MTU offered to the stack and, with VIRTIO_NET_F_MTU,
+	// advertised to the guest. 68..MaxMTU; default 1500.
+	MTU uint32
+	// LinkAddress is the MAC of our side of the link (the gateway).
+	LinkAddress tcpip.LinkAddress
+	// GuestMAC is the MAC placed in the virtio config space.
+	GuestMAC tcpip.LinkAddress
+	// RXBacklog bounds packets queued while the guest has no RX buffers;
+	// default DefaultRXBacklog.
+	RXBacklog int
+	// Offloads offers CSUM and HOST_TSO4/6 (the guest may send partially
+	// checksummed frames and 64 KiB TCP segments). Default on; set
+	// NoOffloads to switch off.
+	NoOffloads bool
+	// Pcap, if set, receives every frame in both directions.
+	Pcap *pcap.Writer
+	// Logger receives rate-limited warnings; nil discards.
+	Logger *slog.Logger
+}
+
+// Stats are the endpoint's counters, updated atomically.
+type Stats struct {
+	TXFrames, TXBytes atomic.Uint64 // guest → stack
+	RXFrames, RXBytes atomic.Uint64 // stack → guest
+	// Drops by reason.
+	TXBadHeader    atomic.Uint64
+	TXShort        atomic.Uint64
+	TXTooBig       atomic.Uint64
+	TXBadGSO       atomic.Uint64
+	RXNotConnected atomic.Uint64
+	RXBacklogFull  atomic.Uint64
+	RXTooBig       atomic.Uint64
+	RXBacklogged   atomic.Uint64 // packets that waited for buffers
+}
+
+// Endpoint implements stack.LinkEndpoint over a virtio-net queue pair.
+type Endpoint struct {
+	opts Options
+	log  *slog.Logger
+
+	mu         sync.RWMutex
+	dispatcher stack.NetworkDispatcher
+	mtu        uint32
+	linkAddr   tcpip.LinkAddress
+	onClose    func()
+
+	features atomic.Uint64
+	hdrLen   atomic.Int32
+
+	rx rxState
+	tx txState
+
+	// Stats counts frames, bytes and drops.
+	Stats Stats
+}
+
+var _ stack.LinkEndpoint = (*Endpoint)(nil)
+
+// New returns an endpoint; it carries traffic once a frontend starts its
+// queues.
+func New(opts Options) (*Endpoint, error) {
+	if opts.MTU == 0 {
+		opts.MTU = 1500
+	}
+	if opts.MTU < 68 || opts.MTU > MaxMTU {
+		return nil, fmt.Errorf("endpoint: MTU %d out of range 68..%d", opts.MTU, MaxMTU)
+	}
+	if len(opts.LinkAddress) != header.EthernetAddressSize || len(opts.GuestMAC) != header.EthernetAddressSize {
+		return nil, errors.New("endpoint: LinkAddress and GuestMAC must be 6-byte MACs")
+	}
+	if opts.RXBacklog <= 0 {
+		opts.RXBacklog = DefaultRXBacklog
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	e := &Endpoint{opts: opts, log: log, mtu: opts.MTU, linkAddr: opts.LinkAddress}
+	e.hdrLen.Store(hdrLenLegacy)
+	e.rx.backlogMax = opts.RXBacklog
+	return e, nil
+}
+
+// --- vhost.Backend ---
+
+// Features implements vhost.Backend.Features.
+func (e *Endpoint) Features() uint64 {
+	f := uint64(1<<FeatureMrgRxbuf | 1<<FeatureMAC | 1<<FeatureStatus | 1<<FeatureMTU)
+	if !e.opts.NoOffloads {
+		f |= 1<<FeatureCsum | 1<<FeatureHostTSO4 | 1<<FeatureHostTSO6 | 1<<FeatureHostECN
+	}
+	return f
+}
+
+// SetFeatures implements vhost.Backend.SetFeatures.
+func (e *Endpoint) SetFeatures(acked uint64) error {
+	e.features.Store(acked)
+	// The 12-byte header (with num_buffers) is used by VERSION_1 devices
+	// and by legacy ones that negotiated mergeable buffers.
+	if acked&(1<<featureVersion1|1<<FeatureMrgRxbuf) != 0 {
+		e.hdrLen.Store(hdrLenMrg)
+	} else {
+		e.hdrLen.Store(hdrLenLegacy)
+	}
+	return nil
+}
+
+func (e *Endpoint) has(bit uint) bool { return e.features.Load()&(1<<bit) != 0 }
+
+// NumQueues implements vhost.Backend.NumQueues: one RX/TX pair.
+func (e *Endpoint) NumQueues() int { return 2 }
+
+// Config implements vhost.Backend.Config: the virtio-net config space
+// (mac, status, max_virtqueue_pairs, mtu).
+func (e *Endpoint) Config() []byte {
+	c := make([]byte, 12)
+	copy(c, e.opts.GuestMAC)
+	binary.LittleEndian.PutUint16(c[6:], 1) // VIRTIO_NET_S_LINK_UP
+	binary.LittleEndian.PutUint16(c[8:], 1)
+	binary.LittleEndian.PutUint16(c[10:], uint16(e.opts.MTU))
+	return c
+}
+
+// StartQueue implements vhost.Backend.StartQueue.
+func (e *Endpoint) StartQueue(idx int, q *virtqueue.Queue, kick *virtqueue.EventFD) {
+	switch idx {
+	case rxQueue:
+		e.rx.start(e, q, kick)
+	case txQueue:
+		e.tx.start(e, q, kick)
+	}
+}
+
+// StopQueue implements vhost.Backend.StopQueue.
+func (e *Endpoint) StopQueue(idx int) {
+	switch idx {
+	case rxQueue:
+		e.rx.stop()
+	case txQueue:
+		e.tx.stop()
+	}
+}
+
+// Reset implements vhost.Backend.Reset.
+func (e *Endpoint) Reset() {
+	e.rx.stop()
+	e.tx.stop()
+	e.rx.dropBacklog()
+	e.features.Store(0)
+	e.hdrLen.Store(hdrLenLegacy)
+}
+
+// --- stack.LinkEndpoint ---
+
+// MTU implements stack.LinkEndpoint.MTU.
+func (e *Endpoint) MTU() uint32 {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.mtu
+}
+
+// SetMTU implements stack.LinkEndpoint.SetMTU.
+func (e *Endpoint) SetMTU(mtu uint32) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.mtu = mtu
+}
+
+// MaxHeaderLength implements stack.LinkEndpoint.MaxHeaderLength. The
+// virtio-net header is written straight into guest buffers, so only the
+// Ethernet header is reserved.
+func (e *Endpoint) MaxHeaderLength() uint16 { return header.EthernetMinimumSize }
+
+// LinkAddress implements stack.LinkEndpoint.LinkAddress.
+func (e *Endpoint) LinkAddress() tcpip.LinkAddress {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.linkAddr
+}
+
+// SetLinkAddress implements stack.LinkEndpoint.SetLinkAddress.
+func (e *Endpoint) SetLinkAddress(addr tcpip.LinkAddress) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.linkAddr = addr
+}
+
+// Capabilities implements stack.LinkEndpoint.Capabilities. Resolution is
+// required so that ARP and NDP run on the link. No checksum offload is
+// claimed: the guest may not have negotiated GUEST_CSUM (iPXE verifies
+// every checksum), so the stack computes them.
+func (e *Endpoint) Capabilities() stack.LinkEndpointCapabilities {
+	return stack.CapabilityResolutionRequired
+}
+
+// Attach implements stack.LinkEndpoint.Attach.
+func (e *Endpoint) Attach(d stack.NetworkDispatcher) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.dispatcher = d
+}
+
+// IsAttached implements stack.LinkEndpoint.IsAttached.
+func (e *Endpoint) IsAttached() bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.dispatcher != nil
+}
+
+// Wait implements stack.LinkEndpoint.Wait. Queue workers belong to the
+// vhost session and are stopped through StopQueue.
+func (e *Endpoint) Wait() {}
+
+// ARPHardwareType implements stack.LinkEndpoint.ARPHardwareType.
+func (e *Endpoint) ARPHardwareType() header.ARPHardwareType { return header.ARPHardwareEther }
+
+// AddHeader implements stack.LinkEndpoint.AddHeader.
+func (e *Endpoint) AddHeader(pkt *stack.PacketBuffer) {
+	eth := header.Ethernet(pkt.LinkHeader().Push(header.EthernetMinimumSize))
+	f := header.EthernetFields{
+		SrcAddr: pkt.EgressRoute.LocalLinkAddress,
+		DstAddr: pkt.EgressRoute.RemoteLinkAddress,
+		Type:    pkt.NetworkProtocolNumber,
+	}
+	if f.SrcAddr == "" {
+		f.SrcAddr = e.LinkAddress()
+	}
+	eth.Encode(&f)
+}
+
+// ParseHeader implements stack.LinkEndpoint.ParseHeader.
+func (e *Endpoint) ParseHeader(pkt *stack.PacketBuffer) bool {
+	_, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
+	return ok
+}
+
+// Close implements stack.LinkEndpoint.Close.
+func (e *Endpoint) Close() {
+	e.mu.RLock()
+	f := e.onClose
+	e.mu.RUnlock()
+	if f != nil {
+		f()
+	}
+}
+
+// SetOnCloseAction implements stack.LinkEndpoint.SetOnCloseAction.
+func (e *Endpoint) SetOnCloseAction(f func()) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.onClose = f
+}
+
+// WritePackets implements stack.LinkWriter.WritePackets.
+func (e *Endpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	return e.rx.write(e, pkts), nil
+}

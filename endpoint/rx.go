@@ -1,0 +1,212 @@
+package endpoint
+
+import (
+	"sync"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/vunet/vunet/vhost/iov"
+	"github.com/vunet/vunet/vhost/virtqueue"
+)
+
+// rxState is the stack → guest direction. WritePackets (from any stack
+// goroutine) and the worker (woken by guest kicks when it adds buffers)
+// share it under mu; the queue's own lock is taken inside mu.
+type rxState struct {
+	mu         sync.Mutex
+	q          *virtqueue.Queue
+	kick       *virtqueue.EventFD
+	done       chan struct{}
+	backlog    []*stack.PacketBuffer
+	backlogMax int
+	// Scratch for collecting one frame's elements; owned by whoever holds mu.
+	elems []virtqueue.Element
+	iovs  [][]byte
+}
+
+func (r *rxState) start(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD) {
+	r.stop()
+	r.mu.Lock()
+	r.q, r.kick, r.done = q, kick, make(chan struct{})
+	done := r.done
+	r.mu.Unlock()
+	go r.run(e, q, kick, done)
+}
+
+func (r *rxState) stop() {
+	r.mu.Lock()
+	kick, done := r.kick, r.done
+	r.mu.Unlock()
+	if done == nil {
+		return
+	}
+	kick.Interrupt()
+	<-done
+	r.mu.Lock()
+	r.q, r.kick, r.done = nil, nil, nil
+	r.mu.Unlock()
+}
+
+func (r *rxState) dropBacklog() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i, p := range r.backlog {
+		p.DecRef()
+		r.backlog[i] = nil
+	}
+	r.backlog = r.backlog[:0]
+}
+
+// run waits for the guest to add RX buffers and drains the backlog into
+// them.
+func (r *rxState) run(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD, done chan struct{}) {
+	defer close(done)
+	for {
+		if _, err := kick.Wait(); err != nil {
+			return
+		}
+		for {
+			r.mu.Lock()
+			q.Lock()
+			r.drain(e, q)
+			// Ask for a kick only while packets wait; then re-check, or a
+			// kick that raced with the drain would be lost.
+			again := len(r.backlog) > 0 && q.EnableKicks()
+			q.Unlock()
+			r.mu.Unlock()
+			if !again {
+				break
+			}
+		}
+	}
+}
+
+// drain writes backlogged packets while buffers last. Callers hold mu and
+// the queue lock.
+func (r *rxState) drain(e *Endpoint, q *virtqueue.Queue) {
+	sent := 0
+	for sent < len(r.backlog) {
+		ok, retry := r.writeOne(e, q, r.backlog[sent])
+		if !ok && retry {
+			break
+		}
+		r.backlog[sent].DecRef()
+		r.backlog[sent] = nil
+		sent++
+	}
+	if sent > 0 {
+		n := copy(r.backlog, r.backlog[sent:])
+		clear(r.backlog[n:])
+		r.backlog = r.backlog[:n]
+		q.Flush()
+		q.Notify()
+	}
+}
+
+// write is WritePackets: it copies each packet into guest buffers, or
+// queues it (with a reference) while the guest has none.
+func (r *rxState) write(e *Endpoint, pkts stack.PacketBufferList) int {
+	list := pkts.AsSlice()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	q := r.q
+	if q == nil || !q.Ready() {
+		e.Stats.RXNotConnected.Add(uint64(len(list)))
+		return len(list)
+	}
+	q.Lock()
+	defer q.Unlock()
+	wrote := false
+	for _, pkt := range list {
+		if len(r.backlog) == 0 {
+			ok, retry := r.writeOne(e, q, pkt)
+			if ok {
+				wrote = true
+				continue
+			}
+			if !retry {
+				continue
+			}
+		}
+		if len(r.backlog) >= r.backlogMax {
+			e.Stats.RXBacklogFull.Add(1)
+			continue
+		}
+		e.Stats.RXBacklogged.Add(1)
+		r.backlog = append(r.backlog, pkt.IncRef())
+	}
+	if wrote {
+		q.Flush()
+		q.Notify()
+	}
+	if len(r.backlog) > 0 && q.EnableKicks() {
+		// Buffers arrived while we were queueing: wake the worker
+		// through its own kick so that it drains now.
+		r.kick.Signal()
+	}
+	return len(list)
+}
+
+// writeOne copies pkt into as many RX elements as it needs. ok means it was
+// written; otherwise retry says whether waiting for buffers can help (the
+// ring is empty) or the packet was dropped (it can never fit).
+func (r *rxState) writeOne(e *Endpoint, q *virtqueue.Queue, pkt *stack.PacketBuffer) (ok, retry bool) {
+	hl := int(e.hdrLen.Load())
+	mrg := e.has(FeatureMrgRxbuf)
+	frameLen := pkt.Size()
+	// Room for padding is always reserved: short frames are padded to
+	// ETH_ZLEN, centrally, here.
+	total := hl + max(frameLen, ethZLen)
+	maxElems := 1
+	if mrg {
+		maxElems = maxMergeBuffers
+	}
+	if cap(r.elems) < maxElems {
+		r.elems = make([]virtqueue.Element, maxElems)
+	}
+	elems := r.elems[:maxElems]
+	count, have := 0, 0
+	for have < total {
+		if count == maxElems {
+			q.Rewind(count)
+			e.Stats.RXTooBig.Add(1)
+			return false, false
+		}
+		if err := q.Pop(&elems[count]); err != nil {
+			q.Rewind(count)
+			return false, true
+		}
+		have += iov.Size(elems[count].In)
+		count++
+	}
+	r.iovs = r.iovs[:0]
+	for i := 0; i < count; i++ {
+		r.iovs = append(r.iovs, elems[i].In...)
+	}
+	// The header is written once, here, with num_buffers = elements used
+	// (1 without mergeable buffers, as VERSION_1 requires).
+	var hb [hdrLenMrg]byte
+	h := vnetHdr{NumBuffers: uint16(count)}
+	h.encode(hb[:hl])
+	iov.CopyFrom(r.iovs, 0, hb[:hl])
+	off := hl
+	for _, s := range pkt.AsSlices() {
+		off += iov.CopyFrom(r.iovs, off, s)
+	}
+	iov.Fill(r.iovs, hl+frameLen, 0, total-hl-frameLen)
+	// Each element reports exactly the bytes of this frame it holds; any
+	// element past the end would report 0.
+	rem := total
+	for i := 0; i < count; i++ {
+		c := min(iov.Size(elems[i].In), rem)
+		q.Push(elems[i].Head, uint32(c))
+		rem -= c
+	}
+	if e.opts.Pcap != nil {
+		e.opts.Pcap.Write(time.Now(), r.iovs, hl, frameLen)
+	}
+	e.Stats.RXFrames.Add(1)
+	e.Stats.RXBytes.Add(uint64(frameLen))
+	return true, false
+}

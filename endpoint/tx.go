@@ -1,0 +1,157 @@
+package endpoint
+
+import (
+	"time"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/vunet/vunet/vhost/iov"
+	"github.com/vunet/vunet/vhost/virtqueue"
+)
+
+// txState is the guest → stack direction. Its worker goroutine is the only
+// user of the queue between StartQueue and StopQueue.
+type txState struct {
+	q    *virtqueue.Queue
+	kick *virtqueue.EventFD
+	done chan struct{}
+}
+
+func (t *txState) start(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD) {
+	t.stop()
+	t.q, t.kick, t.done = q, kick, make(chan struct{})
+	go t.run(e, q, kick, t.done)
+}
+
+func (t *txState) stop() {
+	if t.done == nil {
+		return
+	}
+	t.kick.Interrupt()
+	<-t.done
+	t.q, t.kick, t.done = nil, nil, nil
+}
+
+// run pops batches of frames, returns their elements with one flush and one
+// notify, then hands the frames to the stack outside the queue lock.
+func (t *txState) run(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD, done chan struct{}) {
+	defer close(done)
+	var el virtqueue.Element
+	var hdr [hdrLenMrg]byte
+	pkts := make([]*stack.PacketBuffer, 0, txBatch)
+	for {
+		q.Lock()
+		n := 0
+		for ; n < txBatch; n++ {
+			if q.Pop(&el) != nil {
+				break
+			}
+			if pkt := e.readFrame(&el, hdr[:]); pkt != nil {
+				pkts = append(pkts, pkt)
+			}
+			// TX buffers are only read: the used length is 0.
+			q.Push(el.Head, 0)
+		}
+		if n > 0 {
+			q.Flush()
+			q.Notify()
+		}
+		more := n == txBatch || q.EnableKicks()
+		q.Unlock()
+		for i, pkt := range pkts {
+			e.deliver(pkt)
+			pkts[i] = nil
+		}
+		pkts = pkts[:0]
+		if more {
+			continue
+		}
+		if _, err := kick.Wait(); err != nil {
+			return
+		}
+	}
+}
+
+// readFrame decodes one TX element: the virtio-net header, which may span
+// descriptors, then the frame, copied once into a new packet buffer. It
+// returns nil (and counts why) for frames it drops.
+func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.PacketBuffer {
+	hl := int(e.hdrLen.Load())
+	cur := iov.Tail{V: el.Out}
+	hb := cur.Remove(hl, scratch)
+	if hb == nil {
+		e.Stats.TXBadHeader.Add(1)
+		return nil
+	}
+	h := decodeHdr(hb)
+	frameLen := cur.Size()
+	switch {
+	case frameLen < header.EthernetMinimumSize:
+		e.Stats.TXShort.Add(1)
+		return nil
+	case frameLen > maxFrame:
+		e.Stats.TXTooBig.Add(1)
+		return nil
+	}
+	validated := h.Flags&(hdrFNeedsCsum|hdrFDataValid) != 0
+	switch h.GSOType &^ gsoECN {
+	case gsoNone:
+	case gsoTCPv4, gsoTCPv6:
+		if !e.has(FeatureHostTSO4) && !e.has(FeatureHostTSO6) {
+			e.Stats.TXBadGSO.Add(1)
+			return nil
+		}
+		// The stack takes the whole segment: TCP does not require
+		// segments to be MSS-sized on receive, and the guest filled in
+		// every header except the checksum (NEEDS_CSUM).
+		validated = true
+	default:
+		e.Stats.TXBadGSO.Add(1)
+		return nil
+	}
+	v := buffer.NewViewSize(frameLen)
+	iov.CopyTo(v.AsSlice(), el.Out, cur.Off)
+	if e.opts.Pcap != nil {
+		e.opts.Pcap.Write(time.Now(), [][]byte{v.AsSlice()}, 0, frameLen)
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
+	// A partial checksum (NEEDS_CSUM) is one the guest left for the
+	// device to finish; the frame never leaves this host as-is (the NAT
+	// re-sends payloads through host sockets), so validating it is what
+	// a NIC offload would do.
+	pkt.RXChecksumValidated = validated
+	e.Stats.TXFrames.Add(1)
+	e.Stats.TXBytes.Add(uint64(frameLen))
+	return pkt
+}
+
+// deliver passes one frame to the stack and releases our reference.
+func (e *Endpoint) deliver(pkt *stack.PacketBuffer) {
+	defer pkt.DecRef()
+	hdr, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
+	if !ok {
+		e.Stats.TXShort.Add(1)
+		return
+	}
+	eth := header.Ethernet(hdr)
+	e.mu.RLock()
+	d, self := e.dispatcher, e.linkAddr
+	e.mu.RUnlock()
+	if d == nil {
+		return
+	}
+	switch dst := eth.DestinationAddress(); {
+	case dst == header.EthernetBroadcastAddress:
+		pkt.PktType = tcpip.PacketBroadcast
+	case header.IsMulticastEthernetAddress(dst):
+		pkt.PktType = tcpip.PacketMulticast
+	case dst == self:
+		pkt.PktType = tcpip.PacketHost
+	default:
+		pkt.PktType = tcpip.PacketOtherHost
+	}
+	d.DeliverNetworkPacket(eth.Type(), pkt)
+}
