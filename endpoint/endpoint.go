@@ -257,11 +257,17 @@ func (e *Endpoint) SetLinkAddress(addr tcpip.LinkAddress) {
 }
 
 // Capabilities implements stack.LinkEndpoint.Capabilities. Resolution is
-// required so that ARP and NDP run on the link. No checksum offload is
-// claimed: the guest may not have negotiated GUEST_CSUM (iPXE verifies
-// every checksum), so the stack computes them.
+// required so that ARP and NDP run on the link.
+//
+// RX checksum offload is claimed: frames reach us by memory copy from the
+// guest, with no wire to corrupt them, and a guest that negotiated CSUM
+// sends partial checksums (NEEDS_CSUM) that the stack must not reject. The
+// NIC applies this per link, not per packet, which is why it is here.
+//
+// TX checksum offload is not claimed: the guest may not have negotiated
+// GUEST_CSUM (iPXE verifies every checksum), so the stack computes them.
 func (e *Endpoint) Capabilities() stack.LinkEndpointCapabilities {
-	return stack.CapabilityResolutionRequired
+	return stack.CapabilityResolutionRequired | stack.CapabilityRXChecksumOffload
 }
 
 // Attach implements stack.LinkEndpoint.Attach.

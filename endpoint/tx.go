@@ -121,7 +121,8 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.Packe
 	// A partial checksum (NEEDS_CSUM) is one the guest left for the
 	// device to finish; the frame never leaves this host as-is (the NAT
 	// re-sends payloads through host sockets), so validating it is what
-	// a NIC offload would do.
+	// a NIC offload would do. (The stack's NIC also sets this from our
+	// capabilities; see Capabilities.)
 	pkt.RXChecksumValidated = validated
 	e.Stats.TXFrames.Add(1)
 	e.Stats.TXBytes.Add(uint64(frameLen))

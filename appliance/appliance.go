@@ -1,0 +1,345 @@
+// Package appliance wires vunet together: the vhost-user device, the gVisor
+// endpoint, the netstack, NAT forwarding and the network services. It holds
+// no logic of its own beyond translating configuration and lifecycle.
+package appliance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/vunet/vunet/config"
+	"github.com/vunet/vunet/endpoint"
+	"github.com/vunet/vunet/forward"
+	"github.com/vunet/vunet/netstack"
+	"github.com/vunet/vunet/pcap"
+	"github.com/vunet/vunet/services/dhcp4"
+	"github.com/vunet/vunet/services/dns"
+	"github.com/vunet/vunet/services/ra"
+	"github.com/vunet/vunet/services/tftp"
+	"github.com/vunet/vunet/vhost"
+)
+
+// HostAlias is the name that always resolves to the gateway (the host).
+const HostAlias = "host.vunet.internal"
+
+// Appliance is a running vunet instance.
+type Appliance struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	Link    *endpoint.Endpoint
+	Stack   *netstack.Stack
+	Forward *forward.Forwarder
+	DHCP    *dhcp4.Server
+	DNS     *dns.Server
+	RA      *ra.Server
+	DHCPv6  *ra.DHCPv6
+	TFTP    *tftp.Server
+	VHost   *vhost.Server
+
+	pcapFile *os.File
+	closers  []func()
+}
+
+// New builds every layer from cfg (already validated) without serving yet.
+func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
+	a = &Appliance{cfg: cfg, log: log}
+	defer func() {
+		if err != nil {
+			a.Close()
+		}
+	}()
+	var pw *pcap.Writer
+	if cfg.PCAP != "" {
+		f, err := os.OpenFile(cfg.PCAP, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("pcap: %w", err)
+		}
+		a.pcapFile = f
+		if pw, err = pcap.NewWriter(f); err != nil {
+			return nil, fmt.Errorf("pcap: %w", err)
+		}
+	}
+	a.Link, err = endpoint.New(endpoint.Options{
+		MTU:         uint32(cfg.MTU),
+		LinkAddress: tcpip.LinkAddress(cfg.GatewayMAC),
+		GuestMAC:    tcpip.LinkAddress(cfg.MAC),
+		Pcap:        pw,
+		Logger:      log.With("layer", "endpoint"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	nsOpts := netstack.Options{
+		Endpoint: a.Link,
+		Gateway4: netip.PrefixFrom(cfg.IPv4.Gateway, cfg.IPv4.Subnet.Bits()),
+		DNS4:     cfg.IPv4.DNS,
+		Logger:   log.With("layer", "netstack"),
+	}
+	if cfg.IPv6.Enable {
+		nsOpts.Gateway6 = netip.PrefixFrom(cfg.IPv6.Gateway, cfg.IPv6.Subnet.Bits())
+		nsOpts.DNS6 = cfg.IPv6.DNS
+	}
+	if a.Stack, err = netstack.New(nsOpts); err != nil {
+		return nil, err
+	}
+	a.closers = append(a.closers, a.Stack.Close)
+	s, nic := a.Stack.Stack(), a.Stack.NIC()
+
+	// Services bind their ports first, so that the forwarder (which sees
+	// whatever no local endpoint claimed) never steals DNS or DHCP.
+	if err := a.startDNS(s, nic); err != nil {
+		return nil, err
+	}
+	if a.DHCP, err = dhcp4.New(dhcp4.Options{
+		Stack: s, NIC: nic, Logger: log.With("service", "dhcp4"),
+		ServerAddr: cfg.IPv4.Gateway, Prefix: cfg.IPv4.Subnet, Router: cfg.IPv4.Gateway,
+		DNS: []netip.Addr{cfg.IPv4.DNS}, PoolStart: cfg.IPv4.Guest,
+		LeaseTime: cfg.Boot.DHCPLeaseTime, MTU: cfg.MTU,
+		DomainName: cfg.Boot.Domain, DomainSearch: cfg.DNSSearch, Hostname: cfg.Boot.Hostname,
+		Boot: dhcp4.Boot{TFTPFile: cfg.Boot.BootFile, HTTPURL: cfg.Boot.HTTPBootURL},
+	}); err != nil {
+		return nil, err
+	}
+	a.closers = append(a.closers, a.DHCP.Close)
+	if err := a.startIPv6Services(s, nic); err != nil {
+		return nil, err
+	}
+	if cfg.Boot.TFTPRoot != "" {
+		if a.TFTP, err = tftp.New(tftp.Options{Stack: s, NIC: nic, Logger: log.With("service", "tftp"),
+			Addr: cfg.IPv4.Gateway, Root: cfg.Boot.TFTPRoot}); err != nil {
+			return nil, err
+		}
+		a.closers = append(a.closers, a.TFTP.Close)
+	}
+
+	fo := forward.Options{
+		Stack: s, NIC: nic,
+		Gateway4: cfg.IPv4.Gateway, DNS4: cfg.IPv4.DNS,
+		MapHostLoopback:      cfg.MapHostLoopback,
+		DialTimeout:          cfg.DialTimeout,
+		MaxInFlightDials:     unlimitedIfZero(cfg.MaxInflightDials),
+		MaxConns:             unlimitedIfZero(cfg.MaxConnections),
+		UDPIdleTimeout:       cfg.UDPIdleTimeout,
+		UDPStreamIdleTimeout: cfg.UDPStreamTimeout,
+		Logger:               log.With("layer", "forward"),
+	}
+	if cfg.IPv6.Enable {
+		fo.Gateway6, fo.DNS6 = cfg.IPv6.Gateway, cfg.IPv6.DNS
+	}
+	if a.Forward, err = forward.New(fo); err != nil {
+		return nil, err
+	}
+	a.closers = append(a.closers, func() { a.Forward.Close() })
+	for _, f := range cfg.Forwards {
+		pf, err := a.Forward.AddPortForward(forward.PortForward{
+			Proto: f.Proto, Host: f.Host, Guest: netip.AddrPortFrom(cfg.IPv4.Guest, f.GuestPort),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("forward %s:%s:%d: %w", f.Proto, f.Host, f.GuestPort, err)
+		}
+		log.Info("port forward", "forward", pf.String())
+	}
+
+	if a.VHost, err = vhost.NewServer(vhost.Options{Backend: a.Link, Logger: log.With("layer", "vhost")}); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+func (a *Appliance) startIPv6Services(s *stack.Stack, nic tcpip.NICID) error {
+	cfg := a.cfg
+	if !cfg.IPv6.Enable {
+		return nil
+	}
+	var err error
+	if a.RA, err = ra.New(ra.Options{Stack: s, NIC: nic, Logger: a.log.With("service", "ra"),
+		Prefix: cfg.IPv6.Subnet, DNS: []netip.Addr{cfg.IPv6.DNS},
+		DomainSearch: cfg.DNSSearch, MTU: cfg.MTU}); err != nil {
+		return err
+	}
+	a.closers = append(a.closers, a.RA.Close)
+	if a.DHCPv6, err = ra.NewDHCPv6(ra.DHCPv6Options{Stack: s, NIC: nic, Logger: a.log.With("service", "dhcpv6"),
+		DNS: []netip.Addr{cfg.IPv6.DNS}, DomainSearch: cfg.DNSSearch}); err != nil {
+		return err
+	}
+	a.closers = append(a.closers, a.DHCPv6.Close)
+	return nil
+}
+
+func (a *Appliance) startDNS(s *stack.Stack, nic tcpip.NICID) error {
+	cfg := a.cfg
+	upstreams := cfg.DNSUpstream
+	if len(upstreams) == 0 {
+		// The host's resolvers, read now: a loopback resolver such as
+		// 127.0.0.53 works because the forwarder runs on the host.
+		ups, _, err := dns.ReadResolvConf("/etc/resolv.conf")
+		if err != nil {
+			a.log.Warn("no upstream DNS servers: only static names will resolve", "err", err)
+		}
+		upstreams = ups
+	}
+	listen := []netip.Addr{cfg.IPv4.DNS}
+	if cfg.IPv6.Enable {
+		listen = append(listen, cfg.IPv6.DNS)
+	}
+	var err error
+	a.DNS, err = dns.New(dns.Options{
+		Stack: s, NIC: nic, Logger: a.log.With("service", "dns"),
+		Listen: listen, Upstreams: upstreams, Static: staticHosts(cfg),
+	})
+	if err != nil {
+		return err
+	}
+	a.closers = append(a.closers, a.DNS.Close)
+	return nil
+}
+
+// Run serves until ctx is done (or, with cfg.Once, until the frontend
+// disconnects), then closes everything.
+func (a *Appliance) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errc := make(chan error, 8)
+	serve := func(name string, f func(context.Context) error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f(ctx); err != nil && ctx.Err() == nil {
+				errc <- fmt.Errorf("%s: %w", name, err)
+			}
+		}()
+	}
+	serve("dhcp4", a.DHCP.Serve)
+	serve("dns", a.DNS.Serve)
+	if a.RA != nil {
+		serve("ra", a.RA.Serve)
+		serve("dhcpv6", a.DHCPv6.Serve)
+	}
+	if a.TFTP != nil {
+		serve("tftp", a.TFTP.Serve)
+	}
+
+	cfg := a.cfg
+	a.log.Info("vunet ready", "socket", firstNonEmpty(cfg.Socket, cfg.Connect), "mode", mode(cfg),
+		"guest", netip.PrefixFrom(cfg.IPv4.Guest, cfg.IPv4.Subnet.Bits()).String(), "gateway", cfg.IPv4.Gateway.String(),
+		"dns", cfg.IPv4.DNS.String(), "ipv6", ipv6Summary(cfg), "mtu", cfg.MTU)
+	var err error
+	if cfg.Connect != "" {
+		err = a.VHost.Connect(ctx, cfg.Connect, time.Second)
+	} else {
+		var l *net.UnixListener
+		l, err = listen(cfg.Socket)
+		if err == nil {
+			defer os.Remove(cfg.Socket)
+			err = a.VHost.Serve(ctx, l, cfg.Once)
+		}
+	}
+	cancel()
+	wg.Wait()
+	close(errc)
+	for e := range errc {
+		err = errors.Join(err, e)
+	}
+	return err
+}
+
+// Close releases every layer. It is safe to call more than once.
+func (a *Appliance) Close() {
+	for i := len(a.closers) - 1; i >= 0; i-- {
+		a.closers[i]()
+	}
+	a.closers = nil
+	if a.pcapFile != nil {
+		a.pcapFile.Close()
+		a.pcapFile = nil
+	}
+}
+
+// Run builds an appliance from cfg and runs it until ctx is cancelled.
+func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+	a, err := New(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	return a.Run(ctx)
+}
+
+// listen creates the vhost-user socket, replacing a stale socket file left
+// by a previous run (but never a live one or a non-socket file).
+func listen(path string) (*net.UnixListener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("socket %s: exists and is not a socket", path)
+		}
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("socket %s: another process is serving it", path)
+		}
+		os.Remove(path)
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	// We remove the file ourselves on exit (after a clean close too).
+	l.SetUnlinkOnClose(false)
+	return l, nil
+}
+
+func mode(cfg *config.Config) string {
+	if cfg.Connect != "" {
+		return "client"
+	}
+	return "server"
+}
+
+func ipv6Summary(cfg *config.Config) string {
+	if !cfg.IPv6.Enable {
+		return "off"
+	}
+	return fmt.Sprintf("%s gw %s dns %s", cfg.IPv6.Subnet, cfg.IPv6.Gateway, cfg.IPv6.DNS)
+}
+
+func firstNonEmpty(s ...string) string {
+	for _, v := range s {
+		if v != "" {
+			return v
+		}
+	}
+	return ""
+}
+
+// unlimitedIfZero maps the configuration's "0 means unlimited" to the
+// forwarder's "negative means unlimited" (its 0 means "default").
+func unlimitedIfZero(v int) int {
+	if v == 0 {
+		return -1
+	}
+	return v
+}
+
+// staticHosts is the DNS static table: the host alias plus user names.
+func staticHosts(cfg *config.Config) map[string][]netip.Addr {
+	m := map[string][]netip.Addr{HostAlias: {cfg.IPv4.Gateway}}
+	if cfg.IPv6.Enable {
+		m[HostAlias] = append(m[HostAlias], cfg.IPv6.Gateway)
+	}
+	for name, addr := range cfg.Hosts {
+		name = strings.TrimSuffix(strings.ToLower(name), ".")
+		m[name] = append(m[name], addr)
+	}
+	return m
+}

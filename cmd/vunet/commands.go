@@ -1,0 +1,199 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/vunet/vunet/config"
+	"github.com/vunet/vunet/internal/version"
+)
+
+// validMemSize reports whether s is in the QEMU size syntax accepted for
+// --mem: a positive number with an optional K/M/G/T suffix.
+func validMemSize(s string) bool {
+	if n := len(s); n > 0 && strings.IndexByte("KMGTkmgt", s[n-1]) >= 0 {
+		s = s[:n-1]
+	}
+	return s != "" && s[0] != '0' && strings.Trim(s, "0123456789") == ""
+}
+
+// qemuArgsCommand prints the QEMU arguments (and libvirt XML) that attach a
+// VM to vunet, so users need not remember the vhost-user incantation.
+func qemuArgsCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "qemu-args",
+		Usage:     "print the QEMU arguments and libvirt XML that attach a VM to vunet",
+		UsageText: "vunet qemu-args --socket PATH [--mem 512M] [--mac MAC] [--plain]",
+		Description: "The memory size must equal the guest's -m: vhost-user needs the guest RAM in a\n" +
+			"shared memory backend so vunet can access the virtqueues. With --plain only the\n" +
+			"arguments are printed, one per line, for `mapfile -t args < <(vunet qemu-args --plain ...)`.",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: flagConfig, Usage: "take socket, connect and mac from this TOML `FILE`", EnvVars: envVar(flagConfig), TakesFile: true},
+			&cli.StringFlag{Name: flagSocket, Usage: "the vhost-user socket `PATH` vunet listens on", EnvVars: envVar(flagSocket), TakesFile: true},
+			&cli.StringFlag{Name: flagConnect, Usage: "the socket `PATH` QEMU listens on (vunet --connect)", EnvVars: envVar(flagConnect), TakesFile: true},
+			&cli.StringFlag{Name: flagMAC, Usage: "guest `MAC` address", EnvVars: envVar(flagMAC), DefaultText: config.Default().MAC.String()},
+			&cli.StringFlag{Name: "mem", Usage: "guest RAM `SIZE`; must equal -m", EnvVars: envVar("mem"), Value: "512M"},
+			&cli.BoolFlag{Name: "plain", Usage: "print only the arguments, one per line, without comments or XML"},
+		},
+		Action:          qemuArgsAction,
+		HideHelpCommand: true,
+		OnUsageError:    onUsageError,
+	}
+}
+
+func qemuArgsAction(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return usagef("qemu-args: unexpected argument %q", c.Args().First())
+	}
+	cfg := config.Default()
+	if c.IsSet(flagConfig) {
+		if err := cfg.ApplyFile(c.String(flagConfig)); err != nil {
+			return err
+		}
+	}
+	if c.IsSet(flagSocket) || c.IsSet(flagConnect) {
+		cfg.Socket, cfg.Connect = c.String(flagSocket), c.String(flagConnect)
+	}
+	if c.IsSet(flagMAC) {
+		v := c.String(flagMAC)
+		mac, err := config.ParseMAC(v)
+		if err != nil {
+			return flagError(flagMAC, v, err)
+		}
+		cfg.MAC = mac
+	}
+	switch {
+	case cfg.Socket == "" && cfg.Connect == "":
+		return usagef("qemu-args: --socket PATH is required (the socket vunet listens on)")
+	case cfg.Socket != "" && cfg.Connect != "":
+		return usagef("qemu-args: --socket and --connect are mutually exclusive")
+	}
+	mem := c.String("mem")
+	if !validMemSize(mem) {
+		return flagError("mem", mem, fmt.Errorf("expected a size like 512M or 4G"))
+	}
+	// The other keys do not affect the QEMU side, but a bad MAC or socket
+	// path would produce arguments that fail later, in QEMU.
+	if err := cfg.Validate(); err != nil {
+		var es config.Errors
+		if errors.As(err, &es) {
+			for _, e := range es {
+				if e.Key == "mac" || e.Key == "socket" || e.Key == "connect" {
+					return usagef("qemu-args: %v", e)
+				}
+			}
+		}
+	}
+	return writeQEMUArgs(c.App.Writer, cfg, mem, c.Bool("plain"))
+}
+
+// qemuArg is one QEMU option with its value and the reason it is needed.
+type qemuArg struct{ opt, val, why string }
+
+// writeQEMUArgs prints the arguments for cfg. In listen mode (--socket)
+// QEMU is the vhost-user client; in connect mode it must be the server.
+func writeQEMUArgs(w io.Writer, cfg *config.Config, mem string, plain bool) error {
+	sock, qemuServer := cfg.Socket, false
+	if cfg.Connect != "" {
+		sock, qemuServer = cfg.Connect, true
+	}
+	mac := cfg.MAC.String()
+	chardev := "socket,id=vunet0,path=" + qemuEscape(sock)
+	chardevWhy := "the vhost-user control socket; vunet listens on it and QEMU connects"
+	if qemuServer {
+		chardev += ",server=on,wait=off"
+		chardevWhy = "the vhost-user control socket; QEMU listens on it and vunet --connect attaches"
+	}
+	args := []qemuArg{
+		{"-object", "memory-backend-memfd,id=mem0,share=on,size=" + mem,
+			"guest RAM as shared memory, so vunet can reach the virtqueues (size must equal -m)"},
+		{"-machine", "memory-backend=mem0", "use that shared backend as the machine's RAM"},
+		{"-chardev", chardev, chardevWhy},
+		{"-netdev", "vhost-user,id=net0,chardev=vunet0", "a vhost-user network backend on that socket"},
+		{"-device", "virtio-net-pci,netdev=net0,mac=" + mac,
+			"the guest NIC; the MAC matches vunet's (DHCP hands it " + cfg.IPv4.Guest.String() + ")"},
+	}
+
+	var b strings.Builder
+	if plain {
+		for _, a := range args {
+			fmt.Fprintf(&b, "%s\n%s\n", a.opt, a.val)
+		}
+		_, err := io.WriteString(w, b.String())
+		return err
+	}
+	b.WriteString("# QEMU arguments for vunet\n")
+	for _, a := range args {
+		fmt.Fprintf(&b, "# %s\n%s %s\n", a.why, a.opt, a.val)
+	}
+	mode := "client"
+	if qemuServer {
+		mode = "server"
+	}
+	b.WriteString("\n<!-- libvirt: inside <domain>, shared memory for vhost-user -->\n")
+	b.WriteString("<memoryBacking>\n  <source type='memfd'/>\n  <access mode='shared'/>\n</memoryBacking>\n")
+	b.WriteString("<!-- libvirt: inside <devices> -->\n")
+	fmt.Fprintf(&b, "<interface type='vhostuser'>\n  <mac address='%s'/>\n  <source type='unix' path='%s' mode='%s'/>\n  <model type='virtio'/>\n</interface>\n",
+		xmlAttr(mac), xmlAttr(sock), mode)
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// qemuEscape escapes a value for QEMU's comma-separated option syntax, where
+// a literal comma is written twice.
+func qemuEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+// xmlAttr escapes s for a single-quoted XML attribute.
+func xmlAttr(s string) string {
+	return strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;", "'", "&apos;", `"`, "&quot;").Replace(s)
+}
+
+// versionCommand prints the vunet version and the Go toolchain it was built
+// with, which matters for bug reports (netstack behaviour varies with both).
+func versionCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "version",
+		Usage: "print the vunet and Go versions",
+		Action: func(c *cli.Context) error {
+			_, err := fmt.Fprintf(c.App.Writer, "vunet %s\n%s %s/%s\n", version.Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+			return err
+		},
+	}
+}
+
+// bashCompletion asks vunet itself for candidates (urfave/cli's
+// --generate-bash-completion protocol): subcommand names, or flag names when
+// the word being completed starts with '-'.
+const bashCompletion = `# bash completion for vunet; load with: source <(vunet completion bash)
+_vunet_complete() {
+	local cur=${COMP_WORDS[COMP_CWORD]}
+	local words=("${COMP_WORDS[@]:1:COMP_CWORD-1}")
+	# A lone "--" would end flag parsing and disable completion; "-" asks
+	# for every flag just the same.
+	[[ $cur == -* ]] && words+=("${cur/#--/-}")
+	local IFS=$'\n'
+	COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" "${words[@]}" --generate-bash-completion 2>/dev/null)" -- "$cur"))
+}
+complete -o default -F _vunet_complete vunet
+`
+
+// completionCommand prints the shell completion script.
+func completionCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "completion",
+		Usage:     "print the bash completion script",
+		UsageText: "source <(vunet completion bash)",
+		Action: func(c *cli.Context) error {
+			if shell := c.Args().First(); shell != "bash" && shell != "" {
+				return usagef("completion: only bash is supported, not %q", shell)
+			}
+			_, err := io.WriteString(c.App.Writer, bashCompletion)
+			return err
+		},
+	}
+}

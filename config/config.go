@@ -1,0 +1,229 @@
+// Package config holds vunet's typed configuration: the defaults, the TOML
+// file format, the parsers shared by the file and the command line, and the
+// validation that runs before the appliance starts.
+//
+// A configuration is built in layers: Default, then ApplyFile (or ApplyTOML),
+// then whatever the caller sets directly (the command line), and finally
+// Validate, which reports every problem at once. Load does the first, second
+// and last step for callers that only have a file.
+package config
+
+import (
+	"log/slog"
+	"net"
+	"net/netip"
+	"time"
+)
+
+// HostGatewayName is the DNS name the appliance always resolves to the
+// gateway address, so the guest can reach services on the host. It cannot be
+// redefined in Hosts.
+const HostGatewayName = "host.vunet.internal"
+
+// LogFormat selects the log/slog handler.
+type LogFormat string
+
+// The supported log formats.
+const (
+	LogText LogFormat = "text" // slog.TextHandler: key=value lines
+	LogJSON LogFormat = "json" // slog.JSONHandler: one JSON object per line
+)
+
+// MTU limits. 68 is the IPv4 minimum (RFC 791). 65520 is the largest
+// payload that keeps an Ethernet frame, with its 14-byte header, within the
+// 16-bit lengths used along the path, rounded down to a multiple of 4.
+const (
+	MinMTU = 68
+	MaxMTU = 65520
+)
+
+// Config is the complete vunet configuration. The zero value is not useful;
+// start from Default.
+type Config struct {
+	// Socket is the vhost-user socket path vunet listens on (QEMU connects as
+	// the client). Exactly one of Socket and Connect must be set.
+	Socket string
+	// Connect is the vhost-user socket path of a QEMU that listens
+	// (chardev server=on); vunet connects to it as the client.
+	Connect string
+	// Once makes vunet exit when the first frontend disconnects instead of
+	// waiting for the next one.
+	Once bool
+	// PIDFile, if set, receives vunet's process id while it runs.
+	PIDFile string
+	// API, if set, is the unix socket path of the control API.
+	API string
+	// LogLevel is one of slog.LevelDebug, LevelInfo, LevelWarn, LevelError.
+	LogLevel slog.Level
+	// LogFormat is LogText or LogJSON.
+	LogFormat LogFormat
+	// PCAP, if set, is a file that receives every guest frame in pcap format.
+	PCAP string
+
+	// MTU is the link MTU offered to the guest.
+	MTU int
+	// MAC is the guest's MAC address; DHCP reserves IPv4.Guest for it.
+	MAC net.HardwareAddr
+	// GatewayMAC is the MAC address the appliance answers with for the
+	// gateway and DNS addresses.
+	GatewayMAC net.HardwareAddr
+
+	// IPv4 is the guest's IPv4 network.
+	IPv4 IPv4
+	// IPv6 is the guest's IPv6 network.
+	IPv6 IPv6
+
+	// MapHostLoopback makes connections to the gateway address reach the
+	// host's loopback interface (like slirp's 10.0.2.2 → 127.0.0.1).
+	MapHostLoopback bool
+	// Forwards are host→guest port forwards, ranges already expanded.
+	Forwards []Forward
+
+	// DNSUpstream are the resolvers the DNS forwarder asks. Empty means read
+	// /etc/resolv.conf when the appliance starts.
+	DNSUpstream []netip.AddrPort
+	// DNSSearch is the search domain list handed out by DHCP and RA.
+	DNSSearch []string
+	// Hosts are static name→address answers of the built-in DNS server, in
+	// addition to HostGatewayName.
+	Hosts map[string]netip.Addr
+
+	// UDPIdleTimeout is how long a UDP flow that has seen traffic in one
+	// direction only is kept.
+	UDPIdleTimeout time.Duration
+	// UDPStreamTimeout is how long a UDP flow that has seen replies is kept
+	// after its last packet.
+	UDPStreamTimeout time.Duration
+	// DialTimeout bounds outbound TCP connection attempts on the host.
+	DialTimeout time.Duration
+	// MaxConnections caps concurrent NATed TCP connections; 0 is unlimited.
+	MaxConnections int
+	// MaxInflightDials caps concurrent outbound connection attempts, so a
+	// guest port scan cannot exhaust host file descriptors; 0 is unlimited.
+	MaxInflightDials int
+
+	// Boot holds DHCP lease and network boot settings.
+	Boot Boot
+}
+
+// IPv4 describes the guest's IPv4 network.
+type IPv4 struct {
+	// Subnet is the guest network, e.g. 10.0.2.0/24.
+	Subnet netip.Prefix
+	// Gateway is the appliance's router address.
+	Gateway netip.Addr
+	// DNS is the address of the appliance's DNS forwarder.
+	DNS netip.Addr
+	// Guest is the first address DHCP hands out (to MAC).
+	Guest netip.Addr
+}
+
+// IPv6 describes the guest's IPv6 network.
+type IPv6 struct {
+	// Enable turns IPv6 (router advertisements, DHCPv6, NAT66) on.
+	Enable bool
+	// Subnet is the guest prefix; it must be a /64 for SLAAC.
+	Subnet netip.Prefix
+	// Gateway is the appliance's router address.
+	Gateway netip.Addr
+	// DNS is the address of the appliance's DNS forwarder.
+	DNS netip.Addr
+}
+
+// Boot holds the DHCP lease and network boot (PXE/TFTP, UEFI HTTP boot)
+// settings.
+type Boot struct {
+	// TFTPRoot, if set, is the directory served read-only over TFTP.
+	TFTPRoot string
+	// BootFile is the DHCP boot file name (relative to TFTPRoot).
+	BootFile string
+	// HTTPBootURL, if set, is offered to UEFI HTTP boot clients.
+	HTTPBootURL string
+	// DHCPLeaseTime is the lease duration DHCP hands out.
+	DHCPLeaseTime time.Duration
+	// Hostname, if set, is the host name DHCP gives the guest.
+	Hostname string
+	// Domain, if set, is the domain name DHCP gives the guest.
+	Domain string
+}
+
+// Default returns the default configuration. It is the single place where
+// defaults live; docs/configuration.md mirrors it. The result does not
+// validate on its own: Socket or Connect must still be set.
+func Default() *Config {
+	return &Config{
+		LogLevel:   slog.LevelInfo,
+		LogFormat:  LogText,
+		MTU:        1500,
+		MAC:        net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}, // QEMU's default guest MAC
+		GatewayMAC: net.HardwareAddr{0x52, 0x55, 0x0a, 0x00, 0x02, 0x02}, // locally administered, embeds 10.0.2.2 like slirp
+		IPv4: IPv4{
+			Subnet:  netip.MustParsePrefix("10.0.2.0/24"),
+			Gateway: netip.MustParseAddr("10.0.2.2"),
+			DNS:     netip.MustParseAddr("10.0.2.3"),
+			Guest:   netip.MustParseAddr("10.0.2.15"),
+		},
+		IPv6: IPv6{
+			Enable:  true,
+			Subnet:  netip.MustParsePrefix("fd00::/64"),
+			Gateway: netip.MustParseAddr("fd00::2"),
+			DNS:     netip.MustParseAddr("fd00::3"),
+		},
+		MapHostLoopback:  true,
+		Hosts:            map[string]netip.Addr{},
+		UDPIdleTimeout:   30 * time.Second,
+		UDPStreamTimeout: 180 * time.Second,
+		DialTimeout:      10 * time.Second,
+		MaxConnections:   4096,
+		MaxInflightDials: 128,
+		Boot: Boot{
+			DHCPLeaseTime: time.Hour,
+		},
+	}
+}
+
+// SetSubnet replaces the IPv4 or IPv6 subnet (the family of p decides) and
+// moves the gateway, DNS and guest addresses along when they were inside the
+// old subnet, keeping their host part. That way changing only the subnet
+// (say to 192.168.50.0/24) yields .2/.3/.15 in the new one instead of a
+// configuration that fails validation. Addresses whose host part does not
+// fit the new subnet are left alone for Validate to report.
+func (c *Config) SetSubnet(p netip.Prefix) {
+	if p.Addr().Is4() {
+		old := c.IPv4.Subnet
+		c.IPv4.Gateway = rebase(c.IPv4.Gateway, old, p)
+		c.IPv4.DNS = rebase(c.IPv4.DNS, old, p)
+		c.IPv4.Guest = rebase(c.IPv4.Guest, old, p)
+		c.IPv4.Subnet = p
+		return
+	}
+	old := c.IPv6.Subnet
+	c.IPv6.Gateway = rebase(c.IPv6.Gateway, old, p)
+	c.IPv6.DNS = rebase(c.IPv6.DNS, old, p)
+	c.IPv6.Subnet = p
+}
+
+// rebase moves a from prefix old to prefix new keeping its host bits, or
+// returns a unchanged when that is not possible.
+func rebase(a netip.Addr, old, new netip.Prefix) netip.Addr {
+	if !a.IsValid() || !old.IsValid() || !new.IsValid() || !old.Contains(a) ||
+		a.BitLen() != new.Addr().BitLen() {
+		return a
+	}
+	ab := a.AsSlice()
+	ob := old.Masked().Addr().AsSlice()
+	nb := new.Masked().Addr().AsSlice()
+	out := make([]byte, len(ab))
+	for i := range ab {
+		host := ab[i] ^ ob[i] // a is inside old, so this is exactly its host bits
+		if nb[i]&host != 0 {
+			return a // host part overlaps the new network part
+		}
+		out[i] = nb[i] | host
+	}
+	r, _ := netip.AddrFromSlice(out)
+	if !new.Contains(r) {
+		return a // host part too large for the new prefix
+	}
+	return r
+}

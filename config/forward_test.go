@@ -1,0 +1,138 @@
+package config
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func fwd(proto, host string, guest uint16) Forward {
+	return Forward{Proto: proto, Host: netip.MustParseAddrPort(host), GuestPort: guest}
+}
+
+func TestParseForward(t *testing.T) {
+	tests := []struct {
+		spec string
+		want []Forward
+	}{
+		{"tcp:8080:80", []Forward{fwd("tcp", "127.0.0.1:8080", 80)}},
+		{"udp:5353:53", []Forward{fwd("udp", "127.0.0.1:5353", 53)}},
+		{"tcp:0.0.0.0:2222:22", []Forward{fwd("tcp", "0.0.0.0:2222", 22)}},
+		{"tcp:192.0.2.1:1:65535", []Forward{fwd("tcp", "192.0.2.1:1", 65535)}},
+		{"tcp:[::1]:8443:443", []Forward{fwd("tcp", "[::1]:8443", 443)}},
+		{"udp:[::]:53:53", []Forward{fwd("udp", "[::]:53", 53)}},
+		{"tcp:[fe80::1%eth0]:80:80", []Forward{fwd("tcp", "[fe80::1%eth0]:80", 80)}},
+		{"tcp:8000-8002:9000-9002", []Forward{
+			fwd("tcp", "127.0.0.1:8000", 9000),
+			fwd("tcp", "127.0.0.1:8001", 9001),
+			fwd("tcp", "127.0.0.1:8002", 9002),
+		}},
+		{"udp:[::1]:7-8:7-8", []Forward{fwd("udp", "[::1]:7", 7), fwd("udp", "[::1]:8", 8)}},
+		{"tcp:65535-65535:1-1", []Forward{fwd("tcp", "127.0.0.1:65535", 1)}},
+		{"tcp:0080:080", []Forward{fwd("tcp", "127.0.0.1:80", 80)}},
+	}
+	for _, tt := range tests {
+		got, err := ParseForward(tt.spec)
+		if err != nil {
+			t.Errorf("ParseForward(%q): %v", tt.spec, err)
+			continue
+		}
+		if !slices.Equal(got, tt.want) {
+			t.Errorf("ParseForward(%q) = %v, want %v", tt.spec, got, tt.want)
+		}
+	}
+}
+
+func TestParseForwardErrors(t *testing.T) {
+	const tcpForm = "expected tcp:[HOSTADDR:]HOSTPORT:GUESTPORT"
+	tests := []struct{ spec, want string }{
+		{"", "expected tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT"},
+		{"8080:80", "expected tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT"},
+		{"sctp:8080:80", "expected tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT"},
+		{"TCP:8080:80", "expected tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT"},
+		{"tcp", tcpForm},
+		{"tcp:80", tcpForm},
+		{"tcp:x:80", tcpForm},
+		{"tcp:80:x", tcpForm},
+		{"tcp:80:", tcpForm},
+		{"tcp::80:80", tcpForm},
+		{"tcp:localhost:80:80", tcpForm},
+		{"tcp:1.2.3:80:80", tcpForm},
+		{"tcp:+80:80", tcpForm},
+		{"tcp:-80:80", tcpForm},
+		{"tcp:80-:80", tcpForm},
+		{"tcp:1.2.3.4:5:6:7", tcpForm},
+		{"udp:80:80:", "expected udp:[HOSTADDR:]HOSTPORT:GUESTPORT"},
+		{"tcp:[::1:80:80", tcpForm},
+		{"tcp:[::1]80:80", tcpForm},
+		{"tcp:[::1]:80", tcpForm},
+		{"tcp:[::1]:1.2.3.4:80:80", tcpForm},
+		{"tcp:[1.2.3.4]:80:80", `host address "1.2.3.4": ` + tcpForm + " with an IPv6 address in brackets"},
+		{"tcp:[zz]:80:80", `host address "zz": ` + tcpForm + " with an IPv6 address in brackets"},
+		{"tcp:::1:8080:80", `IPv6 host address must be in brackets, as in "tcp:[::1]:8080:80"`},
+		{"tcp:0:80", "host port 0 is out of range 1..65535"},
+		{"tcp:80:0", "guest port 0 is out of range 1..65535"},
+		{"tcp:70000:80", "host port 70000 is out of range 1..65535"},
+		{"tcp:80:99999999999999999999", "guest port 99999999999999999999 is out of range 1..65535"},
+		{"tcp:8010-8000:80-90", "host port range 8010-8000 is reversed; write 8000-8010"},
+		{"tcp:8000-8010:9000-9005", "host ports 8000-8010 cover 11 port(s) but guest ports 9000-9005 cover 6; ranges must be the same length"},
+		{"tcp:8000-8001:80", "host ports 8000-8001 cover 2 port(s) but guest ports 80 cover 1; ranges must be the same length"},
+	}
+	for _, tt := range tests {
+		got, err := ParseForward(tt.spec)
+		if err == nil {
+			t.Errorf("ParseForward(%q) = %v, want error %q", tt.spec, got, tt.want)
+			continue
+		}
+		if err.Error() != tt.want {
+			t.Errorf("ParseForward(%q) error\n got %q\nwant %q", tt.spec, err, tt.want)
+		}
+	}
+}
+
+func TestForwardString(t *testing.T) {
+	for _, tt := range []struct {
+		f    Forward
+		want string
+	}{
+		{fwd("tcp", "127.0.0.1:8080", 80), "tcp:127.0.0.1:8080:80"},
+		{fwd("udp", "[::1]:53", 53), "udp:[::1]:53:53"},
+	} {
+		if got := tt.f.String(); got != tt.want {
+			t.Errorf("%#v.String() = %q, want %q", tt.f, got, tt.want)
+		}
+	}
+}
+
+// FuzzParseForward checks that the parser never panics, that everything it
+// accepts is well formed, and that String gives a spec parsing back to the
+// same forward. Seeds live in testdata/fuzz/FuzzParseForward.
+func FuzzParseForward(f *testing.F) {
+	f.Add("tcp:8080:80")
+	f.Fuzz(func(t *testing.T, spec string) {
+		fws, err := ParseForward(spec)
+		if err != nil {
+			// Errors end up as one line of CLI output.
+			if msg := err.Error(); msg == "" || strings.Contains(msg, "\n") {
+				t.Fatalf("ParseForward(%q): bad error message %q", spec, msg)
+			}
+			return
+		}
+		if len(fws) == 0 || len(fws) > 65535 {
+			t.Fatalf("ParseForward(%q) returned %d forwards", spec, len(fws))
+		}
+		for i, fw := range fws {
+			if fw.Proto != "tcp" && fw.Proto != "udp" || fw.Host.Port() == 0 || fw.GuestPort == 0 || !fw.Host.Addr().IsValid() {
+				t.Fatalf("ParseForward(%q)[%d] = %#v is malformed", spec, i, fw)
+			}
+			if i > 0 && (fw.Host.Port() != fws[i-1].Host.Port()+1 || fw.GuestPort != fws[i-1].GuestPort+1) {
+				t.Fatalf("ParseForward(%q): range not consecutive at %d", spec, i)
+			}
+			again, err := ParseForward(fw.String())
+			if err != nil || len(again) != 1 || again[0] != fw {
+				t.Fatalf("round trip of %q (from %q) = %v, %v", fw.String(), spec, again, err)
+			}
+		}
+	})
+}

@@ -1,0 +1,107 @@
+package config
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"time"
+)
+
+// The parsers below are shared by the TOML file and the command line so both
+// accept the same forms. Their errors say what was expected without repeating
+// the input, so callers can prefix the key or flag and the value.
+
+// ParseMAC parses a 48-bit MAC address such as 52:54:00:12:34:56.
+func ParseMAC(s string) (net.HardwareAddr, error) {
+	mac, err := net.ParseMAC(s)
+	if err != nil || len(mac) != 6 {
+		// net.ParseMAC also accepts EUI-64 and InfiniBand forms, which a
+		// virtio-net device cannot use.
+		return nil, errors.New("expected a MAC address like 52:54:00:12:34:56")
+	}
+	return mac, nil
+}
+
+// ParseLogLevel parses debug, info, warn or error (any case).
+func ParseLogLevel(s string) (slog.Level, error) {
+	switch strings.ToLower(s) {
+	case "debug":
+		return slog.LevelDebug, nil
+	case "info":
+		return slog.LevelInfo, nil
+	case "warn":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return 0, errors.New("expected debug, info, warn or error")
+}
+
+// levelName is the inverse of ParseLogLevel.
+func levelName(l slog.Level) string {
+	return strings.ToLower(l.String())
+}
+
+// ParseLogFormat parses text or json.
+func ParseLogFormat(s string) (LogFormat, error) {
+	switch f := LogFormat(strings.ToLower(s)); f {
+	case LogText, LogJSON:
+		return f, nil
+	}
+	return "", errors.New("expected text or json")
+}
+
+// ParseDNSUpstream parses an upstream resolver: an IP address with an
+// optional port (default 53); IPv6 with a port needs brackets.
+func ParseDNSUpstream(s string) (netip.AddrPort, error) {
+	if a, err := netip.ParseAddr(s); err == nil {
+		return netip.AddrPortFrom(a, 53), nil
+	}
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil || ap.Port() == 0 {
+		return netip.AddrPort{}, errors.New("expected IP[:PORT] like 1.1.1.1, 1.1.1.1:53 or [2606:4700::1111]:53")
+	}
+	return ap, nil
+}
+
+// ParsePrefix parses a subnet in CIDR form, IPv4 or IPv6.
+func ParsePrefix(s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, errors.New("expected a subnet like 10.0.2.0/24 or fd00::/64")
+	}
+	return p, nil
+}
+
+// ParseAddr parses an IPv4 or IPv6 address.
+func ParseAddr(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, errors.New("expected an IP address like 10.0.2.2 or fd00::2")
+	}
+	return a, nil
+}
+
+// ParseDuration parses a Go duration such as 30s, 5m or 1h30m.
+func ParseDuration(s string) (time.Duration, error) {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, errors.New("expected a duration like 30s, 5m or 1h")
+	}
+	return d, nil
+}
+
+// formatDuration is time.Duration.String without the noise: "1h" rather than
+// "1h0m0s", so that printed configurations read like hand-written ones.
+func formatDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
+}

@@ -1,0 +1,302 @@
+// Package forward is vunet's NAT: it splices the guest's TCP, UDP and ICMP
+// echo traffic, as terminated by the gVisor stack built in package netstack,
+// to ordinary host sockets, and it forwards host ports into the guest.
+//
+// Outbound, the package installs per-stack default handlers for TCP, UDP,
+// ICMPv4 and ICMPv6. gVisor only consults those handlers after its endpoint
+// demultiplexer found no matching endpoint, so services listening inside the
+// stack (DNS on the DNS address, DHCP, ...) always take precedence. As a
+// second line of defence the DNS addresses are never forwarded, whatever the
+// port.
+//
+// See docs/forwarding.md for the design.
+package forward
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+)
+
+// Defaults applied by New to zero Options fields.
+const (
+	DefaultDialTimeout          = 15 * time.Second
+	DefaultMaxInFlightDials     = 512
+	DefaultMaxConns             = 16384
+	DefaultMaxUDPFlows          = 4096
+	DefaultMaxPingFlows         = 256
+	DefaultUDPIdleTimeout       = 30 * time.Second
+	DefaultUDPStreamIdleTimeout = 180 * time.Second
+)
+
+// Options configures a Forwarder.
+type Options struct {
+	// Stack is the gVisor stack built by package netstack. Its NIC must be
+	// promiscuous and spoofing.
+	Stack *stack.Stack
+	// NIC is the guest-facing NIC of Stack.
+	NIC tcpip.NICID
+
+	// Gateway4 and Gateway6 are the stack's gateway addresses (e.g.
+	// 10.0.2.2, fd00::2). They identify the host when MapHostLoopback is
+	// set and stand in for loopback clients of inbound port forwards.
+	Gateway4, Gateway6 netip.Addr
+	// DNS4 and DNS6 are the in-stack DNS service addresses. Traffic to them
+	// is never forwarded to the host.
+	DNS4, DNS6 netip.Addr
+
+	// MapHostLoopback makes the gateway addresses reach the host's loopback
+	// (127.0.0.1 and ::1). Without it, connections to the gateway are
+	// refused.
+	MapHostLoopback bool
+
+	// DialTimeout bounds each outbound TCP connect to the host destination.
+	// Zero means DefaultDialTimeout.
+	DialTimeout time.Duration
+	// MaxInFlightDials bounds concurrent outbound TCP connects; SYNs beyond
+	// it are answered with RST. Zero means DefaultMaxInFlightDials,
+	// negative means unlimited (as do the other Max fields).
+	MaxInFlightDials int
+	// MaxConns bounds spliced TCP connections (outbound and inbound
+	// together, including those still dialing). Zero means DefaultMaxConns.
+	MaxConns int
+	// MaxUDPFlows bounds UDP flows (outbound and inbound together). Zero
+	// means DefaultMaxUDPFlows.
+	MaxUDPFlows int
+	// MaxPingFlows bounds ICMP echo flows (host ping sockets). Zero means
+	// DefaultMaxPingFlows.
+	MaxPingFlows int
+
+	// UDPIdleTimeout expires UDP (and ICMP echo) flows that have been idle
+	// this long. Zero means DefaultUDPIdleTimeout.
+	UDPIdleTimeout time.Duration
+	// UDPStreamIdleTimeout replaces UDPIdleTimeout once a flow has carried
+	// at least StreamThreshold datagrams in each direction (a "stream", in
+	// conntrack's terms). Zero means DefaultUDPStreamIdleTimeout.
+	UDPStreamIdleTimeout time.Duration
+
+	// Logger receives forwarding messages; per-connection noise is logged
+	// at Debug. Nil means slog.Default().
+	Logger *slog.Logger
+
+	// dial replaces the host dialer (tests use it to simulate slow dials).
+	dial func(ctx context.Context, network, address string) (net.Conn, error)
+	// openPing replaces the host ping socket factory (tests use it because
+	// ping sockets are often forbidden by net.ipv4.ping_group_range).
+	openPing func(v6 bool) (net.PacketConn, error)
+}
+
+// StreamThreshold is how many datagrams a UDP flow must have carried in each
+// direction before UDPStreamIdleTimeout applies instead of UDPIdleTimeout.
+const StreamThreshold = 2
+
+// Forwarder is the NAT between the guest (through the gVisor stack) and the
+// host's sockets. Create it with New before the link starts delivering guest
+// frames, and stop it with Close.
+type Forwarder struct {
+	opts Options
+	s    *stack.Stack
+	log  *slog.Logger
+	ctx  context.Context
+	stop context.CancelFunc
+
+	bcast4 []netip.Addr // subnet-directed broadcast addresses of the NIC
+
+	ping  *pinger
+	epoch time.Time // monotonic base for flow activity stamps
+	c     counters
+	bufs  sync.Pool // *[]byte of spliceBufSize, shared by TCP splices
+
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup // every goroutine started by the Forwarder
+	conns  map[*tcpSplice]struct{}
+	udp    map[*udpFlow]struct{}
+	pfwds  map[pfKey]*portForward
+	pflows map[*pingFlow]struct{}
+}
+
+// New validates opts, applies defaults and installs the forwarding handlers
+// on opts.Stack. Handlers are stack-wide and must be installed while no
+// packets are flowing, i.e. before the link endpoint is started.
+func New(opts Options) (*Forwarder, error) {
+	if opts.Stack == nil {
+		return nil, errors.New("forward: Options.Stack is nil")
+	}
+	if !opts.Stack.HasNIC(opts.NIC) {
+		return nil, fmt.Errorf("forward: stack has no NIC %d", opts.NIC)
+	}
+	for _, a := range []struct {
+		name string
+		addr netip.Addr
+		v6   bool
+	}{{"Gateway4", opts.Gateway4, false}, {"DNS4", opts.DNS4, false}, {"Gateway6", opts.Gateway6, true}, {"DNS6", opts.DNS6, true}} {
+		if a.addr.IsValid() && (a.addr.Is6() != a.v6 || a.addr.Is4In6()) {
+			return nil, fmt.Errorf("forward: %s %s has the wrong address family", a.name, a.addr)
+		}
+	}
+	setDefault(&opts.DialTimeout, DefaultDialTimeout)
+	setLimit(&opts.MaxInFlightDials, DefaultMaxInFlightDials)
+	setLimit(&opts.MaxConns, DefaultMaxConns)
+	setLimit(&opts.MaxUDPFlows, DefaultMaxUDPFlows)
+	setLimit(&opts.MaxPingFlows, DefaultMaxPingFlows)
+	setDefault(&opts.UDPIdleTimeout, DefaultUDPIdleTimeout)
+	setDefault(&opts.UDPStreamIdleTimeout, DefaultUDPStreamIdleTimeout)
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.dial == nil {
+		d := &net.Dialer{
+			Timeout:         opts.DialTimeout,
+			KeepAliveConfig: hostKeepAlive(),
+		}
+		opts.dial = d.DialContext
+	}
+	if opts.openPing == nil {
+		opts.openPing = openPingSocket
+	}
+
+	ctx, stop := context.WithCancel(context.Background())
+	f := &Forwarder{
+		opts:   opts,
+		s:      opts.Stack,
+		log:    opts.Logger.With("component", "forward"),
+		ctx:    ctx,
+		stop:   stop,
+		epoch:  time.Now(),
+		bcast4: subnetBroadcasts(opts.Stack, opts.NIC),
+		conns:  make(map[*tcpSplice]struct{}),
+		udp:    make(map[*udpFlow]struct{}),
+		pfwds:  make(map[pfKey]*portForward),
+		pflows: make(map[*pingFlow]struct{}),
+	}
+	f.bufs.New = func() any { b := make([]byte, spliceBufSize); return &b }
+	f.ping = newPinger(f)
+
+	// gVisor's forwarder drops SYNs silently beyond its own in-flight
+	// limit. Give it twice ours, so that normally our limit is hit first
+	// and the guest gets a prompt RST instead of retrying for seconds.
+	tcpFwd := tcp.NewForwarder(f.s, 0, 2*opts.MaxInFlightDials, f.handleTCP)
+	udpFwd := udp.NewForwarder(f.s, f.handleUDP)
+	f.s.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
+	f.s.SetTransportProtocolHandler(udp.ProtocolNumber, udpFwd.HandlePacket)
+	f.s.SetTransportProtocolHandler(icmp.ProtocolNumber4, f.handleICMP)
+	f.s.SetTransportProtocolHandler(icmp.ProtocolNumber6, f.handleICMP)
+	return f, nil
+}
+
+func setDefault(v *time.Duration, def time.Duration) {
+	if *v <= 0 {
+		*v = def
+	}
+}
+
+// unlimited stands for "no limit"; it still keeps arithmetic on limits
+// (such as doubling for gVisor's in-flight bound) from overflowing.
+const unlimited = math.MaxInt32
+
+// setLimit applies def to a zero limit and turns a negative one into
+// unlimited.
+func setLimit(v *int, def int) {
+	switch {
+	case *v == 0:
+		*v = def
+	case *v < 0 || *v > unlimited:
+		*v = unlimited
+	}
+}
+
+// subnetBroadcasts returns the directed broadcast address of every IPv4
+// prefix on the NIC, so that datagrams to them are never sent to the host.
+func subnetBroadcasts(s *stack.Stack, nic tcpip.NICID) []netip.Addr {
+	var out []netip.Addr
+	for _, pa := range s.AllAddresses()[nic] {
+		if pa.Protocol != ipv4.ProtocolNumber {
+			continue
+		}
+		a := fromTCPIP(pa.AddressWithPrefix.Address)
+		p, err := a.Prefix(pa.AddressWithPrefix.PrefixLen)
+		if err != nil || p.Bits() >= 31 {
+			continue
+		}
+		b := p.Addr().As4()
+		for i := p.Bits(); i < 32; i++ {
+			b[i/8] |= 0x80 >> (i % 8)
+		}
+		out = append(out, netip.AddrFrom4(b))
+	}
+	return out
+}
+
+// enter registers a goroutine about to start with the Forwarder's wait
+// group. It returns false once Close has begun, in which case the caller
+// must not start the work.
+func (f *Forwarder) enter() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return false
+	}
+	f.wg.Add(1)
+	return true
+}
+
+// Close stops all forwarding: port-forward listeners, spliced connections,
+// UDP and ICMP flows. Handlers stay installed on the stack (gVisor does not
+// support removing them while running) but refuse new work. Close waits for
+// every goroutine the Forwarder started.
+func (f *Forwarder) Close() error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	f.closed = true
+	f.stop()
+	pfs := make([]*portForward, 0, len(f.pfwds))
+	for k, pf := range f.pfwds {
+		pfs = append(pfs, pf)
+		delete(f.pfwds, k)
+	}
+	conns := make([]*tcpSplice, 0, len(f.conns))
+	for c := range f.conns {
+		conns = append(conns, c)
+	}
+	flows := make([]*udpFlow, 0, len(f.udp))
+	for fl := range f.udp {
+		flows = append(flows, fl)
+	}
+	pings := make([]*pingFlow, 0, len(f.pflows))
+	for p := range f.pflows {
+		pings = append(pings, p)
+	}
+	f.mu.Unlock()
+
+	for _, pf := range pfs {
+		pf.close()
+	}
+	for _, c := range conns {
+		c.abort()
+	}
+	for _, fl := range flows {
+		fl.close()
+	}
+	for _, p := range pings {
+		p.close()
+	}
+	f.wg.Wait()
+	return nil
+}

@@ -1,0 +1,185 @@
+package forward
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vunet/vunet/netstack/netstacktest"
+)
+
+// kernelSim stands in for the kernel side of ping sockets, which
+// net.ipv4.ping_group_range often forbids. Each simulated socket is a UDP
+// socket connected to the simulator on 127.0.0.1; the simulator turns echo
+// requests into replies and, like Linux, replaces the identifier. No packet
+// leaves loopback.
+type kernelSim struct {
+	pc       *net.UDPConn
+	requests atomic.Int64
+	mu       sync.Mutex
+	targets  map[netip.Addr]int
+}
+
+const simIdent = 0xbeef
+
+func newKernelSim(t *testing.T) *kernelSim {
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := &kernelSim{pc: pc, targets: make(map[netip.Addr]int)}
+	done := make(chan struct{})
+	t.Cleanup(func() { _ = pc.Close(); <-done })
+	go func() {
+		defer close(done)
+		buf := make([]byte, 65535)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			msg := buf[:n]
+			switch msg[0] {
+			case 8:
+				msg[0] = 0
+			case 128:
+				msg[0] = 129
+			default:
+				continue
+			}
+			k.requests.Add(1)
+			binary.BigEndian.PutUint16(msg[4:6], simIdent)
+			msg[2], msg[3] = 0xde, 0xad // the Forwarder must recompute it
+			_, _ = pc.WriteToUDPAddrPort(msg, from)
+		}
+	}()
+	return k
+}
+
+func (k *kernelSim) open(bool) (net.PacketConn, error) {
+	c, err := net.DialUDP("udp4", nil, k.pc.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		return nil, err
+	}
+	return &simPing{UDPConn: c, k: k}, nil
+}
+
+func (k *kernelSim) count(a netip.Addr) int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.targets[a]
+}
+
+// simPing is one simulated ping socket.
+type simPing struct {
+	*net.UDPConn
+	k  *kernelSim
+	to atomic.Pointer[net.UDPAddr]
+}
+
+func (p *simPing) WriteTo(b []byte, addr net.Addr) (int, error) {
+	ua := addr.(*net.UDPAddr)
+	p.to.Store(ua)
+	a, _ := netip.AddrFromSlice(ua.IP)
+	p.k.mu.Lock()
+	p.k.targets[a]++
+	p.k.mu.Unlock()
+	return p.UDPConn.Write(b)
+}
+
+func (p *simPing) ReadFrom(b []byte) (int, net.Addr, error) {
+	n, err := p.UDPConn.Read(b)
+	return n, p.to.Load(), err
+}
+
+func noPing(bool) (net.PacketConn, error) {
+	return nil, &net.OpError{Op: "socket", Net: "ping4", Err: syscall.EACCES}
+}
+
+func ping(t *testing.T, e *env, dst netip.Addr, timeout time.Duration) (netip.Addr, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return netstacktest.Ping(ctx, e.p.Guest, dst, []byte("payload for "+dst.String()))
+}
+
+// TestPingLocalWithoutPingSockets: the stack's own addresses answer even
+// when ping sockets are forbidden; other destinations get nothing (in
+// particular not a fake reply from gVisor's IPv6 layer).
+func TestPingLocalWithoutPingSockets(t *testing.T) {
+	e := newEnv(t, func(o *Options) { o.openPing = noPing })
+	for _, dst := range []netip.Addr{gw4, gw6, netstacktest.DNS4, netstacktest.DNS6} {
+		from, err := ping(t, e, dst, 5*time.Second)
+		if err != nil || from != dst {
+			t.Fatalf("ping %s: from %s, %v", dst, from, err)
+		}
+	}
+	for _, dst := range []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")} {
+		if from, err := ping(t, e, dst, 200*time.Millisecond); !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("ping %s: got reply from %s (err %v), want none", dst, from, err)
+		}
+	}
+	if s := e.f.Stats(); s.Drops.PingUnavailable != 2 || s.PingRequests != 0 {
+		t.Errorf("stats %+v", s)
+	}
+}
+
+func TestPingForwarded(t *testing.T) {
+	k := newKernelSim(t)
+	e := newEnv(t, func(o *Options) {
+		o.openPing = k.open
+		o.UDPIdleTimeout = 200 * time.Millisecond
+	})
+	for _, tc := range []struct{ dst, host string }{
+		{"10.0.2.2", "127.0.0.1"},
+		{"fd00::2", "::1"},
+		{"192.0.2.1", "192.0.2.1"},
+		{"2001:db8::1", "2001:db8::1"},
+	} {
+		dst := netip.MustParseAddr(tc.dst)
+		for i := 0; i < 2; i++ {
+			from, err := ping(t, e, dst, 5*time.Second)
+			if err != nil || from != dst {
+				t.Fatalf("ping %s: from %s, %v", dst, from, err)
+			}
+		}
+		if n := k.count(netip.MustParseAddr(tc.host)); n != 2 {
+			t.Errorf("ping %s: host target %s got %d requests", dst, tc.host, n)
+		}
+	}
+	// DNS stays local.
+	if _, err := ping(t, e, netstacktest.DNS4, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	s := e.f.Stats()
+	if s.PingRequests != 8 || s.PingReplies != 8 || k.requests.Load() != 8 {
+		t.Errorf("requests %d replies %d sim %d", s.PingRequests, s.PingReplies, k.requests.Load())
+	}
+	eventually(t, "ping flows to expire", func() bool { return e.f.Stats().PingFlows == 0 })
+}
+
+// TestPingRealLoopback uses real ping sockets when this host permits them.
+func TestPingRealLoopback(t *testing.T) {
+	if c, err := openPingSocket(false); err != nil {
+		t.Skipf("ping sockets not permitted here (%v, ping_group_range %q)", err, pingGroupRange())
+	} else {
+		_ = c.Close()
+	}
+	e := newEnv(t, nil)
+	fams := families(t)
+	for _, fam := range fams {
+		from, err := ping(t, e, fam.gw, 5*time.Second)
+		if err != nil || from != fam.gw {
+			t.Fatalf("ping %s: from %s, %v", fam.gw, from, err)
+		}
+	}
+	if s := e.f.Stats(); s.PingReplies != uint64(len(fams)) {
+		t.Errorf("PingReplies = %d", s.PingReplies)
+	}
+}

@@ -1,0 +1,128 @@
+package forward
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// udpLoop reads client datagrams from the forward's host socket and relays
+// each to its client's flow, creating flows as clients appear. Replies are
+// sent by each flow's guestLoop from the same host socket, so clients see
+// them coming from the address they sent to.
+func (p *portForward) udpLoop() {
+	f := p.f
+	buf := make([]byte, maxDatagram)
+	for {
+		n, client, err := p.pc.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Errors queued by ICMP for earlier replies; keep serving.
+			f.log.Debug("port forward read error", "forward", p.spec.String(), "err", err)
+			continue
+		}
+		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
+		fl := p.flow(client)
+		if fl == nil {
+			continue
+		}
+		fl.deliver(buf[:n])
+	}
+}
+
+// flow returns client's flow, creating it if needed; nil if it cannot.
+func (p *portForward) flow(client netip.AddrPort) *udpFlow {
+	f := p.f
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	if fl := p.flows[client]; fl != nil {
+		p.mu.Unlock()
+		return fl
+	}
+	// Only this goroutine (udpLoop) creates flows, so p.mu need not be
+	// held while the flow is set up, and must not be: closing a flow
+	// takes it.
+	p.mu.Unlock()
+	src, ok := f.guestSource(client, p.spec.Guest.Addr())
+	if !ok {
+		f.c.dropUnroutable.Add(1)
+		return nil
+	}
+	if !reserve(&f.c.udpFlows, f.opts.MaxUDPFlows) {
+		f.c.dropUDPLimit.Add(1)
+		return nil
+	}
+	gc, err := f.dialGuestUDP(src, p.spec.Guest)
+	if err != nil {
+		f.c.udpFlows.Add(-1)
+		f.c.dropSend.Add(1)
+		f.log.Debug("inbound udp: guest socket failed", "client", client, "err", err)
+		return nil
+	}
+	fl := &udpFlow{
+		f:     f,
+		guest: gc,
+		sendHost: func(b []byte) error {
+			_, err := p.pc.WriteToUDPAddrPort(b, client)
+			return err
+		},
+		desc: client.String() + "->" + p.spec.Guest.String(),
+	}
+	fl.onClose = func() {
+		p.mu.Lock()
+		if p.flows[client] == fl {
+			delete(p.flows, client)
+		}
+		p.mu.Unlock()
+	}
+	fl.touch()
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		fl.onClose = nil
+		fl.close()
+		return nil
+	}
+	p.flows[client] = fl
+	p.mu.Unlock()
+	f.c.inboundUDP.Add(1)
+	f.log.Debug("inbound udp flow", "client", client, "as", src, "guest", p.spec.Guest)
+	f.addUDPFlow(fl, fl.guestLoop)
+	return fl
+}
+
+// dialGuestUDP creates a gVisor UDP socket bound to src (spoofed, like
+// dialGuestTCP) and connected to dst.
+func (f *Forwarder) dialGuestUDP(src, dst netip.AddrPort) (*gonet.UDPConn, error) {
+	var lastErr tcpip.Error
+	for _, port := range []uint16{src.Port(), 0} {
+		wq := new(waiter.Queue)
+		ep, terr := f.s.NewEndpoint(udp.ProtocolNumber, netProto(dst.Addr()), wq)
+		if terr != nil {
+			return nil, fmt.Errorf("new endpoint: %s", terr)
+		}
+		if terr := ep.Bind(f.full(netip.AddrPortFrom(src.Addr(), port))); terr != nil {
+			ep.Close()
+			lastErr = terr
+			continue
+		}
+		if terr := ep.Connect(f.full(dst)); terr != nil {
+			ep.Close()
+			return nil, fmt.Errorf("connect %s: %s", dst, terr)
+		}
+		ep.SocketOptions().SetSendBufferSize(hostUDPBuffer, true)
+		return gonet.NewUDPConn(wq, ep), nil
+	}
+	return nil, fmt.Errorf("bind %s: %s", src, lastErr)
+}

@@ -1,0 +1,205 @@
+package forward
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+)
+
+// PortForward describes an inbound forward: a host socket whose traffic is
+// relayed into the guest.
+type PortForward struct {
+	// Proto is "tcp" or "udp".
+	Proto string
+	// Host is the host address to listen on. A zero address means
+	// 127.0.0.1; port 0 lets the kernel choose (AddPortForward reports the
+	// port it got).
+	Host netip.AddrPort
+	// Guest is the guest address and port that connections and datagrams
+	// are relayed to.
+	Guest netip.AddrPort
+}
+
+// String formats the forward like "tcp 127.0.0.1:2222->10.0.2.15:22".
+func (pf PortForward) String() string {
+	return fmt.Sprintf("%s %s->%s", pf.Proto, pf.Host, pf.Guest)
+}
+
+// pfKey identifies a forward: one host socket.
+type pfKey struct {
+	proto string
+	host  netip.AddrPort
+}
+
+// portForward is a running PortForward.
+type portForward struct {
+	f    *Forwarder
+	spec PortForward
+	ln   net.Listener // tcp
+	pc   *net.UDPConn // udp
+
+	mu     sync.Mutex
+	closed bool
+	flows  map[netip.AddrPort]*udpFlow // udp, by client
+}
+
+// normalize validates pf and fills in the default host address.
+func (pf PortForward) normalize() (PortForward, error) {
+	pf.Proto = strings.ToLower(pf.Proto)
+	if pf.Proto != "tcp" && pf.Proto != "udp" {
+		return pf, fmt.Errorf("forward: port forward %s: protocol must be tcp or udp", pf)
+	}
+	if !pf.Guest.IsValid() || pf.Guest.Port() == 0 || pf.Guest.Addr().IsUnspecified() {
+		return pf, fmt.Errorf("forward: port forward %s: guest address and port required", pf)
+	}
+	pf.Guest = netip.AddrPortFrom(pf.Guest.Addr().Unmap(), pf.Guest.Port())
+	host := pf.Host.Addr()
+	if !host.IsValid() {
+		host = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	}
+	pf.Host = netip.AddrPortFrom(host.Unmap(), pf.Host.Port())
+	return pf, nil
+}
+
+// AddPortForward starts listening on pf.Host and relays to pf.Guest. It
+// returns the effective forward (default address and chosen port filled
+// in). It is safe for concurrent use.
+func (f *Forwarder) AddPortForward(pf PortForward) (PortForward, error) {
+	pf, err := pf.normalize()
+	if err != nil {
+		return pf, err
+	}
+	if pf.Host.Port() != 0 {
+		f.mu.Lock()
+		_, dup := f.pfwds[pfKey{pf.Proto, pf.Host}]
+		f.mu.Unlock()
+		if dup {
+			return pf, fmt.Errorf("forward: port forward %s: already exists", pf)
+		}
+	}
+	p := &portForward{f: f, flows: make(map[netip.AddrPort]*udpFlow)}
+	switch pf.Proto {
+	case "tcp":
+		ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(pf.Host))
+		if err != nil {
+			return pf, fmt.Errorf("forward: port forward %s: %w", pf, err)
+		}
+		p.ln = ln
+		pf.Host = addrPortOf(ln.Addr())
+	case "udp":
+		pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(pf.Host))
+		if err != nil {
+			return pf, fmt.Errorf("forward: port forward %s: %w", pf, err)
+		}
+		_ = pc.SetReadBuffer(hostUDPBuffer)
+		_ = pc.SetWriteBuffer(hostUDPBuffer)
+		p.pc = pc
+		pf.Host = addrPortOf(pc.LocalAddr())
+	}
+	pf.Host = netip.AddrPortFrom(pf.Host.Addr().Unmap(), pf.Host.Port())
+	p.spec = pf
+
+	k := pfKey{pf.Proto, pf.Host}
+	f.mu.Lock()
+	if f.closed || f.pfwds[k] != nil {
+		closed := f.closed
+		f.mu.Unlock()
+		p.closeSocket()
+		if closed {
+			return pf, errors.New("forward: closed")
+		}
+		return pf, fmt.Errorf("forward: port forward %s: already exists", pf)
+	}
+	f.pfwds[k] = p
+	f.wg.Add(1)
+	f.mu.Unlock()
+
+	go func() {
+		defer f.wg.Done()
+		if p.ln != nil {
+			p.acceptLoop()
+		} else {
+			p.udpLoop()
+		}
+	}()
+	f.log.Info("port forward added", "forward", pf.String())
+	return pf, nil
+}
+
+// RemovePortForward stops the forward listening on pf.Proto and pf.Host
+// (pf.Guest is ignored) and closes its connections and flows.
+func (f *Forwarder) RemovePortForward(pf PortForward) error {
+	pf, err := pf.normalize()
+	if err != nil && pf.Proto != "tcp" && pf.Proto != "udp" {
+		return err
+	}
+	k := pfKey{pf.Proto, pf.Host}
+	f.mu.Lock()
+	p := f.pfwds[k]
+	delete(f.pfwds, k)
+	f.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("forward: no %s port forward on %s", pf.Proto, pf.Host)
+	}
+	p.close()
+	f.log.Info("port forward removed", "forward", p.spec.String())
+	return nil
+}
+
+// ListPortForwards returns the active forwards, sorted by protocol and host
+// address.
+func (f *Forwarder) ListPortForwards() []PortForward {
+	f.mu.Lock()
+	out := make([]PortForward, 0, len(f.pfwds))
+	for _, p := range f.pfwds {
+		out = append(out, p.spec)
+	}
+	f.mu.Unlock()
+	slices.SortFunc(out, func(a, b PortForward) int {
+		if c := strings.Compare(a.Proto, b.Proto); c != 0 {
+			return c
+		}
+		return a.Host.Compare(b.Host)
+	})
+	return out
+}
+
+func (p *portForward) closeSocket() {
+	if p.ln != nil {
+		_ = p.ln.Close()
+	}
+	if p.pc != nil {
+		_ = p.pc.Close()
+	}
+}
+
+// close stops the listener and ends everything that came through it.
+func (p *portForward) close() {
+	p.mu.Lock()
+	p.closed = true
+	flows := make([]*udpFlow, 0, len(p.flows))
+	for _, fl := range p.flows {
+		flows = append(flows, fl)
+	}
+	p.mu.Unlock()
+	p.closeSocket()
+	for _, fl := range flows {
+		fl.close()
+	}
+	f := p.f
+	f.mu.Lock()
+	var conns []*tcpSplice
+	for c := range f.conns {
+		if c.owner == p {
+			conns = append(conns, c)
+		}
+	}
+	f.mu.Unlock()
+	for _, c := range conns {
+		c.abort()
+	}
+}

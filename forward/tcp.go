@@ -1,0 +1,118 @@
+package forward
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// handleTCP runs, in its own goroutine started by gVisor's TCP forwarder,
+// for every guest SYN that no in-stack listener claimed. It dials the host
+// destination first and only then completes the guest's handshake, so the
+// guest sees exactly what the host sees: a connection, or a RST.
+func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
+	if !f.enter() {
+		f.c.dropClosed.Add(1)
+		r.Complete(true)
+		return
+	}
+	defer f.wg.Done()
+
+	id := r.ID()
+	src := netip.AddrPortFrom(fromTCPIP(id.RemoteAddress), id.RemotePort)
+	dst := netip.AddrPortFrom(fromTCPIP(id.LocalAddress), id.LocalPort)
+	log := f.log.With("proto", "tcp", "src", src, "dst", dst)
+
+	to, why := f.target(dst.Addr())
+	if why != forwardOK {
+		f.c.countDrop(why)
+		log.Debug("tcp destination not forwarded", "reason", why.String())
+		r.Complete(true)
+		return
+	}
+	if !reserve(&f.c.tcpConns, f.opts.MaxConns) {
+		f.c.tcpRejectedConns.Add(1)
+		log.Debug("tcp rejected: connection limit", "max", f.opts.MaxConns)
+		r.Complete(true)
+		return
+	}
+	defer f.c.tcpConns.Add(-1)
+	if !reserve(&f.c.tcpDialsInFlight, f.opts.MaxInFlightDials) {
+		f.c.tcpRejectedInFlight.Add(1)
+		log.Debug("tcp rejected: in-flight dial limit", "max", f.opts.MaxInFlightDials)
+		r.Complete(true)
+		return
+	}
+	target := netip.AddrPortFrom(to, dst.Port())
+	ctx, cancel := context.WithTimeout(f.ctx, f.opts.DialTimeout)
+	hc, err := f.opts.dial(ctx, tcpNetwork(to), target.String())
+	cancel()
+	f.c.tcpDialsInFlight.Add(-1)
+	if err != nil {
+		f.countDialError(err)
+		log.Debug("tcp dial failed", "target", target, "err", err)
+		// A RST is the closest a TCP-level NAT can get to both "refused"
+		// and "unreachable"; a guest waiting on its own SYN retries
+		// would otherwise hang for tens of seconds.
+		r.Complete(true)
+		return
+	}
+
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		// The guest gave up or the handshake failed; tell it, and the host.
+		log.Debug("tcp guest handshake failed", "err", terr)
+		r.Complete(true)
+		_ = hc.Close()
+		return
+	}
+	r.Complete(false)
+	setGuestKeepalive(ep)
+	log.Debug("tcp connection established", "target", target)
+	f.newSplice(ep, &wq, hc, src.String()+"->"+target.String()).run()
+}
+
+func tcpNetwork(a netip.Addr) string {
+	if a.Unmap().Is4() {
+		return "tcp4"
+	}
+	return "tcp6"
+}
+
+// countDialError classifies a failed host connect.
+func (f *Forwarder) countDialError(err error) {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		f.c.tcpRefused.Add(1)
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded),
+		errors.As(err, &ne) && ne.Timeout():
+		f.c.tcpTimeouts.Add(1)
+	default:
+		f.c.tcpDialErrors.Add(1)
+	}
+}
+
+// String names a drop reason for logs.
+func (r dropReason) String() string {
+	switch r {
+	case forwardOK:
+		return "ok"
+	case dropBroadcast:
+		return "broadcast or multicast"
+	case dropDNS:
+		return "DNS address"
+	case dropGateway:
+		return "gateway (host loopback not mapped)"
+	case dropUnspecified:
+		return "unroutable"
+	}
+	return "unknown"
+}

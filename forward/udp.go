@@ -1,0 +1,86 @@
+package forward
+
+import (
+	"net"
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// hostUDPBuffer is the socket buffer requested for host UDP sockets, so
+// bursts of large datagrams are not dropped while the relay is scheduled.
+const hostUDPBuffer = 1 << 20
+
+// handleUDP is called synchronously by gVisor for the first datagram of a
+// guest 5-tuple that no in-stack socket claimed. It creates the flow: a
+// connected gVisor endpoint for that 5-tuple (later datagrams go straight to
+// it) and a connected host socket. It returns false only for the DNS
+// address, so that gVisor answers with ICMP port unreachable as a real host
+// would; everything else not forwarded is dropped silently.
+func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
+	id := r.ID()
+	src := netip.AddrPortFrom(fromTCPIP(id.RemoteAddress), id.RemotePort)
+	dst := netip.AddrPortFrom(fromTCPIP(id.LocalAddress), id.LocalPort)
+
+	to, why := f.target(dst.Addr())
+	if why != forwardOK {
+		f.c.countDrop(why)
+		return why != dropDNS
+	}
+	if f.isClosed() {
+		f.c.dropClosed.Add(1)
+		return true
+	}
+	if !reserve(&f.c.udpFlows, f.opts.MaxUDPFlows) {
+		f.c.dropUDPLimit.Add(1)
+		return true
+	}
+	target := netip.AddrPortFrom(to, dst.Port())
+	network := "udp4"
+	if to.Is6() {
+		network = "udp6"
+	}
+	// Creating a connected UDP socket does not block (no packets are
+	// sent), so it is fine on gVisor's delivery path.
+	hc, err := net.DialUDP(network, nil, net.UDPAddrFromAddrPort(target))
+	if err != nil {
+		f.c.udpFlows.Add(-1)
+		f.c.dropSend.Add(1)
+		f.log.Debug("udp host socket failed", "src", src, "target", target, "err", err)
+		return true
+	}
+	_ = hc.SetReadBuffer(hostUDPBuffer)
+	_ = hc.SetWriteBuffer(hostUDPBuffer)
+
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		// Most likely a concurrent datagram of the same 5-tuple won the
+		// race and owns the endpoint; this one is dropped.
+		_ = hc.Close()
+		f.c.udpFlows.Add(-1)
+		f.c.dropSend.Add(1)
+		f.log.Debug("udp guest endpoint failed", "src", src, "dst", dst, "err", terr)
+		return true
+	}
+	ep.SocketOptions().SetSendBufferSize(hostUDPBuffer, true)
+	fl := &udpFlow{
+		f:         f,
+		guest:     gonet.NewUDPConn(&wq, ep),
+		sendHost:  func(b []byte) error { _, err := hc.Write(b); return err },
+		closeHost: func() { _ = hc.Close() },
+		desc:      src.String() + "->" + target.String(),
+	}
+	fl.touch()
+	f.log.Debug("udp flow created", "flow", fl.desc)
+	f.addUDPFlow(fl, fl.guestLoop, func() { fl.hostLoop(hc) })
+	return true
+}
+
+func (f *Forwarder) isClosed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.closed
+}

@@ -1,0 +1,5 @@
+package netstacktest
+
+import "fmt"
+
+func errorf(format string, args ...any) error { return fmt.Errorf("netstacktest: "+format, args...) }

@@ -1,0 +1,391 @@
+package dhcp4
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/insomniacslk/dhcp/dhcpv4"
+	"github.com/insomniacslk/dhcp/iana"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/vunet/vunet/services/internal/gnet"
+	"github.com/vunet/vunet/services/internal/testnet"
+)
+
+func testLogger(t *testing.T) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(b)))
+	return len(b), nil
+}
+
+// client is a DHCP client on the guest stack: the guest has no address, so
+// like gVisor's former DHCP client it temporarily owns 0.0.0.0/0, which lets
+// it send from 0.0.0.0 and makes 255.255.255.255 a local broadcast.
+type client struct {
+	t    *testing.T
+	conn *gnet.UDP
+	hw   net.HardwareAddr
+}
+
+func newClient(t *testing.T, p *testnet.Pair) *client {
+	t.Helper()
+	pa := tcpip.ProtocolAddress{Protocol: ipv4.ProtocolNumber, AddressWithPrefix: tcpip.AddressWithPrefix{
+		Address: tcpip.AddrFrom4([4]byte{}), PrefixLen: 0}}
+	if err := p.Guest.AddProtocolAddress(testnet.NIC, pa, stack.AddressProperties{}); err != nil {
+		t.Fatalf("add 0.0.0.0: %v", err)
+	}
+	c, err := gnet.ListenUDP(p.Guest, testnet.NIC, ipv4.ProtocolNumber,
+		netip.AddrPortFrom(netip.IPv4Unspecified(), ClientPort), gnet.UDPOptions{Broadcast: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Conn.Close() })
+	return &client{t: t, conn: c, hw: net.HardwareAddr(testnet.GuestMAC)}
+}
+
+// exchange broadcasts req and returns the first reply with its xid.
+func (c *client) exchange(req *dhcpv4.DHCPv4, to netip.Addr) *dhcpv4.DHCPv4 {
+	c.t.Helper()
+	if _, err := c.conn.Conn.WriteTo(req.ToBytes(), net.UDPAddrFromAddrPort(netip.AddrPortFrom(to, ServerPort))); err != nil {
+		c.t.Fatalf("send %s: %v", req.MessageType(), err)
+	}
+	buf := make([]byte, 1500)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c.conn.Conn.SetReadDeadline(deadline)
+		n, from, err := c.conn.Conn.ReadFrom(buf)
+		if err != nil {
+			c.t.Fatalf("waiting for reply to %s: %v", req.MessageType(), err)
+		}
+		if from.String() != "10.0.2.2:67" {
+			c.t.Errorf("reply from %s, want 10.0.2.2:67", from)
+		}
+		r, err := dhcpv4.FromBytes(buf[:n])
+		if err != nil {
+			c.t.Fatalf("parse reply: %v", err)
+		}
+		if r.TransactionID == req.TransactionID {
+			return r
+		}
+	}
+}
+
+// expectSilence checks that req gets no reply.
+func (c *client) expectSilence(req *dhcpv4.DHCPv4) {
+	c.t.Helper()
+	if _, err := c.conn.Conn.WriteTo(req.ToBytes(), net.UDPAddrFromAddrPort(netip.AddrPortFrom(bcast, ServerPort))); err != nil {
+		c.t.Fatal(err)
+	}
+	buf := make([]byte, 1500)
+	c.conn.Conn.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, _, err := c.conn.Conn.ReadFrom(buf); err == nil {
+		r, _ := dhcpv4.FromBytes(buf[:n])
+		c.t.Fatalf("unexpected reply to %s: %v", req.MessageType(), r)
+	}
+}
+
+var bcast = netip.MustParseAddr("255.255.255.255")
+
+func startServer(t *testing.T, p *testnet.Pair, mod func(*Options)) *Server {
+	t.Helper()
+	opts := Options{Stack: p.Server, NIC: testnet.NIC, Logger: testLogger(t)}
+	if mod != nil {
+		mod(&opts)
+	}
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return s
+}
+
+func TestDORA(t *testing.T) {
+	p := testnet.New(t, testnet.GuestOptions{})
+	s := startServer(t, p, func(o *Options) {
+		o.MTU = 1400
+		o.DomainName = "vunet.internal"
+		o.DomainSearch = []string{"vunet.internal", "example.com"}
+		o.Hostname = "guest"
+		o.LeaseTime = time.Hour
+	})
+	c := newClient(t, p)
+
+	disc, err := dhcpv4.NewDiscovery(c.hw, dhcpv4.WithRequestedOptions(
+		dhcpv4.OptionInterfaceMTU, dhcpv4.OptionDNSDomainSearchList, dhcpv4.OptionHostName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	offer := c.exchange(disc, bcast)
+	if offer.MessageType() != dhcpv4.MessageTypeOffer {
+		t.Fatalf("got %s, want OFFER", offer.MessageType())
+	}
+	checkOptions(t, offer, "10.0.2.15")
+	if offer.BootFileName != "" || offer.Options.Has(dhcpv4.OptionBootfileName) {
+		t.Errorf("boot file offered without boot configuration: %q", offer.BootFileName)
+	}
+
+	req, err := dhcpv4.NewRequestFromOffer(offer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ack := c.exchange(req, bcast)
+	if ack.MessageType() != dhcpv4.MessageTypeAck {
+		t.Fatalf("got %s (%s), want ACK", ack.MessageType(), ack.Message())
+	}
+	checkOptions(t, ack, "10.0.2.15")
+
+	st := s.Stats()
+	if st.ActiveLeases != 1 || st.Discover != 1 || st.Request != 1 || st.Offer != 1 || st.Ack != 1 {
+		t.Errorf("stats after DORA = %+v", st)
+	}
+	if l := s.Leases(); len(l) != 1 || l[0].Addr.String() != "10.0.2.15" || l[0].MAC != c.hw.String() {
+		t.Errorf("leases = %+v", l)
+	}
+
+	// A second client gets the next address.
+	other := net.HardwareAddr{0x52, 0x54, 0, 0, 0, 0x99}
+	disc2, _ := dhcpv4.NewDiscovery(other)
+	if o2 := c.exchange(disc2, bcast); o2.YourIPAddr.String() != "10.0.2.16" {
+		t.Errorf("second client offered %s, want 10.0.2.16", o2.YourIPAddr)
+	}
+
+	// Requesting someone else's address is NAKed.
+	bad, _ := dhcpv4.New(dhcpv4.WithHwAddr(other), dhcpv4.WithMessageType(dhcpv4.MessageTypeRequest),
+		dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(net.IPv4(10, 0, 2, 15))))
+	if r := c.exchange(bad, bcast); r.MessageType() != dhcpv4.MessageTypeNak {
+		t.Errorf("request for a taken address: got %s, want NAK", r.MessageType())
+	}
+
+	// Renewal is unicast from the bound address; the client now owns it.
+	p.ConfigureGuest(t, netip.MustParsePrefix("10.0.2.15/24"))
+	renew, err := dhcpv4.NewRenewFromAck(ack)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := c.exchange(renew, netip.MustParseAddr("10.0.2.2")); r.MessageType() != dhcpv4.MessageTypeAck || r.YourIPAddr.String() != "10.0.2.15" {
+		t.Errorf("renew: got %s yiaddr %s", r.MessageType(), r.YourIPAddr)
+	}
+
+	// INFORM gets options without a lease.
+	inf, _ := dhcpv4.NewInform(c.hw, net.IPv4(10, 0, 2, 15))
+	if r := c.exchange(inf, bcast); r.MessageType() != dhcpv4.MessageTypeAck || r.Options.Has(dhcpv4.OptionIPAddressLeaseTime) {
+		t.Errorf("inform: got %s, lease time present=%v", r.MessageType(), r.Options.Has(dhcpv4.OptionIPAddressLeaseTime))
+	}
+
+	// RELEASE frees the lease.
+	rel, _ := dhcpv4.NewReleaseFromACK(ack)
+	c.expectSilence(rel)
+	waitFor(t, func() bool { return s.Stats().ActiveLeases == 0 })
+}
+
+func checkOptions(t *testing.T, r *dhcpv4.DHCPv4, yiaddr string) {
+	t.Helper()
+	if got := r.YourIPAddr.String(); got != yiaddr {
+		t.Errorf("yiaddr = %s, want %s", got, yiaddr)
+	}
+	if got := r.ServerIdentifier().String(); got != "10.0.2.2" {
+		t.Errorf("server id = %s", got)
+	}
+	if got := net.IP(r.SubnetMask()).String(); got != "255.255.255.0" {
+		t.Errorf("mask = %s", got)
+	}
+	if got := r.Router(); len(got) != 1 || got[0].String() != "10.0.2.2" {
+		t.Errorf("router = %v", got)
+	}
+	if got := r.DNS(); len(got) != 1 || got[0].String() != "10.0.2.3" {
+		t.Errorf("dns = %v", got)
+	}
+	if got := r.IPAddressLeaseTime(0); got != time.Hour {
+		t.Errorf("lease time = %s", got)
+	}
+	if got := r.Options.Get(dhcpv4.OptionInterfaceMTU); len(got) != 2 || int(got[0])<<8|int(got[1]) != 1400 {
+		t.Errorf("mtu option = %v", got)
+	}
+	if got := r.DomainName(); got != "vunet.internal" {
+		t.Errorf("domain name = %q", got)
+	}
+	if got := r.DomainSearch(); got == nil || strings.Join(got.Labels, ",") != "vunet.internal,example.com" {
+		t.Errorf("domain search = %v", got)
+	}
+	if got := r.HostName(); got != "guest" {
+		t.Errorf("hostname = %q", got)
+	}
+}
+
+func TestNetboot(t *testing.T) {
+	p := testnet.New(t, testnet.GuestOptions{})
+	startServer(t, p, func(o *Options) {
+		o.Boot = Boot{TFTPFile: "pxelinux.0", TFTPFileEFI: "bootx64.efi", HTTPURL: "http://10.0.2.2/boot.efi"}
+	})
+	c := newClient(t, p)
+
+	cases := []struct {
+		name       string
+		mods       []dhcpv4.Modifier
+		file       string
+		vendor     string
+		nextServer string
+	}{
+		{"plain", nil, "pxelinux.0", "", "10.0.2.2"},
+		{"pxe-bios", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient:Arch:00000:UNDI:002001")),
+			dhcpv4.WithOption(dhcpv4.OptClientArch(iana.INTEL_X86PC))}, "pxelinux.0", "PXEClient", "10.0.2.2"},
+		{"pxe-efi", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient:Arch:00007:UNDI:003016")),
+			dhcpv4.WithOption(dhcpv4.OptClientArch(iana.EFI_BC))}, "bootx64.efi", "PXEClient", "10.0.2.2"},
+		{"http", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("HTTPClient:Arch:00016:UNDI:003001")),
+			dhcpv4.WithOption(dhcpv4.OptClientArch(iana.EFI_X86_64_HTTP))}, "http://10.0.2.2/boot.efi", "HTTPClient", "0.0.0.0"},
+	}
+	for i, tc := range cases {
+		hw := net.HardwareAddr{0x52, 0x54, 0, 0, 1, byte(i)}
+		disc, err := dhcpv4.NewDiscovery(hw, tc.mods...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		offer := c.exchange(disc, bcast)
+		if offer.BootFileName != tc.file || offer.BootFileNameOption() != tc.file {
+			t.Errorf("%s: file field %q, option 67 %q, want %q", tc.name, offer.BootFileName, offer.BootFileNameOption(), tc.file)
+		}
+		if got := offer.ClassIdentifier(); got != tc.vendor {
+			t.Errorf("%s: vendor class %q, want %q", tc.name, got, tc.vendor)
+		}
+		if got := offer.ServerIPAddr.String(); got != tc.nextServer {
+			t.Errorf("%s: siaddr %s, want %s", tc.name, got, tc.nextServer)
+		}
+		if tc.nextServer != "0.0.0.0" && offer.TFTPServerName() != tc.nextServer {
+			t.Errorf("%s: option 66 %q", tc.name, offer.TFTPServerName())
+		}
+	}
+}
+
+func TestPoolExhaustionAndExpiry(t *testing.T) {
+	s, err := New(Options{PoolSize: 2, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1e9, 0)
+	s.now = func() time.Time { return now }
+	dora := func(i byte) *dhcpv4.DHCPv4 {
+		hw := net.HardwareAddr{2, 0, 0, 0, 0, i}
+		d, _ := dhcpv4.NewDiscovery(hw)
+		o, _ := s.handle(d)
+		if o == nil {
+			return nil
+		}
+		r, _ := dhcpv4.NewRequestFromOffer(o)
+		a, _ := s.handle(r)
+		return a
+	}
+	if a := dora(1); a == nil || a.YourIPAddr.String() != "10.0.2.15" {
+		t.Fatalf("first lease: %v", a)
+	}
+	if a := dora(2); a == nil || a.YourIPAddr.String() != "10.0.2.16" {
+		t.Fatalf("second lease: %v", a)
+	}
+	if a := dora(3); a != nil {
+		t.Fatalf("third client got %s from a pool of 2", a.YourIPAddr)
+	}
+	if st := s.Stats(); st.PoolExhausted != 1 || st.ActiveLeases != 2 {
+		t.Errorf("stats = %+v", st)
+	}
+	now = now.Add(DefaultLeaseTime + time.Second)
+	if a := dora(3); a == nil || a.YourIPAddr.String() != "10.0.2.15" {
+		t.Fatalf("after expiry: %v", a)
+	}
+	if st := s.Stats(); st.ActiveLeases != 1 {
+		t.Errorf("active leases after expiry = %d", st.ActiveLeases)
+	}
+}
+
+func TestOptionsValidation(t *testing.T) {
+	bad := []Options{
+		{Prefix: netip.MustParsePrefix("fd00::/64")},
+		{ServerAddr: netip.MustParseAddr("192.168.1.1")},
+		{PoolStart: netip.MustParseAddr("10.0.2.255")},
+		{PoolStart: netip.MustParseAddr("10.0.2.1")}, // pool covers 10.0.2.2
+		{PoolSize: 1000},
+		{MTU: 10},
+		{LeaseTime: time.Second},
+		{DomainSearch: []string{strings.Repeat("a", 64) + ".com"}},
+		{DNS: []netip.Addr{netip.MustParseAddr("fd00::3")}},
+		{Boot: Boot{HTTPURL: "tftp://x/y"}},
+	}
+	for i, o := range bad {
+		if _, err := New(o); err == nil {
+			t.Errorf("case %d: New(%+v) succeeded", i, o)
+		} else {
+			t.Logf("case %d: %v", i, err)
+		}
+	}
+	s, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.opts.PoolSize != 240 {
+		t.Errorf("default pool size = %d, want 240", s.opts.PoolSize)
+	}
+	if err := s.Serve(context.Background()); err == nil {
+		t.Error("Serve without a stack succeeded")
+	}
+}
+
+func TestServeStopsOnClose(t *testing.T) {
+	p := testnet.New(t, testnet.GuestOptions{})
+	s, err := New(Options{Stack: p.Server, NIC: testnet.NIC, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(context.Background()) }()
+	time.Sleep(50 * time.Millisecond)
+	s.Close()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after Close")
+	}
+	// The port is free again.
+	s2, err := New(Options{Stack: p.Server, NIC: testnet.NIC})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2.Close()
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for i := 0; i < 200; i++ {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal(errors.New("condition not met in time"))
+}
