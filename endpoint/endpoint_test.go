@@ -126,7 +126,7 @@ func TestTXLayouts(t *testing.T) {
 			r.txk.Signal()
 			select {
 			case <-r.cap.ch:
-			case <-time.After(5 * time.Second):
+			case <-time.After(30 * time.Second):
 				t.Fatal("frame not delivered")
 			}
 			got := r.cap.pkts[0]
@@ -141,7 +141,7 @@ func TestTXLayouts(t *testing.T) {
 func waitUsed(t *testing.T, d *vqt.Driver, n int) []vqt.Used {
 	t.Helper()
 	var all []vqt.Used
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for len(all) < n && time.Now().Before(deadline) {
 		all = append(all, d.Reap()...)
 		time.Sleep(time.Millisecond)
@@ -164,7 +164,7 @@ func TestTXHostileFrames(t *testing.T) {
 	r.txk.Signal()
 	select {
 	case <-r.cap.ch:
-	case <-time.After(5 * time.Second):
+	case <-time.After(30 * time.Second):
 		t.Fatal("good frame not delivered")
 	}
 	if !r.cap.pkts[0].validated {

@@ -164,7 +164,8 @@ func freePort(t *testing.T, addr netip.Addr) uint16 {
 // eventually polls cond until it holds or a few seconds have passed.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	// Generous: CI runs this beside QEMU guests on two cores.
+	deadline := time.Now().Add(30 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
