@@ -13,6 +13,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -47,13 +48,23 @@ type Appliance struct {
 	TFTP    *tftp.Server
 	VHost   *vhost.Server
 
-	pcapFile *os.File
-	closers  []func()
+	// VHostListener, if set before Run, is used instead of creating
+	// cfg.Socket: a socket inherited through systemd socket activation. Its
+	// file belongs to the service manager and is not removed on exit.
+	VHostListener *net.UnixListener
+	// Notify, if set, is told about readiness ("READY=1") and shutdown
+	// ("STOPPING=1"), in sd_notify's format.
+	Notify func(state string)
+
+	started     time.Time
+	queueErrors [maxQueueErrors]atomic.Uint64
+	pcapFile    *os.File
+	closers     []func()
 }
 
 // New builds every layer from cfg (already validated) without serving yet.
 func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
-	a = &Appliance{cfg: cfg, log: log}
+	a = &Appliance{cfg: cfg, log: log, started: time.Now()}
 	defer func() {
 		if err != nil {
 			a.Close()
@@ -151,7 +162,8 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		log.Info("port forward", "forward", pf.String())
 	}
 
-	if a.VHost, err = vhost.NewServer(vhost.Options{Backend: a.Link, Logger: log.With("layer", "vhost")}); err != nil {
+	if a.VHost, err = vhost.NewServer(vhost.Options{Backend: a.Link, Logger: log.With("layer", "vhost"),
+		OnQueueError: a.countQueueError}); err != nil {
 		return nil, err
 	}
 	return a, nil
@@ -208,6 +220,12 @@ func (a *Appliance) startDNS(s *stack.Stack, nic tcpip.NICID) error {
 // Run serves until ctx is done (or, with cfg.Once, until the frontend
 // disconnects), then closes everything.
 func (a *Appliance) Run(ctx context.Context) error {
+	// The API socket first: failing to create it must stop the appliance
+	// before anything is served.
+	apiL, err := a.listenAPI()
+	if err != nil {
+		return err
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
@@ -230,22 +248,31 @@ func (a *Appliance) Run(ctx context.Context) error {
 	if a.TFTP != nil {
 		serve("tftp", a.TFTP.Serve)
 	}
+	if apiL != nil {
+		serve("api", func(ctx context.Context) error { return a.serveAPI(ctx, apiL) })
+	}
 
 	cfg := a.cfg
 	a.log.Info("vunet ready", "socket", firstNonEmpty(cfg.Socket, cfg.Connect), "mode", mode(cfg),
 		"guest", netip.PrefixFrom(cfg.IPv4.Guest, cfg.IPv4.Subnet.Bits()).String(), "gateway", cfg.IPv4.Gateway.String(),
 		"dns", cfg.IPv4.DNS.String(), "ipv6", ipv6Summary(cfg), "mtu", cfg.MTU)
-	var err error
 	if cfg.Connect != "" {
+		a.notify(systemdReady)
 		err = a.VHost.Connect(ctx, cfg.Connect, time.Second)
 	} else {
-		var l *net.UnixListener
-		l, err = listen(cfg.Socket)
+		l := a.VHostListener
+		if l == nil {
+			l, err = listen(cfg.Socket)
+			if err == nil {
+				defer os.Remove(cfg.Socket)
+			}
+		}
 		if err == nil {
-			defer os.Remove(cfg.Socket)
+			a.notify(systemdReady)
 			err = a.VHost.Serve(ctx, l, cfg.Once)
 		}
 	}
+	a.notify(systemdStopping)
 	cancel()
 	wg.Wait()
 	close(errc)
@@ -253,6 +280,18 @@ func (a *Appliance) Run(ctx context.Context) error {
 		err = errors.Join(err, e)
 	}
 	return err
+}
+
+// sd_notify states sent through Notify.
+const (
+	systemdReady    = "READY=1"
+	systemdStopping = "STOPPING=1"
+)
+
+func (a *Appliance) notify(state string) {
+	if a.Notify != nil {
+		a.Notify(state)
+	}
 }
 
 // Close releases every layer. It is safe to call more than once.

@@ -8,29 +8,29 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/vunet/vunet/appliance"
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/internal/version"
 )
 
-// runFunc runs the appliance; it is appliance.Run except in tests, which
+// runFunc runs the appliance; it is runAppliance except in tests, which
 // substitute a function that records the configuration it was given.
 type runFunc func(ctx context.Context, cfg *config.Config, log *slog.Logger) error
 
 // newApp returns the vunet command-line application.
-func newApp() *cli.App { return buildApp(appliance.Run) }
+func newApp() *cli.App { return buildApp(runAppliance) }
 
 // buildApp assembles the application around run. Each subcommand comes from
-// its own constructor so later ones (forward add|list|remove, stats, which
-// talk to the API socket) slot into the Commands list without touching the
-// rest.
+// its own constructor, so commands slot into the Commands list without
+// touching the rest.
 func buildApp(run runFunc) *cli.App {
 	return &cli.App{
 		Name:  "vunet",
 		Usage: "user-mode networking for QEMU virtual machines over vhost-user",
 		UsageText: "vunet --socket PATH [flags]        run the appliance (QEMU connects to PATH)\n" +
 			"vunet --connect PATH [flags]       run the appliance, connecting to QEMU's socket\n" +
-			"vunet qemu-args --socket PATH      print the matching QEMU arguments",
+			"vunet qemu-args --socket PATH      print the matching QEMU arguments\n" +
+			"vunet forward add|list|remove ...  change the port forwards of a running vunet (--api)\n" +
+			"vunet stats --api PATH             print the counters of a running vunet",
 		Description: "Flags may also be given as VUNET_<FLAG> environment variables (VUNET_LOG_LEVEL=debug)\n" +
 			"and as keys of the --config TOML file. A flag beats its environment variable, which\n" +
 			"beats the file, which beats the default. See docs/cli.md and docs/configuration.md.",
@@ -41,6 +41,8 @@ func buildApp(run runFunc) *cli.App {
 		Action:               func(c *cli.Context) error { return runAction(c, run) },
 		Commands: []*cli.Command{
 			qemuArgsCommand(),
+			forwardCommand(),
+			statsCommand(),
 			completionCommand(),
 			versionCommand(),
 		},

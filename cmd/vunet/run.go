@@ -17,6 +17,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/vunet/vunet/config"
+	"github.com/vunet/vunet/internal/systemd"
 )
 
 // Flag names. Each is also an environment variable VUNET_<NAME> (upper
@@ -162,6 +163,11 @@ func resolveConfig(c *cli.Context) (*config.Config, error) {
 	}
 	if err := applyFlags(c, cfg); err != nil {
 		return nil, err
+	}
+	if cfg.Socket == "" && cfg.Connect == "" {
+		// Under socket activation the socket systemd passed is the one to
+		// serve; its path stands in for --socket.
+		cfg.Socket = systemd.ActivatedPath()
 	}
 	if cfg.Socket == "" && cfg.Connect == "" {
 		return nil, usagef("one of --socket PATH or --connect PATH is required (or socket/connect in the --config file)")

@@ -67,7 +67,7 @@ func NewPair(tb testing.TB, mtu uint32) *Pair {
 	if err != nil {
 		tb.Fatalf("netstack.New: %v", err)
 	}
-	g, err := newGuest(ethernet.New(guestLink))
+	g, err := NewGuest(ethernet.New(guestLink))
 	if err != nil {
 		ns.Close()
 		tb.Fatalf("guest stack: %v", err)
@@ -79,7 +79,9 @@ func NewPair(tb testing.TB, mtu uint32) *Pair {
 	return &Pair{Host: ns, Guest: g}
 }
 
-func newGuest(ep stack.LinkEndpoint) (*stack.Stack, error) {
+// NewGuest builds a simulated guest stack (10.0.2.15/24, fd00::15/64, default
+// routes via the gateways) on ep.
+func NewGuest(ep stack.LinkEndpoint) (*stack.Stack, error) {
 	s := stack.New(stack.Options{
 		NetworkProtocols: []stack.NetworkProtocolFactory{
 			ipv4.NewProtocol, ipv6.NewProtocolWithOptions(ipv6.Options{}), arp.NewProtocol,

@@ -34,6 +34,16 @@ type Driver struct {
 	// Chains maps a head to the buffers it was posted with.
 	Chains map[uint16]Chain
 	ids    map[uint16][]uint16
+	// Buffers are recycled by size once the device returns their chain, so
+	// long-running tests do not exhaust the fake memory.
+	free   map[int][]uint64
+	allocs map[uint16][]alloc
+	cur    []alloc
+}
+
+type alloc struct {
+	addr uint64
+	n    int
 }
 
 // Chain is what the driver posted for one head.
@@ -60,7 +70,7 @@ func New(memSize int, size uint16, eventIdx bool) *Driver {
 // shared with a backend through the mock frontend).
 func NewOn(mem []byte, base uint64, size uint16, eventIdx bool) *Driver {
 	d := &Driver{Mem: mem, Base: base, Table: &memory.Table{}, Size: size, EventIdx: eventIdx,
-		Chains: map[uint16]Chain{}, ids: map[uint16][]uint16{}}
+		Chains: map[uint16]Chain{}, ids: map[uint16][]uint16{}, free: map[int][]uint64{}, allocs: map[uint16][]alloc{}}
 	if err := d.Table.Add(memory.NewRegion(base, 0x7f0000000000+base, d.Mem)); err != nil {
 		panic(err)
 	}
@@ -94,6 +104,14 @@ func (d *Driver) Queue(notify func() error) *virtqueue.Queue {
 // Alloc reserves n bytes of guest memory and returns its guest address and
 // the slice.
 func (d *Driver) Alloc(n int) (uint64, []byte) {
+	if l := d.free[n]; len(l) > 0 {
+		addr := l[len(l)-1]
+		d.free[n] = l[:len(l)-1]
+		d.cur = append(d.cur, alloc{addr, n})
+		off := addr - d.Base
+		return addr, d.Mem[off : off+uint64(n) : off+uint64(n)]
+	}
+	d.cur = append(d.cur, alloc{d.heap, n})
 	addr := d.heap
 	d.heap = align(d.heap+uint64(n), 16)
 	if d.heap-d.Base > uint64(len(d.Mem)) {
@@ -188,6 +206,10 @@ func (d *Driver) Post(out []byte, outSizes []int, inSizes []int, indirect bool) 
 		descs = []Desc{{Addr: taddr, Len: uint32(16 * len(descs)), Flags: 4}}
 	}
 	if len(descs) > len(d.freeHead) {
+		for _, a := range d.cur {
+			d.free[a.n] = append(d.free[a.n], a.addr)
+		}
+		d.cur = nil
 		return 0, fmt.Errorf("virtqueuetest: ring full")
 	}
 	ids := make([]uint16, len(descs))
@@ -204,6 +226,8 @@ func (d *Driver) Post(out []byte, outSizes []int, inSizes []int, indirect bool) 
 	}
 	d.Chains[ids[0]] = ch
 	d.chainIDs(ids)
+	d.allocs[ids[0]] = d.cur
+	d.cur = nil
 	d.PublishRaw(ids[0])
 	return ids[0], nil
 }
@@ -221,11 +245,20 @@ func (d *Driver) Reap() []Used {
 		u := Used{Head: uint16(binary.LittleEndian.Uint32(e)), Len: binary.LittleEndian.Uint32(e[4:])}
 		u.Chain = d.Chains[u.Head]
 		delete(d.Chains, u.Head)
+		for _, a := range d.allocs[u.Head] {
+			d.free[a.n] = append(d.free[a.n], a.addr)
+		}
+		delete(d.allocs, u.Head)
 		if ids, ok := d.ids[u.Head]; ok {
 			d.freeHead = append(d.freeHead, ids...)
 			delete(d.ids, u.Head)
 		}
 		out = append(out, u)
+	}
+	if d.EventIdx {
+		// Like a driver re-enabling callbacks: interrupt me when the
+		// device uses the next entry.
+		ringatomic.Store16(d.Mem, int(d.availAddr-d.Base+4+2*uint64(d.Size)), d.lastUsed)
 	}
 	return out
 }

@@ -1,0 +1,313 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/vunet/vunet/api"
+	"github.com/vunet/vunet/config"
+)
+
+// apiFlag is --api on the commands that talk to a running vunet; it reads
+// the same VUNET_API variable the appliance does, so one exported variable
+// serves both sides.
+func apiFlag() cli.Flag {
+	return &cli.StringFlag{Name: flagAPI, Usage: "the control API socket `PATH` of the running vunet (its --api)",
+		EnvVars: envVar(flagAPI), TakesFile: true}
+}
+
+// apiClient returns a client for --api; name prefixes the usage error.
+func apiClient(c *cli.Context, name string) (*api.Client, error) {
+	path := c.String(flagAPI)
+	if path == "" {
+		return nil, usagef("%s: --api PATH is required (or VUNET_API): the socket the running vunet was given with --api", name)
+	}
+	return api.NewClient(path), nil
+}
+
+// forwardCommand groups the port-forward commands.
+func forwardCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "forward",
+		Usage: "add, list or remove port forwards of a running vunet (over its --api socket)",
+		UsageText: "vunet forward add --api PATH SPEC...\n" +
+			"vunet forward list --api PATH [--json]\n" +
+			"vunet forward remove --api PATH SPEC...",
+		Subcommands: []*cli.Command{
+			{
+				Name:         "add",
+				Usage:        "start forwarding host ports to the guest",
+				UsageText:    "vunet forward add --api PATH SPEC...   (SPEC is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, as for --forward)",
+				Flags:        []cli.Flag{apiFlag()},
+				Action:       forwardAddAction,
+				OnUsageError: onUsageError,
+			},
+			{
+				Name:         "list",
+				Aliases:      []string{"ls"},
+				Usage:        "list the active port forwards",
+				UsageText:    "vunet forward list --api PATH [--json]",
+				Flags:        []cli.Flag{apiFlag(), &cli.BoolFlag{Name: "json", Usage: "print JSON (docs/api.md) instead of a table"}},
+				Action:       forwardListAction,
+				OnUsageError: onUsageError,
+			},
+			{
+				Name:         "remove",
+				Aliases:      []string{"rm"},
+				Usage:        "stop port forwards",
+				UsageText:    "vunet forward remove --api PATH SPEC...   (the SPEC it was added with, or as printed by list)",
+				Flags:        []cli.Flag{apiFlag()},
+				Action:       forwardRemoveAction,
+				OnUsageError: onUsageError,
+			},
+		},
+		HideHelpCommand: true,
+		OnUsageError:    onUsageError,
+		Action: func(c *cli.Context) error {
+			if c.NArg() > 0 {
+				return usagef("forward: unknown command %q (add, list or remove)", c.Args().First())
+			}
+			return usagef("forward: expected a command: add, list or remove (see 'vunet forward --help')")
+		},
+	}
+}
+
+// parseSpecs parses every argument in the --forward syntax, expanding
+// ranges, before anything is sent: a typo in the third spec must not leave
+// the first two half-applied.
+func parseSpecs(c *cli.Context, name string) ([]config.Forward, error) {
+	if c.NArg() == 0 {
+		return nil, usagef("%s: expected at least one SPEC, tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT", name)
+	}
+	var out []config.Forward
+	for _, spec := range c.Args().Slice() {
+		if strings.HasPrefix(spec, "-") {
+			// urfave/cli stops parsing flags at the first argument.
+			return nil, usagef("%s: flag %s after a SPEC; put flags first", name, spec)
+		}
+		fs, err := config.ParseForward(spec)
+		if err != nil {
+			return nil, usagef("%s %q: %v", name, spec, err)
+		}
+		out = append(out, fs...)
+	}
+	return out, nil
+}
+
+func forwardAddAction(c *cli.Context) error {
+	const name = "forward add"
+	fs, err := parseSpecs(c, name)
+	if err != nil {
+		return err
+	}
+	cl, err := apiClient(c, name)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	for n, f := range fs {
+		got, err := cl.AddForward(c.Context, api.Forward{Proto: f.Proto, Host: f.Host, GuestPort: f.GuestPort})
+		if err != nil {
+			return partial(name, f.String(), n, len(fs), "added", err)
+		}
+		fmt.Fprintf(c.App.Writer, "added %s (to guest %s)\n", got, got.Guest)
+	}
+	return nil
+}
+
+func forwardRemoveAction(c *cli.Context) error {
+	const name = "forward remove"
+	fs, err := parseSpecs(c, name)
+	if err != nil {
+		return err
+	}
+	cl, err := apiClient(c, name)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	for n, f := range fs {
+		err := cl.RemoveForward(c.Context, api.Forward{Proto: f.Proto, Host: f.Host, GuestPort: f.GuestPort})
+		if err != nil {
+			return partial(name, f.String(), n, len(fs), "removed", err)
+		}
+		fmt.Fprintf(c.App.Writer, "removed %s\n", f)
+	}
+	return nil
+}
+
+// partial reports a failure in a batch of forwards, saying how many were
+// already applied, since they stay applied.
+func partial(name, spec string, done, total int, verb string, err error) error {
+	var ue *api.UnreachableError
+	if errors.As(err, &ue) {
+		return err // nothing else can have worked; say just that
+	}
+	if done > 0 {
+		return fmt.Errorf("%s %s: %w (%d of %d already %s)", name, spec, err, done, total, verb)
+	}
+	return fmt.Errorf("%s %s: %w", name, spec, err)
+}
+
+func forwardListAction(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return usagef("forward list: unexpected argument %q", c.Args().First())
+	}
+	cl, err := apiClient(c, "forward list")
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	fs, err := cl.Forwards(c.Context)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		if fs == nil {
+			fs = []api.Forward{}
+		}
+		return writeJSON(c.App.Writer, api.Forwards{Forwards: fs})
+	}
+	tw := tabwriter.NewWriter(c.App.Writer, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "PROTO\tHOST\tGUEST\tSPEC")
+	for _, f := range fs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", f.Proto, f.Host, f.Guest, f)
+	}
+	return tw.Flush()
+}
+
+// statsCommand prints the counters of a running vunet.
+func statsCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "stats",
+		Usage:     "print the counters of a running vunet (over its --api socket)",
+		UsageText: "vunet stats --api PATH [--json | --metrics]",
+		Flags: []cli.Flag{
+			apiFlag(),
+			&cli.BoolFlag{Name: "json", Usage: "print the full JSON snapshot (docs/api.md)"},
+			&cli.BoolFlag{Name: "metrics", Usage: "print the Prometheus metrics text"},
+		},
+		Action:          statsAction,
+		HideHelpCommand: true,
+		OnUsageError:    onUsageError,
+	}
+}
+
+func statsAction(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return usagef("stats: unexpected argument %q", c.Args().First())
+	}
+	if c.Bool("json") && c.Bool("metrics") {
+		return usagef("stats: --json and --metrics are mutually exclusive")
+	}
+	cl, err := apiClient(c, "stats")
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	if c.Bool("metrics") {
+		m, err := cl.Metrics(c.Context)
+		if err != nil {
+			return err
+		}
+		_, err = io.WriteString(c.App.Writer, m)
+		return err
+	}
+	st, err := cl.Stats(c.Context)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return writeJSON(c.App.Writer, st)
+	}
+	return writeStats(c.App.Writer, st)
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// writeStats prints the snapshot for people: the headline numbers, and
+// drops only when there were any.
+func writeStats(w io.Writer, st api.Stats) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	up := time.Duration(st.UptimeSeconds * float64(time.Second)).Round(time.Second)
+	fmt.Fprintf(tw, "vunet\t%s, up %s\n", st.Version, up)
+	for _, q := range st.Link.Queues {
+		fmt.Fprintf(tw, "queue %d\t%s: %d frames, %s", q.Queue, strings.ReplaceAll(q.Direction, "_", " "), q.Frames, humanBytes(q.Bytes))
+		if q.Errors > 0 {
+			fmt.Fprintf(tw, ", %d errors", q.Errors)
+		}
+		fmt.Fprintln(tw)
+	}
+	if d := nonZero(st.Link.Drops); d != "" {
+		fmt.Fprintf(tw, "link drops\t%s\n", d)
+	}
+	v := st.VHost
+	fmt.Fprintf(tw, "vhost\t%d sessions, %d messages, %d bad messages, %d map failures\n",
+		v.Sessions, v.Messages, v.BadMessages, v.MapFailures)
+	fw := st.Forward
+	fmt.Fprintf(tw, "flows\ttcp %d (%d total), udp %d (%d total), icmp %d\n",
+		fw.TCPConns, fw.TCPConnsTotal, fw.UDPFlows, fw.UDPFlowsTotal, fw.PingFlows)
+	fmt.Fprintf(tw, "tcp dials\t%d refused, %d timed out, %d failed, %d over limits\n",
+		fw.TCPRefused, fw.TCPTimeouts, fw.TCPDialErrors, fw.TCPRejectedInFlight+fw.TCPRejectedConns)
+	fmt.Fprintf(tw, "port forwards\t%d active; %d tcp connections, %d udp flows accepted\n",
+		fw.PortForwards, fw.InboundTCPConns, fw.InboundUDPFlows)
+	if d := nonZero(fw.Drops); d != "" {
+		fmt.Fprintf(tw, "forward drops\t%s\n", d)
+	}
+	d := st.DHCP
+	fmt.Fprintf(tw, "dhcp\t%d of %d leases in use, %d packets, %d malformed\n", d.ActiveLeases, d.PoolSize, d.Received, d.Malformed)
+	for _, l := range d.Leases {
+		fmt.Fprintf(tw, "  lease\t%s %s until %s\n", l.MAC, l.Addr, l.Expiry.Local().Format(time.DateTime))
+	}
+	n := st.DNS
+	fmt.Fprintf(tw, "dns\t%d queries (%d tcp): %d static, %d upstream; %d upstream errors, %d malformed\n",
+		n.Queries, n.TCPQueries, n.Static, n.Forwarded, n.UpstreamErrors, n.Malformed)
+	if r := st.RA; r != nil {
+		fmt.Fprintf(tw, "ra\t%d sent, %d solicitations\n", r.Sent, r.Solicitations)
+	}
+	if d6 := st.DHCPv6; d6 != nil {
+		fmt.Fprintf(tw, "dhcpv6\t%d packets, %d replies, %d malformed\n", d6.Received, d6.Replies, d6.Malformed)
+	}
+	if t := st.TFTP; t != nil {
+		fmt.Fprintf(tw, "tftp\t%d requests, %d completed, %d failed, %s sent\n", t.Requests, t.Completed, t.Failed, humanBytes(t.BytesSent))
+	}
+	return tw.Flush()
+}
+
+// nonZero formats the non-zero entries of m as "a=1 b=2", sorted.
+func nonZero(m map[string]uint64) string {
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		if m[k] != 0 {
+			parts = append(parts, fmt.Sprintf("%s=%d", k, m[k]))
+		}
+	}
+	return strings.Join(parts, " ")
+}
+
+// humanBytes formats n with a binary unit.
+func humanBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit && exp < 5; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
