@@ -102,6 +102,7 @@ type Stats struct {
 	RXBacklogFull  atomic.Uint64
 	RXTooBig       atomic.Uint64
 	RXBacklogged   atomic.Uint64 // packets that waited for buffers
+	RXSegmentDrops atomic.Uint64 // software GSO segments that found no buffer
 }
 
 // Endpoint implements stack.LinkEndpoint over a virtio-net queue pair.
@@ -158,7 +159,8 @@ func New(opts Options) (*Endpoint, error) {
 func (e *Endpoint) Features() uint64 {
 	f := uint64(1<<FeatureMrgRxbuf | 1<<FeatureMAC | 1<<FeatureStatus | 1<<FeatureMTU)
 	if !e.opts.NoOffloads {
-		f |= 1<<FeatureCsum | 1<<FeatureHostTSO4 | 1<<FeatureHostTSO6 | 1<<FeatureHostECN
+		f |= 1<<FeatureCsum | 1<<FeatureHostTSO4 | 1<<FeatureHostTSO6 | 1<<FeatureHostECN |
+			1<<FeatureGuestCsum | 1<<FeatureGuestTSO4 | 1<<FeatureGuestTSO6
 	}
 	return f
 }

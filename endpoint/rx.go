@@ -1,9 +1,11 @@
 package endpoint
 
 import (
+	"encoding/binary"
 	"sync"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/vunet/vunet/vhost/iov"
@@ -23,6 +25,8 @@ type rxState struct {
 	// Scratch for collecting one frame's elements; owned by whoever holds mu.
 	elems []virtqueue.Element
 	iovs  [][]byte
+	flat  []byte // a GSO packet flattened for software segmentation
+	seg   []byte // one software segment
 }
 
 func (r *rxState) start(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD) {
@@ -99,7 +103,10 @@ func (r *rxState) drain(e *Endpoint, q *virtqueue.Queue) {
 		n := copy(r.backlog, r.backlog[sent:])
 		clear(r.backlog[n:])
 		r.backlog = r.backlog[:n]
-		q.Flush()
+	}
+	// Flush whatever was pushed, including segments of a packet that was
+	// only partly written.
+	if q.Flush() {
 		q.Notify()
 	}
 }
@@ -117,15 +124,9 @@ func (r *rxState) write(e *Endpoint, pkts stack.PacketBufferList) int {
 	}
 	q.Lock()
 	defer q.Unlock()
-	wrote := false
 	for _, pkt := range list {
 		if len(r.backlog) == 0 {
-			ok, retry := r.writeOne(e, q, pkt)
-			if ok {
-				wrote = true
-				continue
-			}
-			if !retry {
+			if ok, retry := r.writeOne(e, q, pkt); ok || !retry {
 				continue
 			}
 		}
@@ -136,8 +137,8 @@ func (r *rxState) write(e *Endpoint, pkts stack.PacketBufferList) int {
 		e.Stats.RXBacklogged.Add(1)
 		r.backlog = append(r.backlog, pkt.IncRef())
 	}
-	if wrote {
-		q.Flush()
+	// Flush whatever was pushed (a partly segmented packet included).
+	if q.Flush() {
 		q.Notify()
 	}
 	if len(r.backlog) > 0 && q.EnableKicks() {
@@ -148,13 +149,57 @@ func (r *rxState) write(e *Endpoint, pkts stack.PacketBufferList) int {
 	return len(list)
 }
 
-// writeOne copies pkt into as many RX elements as it needs. ok means it was
+// writeOne delivers pkt to the guest: as is, with its checksum or
+// segmentation offloaded to the guest, with the checksum finished here, or
+// segmented here, depending on what the guest negotiated. ok means it was
 // written; otherwise retry says whether waiting for buffers can help (the
 // ring is empty) or the packet was dropped (it can never fit).
 func (r *rxState) writeOne(e *Endpoint, q *virtqueue.Queue, pkt *stack.PacketBuffer) (ok, retry bool) {
+	var h vnetHdr
+	plan, l := e.plan(pkt, &h)
+	slices := pkt.AsSlices()
+	frameLen := pkt.Size()
+	switch plan {
+	case planOffload:
+		ok, retry = r.writeFrame(e, q, slices, frameLen, h, -1, 0)
+		if ok || retry || h.GSOType == gsoNone {
+			return ok, retry
+		}
+		// A 64 KiB segment can need more buffers than one frame may use
+		// (small mergeable buffers): segment it here instead.
+		plan = planSegment
+	}
+	switch plan {
+	case planComplete:
+		return r.writeFrame(e, q, slices, frameLen, h, l.l4Start+header.TCPChecksumOffset, finishChecksum(slices, l.l4Start))
+	case planSegment:
+		r.flat = r.flat[:0]
+		for _, s := range slices {
+			r.flat = append(r.flat, s...)
+		}
+		// A GSO packet reaches us for a guest without TSO for its family
+		// only when the stack chose GSO before the guest renegotiated;
+		// rare, so segments that find no buffer are dropped (TCP resends).
+		ok = true
+		segment(r.flat, l, int(pkt.GSOOptions.MSS), r.seg, func(seg []byte) bool {
+			r.seg = seg
+			if w, _ := r.writeFrame(e, q, [][]byte{seg}, len(seg), vnetHdr{}, -1, 0); !w {
+				e.Stats.RXSegmentDrops.Add(1)
+				ok = false
+			}
+			return ok
+		})
+		return ok, false
+	}
+	return r.writeFrame(e, q, slices, frameLen, h, -1, 0)
+}
+
+// writeFrame copies one frame (frameLen bytes in slices) into as many RX
+// elements as it needs, behind header h. If csumAt ≥ 0, the 16-bit value
+// csum is stored (big-endian) at that frame offset in guest memory.
+func (r *rxState) writeFrame(e *Endpoint, q *virtqueue.Queue, slices [][]byte, frameLen int, h vnetHdr, csumAt int, csum uint16) (ok, retry bool) {
 	hl := int(e.hdrLen.Load())
 	mrg := e.has(FeatureMrgRxbuf)
-	frameLen := pkt.Size()
 	// Room for padding is always reserved: short frames are padded to
 	// ETH_ZLEN, centrally, here.
 	total := hl + max(frameLen, ethZLen)
@@ -187,12 +232,17 @@ func (r *rxState) writeOne(e *Endpoint, q *virtqueue.Queue, pkt *stack.PacketBuf
 	// The header is written once, here, with num_buffers = elements used
 	// (1 without mergeable buffers, as VERSION_1 requires).
 	var hb [hdrLenMrg]byte
-	h := vnetHdr{NumBuffers: uint16(count)}
+	h.NumBuffers = uint16(count)
 	h.encode(hb[:hl])
 	iov.CopyFrom(r.iovs, 0, hb[:hl])
 	off := hl
-	for _, s := range pkt.AsSlices() {
+	for _, s := range slices {
 		off += iov.CopyFrom(r.iovs, off, s)
+	}
+	if csumAt >= 0 {
+		var cb [2]byte
+		binary.BigEndian.PutUint16(cb[:], csum)
+		iov.CopyFrom(r.iovs, hl+csumAt, cb[:])
 	}
 	iov.Fill(r.iovs, hl+frameLen, 0, total-hl-frameLen)
 	// Each element reports exactly the bytes of this frame it holds; any

@@ -3,7 +3,7 @@
 # Idempotent: packages already present are skipped quickly by apt.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(qemu-system-x86 ipxe ovmf busybox-static iperf3 socat cpio kmod iproute2 tshark)
+pkgs=(qemu-system-x86 ipxe ovmf busybox-static iperf3 socat cpio kmod iproute2 tshark dpdk-dev util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

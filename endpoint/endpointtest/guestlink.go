@@ -12,6 +12,7 @@ import (
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
@@ -67,6 +68,7 @@ func (l *GuestLink) rxLoop() {
 	defer close(l.done)
 	rx := l.f.Drivers[0]
 	var pending []byte
+	var hdr [hdrLen]byte
 	need := 0
 	for {
 		used := rx.Reap()
@@ -74,6 +76,7 @@ func (l *GuestLink) rxLoop() {
 			b := u.Chain.In[0][:u.Len]
 			if need == 0 {
 				n := int(binary.LittleEndian.Uint16(b[10:]))
+				copy(hdr[:], b)
 				pending = append(pending[:0], b[hdrLen:]...)
 				need = n - 1
 			} else {
@@ -82,6 +85,7 @@ func (l *GuestLink) rxLoop() {
 			}
 			l.RXUsed.Add(1)
 			if need == 0 {
+				finishPartial(hdr[:], pending)
 				l.deliver(pending)
 			}
 		}
@@ -103,6 +107,21 @@ func (l *GuestLink) rxLoop() {
 			return
 		}
 	}
+}
+
+// finishPartial completes a checksum the device left partial
+// (VIRTIO_NET_HDR_F_NEEDS_CSUM), as a guest driver's stack does. GSO frames
+// are delivered whole: the guest stack accepts large TCP segments.
+func finishPartial(hdr, frame []byte) {
+	if hdr[0]&1 == 0 {
+		return
+	}
+	start := int(binary.LittleEndian.Uint16(hdr[6:]))
+	at := start + int(binary.LittleEndian.Uint16(hdr[8:]))
+	if start >= len(frame) || at+2 > len(frame) {
+		return
+	}
+	binary.BigEndian.PutUint16(frame[at:], ^checksum.Checksum(frame[start:], 0))
 }
 
 func (l *GuestLink) deliver(frame []byte) {

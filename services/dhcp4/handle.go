@@ -15,7 +15,6 @@ import (
 
 // Vendor classes (option 60) of network-boot firmware.
 const (
-	vendorPXE  = "PXEClient"
 	vendorHTTP = "HTTPClient"
 )
 
@@ -305,7 +304,6 @@ func (s *Server) addBoot(req, r *dhcpv4.DHCPv4) {
 	}
 	vendor := req.ClassIdentifier()
 	isHTTP := strings.HasPrefix(vendor, vendorHTTP)
-	isPXE := strings.HasPrefix(vendor, vendorPXE)
 	var file string
 	switch {
 	case isIPXE(req) && b.IPXEURL != "":
@@ -328,9 +326,12 @@ func (s *Server) addBoot(req, r *dhcpv4.DHCPv4) {
 	if file == "" {
 		return
 	}
-	if isPXE {
-		r.UpdateOption(dhcpv4.OptClassIdentifier(vendorPXE))
-	}
+	// PXEClient is deliberately not echoed in option 60: to PXE firmware
+	// an offer with option 60 "PXEClient" but no PXE vendor options (43) is
+	// a "BINL" offer, after which the client asks the server again on UDP
+	// port 4011 for the boot file. Nothing answers there, so OVMF failed
+	// with "PXE-E16: No valid offer received" (e2e/boot TestOVMFPXE). A
+	// plain offer with a boot file (option 67), as slirp sends, is accepted.
 	if b.NextServer.IsValid() && !strings.Contains(file, "://") {
 		r.ServerIPAddr = b.NextServer.AsSlice()
 		r.UpdateOption(dhcpv4.OptTFTPServerName(b.NextServer.String()))

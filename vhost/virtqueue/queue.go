@@ -345,16 +345,18 @@ func (q *Queue) Push(head uint16, length uint32) {
 	q.pending++
 }
 
-// Flush publishes all pushed entries with a single used-index update.
-func (q *Queue) Flush() {
+// Flush publishes all pushed entries with a single used-index update and
+// reports whether there were any.
+func (q *Queue) Flush() bool {
 	if !q.ready || q.pending == 0 {
-		return
+		return false
 	}
 	q.usedIdx += q.pending
 	q.Stats.Used.Add(uint64(q.pending))
 	q.pending = 0
 	// Atomic store: the entries written above are visible before the index.
 	ringatomic.Store16(q.used, 2, q.usedIdx)
+	return true
 }
 
 // needsNotify decides, after a Flush, whether the guest wants an interrupt.
