@@ -22,8 +22,13 @@ help:
 build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/vunet
 
-test:
+# The real-guest tests run in a private network namespace without network
+# access, so the guest (Debian kernel + busybox) is fetched and built first.
+test: guest
 	$(GO) test -race -timeout 40m $(PKGS)
+
+guest:
+	./scripts/build-guest.sh
 
 test-short:
 	$(GO) test -short -race $(PKGS)

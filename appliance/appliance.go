@@ -85,6 +85,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		MTU:         uint32(cfg.MTU),
 		LinkAddress: tcpip.LinkAddress(cfg.GatewayMAC),
 		GuestMAC:    tcpip.LinkAddress(cfg.MAC),
+		ARPTargets:  []netip.Addr{cfg.IPv4.Gateway, cfg.IPv4.DNS},
 		Pcap:        pw,
 		Logger:      log.With("layer", "endpoint"),
 	})

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 
@@ -83,6 +84,12 @@ type Options struct {
 	// checksummed frames and 64 KiB TCP segments). Default on; set
 	// NoOffloads to switch off.
 	NoOffloads bool
+	// ARPTargets are the IPv4 addresses the stack answers ARP requests
+	// for (gateway, DNS). The stack is promiscuous, so without this it
+	// would claim every address, including the guest's own, and a DHCP
+	// client probing for conflicts (udhcpc -a, iPXE) would decline every
+	// lease. Requests for other addresses are dropped. Empty: answer all.
+	ARPTargets []netip.Addr
 	// Pcap, if set, receives every frame in both directions.
 	Pcap *pcap.Writer
 	// Logger receives rate-limited warnings; nil discards.
@@ -103,6 +110,7 @@ type Stats struct {
 	RXTooBig       atomic.Uint64
 	RXBacklogged   atomic.Uint64 // packets that waited for buffers
 	RXSegmentDrops atomic.Uint64 // software GSO segments that found no buffer
+	ARPIgnored     atomic.Uint64 // ARP requests for addresses that are not ours
 }
 
 // Endpoint implements stack.LinkEndpoint over a virtio-net queue pair.

@@ -3,6 +3,7 @@ package endpoint
 import (
 	"bytes"
 	"encoding/binary"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
@@ -414,3 +415,30 @@ func BenchmarkRX(b *testing.B) {
 }
 
 func byteSize(n int) string { return map[int]string{64: "64B", 1500: "1500B", 65000: "65000B"}[n] }
+
+func TestARPOnlyForOwnAddresses(t *testing.T) {
+	r := newRig(t, v1, Options{ARPTargets: []netip.Addr{netip.MustParseAddr("10.0.2.2"), netip.MustParseAddr("10.0.2.3")}})
+	arp := func(sender, target string) []byte {
+		b := make([]byte, header.ARPSize)
+		a := header.ARP(b)
+		a.SetIPv4OverEthernet()
+		a.SetOp(header.ARPRequest)
+		copy(a.HardwareAddressSender(), guestMAC)
+		copy(a.ProtocolAddressSender(), netip.MustParseAddr(sender).AsSlice())
+		copy(a.ProtocolAddressTarget(), netip.MustParseAddr(target).AsSlice())
+		return append(vhdr(12, vnetHdr{}), ethFrame(header.EthernetBroadcastAddress, header.ARPProtocolNumber, b)...)
+	}
+	r.txd.Post(arp("0.0.0.0", "10.0.2.15"), nil, nil, false)   // conflict probe for the guest's lease
+	r.txd.Post(arp("10.0.2.15", "10.0.2.16"), nil, nil, false) // nobody there
+	r.txd.Post(arp("10.0.2.15", "10.0.2.2"), nil, nil, false)  // the gateway: answered
+	r.txk.Signal()
+	select {
+	case <-r.cap.ch:
+	case <-time.After(30 * time.Second):
+		t.Fatal("gateway ARP not delivered")
+	}
+	waitUsed(t, r.txd, 3)
+	if n := r.ep.Stats.ARPIgnored.Load(); n != 2 || len(r.cap.pkts) != 1 {
+		t.Fatalf("ignored %d delivered %d", n, len(r.cap.pkts))
+	}
+}

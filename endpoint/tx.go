@@ -1,6 +1,7 @@
 package endpoint
 
 import (
+	"net/netip"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/buffer"
@@ -154,5 +155,32 @@ func (e *Endpoint) deliver(pkt *stack.PacketBuffer) {
 	default:
 		pkt.PktType = tcpip.PacketOtherHost
 	}
+	if eth.Type() == header.ARPProtocolNumber && !e.answersARP(pkt) {
+		e.Stats.ARPIgnored.Add(1)
+		return
+	}
 	d.DeliverNetworkPacket(eth.Type(), pkt)
+}
+
+// answersARP reports whether an ARP packet may reach the stack: replies
+// always do; requests only for one of Options.ARPTargets.
+func (e *Endpoint) answersARP(pkt *stack.PacketBuffer) bool {
+	if len(e.opts.ARPTargets) == 0 {
+		return true
+	}
+	b, ok := pkt.Data().PullUp(header.ARPSize)
+	if !ok {
+		return true // the ARP layer rejects it itself
+	}
+	arp := header.ARP(b)
+	if !arp.IsValid() || arp.Op() != header.ARPRequest {
+		return true
+	}
+	target, _ := netip.AddrFromSlice(arp.ProtocolAddressTarget())
+	for _, a := range e.opts.ARPTargets {
+		if a == target {
+			return true
+		}
+	}
+	return false
 }

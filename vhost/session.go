@@ -15,11 +15,13 @@ import (
 // maxQueues bounds the queues a device may expose (32 pairs).
 const maxQueues = 64
 
-// protocolFeatures are the vhost-user protocol extensions we implement.
+// protocolFeatures are the vhost-user protocol extensions we offer.
 // LOG_SHMFD (live migration dirty logging) is not offered, so SET_LOG_BASE
-// and SET_LOG_FD are refused.
+// and SET_LOG_FD are refused. GET_CONFIG/SET_CONFIG are answered, but
+// CONFIG is not offered: QEMU's virtio-net keeps its own config space and
+// warns at every start when a net backend offers it.
 const protocolFeatures = 1<<protocol.ProtoMQ | 1<<protocol.ProtoRARP | 1<<protocol.ProtoReplyAck |
-	1<<protocol.ProtoNetMTU | 1<<protocol.ProtoConfig | 1<<protocol.ProtoResetDevice |
+	1<<protocol.ProtoNetMTU | 1<<protocol.ProtoResetDevice |
 	1<<protocol.ProtoConfigureMemSlots | 1<<protocol.ProtoStatus
 
 // transportFeatures are the virtio bits the control plane and virtqueue

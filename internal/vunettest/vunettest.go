@@ -53,6 +53,15 @@ func IsolateNetwork() bool {
 	if err != nil {
 		return false
 	}
+	// The guest is built from Debian packages fetched with apt, which
+	// cannot work inside the empty namespace: build (or find cached) now.
+	if root, err := qemutest.RepoRoot(); err == nil {
+		b := exec.Command(filepath.Join(root, "scripts", "build-guest.sh"))
+		b.Dir = root
+		if out, err := b.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "vunettest: building the test guest before entering the namespace: %v\n%s", err, out)
+		}
+	}
 	cmd := exec.Command(unshare, append([]string{"--net", "--", self}, os.Args[1:]...)...)
 	cmd.Env = append(os.Environ(), isolatedEnv+"=1")
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
