@@ -119,7 +119,8 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		DNS: []netip.Addr{cfg.IPv4.DNS}, PoolStart: cfg.IPv4.Guest,
 		LeaseTime: cfg.Boot.DHCPLeaseTime, MTU: cfg.MTU,
 		DomainName: cfg.Boot.Domain, DomainSearch: cfg.DNSSearch, Hostname: cfg.Boot.Hostname,
-		Boot: dhcp4.Boot{TFTPFile: cfg.Boot.BootFile, HTTPURL: cfg.Boot.HTTPBootURL},
+		Boot: dhcp4.Boot{TFTPFile: cfg.Boot.BootFile, TFTPFileEFI: cfg.Boot.BootFileEFI,
+			HTTPURL: cfg.Boot.HTTPBootURL, IPXEURL: cfg.Boot.IPXEScriptURL},
 	}); err != nil {
 		return nil, err
 	}

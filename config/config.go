@@ -137,8 +137,17 @@ type Boot struct {
 	TFTPRoot string
 	// BootFile is the DHCP boot file name (relative to TFTPRoot).
 	BootFile string
+	// BootFileEFI, if set, replaces BootFile for UEFI PXE clients (client
+	// architecture, DHCP option 93, of a UEFI kind such as 7 or 9), so one
+	// configuration boots BIOS and UEFI guests. Relative to TFTPRoot.
+	BootFileEFI string
 	// HTTPBootURL, if set, is offered to UEFI HTTP boot clients.
 	HTTPBootURL string
+	// IPXEScriptURL, if set, is the boot file offered to clients that
+	// identify as iPXE (user class "iPXE", option 77): an http, https or
+	// tftp URL, typically of an iPXE script. Without it an iPXE chainloaded
+	// over PXE would be offered BootFile again and load itself in a loop.
+	IPXEScriptURL string
 	// DHCPLeaseTime is the lease duration DHCP hands out.
 	DHCPLeaseTime time.Duration
 	// Hostname, if set, is the host name DHCP gives the guest.

@@ -61,7 +61,9 @@ type fileIPv6 struct {
 type fileBoot struct {
 	TFTPRoot      string `toml:"tftp_root,omitempty"`
 	BootFile      string `toml:"boot_file,omitempty"`
+	BootFileEFI   string `toml:"boot_file_efi,omitempty"`
 	HTTPBootURL   string `toml:"http_boot_url,omitempty"`
+	IPXEScriptURL string `toml:"ipxe_script_url,omitempty"`
 	DHCPLeaseTime string `toml:"dhcp_lease_time"`
 	Hostname      string `toml:"hostname,omitempty"`
 	Domain        string `toml:"domain,omitempty"`
@@ -263,7 +265,9 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 
 	setPath(&c.Boot.TFTPRoot, f.Boot.TFTPRoot, "boot", "tftp_root")
 	str([]string{"boot", "boot_file"}, f.Boot.BootFile, func(s string) error { c.Boot.BootFile = s; return nil })
+	str([]string{"boot", "boot_file_efi"}, f.Boot.BootFileEFI, func(s string) error { c.Boot.BootFileEFI = s; return nil })
 	str([]string{"boot", "http_boot_url"}, f.Boot.HTTPBootURL, func(s string) error { c.Boot.HTTPBootURL = s; return nil })
+	str([]string{"boot", "ipxe_script_url"}, f.Boot.IPXEScriptURL, func(s string) error { c.Boot.IPXEScriptURL = s; return nil })
 	dur([]string{"boot", "dhcp_lease_time"}, &c.Boot.DHCPLeaseTime, f.Boot.DHCPLeaseTime)
 	str([]string{"boot", "hostname"}, f.Boot.Hostname, func(s string) error { c.Boot.Hostname = s; return nil })
 	str([]string{"boot", "domain"}, f.Boot.Domain, func(s string) error { c.Boot.Domain = s; return nil })
@@ -307,7 +311,9 @@ func (c *Config) WriteTOML(w io.Writer) error {
 		Boot: fileBoot{
 			TFTPRoot:      c.Boot.TFTPRoot,
 			BootFile:      c.Boot.BootFile,
+			BootFileEFI:   c.Boot.BootFileEFI,
 			HTTPBootURL:   c.Boot.HTTPBootURL,
+			IPXEScriptURL: c.Boot.IPXEScriptURL,
 			DHCPLeaseTime: formatDuration(c.Boot.DHCPLeaseTime),
 			Hostname:      c.Boot.Hostname,
 			Domain:        c.Boot.Domain,

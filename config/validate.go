@@ -373,10 +373,29 @@ func (c *Config) validateBoot(es *Errors) {
 			es.add("boot.boot_file", "%q must be a relative path inside boot.tftp_root", b.BootFile)
 		}
 	}
-	if b.HTTPBootURL != "" {
-		u, err := url.Parse(b.HTTPBootURL)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			es.add("boot.http_boot_url", "%q is not an http:// or https:// URL", b.HTTPBootURL)
+	if b.BootFileEFI != "" {
+		switch {
+		case b.TFTPRoot == "":
+			es.add("boot.boot_file_efi", "is set but boot.tftp_root is not")
+		case path.IsAbs(b.BootFileEFI) || !isLocalPath(b.BootFileEFI):
+			es.add("boot.boot_file_efi", "%q must be a relative path inside boot.tftp_root", b.BootFileEFI)
+		}
+	}
+	if b.HTTPBootURL != "" && !isURL(b.HTTPBootURL, "http", "https") {
+		es.add("boot.http_boot_url", "%q is not an http:// or https:// URL", b.HTTPBootURL)
+	}
+	if b.IPXEScriptURL != "" && !isURL(b.IPXEScriptURL, "http", "https", "tftp") {
+		es.add("boot.ipxe_script_url", "%q is not an http://, https:// or tftp:// URL", b.IPXEScriptURL)
+	}
+	// Each of these travels in DHCP option 67, whose length is one byte.
+	for _, f := range []struct{ key, v string }{
+		{"boot.boot_file", b.BootFile},
+		{"boot.boot_file_efi", b.BootFileEFI},
+		{"boot.http_boot_url", b.HTTPBootURL},
+		{"boot.ipxe_script_url", b.IPXEScriptURL},
+	} {
+		if len(f.v) > 255 {
+			es.add(f.key, "is %d bytes; at most 255 fit in a DHCP option", len(f.v))
 		}
 	}
 	// DHCP carries the lease time in seconds as a uint32 (RFC 2132 §9.2).
@@ -389,6 +408,13 @@ func (c *Config) validateBoot(es *Errors) {
 	if b.Domain != "" && !validDNSName(b.Domain) {
 		es.add("boot.domain", "%q is not a valid domain name", b.Domain)
 	}
+}
+
+// isURL reports whether s parses as an absolute URL with a host and one of
+// the given schemes.
+func isURL(s string, schemes ...string) bool {
+	u, err := url.Parse(s)
+	return err == nil && slices.Contains(schemes, u.Scheme) && u.Host != ""
 }
 
 // isLocalPath reports whether p stays inside its root: no ".." element

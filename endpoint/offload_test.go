@@ -100,7 +100,7 @@ func TestFinishChecksum(t *testing.T) {
 	for _, v6 := range []bool{false, true} {
 		frame, l := gsoFrame(v6, []byte("odd-length payload!"), header.TCPFlagAck)
 		// Split the frame at awkward places: the sum must not depend on it.
-		parts := [][]byte{frame[:13], frame[13:l.l4Start+3], frame[l.l4Start+3 : l.l4Start+17], frame[l.l4Start+17:]}
+		parts := [][]byte{frame[:13], frame[13 : l.l4Start+3], frame[l.l4Start+3 : l.l4Start+17], frame[l.l4Start+17:]}
 		c := finishChecksum(parts, l.l4Start)
 		header.TCP(frame[l.l4Start:]).SetChecksum(c)
 		tcpValid(t, frame, l)
