@@ -18,11 +18,13 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/vhost/virtqueue"
 )
@@ -111,12 +113,15 @@ type Stats struct {
 	RXBacklogged   atomic.Uint64 // packets that waited for buffers
 	RXSegmentDrops atomic.Uint64 // software GSO segments that found no buffer
 	ARPIgnored     atomic.Uint64 // ARP requests for addresses that are not ours
+	TXFaults       atomic.Uint64 // guest memory faults (frontend shrank it)
+	RXFaults       atomic.Uint64
 }
 
 // Endpoint implements stack.LinkEndpoint over a virtio-net queue pair.
 type Endpoint struct {
-	opts Options
-	log  *slog.Logger
+	opts    Options
+	log     *slog.Logger
+	limiter *ratelimit.Limiter // for warnings about guest input
 
 	mu         sync.RWMutex
 	dispatcher stack.NetworkDispatcher
@@ -155,7 +160,7 @@ func New(opts Options) (*Endpoint, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	e := &Endpoint{opts: opts, log: log, mtu: opts.MTU, linkAddr: opts.LinkAddress}
+	e := &Endpoint{opts: opts, log: log, limiter: ratelimit.New(10, time.Second), mtu: opts.MTU, linkAddr: opts.LinkAddress}
 	e.hdrLen.Store(hdrLenLegacy)
 	e.rx.backlogMax = opts.RXBacklog
 	return e, nil
@@ -341,4 +346,12 @@ func (e *Endpoint) SetOnCloseAction(f func()) {
 // WritePackets implements stack.LinkWriter.WritePackets.
 func (e *Endpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	return e.rx.write(e, pkts), nil
+}
+
+// warn logs a problem with guest input, rate-limited: a hostile guest can
+// produce one per frame.
+func (e *Endpoint) warn(msg string, args ...any) {
+	if e.limiter.Allow() {
+		e.log.Warn(msg, args...)
+	}
 }

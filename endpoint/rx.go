@@ -70,20 +70,28 @@ func (r *rxState) run(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD, 
 		if _, err := kick.Wait(); err != nil {
 			return
 		}
-		for {
-			r.mu.Lock()
-			q.Lock()
-			r.drain(e, q)
-			// Ask for a kick only while packets wait; then re-check, or a
-			// kick that raced with the drain would be lost.
-			again := len(r.backlog) > 0 && q.EnableKicks()
-			q.Unlock()
-			r.mu.Unlock()
-			if !again {
-				break
+		for again := true; again; {
+			again = false
+			if err := q.Guard(func() { again = r.drainLocked(e, q) }); err != nil {
+				e.Stats.RXFaults.Add(1)
+				e.warn("RX queue broken", "err", err)
 			}
 		}
 	}
+}
+
+// drainLocked takes the locks and drains; it reports whether buffers
+// arrived meanwhile and it should run again. Locks are released by defer
+// so that a fault on guest memory (see Queue.Guard) cannot leave them held.
+func (r *rxState) drainLocked(e *Endpoint, q *virtqueue.Queue) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	q.Lock()
+	defer q.Unlock()
+	r.drain(e, q)
+	// Ask for a kick only while packets wait; then re-check, or a kick
+	// that raced with the drain would be lost.
+	return len(r.backlog) > 0 && q.EnableKicks()
 }
 
 // drain writes backlogged packets while buffers last. Callers hold mu and
@@ -112,15 +120,31 @@ func (r *rxState) drain(e *Endpoint, q *virtqueue.Queue) {
 }
 
 // write is WritePackets: it copies each packet into guest buffers, or
-// queues it (with a reference) while the guest has none.
+// queues it (with a reference) while the guest has none. A fault on guest
+// memory breaks the ring (Queue.Guard) instead of the process.
 func (r *rxState) write(e *Endpoint, pkts stack.PacketBufferList) int {
 	list := pkts.AsSlice()
+	r.mu.Lock()
+	q := r.q
+	r.mu.Unlock()
+	if q == nil {
+		e.Stats.RXNotConnected.Add(uint64(len(list)))
+		return len(list)
+	}
+	if err := q.Guard(func() { r.writeList(e, list) }); err != nil {
+		e.Stats.RXFaults.Add(1)
+		e.warn("RX queue broken", "err", err)
+	}
+	return len(list)
+}
+
+func (r *rxState) writeList(e *Endpoint, list []*stack.PacketBuffer) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	q := r.q
 	if q == nil || !q.Ready() {
 		e.Stats.RXNotConnected.Add(uint64(len(list)))
-		return len(list)
+		return
 	}
 	q.Lock()
 	defer q.Unlock()
@@ -146,7 +170,6 @@ func (r *rxState) write(e *Endpoint, pkts stack.PacketBufferList) int {
 		// through its own kick so that it drains now.
 		r.kick.Signal()
 	}
-	return len(list)
 }
 
 // writeOne delivers pkt to the guest: as is, with its checksum or
@@ -216,6 +239,7 @@ func (r *rxState) writeFrame(e *Endpoint, q *virtqueue.Queue, slices [][]byte, f
 		if count == maxElems {
 			q.Rewind(count)
 			e.Stats.RXTooBig.Add(1)
+			e.warn("guest RX buffers too small for a frame", "frame", frameLen, "buffers", count, "bytes", have)
 			return false, false
 		}
 		if err := q.Pop(&elems[count]); err != nil {

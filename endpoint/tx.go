@@ -40,33 +40,20 @@ func (t *txState) stop() {
 // notify, then hands the frames to the stack outside the queue lock.
 func (t *txState) run(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD, done chan struct{}) {
 	defer close(done)
-	var el virtqueue.Element
-	var hdr [hdrLenMrg]byte
-	pkts := make([]*stack.PacketBuffer, 0, txBatch)
+	b := txBatchState{pkts: make([]*stack.PacketBuffer, 0, txBatch)}
 	for {
-		q.Lock()
-		n := 0
-		for ; n < txBatch; n++ {
-			if q.Pop(&el) != nil {
-				break
-			}
-			if pkt := e.readFrame(&el, hdr[:]); pkt != nil {
-				pkts = append(pkts, pkt)
-			}
-			// TX buffers are only read: the used length is 0.
-			q.Push(el.Head, 0)
+		more := false
+		if err := q.Guard(func() { more = b.pop(e, q) }); err != nil {
+			// The ring is broken now (guest memory vanished); frames
+			// copied before the fault are still good.
+			e.Stats.TXFaults.Add(1)
+			e.warn("TX queue broken", "err", err)
 		}
-		if n > 0 {
-			q.Flush()
-			q.Notify()
-		}
-		more := n == txBatch || q.EnableKicks()
-		q.Unlock()
-		for i, pkt := range pkts {
+		for i, pkt := range b.pkts {
 			e.deliver(pkt)
-			pkts[i] = nil
+			b.pkts[i] = nil
 		}
-		pkts = pkts[:0]
+		b.pkts = b.pkts[:0]
 		if more {
 			continue
 		}
@@ -74,6 +61,36 @@ func (t *txState) run(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD, 
 			return
 		}
 	}
+}
+
+// txBatchState is the TX worker's scratch, reused across batches.
+type txBatchState struct {
+	el   virtqueue.Element
+	hdr  [hdrLenMrg]byte
+	pkts []*stack.PacketBuffer
+}
+
+// pop takes up to txBatch frames off the ring and returns their elements
+// with one flush and one notify. It reports whether more may be waiting.
+func (b *txBatchState) pop(e *Endpoint, q *virtqueue.Queue) bool {
+	q.Lock()
+	defer q.Unlock()
+	n := 0
+	for ; n < txBatch; n++ {
+		if q.Pop(&b.el) != nil {
+			break
+		}
+		if pkt := e.readFrame(&b.el, b.hdr[:]); pkt != nil {
+			b.pkts = append(b.pkts, pkt)
+		}
+		// TX buffers are only read: the used length is 0.
+		q.Push(b.el.Head, 0)
+	}
+	if n > 0 {
+		q.Flush()
+		q.Notify()
+	}
+	return n == txBatch || q.EnableKicks()
 }
 
 // readFrame decodes one TX element: the virtio-net header, which may span
@@ -85,6 +102,7 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.Packe
 	hb := cur.Remove(hl, scratch)
 	if hb == nil {
 		e.Stats.TXBadHeader.Add(1)
+		e.warn("guest frame shorter than its virtio-net header", "bytes", cur.Size(), "header", hl)
 		return nil
 	}
 	h := decodeHdr(hb)
@@ -92,9 +110,11 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.Packe
 	switch {
 	case frameLen < header.EthernetMinimumSize:
 		e.Stats.TXShort.Add(1)
+		e.warn("guest frame shorter than an Ethernet header", "bytes", frameLen)
 		return nil
 	case frameLen > maxFrame:
 		e.Stats.TXTooBig.Add(1)
+		e.warn("guest frame too large", "bytes", frameLen, "max", maxFrame)
 		return nil
 	}
 	validated := h.Flags&(hdrFNeedsCsum|hdrFDataValid) != 0
@@ -103,6 +123,7 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.Packe
 	case gsoTCPv4, gsoTCPv6:
 		if !e.has(FeatureHostTSO4) && !e.has(FeatureHostTSO6) {
 			e.Stats.TXBadGSO.Add(1)
+			e.warn("guest sent a TSO frame without negotiating HOST_TSO", "gso_type", h.GSOType)
 			return nil
 		}
 		// The stack takes the whole segment: TCP does not require
@@ -111,6 +132,7 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.Packe
 		validated = true
 	default:
 		e.Stats.TXBadGSO.Add(1)
+		e.warn("guest frame with an unsupported GSO type", "gso_type", h.GSOType)
 		return nil
 	}
 	v := buffer.NewViewSize(frameLen)

@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/vhost/protocol"
 )
 
@@ -38,7 +39,7 @@ type Options struct {
 type Server struct {
 	opts    Options
 	log     *slog.Logger
-	limiter *RateLimiter
+	limiter *ratelimit.Limiter
 	// Stats counts control-plane events.
 	Stats Stats
 	// mu serialises sessions: the backend serves one frontend at a time.
@@ -57,7 +58,7 @@ func NewServer(opts Options) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{opts: opts, log: log, limiter: NewRateLimiter(10, time.Second)}, nil
+	return &Server{opts: opts, log: log, limiter: ratelimit.New(10, time.Second)}, nil
 }
 
 // Serve accepts frontends on l until ctx is done or l fails, serving them
@@ -177,36 +178,4 @@ func (s *Server) dispatch(conn *protocol.Conn, sess *session, m *protocol.Messag
 		return conn.Reply(m, u64(status))
 	}
 	return nil
-}
-
-// RateLimiter allows a bounded number of events per interval; it keeps
-// hostile input from flooding the log.
-type RateLimiter struct {
-	mu       sync.Mutex
-	max      int
-	interval time.Duration
-	start    time.Time
-	n        int
-	dropped  int
-}
-
-// NewRateLimiter allows max events per interval.
-func NewRateLimiter(max int, interval time.Duration) *RateLimiter {
-	return &RateLimiter{max: max, interval: interval}
-}
-
-// Allow reports whether one more event may be logged now.
-func (r *RateLimiter) Allow() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	now := time.Now()
-	if now.Sub(r.start) >= r.interval {
-		r.start, r.n = now, 0
-	}
-	r.n++
-	if r.n > r.max {
-		r.dropped++
-		return false
-	}
-	return true
 }

@@ -376,8 +376,13 @@ func (s *session) startVring(idx int) error {
 		Indirect:  s.features&(1<<FeatureIndirectDesc) != 0,
 		NextAvail: vr.base,
 	}
+	var err error
 	vr.q.Lock()
-	err := vr.q.Setup(s.mem, cfg)
+	// Setup reads the used index from guest memory: guard it like the
+	// data path (a frontend may have truncated the memory file).
+	if ferr := vr.q.Guard(func() { err = vr.q.Setup(s.mem, cfg) }); ferr != nil {
+		err = ferr
+	}
 	vr.q.Unlock()
 	if err != nil {
 		return fmt.Errorf("vring %d: %w", idx, err)

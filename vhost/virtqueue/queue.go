@@ -17,6 +17,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 
@@ -182,8 +183,8 @@ func (q *Queue) Setup(mem *memory.Table, cfg Config) error {
 // Stop makes the queue not ready and returns the next available index, the
 // value GET_VRING_BASE reports. Unpublished used entries are published first.
 func (q *Queue) Stop() uint16 {
-	if q.ready {
-		q.Flush()
+	if q.ready && !q.broken.Load() {
+		q.Guard(func() { q.Flush() })
 	}
 	q.ready = false
 	return q.lastAvail
@@ -414,4 +415,31 @@ func (q *Queue) DisableKicks() {
 		return
 	}
 	ringatomic.Store16(q.used, 0, ringatomic.Load16(q.used, 0)|usedFNoNotify)
+}
+
+// ErrFault is returned by Guard when guest memory could not be accessed.
+var ErrFault = errors.New("virtqueue: fault accessing guest memory")
+
+// Guard runs f, turning a memory fault on guest memory into an error and a
+// broken ring instead of a crash. A frontend that truncates the memory file
+// under our mapping makes every access raise SIGBUS; a daemon serving many
+// VMs must survive that. f must release its locks with defer, since a
+// fault unwinds it.
+func (q *Queue) Guard(f func()) (err error) {
+	old := debug.SetPanicOnFault(true)
+	defer func() {
+		debug.SetPanicOnFault(old)
+		r := recover()
+		if r == nil {
+			return
+		}
+		fault, ok := r.(interface{ Addr() uintptr })
+		if !ok {
+			panic(r)
+		}
+		err = fmt.Errorf("%w at %#x", ErrFault, fault.Addr())
+		q.markBroken(err)
+	}()
+	f()
+	return nil
 }

@@ -1,0 +1,83 @@
+package endpoint_test
+
+import (
+	"context"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vunet/vunet/endpoint"
+	"github.com/vunet/vunet/netstack/netstacktest"
+	"github.com/vunet/vunet/vhost"
+	"github.com/vunet/vunet/vhost/vhosttest"
+)
+
+// TestGuestMemoryTruncated: a frontend that shrinks the shared memory file
+// under our mapping makes our next access fault (SIGBUS). vunet must mark
+// the ring broken and count it, not crash, and serve the next frontend.
+func TestGuestMemoryTruncated(t *testing.T) {
+	ep, err := endpoint.New(endpoint.Options{LinkAddress: netstacktest.HostMAC, GuestMAC: netstacktest.GuestMAC})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := vhost.NewServer(vhost.Options{Backend: ep})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "s")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, l, false) }()
+	defer func() { cancel(); <-served }()
+
+	f, err := vhosttest.Dial(sock, vhosttest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Setup(^uint64(0)); err != nil {
+		t.Fatal(err)
+	}
+	frame := make([]byte, 12+60)
+	if _, err := f.Drivers[1].Post(frame, []int{12}, nil, false); err != nil {
+		t.Fatal(err)
+	}
+	// From here on nobody in this process may touch f.Mem.
+	if err := unix.Ftruncate(f.MemFD, 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Kick(1)
+	deadline := time.Now().Add(30 * time.Second)
+	for ep.Stats.TXFaults.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("fault not counted")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	f.Close()
+
+	// The next frontend is served normally.
+	g, err := vhosttest.Dial(sock, vhosttest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	if err := g.Setup(^uint64(0)); err != nil {
+		t.Fatal(err)
+	}
+	before := ep.Stats.TXFrames.Load()
+	g.Drivers[1].Post(append(make([]byte, 12), make([]byte, 60)...), []int{12}, nil, false)
+	g.Kick(1)
+	for ep.Stats.TXFrames.Load() == before {
+		if time.Now().After(deadline) {
+			t.Fatal("second frontend not served")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
