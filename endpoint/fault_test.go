@@ -1,9 +1,6 @@
 package endpoint_test
 
 import (
-	"context"
-	"net"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -11,7 +8,6 @@ import (
 
 	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/netstack/netstacktest"
-	"github.com/vunet/vunet/vhost"
 	"github.com/vunet/vunet/vhost/vhosttest"
 )
 
@@ -23,19 +19,7 @@ func TestGuestMemoryTruncated(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := vhost.NewServer(vhost.Options{Backend: ep})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "s")
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx, l, false) }()
-	defer func() { cancel(); <-served }()
+	_, sock := vhosttest.StartServer(t, ep)
 
 	f, err := vhosttest.Dial(sock, vhosttest.Options{})
 	if err != nil {

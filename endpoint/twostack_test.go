@@ -5,9 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"io"
-	"net"
 	"net/netip"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -17,7 +15,6 @@ import (
 	"github.com/vunet/vunet/endpoint/endpointtest"
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/netstack/netstacktest"
-	"github.com/vunet/vunet/vhost"
 	"github.com/vunet/vunet/vhost/vhosttest"
 )
 
@@ -57,19 +54,7 @@ func runTwoStacks(t *testing.T, features uint64, bufSize int, split []int) {
 		t.Fatal(err)
 	}
 	defer host.Close()
-	srv, err := vhost.NewServer(vhost.Options{Backend: ep})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "s")
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx, l, false) }()
-	defer func() { cancel(); <-served }()
+	_, sock := vhosttest.StartServer(t, ep)
 
 	f, err := vhosttest.Dial(sock, vhosttest.Options{MemSize: 64 << 20})
 	if err != nil {
@@ -122,7 +107,7 @@ func runTwoStacks(t *testing.T, features uint64, bufSize int, split []int) {
 		copy(s[:], h.Sum(nil))
 		got <- s
 	}()
-	dctx, dcancel := context.WithTimeout(ctx, 30*time.Second)
+	dctx, dcancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer dcancel()
 	c, err := netstacktest.DialTCP(dctx, guest, netip.AddrPortFrom(netstacktest.Gateway4.Addr(), 80))
 	if err != nil {

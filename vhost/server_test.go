@@ -2,9 +2,6 @@ package vhost_test
 
 import (
 	"bytes"
-	"context"
-	"net"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -73,26 +70,7 @@ func (b *sinkBackend) StopQueue(idx int) {
 }
 
 func startServer(t *testing.T, b vhost.Backend) (*vhost.Server, string) {
-	t.Helper()
-	srv, err := vhost.NewServer(vhost.Options{Backend: b})
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "vhost.sock")
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, l, false) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("serve: %v", err)
-		}
-	})
-	return srv, path
+	return vhosttest.StartServer(t, b)
 }
 
 const allFeatures = ^uint64(0)
