@@ -114,6 +114,18 @@ func TestValidateMessages(t *testing.T) {
 		{"boot file absolute", func(c *Config) { c.Boot.TFTPRoot, c.Boot.BootFile = "/srv/tftp", "/pxelinux.0" }, `boot.boot_file: "/pxelinux.0" must be a relative path inside boot.tftp_root`},
 		{"tftp nul", func(c *Config) { c.Boot.TFTPRoot = "/srv\x00" }, "boot.tftp_root: path contains a NUL byte"},
 		{"http boot url", func(c *Config) { c.Boot.HTTPBootURL = "ftp://x/boot.efi" }, `boot.http_boot_url: "ftp://x/boot.efi" is not an http:// or https:// URL`},
+		{"http boot url tftp", func(c *Config) { c.Boot.HTTPBootURL = "tftp://x/boot.efi" }, `boot.http_boot_url: "tftp://x/boot.efi" is not an http:// or https:// URL`},
+		{"efi file alone", func(c *Config) { c.Boot.BootFileEFI = "bootx64.efi" }, "boot.boot_file_efi: is set but boot.tftp_root is not"},
+		{"efi file with http boot only", func(c *Config) { c.Boot.HTTPBootURL, c.Boot.BootFileEFI = "http://h/x.efi", "bootx64.efi" }, "boot.boot_file_efi: is set but boot.tftp_root is not"},
+		{"efi file escapes", func(c *Config) { c.Boot.TFTPRoot, c.Boot.BootFileEFI = "/srv/tftp", "efi/../../x.efi" }, `boot.boot_file_efi: "efi/../../x.efi" must be a relative path inside boot.tftp_root`},
+		{"efi file absolute", func(c *Config) { c.Boot.TFTPRoot, c.Boot.BootFileEFI = "/srv/tftp", "/bootx64.efi" }, `boot.boot_file_efi: "/bootx64.efi" must be a relative path inside boot.tftp_root`},
+		{"efi file too long", func(c *Config) { c.Boot.TFTPRoot, c.Boot.BootFileEFI = "/srv/tftp", strings.Repeat("e", 256) }, "boot.boot_file_efi: is 256 bytes; at most 255 fit in a DHCP option"},
+		{"boot file too long", func(c *Config) { c.Boot.TFTPRoot, c.Boot.BootFile = "/srv/tftp", strings.Repeat("b", 300) }, "boot.boot_file: is 300 bytes; at most 255 fit in a DHCP option"},
+		{"ipxe url ftp", func(c *Config) { c.Boot.IPXEScriptURL = "ftp://10.0.2.2/boot.ipxe" }, `boot.ipxe_script_url: "ftp://10.0.2.2/boot.ipxe" is not an http://, https:// or tftp:// URL`},
+		{"ipxe url relative", func(c *Config) { c.Boot.IPXEScriptURL = "boot.ipxe" }, `boot.ipxe_script_url: "boot.ipxe" is not an http://, https:// or tftp:// URL`},
+		{"ipxe url no host", func(c *Config) { c.Boot.IPXEScriptURL = "http:///boot.ipxe" }, `boot.ipxe_script_url: "http:///boot.ipxe" is not an http://, https:// or tftp:// URL`},
+		{"ipxe url unparsable", func(c *Config) { c.Boot.IPXEScriptURL = "http://10.0.2.2:x/boot.ipxe" }, `boot.ipxe_script_url: "http://10.0.2.2:x/boot.ipxe" is not an http://, https:// or tftp:// URL`},
+		{"ipxe url too long", func(c *Config) { c.Boot.IPXEScriptURL = "http://h/" + strings.Repeat("i", 250) }, "boot.ipxe_script_url: is 259 bytes; at most 255 fit in a DHCP option"},
 		{"lease zero", func(c *Config) { c.Boot.DHCPLeaseTime = 0 }, "boot.dhcp_lease_time: 0s is out of range 1s..1193046h28m15s"},
 		{"lease huge", func(c *Config) { c.Boot.DHCPLeaseTime = 2000000 * time.Hour }, "boot.dhcp_lease_time: 2000000h is out of range 1s..1193046h28m15s"},
 		{"hostname dots", func(c *Config) { c.Boot.Hostname = "a.b" }, `boot.hostname: "a.b" is not a valid host name (one DNS label, no dots)`},
@@ -146,10 +158,25 @@ func TestValidateAcceptsEdgeCases(t *testing.T) {
 	}
 	c.IPv6 = IPv6{Enable: false, Subnet: netip.MustParsePrefix("10.0.0.0/8")} // ignored while disabled
 	c.Hosts = map[string]netip.Addr{"_srv.example": netip.MustParseAddr("2001:db8::1")}
-	c.Boot = Boot{TFTPRoot: "/srv/tftp", BootFile: "efi/./grubx64.efi", HTTPBootURL: "https://boot.example/x.efi", DHCPLeaseTime: time.Second, Hostname: "vm1", Domain: "example."}
+	c.Boot = Boot{TFTPRoot: "/srv/tftp", BootFile: "efi/./grubx64.efi", BootFileEFI: "efi/x/../ipxe.efi", HTTPBootURL: "https://boot.example/x.efi",
+		IPXEScriptURL: "tftp://10.0.2.2/" + strings.Repeat("s", 255-len("tftp://10.0.2.2/")), DHCPLeaseTime: time.Second, Hostname: "vm1", Domain: "example."}
 	c.MaxConnections, c.MaxInflightDials = 0, 0
 	if err := c.Validate(); err != nil {
 		t.Fatal(err)
+	}
+	// Each network boot setting stands on its own: an EFI-only TFTP setup,
+	// and an iPXE script URL without any other boot setting.
+	for _, b := range []Boot{
+		{TFTPRoot: "/srv/tftp", BootFileEFI: "ipxe.efi"},
+		{IPXEScriptURL: "HTTPS://boot.example:8443/menu.ipxe?mac=${net0/mac}"},
+		{IPXEScriptURL: "http://10.0.2.2:8000/boot.ipxe"},
+	} {
+		c := valid()
+		b.DHCPLeaseTime = time.Hour
+		c.Boot = b
+		if err := c.Validate(); err != nil {
+			t.Errorf("%+v: %v", b, err)
+		}
 	}
 }
 
@@ -259,6 +286,8 @@ enable = false
 [boot]
 tftp_root = "/srv/tftp"
 boot_file = "pxelinux.0"
+boot_file_efi = "efi/ipxe.efi"
+ipxe_script_url = "http://10.0.2.2:8000/boot.ipxe"
 dhcp_lease_time = "12h"
 hostname = "vm"
 `))
@@ -284,7 +313,8 @@ hostname = "vm"
 		Guest:   netip.MustParseAddr("192.168.9.100"),
 	}
 	want.IPv6.Enable = false
-	want.Boot = Boot{TFTPRoot: "/srv/tftp", BootFile: "pxelinux.0", DHCPLeaseTime: 12 * time.Hour, Hostname: "vm"}
+	want.Boot = Boot{TFTPRoot: "/srv/tftp", BootFile: "pxelinux.0", BootFileEFI: "efi/ipxe.efi", IPXEScriptURL: "http://10.0.2.2:8000/boot.ipxe",
+		DHCPLeaseTime: 12 * time.Hour, Hostname: "vm"}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("ApplyTOML result\n got %+v\nwant %+v", c, want)
 	}
@@ -413,7 +443,8 @@ func TestWriteTOMLRoundTrip(t *testing.T) {
 	c.DNSSearch = []string{"example"}
 	c.Hosts = map[string]netip.Addr{"db.example": netip.MustParseAddr("10.0.2.40")}
 	c.MaxInflightDials = 0
-	c.Boot = Boot{TFTPRoot: "/srv", BootFile: "boot.efi", HTTPBootURL: "http://h/x", DHCPLeaseTime: 90 * time.Minute, Hostname: "h", Domain: "d"}
+	c.Boot = Boot{TFTPRoot: "/srv", BootFile: "boot.efi", BootFileEFI: "uefi/boot.efi", HTTPBootURL: "http://h/x", IPXEScriptURL: "tftp://h/boot.ipxe",
+		DHCPLeaseTime: 90 * time.Minute, Hostname: "h", Domain: "d"}
 
 	for _, in := range []*Config{valid(), c} {
 		var buf bytes.Buffer

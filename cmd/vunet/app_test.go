@@ -106,6 +106,8 @@ func TestFlags(t *testing.T) {
 		"--dns-upstream", "9.9.9.9", "--dns-upstream", "[2620:fe::fe]:5353",
 		"--tftp-root", "/srv/tftp",
 		"--boot-file", "pxelinux.0",
+		"--boot-file-efi", "efi/ipxe.efi",
+		"--ipxe-script-url", "http://10.0.2.2:8000/boot.ipxe",
 	)
 	if r.err != nil {
 		t.Fatal(r.line())
@@ -141,6 +143,8 @@ func TestFlags(t *testing.T) {
 	want.DNSUpstream = []netip.AddrPort{netip.MustParseAddrPort("9.9.9.9:53"), netip.MustParseAddrPort("[2620:fe::fe]:5353")}
 	want.Boot.TFTPRoot = "/srv/tftp"
 	want.Boot.BootFile = "pxelinux.0"
+	want.Boot.BootFileEFI = "efi/ipxe.efi"
+	want.Boot.IPXEScriptURL = "http://10.0.2.2:8000/boot.ipxe"
 	if !reflect.DeepEqual(r.cfg, want) {
 		t.Fatalf("config\n got %+v\nwant %+v", r.cfg, want)
 	}
@@ -189,6 +193,11 @@ func TestBadInvocations(t *testing.T) {
 		{append(sock, "--connect", "/run/q.sock"), nil, "vunet: --connect: socket and connect are mutually exclusive; set only one"},
 		{sock, map[string]string{"VUNET_CONNECT": "/run/q.sock"}, "vunet: --connect: socket and connect are mutually exclusive; set only one"},
 		{append(sock, "--boot-file", "x.efi"), nil, "vunet: --boot-file: is set but neither boot.tftp_root nor boot.http_boot_url is"},
+		{append(sock, "--boot-file-efi", "x.efi"), nil, "vunet: --boot-file-efi: is set but boot.tftp_root is not"},
+		{append(sock, "--tftp-root", "/srv", "--boot-file-efi", "../x.efi"), nil, `vunet: --boot-file-efi: "../x.efi" must be a relative path inside boot.tftp_root`},
+		{append(sock, "--ipxe-script-url", "ftp://h/boot.ipxe"), nil, `vunet: --ipxe-script-url: "ftp://h/boot.ipxe" is not an http://, https:// or tftp:// URL`},
+		{sock, map[string]string{"VUNET_IPXE_SCRIPT_URL": "boot.ipxe"}, `vunet: --ipxe-script-url: "boot.ipxe" is not an http://, https:// or tftp:// URL`},
+		{append(sock, "--ipxe-script-url", ""), nil, `vunet: --ipxe-script-url "": must not be empty`},
 	}
 	for _, tt := range tests {
 		r := runVunet(t, tt.env, tt.args...)
@@ -303,11 +312,46 @@ log_level = "warn"
 	}
 }
 
+// TestNetbootFlags checks the layering of the UEFI and iPXE boot settings:
+// file, then environment, then flag.
+func TestNetbootFlags(t *testing.T) {
+	file := writeFile(t, "vunet.toml", `
+socket = "/file.sock"
+[boot]
+tftp_root = "/srv/tftp"
+boot_file_efi = "file.efi"
+ipxe_script_url = "tftp://10.0.2.2/file.ipxe"
+`)
+	for _, tt := range []struct {
+		name         string
+		env          map[string]string
+		args         []string
+		efi, ipxeURL string
+	}{
+		{"file", nil, nil, "file.efi", "tftp://10.0.2.2/file.ipxe"},
+		{"env beats file", map[string]string{"VUNET_BOOT_FILE_EFI": "env.efi", "VUNET_IPXE_SCRIPT_URL": "http://10.0.2.2/env.ipxe"}, nil,
+			"env.efi", "http://10.0.2.2/env.ipxe"},
+		{"flag beats env", map[string]string{"VUNET_BOOT_FILE_EFI": "env.efi", "VUNET_IPXE_SCRIPT_URL": "http://10.0.2.2/env.ipxe"},
+			[]string{"--boot-file-efi", "efi/flag.efi", "--ipxe-script-url", "https://boot.example/flag.ipxe"},
+			"efi/flag.efi", "https://boot.example/flag.ipxe"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			r := runVunet(t, tt.env, append([]string{"--config", file}, tt.args...)...)
+			if r.err != nil {
+				t.Fatal(r.line())
+			}
+			if b := r.cfg.Boot; b.BootFileEFI != tt.efi || b.IPXEScriptURL != tt.ipxeURL {
+				t.Errorf("boot_file_efi %q, ipxe_script_url %q; want %q, %q", b.BootFileEFI, b.IPXEScriptURL, tt.efi, tt.ipxeURL)
+			}
+		})
+	}
+}
+
 // TestEveryFlagHasEnvAndKey guards the convention documented in docs/cli.md.
 func TestEveryFlagHasEnvAndKey(t *testing.T) {
 	noKey := map[string]bool{flagConfig: true, flagPrintConfig: true}
 	keyed := map[string]bool{flagOnce: true, flagLogLevel: true, flagLogFormat: true, flagNoIPv6: true, flagNoMapHostLoopback: true}
-	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file"} {
+	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url"} {
 		keyed[flagForKey(key)] = true
 	}
 	for _, f := range runFlags() {

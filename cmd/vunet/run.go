@@ -44,6 +44,8 @@ const (
 	flagDNSUpstream       = "dns-upstream"
 	flagTFTPRoot          = "tftp-root"
 	flagBootFile          = "boot-file"
+	flagBootFileEFI       = "boot-file-efi"
+	flagIPXEScriptURL     = "ipxe-script-url"
 	flagPrintConfig       = "print-config"
 )
 
@@ -70,6 +72,10 @@ func flagForKey(key string) string {
 		return flagTFTPRoot
 	case "boot.boot_file":
 		return flagBootFile
+	case "boot.boot_file_efi":
+		return flagBootFileEFI
+	case "boot.ipxe_script_url":
+		return flagIPXEScriptURL
 	}
 	return ""
 }
@@ -127,6 +133,8 @@ func runFlags() []cli.Flag {
 
 		path(flagTFTPRoot, catBoot, "serve `DIR` over TFTP"),
 		str(flagBootFile, catBoot, "DHCP boot file `NAME` (relative to --tftp-root)", ""),
+		str(flagBootFileEFI, catBoot, "boot file `NAME` for UEFI PXE clients, instead of --boot-file (relative to --tftp-root)", ""),
+		str(flagIPXEScriptURL, catBoot, "boot file `URL` (http, https or tftp) for clients that identify as iPXE, e.g. an iPXE script", ""),
 
 		path(flagAPI, catOps, "serve the control API on unix socket `PATH`"),
 		path(flagPCAP, catOps, "write every guest frame to pcap `FILE`"),
@@ -218,6 +226,8 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 		{flagPCAP, &cfg.PCAP},
 		{flagTFTPRoot, &cfg.Boot.TFTPRoot},
 		{flagBootFile, &cfg.Boot.BootFile},
+		{flagBootFileEFI, &cfg.Boot.BootFileEFI},
+		{flagIPXEScriptURL, &cfg.Boot.IPXEScriptURL},
 	}
 	for _, p := range paths {
 		if !c.IsSet(p.flag) {

@@ -241,7 +241,7 @@ func checkOptions(t *testing.T, r *dhcpv4.DHCPv4, yiaddr string) {
 func TestNetboot(t *testing.T) {
 	p := testnet.New(t, testnet.GuestOptions{})
 	startServer(t, p, func(o *Options) {
-		o.Boot = Boot{TFTPFile: "pxelinux.0", TFTPFileEFI: "bootx64.efi", HTTPURL: "http://10.0.2.2/boot.efi"}
+		o.Boot = Boot{TFTPFile: "pxelinux.0", TFTPFileEFI: "bootx64.efi", HTTPURL: "http://10.0.2.2/boot.efi", IPXEURL: "http://10.0.2.2:8000/boot.ipxe"}
 	})
 	c := newClient(t, p)
 
@@ -259,6 +259,15 @@ func TestNetboot(t *testing.T) {
 			dhcpv4.WithOption(dhcpv4.OptClientArch(iana.INTEL_X86PC))}, "pxelinux.0", "", "10.0.2.2"},
 		{"pxe-efi", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient:Arch:00007:UNDI:003016")),
 			dhcpv4.WithOption(dhcpv4.OptClientArch(iana.EFI_BC))}, "bootx64.efi", "", "10.0.2.2"},
+		{"pxe-efi-x86-64", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient:Arch:00009:UNDI:003016")),
+			dhcpv4.WithOption(dhcpv4.OptClientArch(iana.EFI_X86_64))}, "bootx64.efi", "", "10.0.2.2"},
+		// iPXE (here ipxe.efi, chainloaded by the PXE above) sends a raw
+		// user class "iPXE" and gets the script URL instead of itself.
+		{"ipxe-efi", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient:Arch:00007:UNDI:003010")),
+			dhcpv4.WithOption(dhcpv4.OptClientArch(iana.EFI_BC)),
+			dhcpv4.WithOption(dhcpv4.OptGeneric(dhcpv4.OptionUserClassInformation, []byte("iPXE")))}, "http://10.0.2.2:8000/boot.ipxe", "", "0.0.0.0"},
+		{"ipxe-bios", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClientArch(iana.INTEL_X86PC)),
+			dhcpv4.WithOption(dhcpv4.OptGeneric(dhcpv4.OptionUserClassInformation, []byte("iPXE")))}, "http://10.0.2.2:8000/boot.ipxe", "", "0.0.0.0"},
 		{"http", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("HTTPClient:Arch:00016:UNDI:003001")),
 			dhcpv4.WithOption(dhcpv4.OptClientArch(iana.EFI_X86_64_HTTP))}, "http://10.0.2.2/boot.efi", "HTTPClient", "0.0.0.0"},
 	}
