@@ -114,7 +114,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		return nil, err
 	}
 	if a.DHCP, err = dhcp4.New(dhcp4.Options{
-		Stack: s, NIC: nic, Logger: log.With("service", "dhcp4"),
+		Stack: s, NIC: nic, Logger: log,
 		ServerAddr: cfg.IPv4.Gateway, Prefix: cfg.IPv4.Subnet, Router: cfg.IPv4.Gateway,
 		DNS: []netip.Addr{cfg.IPv4.DNS}, PoolStart: cfg.IPv4.Guest,
 		LeaseTime: cfg.Boot.DHCPLeaseTime, MTU: cfg.MTU,
@@ -129,7 +129,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		return nil, err
 	}
 	if cfg.Boot.TFTPRoot != "" {
-		if a.TFTP, err = tftp.New(tftp.Options{Stack: s, NIC: nic, Logger: log.With("service", "tftp"),
+		if a.TFTP, err = tftp.New(tftp.Options{Stack: s, NIC: nic, Logger: log,
 			Addr: cfg.IPv4.Gateway, Root: cfg.Boot.TFTPRoot}); err != nil {
 			return nil, err
 		}
@@ -177,13 +177,13 @@ func (a *Appliance) startIPv6Services(s *stack.Stack, nic tcpip.NICID) error {
 		return nil
 	}
 	var err error
-	if a.RA, err = ra.New(ra.Options{Stack: s, NIC: nic, Logger: a.log.With("service", "ra"),
+	if a.RA, err = ra.New(ra.Options{Stack: s, NIC: nic, Logger: a.log,
 		Prefix: cfg.IPv6.Subnet, DNS: []netip.Addr{cfg.IPv6.DNS},
 		DomainSearch: cfg.DNSSearch, MTU: cfg.MTU}); err != nil {
 		return err
 	}
 	a.closers = append(a.closers, a.RA.Close)
-	if a.DHCPv6, err = ra.NewDHCPv6(ra.DHCPv6Options{Stack: s, NIC: nic, Logger: a.log.With("service", "dhcpv6"),
+	if a.DHCPv6, err = ra.NewDHCPv6(ra.DHCPv6Options{Stack: s, NIC: nic, Logger: a.log,
 		DNS: []netip.Addr{cfg.IPv6.DNS}, DomainSearch: cfg.DNSSearch}); err != nil {
 		return err
 	}
@@ -209,7 +209,7 @@ func (a *Appliance) startDNS(s *stack.Stack, nic tcpip.NICID) error {
 	}
 	var err error
 	a.DNS, err = dns.New(dns.Options{
-		Stack: s, NIC: nic, Logger: a.log.With("service", "dns"),
+		Stack: s, NIC: nic, Logger: a.log,
 		Listen: listen, Upstreams: upstreams, Static: staticHosts(cfg),
 	})
 	if err != nil {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"math"
 	"net"
 	"net/netip"
 	"net/url"
@@ -399,8 +398,10 @@ func (c *Config) validateBoot(es *Errors) {
 		}
 	}
 	// DHCP carries the lease time in seconds as a uint32 (RFC 2132 §9.2).
-	if b.DHCPLeaseTime < time.Second || b.DHCPLeaseTime > math.MaxUint32*time.Second {
-		es.add("boot.dhcp_lease_time", "%s is out of range 1s..%s", formatDuration(b.DHCPLeaseTime), formatDuration(math.MaxUint32*time.Second))
+	// The DHCP server's own bounds: shorter leases only make clients
+	// renew constantly, longer ones outlive any VM.
+	if b.DHCPLeaseTime < time.Minute || b.DHCPLeaseTime > 365*24*time.Hour {
+		es.add("boot.dhcp_lease_time", "%s is out of range 1m..8760h", formatDuration(b.DHCPLeaseTime))
 	}
 	if b.Hostname != "" && (!validDNSName(b.Hostname) || strings.Contains(strings.TrimSuffix(b.Hostname, "."), ".")) {
 		es.add("boot.hostname", "%q is not a valid host name (one DNS label, no dots)", b.Hostname)
