@@ -347,9 +347,15 @@ func isIPXE(req *dhcpv4.DHCPv4) bool {
 }
 
 // isEFI reports whether the client architecture (option 93) is a UEFI one.
+// The IANA "Processor Architecture Types" registry interleaves UEFI with
+// BIOS, Open Firmware and U-Boot values, so this is a list, not a range.
 func isEFI(req *dhcpv4.DHCPv4) bool {
 	for _, a := range req.ClientArch() {
-		if a >= iana.EFI_IA32 {
+		switch uint16(a) {
+		case 2, 6, 7, 8, 9, 10, 11, // EFI Itanium, IA32, BC, Xscale, x86-64, ARM32, ARM64
+			15, 16, 17, 18, 19, // the same over HTTP
+			25, 26, 27, 28, 29, 30, // RISC-V UEFI (and HTTP)
+			33, 34, 35, 36, 37, 38, 39, 40: // MIPS, Sunway, LoongArch UEFI (and HTTP)
 			return true
 		}
 	}
