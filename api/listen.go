@@ -33,16 +33,11 @@ func Listen(path string) (*net.UnixListener, error) {
 	defer os.Remove(dir)
 	tmp := filepath.Join(dir, "s")
 	if len(tmp) >= maxUnixPath {
-		return listenChmod(path)
+		return listenChmod(path, path)
 	}
-	l, err := listenUnix(tmp)
+	l, err := listenChmod(tmp, path)
 	if err != nil {
-		return nil, fmt.Errorf("api socket %s: %w", path, err)
-	}
-	if err := os.Chmod(tmp, 0o600); err != nil {
-		l.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("api socket %s: %w", path, err)
+		return nil, err
 	}
 	// rename(2) moves the bound inode; clients connecting to path reach
 	// this listener.
@@ -54,14 +49,16 @@ func Listen(path string) (*net.UnixListener, error) {
 	return l, nil
 }
 
-func listenChmod(path string) (*net.UnixListener, error) {
-	l, err := listenUnix(path)
+// listenChmod binds a socket at bind and makes it mode 0600; errors name the
+// API socket path.
+func listenChmod(bind, path string) (*net.UnixListener, error) {
+	l, err := listenUnix(bind)
 	if err != nil {
 		return nil, fmt.Errorf("api socket %s: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	if err := os.Chmod(bind, 0o600); err != nil {
 		l.Close()
-		os.Remove(path)
+		os.Remove(bind)
 		return nil, fmt.Errorf("api socket %s: %w", path, err)
 	}
 	return l, nil

@@ -97,8 +97,12 @@ func TestLinuxGuest(t *testing.T) {
 		}
 		t.Logf("%s: iperf3 UDP 20 Mbit/s for 3 s: lost %d of %d datagrams (%.2f%%), receiver rate %s",
 			name, lost, total, 100*float64(lost)/float64(total), s.Field("rate"))
-		if lost != 0 {
-			t.Errorf("%s: lost %d of %d UDP datagrams, want none", name, lost, total)
+		// On an idle machine both directions lose nothing (see the log
+		// line above). The guest is an emulated CPU sharing two cores with
+		// everything else, so a loaded CI machine may drop a little; more
+		// than 1% means a real problem.
+		if total == 0 || lost*100 > total {
+			t.Errorf("%s: lost %d of %d UDP datagrams, want at most 1%%", name, lost, total)
 		}
 	}
 	if q := e.dns.Queries(); len(q) == 0 {

@@ -122,6 +122,9 @@ func (f *Forwarder) dialGuestUDP(src, dst netip.AddrPort) (*gonet.UDPConn, error
 			return nil, fmt.Errorf("connect %s: %s", dst, terr)
 		}
 		ep.SocketOptions().SetSendBufferSize(hostUDPBuffer, true)
+		// The default receive buffer (tens of KiB) overflows when the host
+		// side is briefly slower than a guest sending at tens of Mbit/s.
+		ep.SocketOptions().SetReceiveBufferSize(hostUDPBuffer, true)
 		return gonet.NewUDPConn(wq, ep), nil
 	}
 	return nil, fmt.Errorf("bind %s: %s", src, lastErr)

@@ -66,6 +66,9 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 		return true
 	}
 	ep.SocketOptions().SetSendBufferSize(hostUDPBuffer, true)
+	// The default receive buffer (tens of KiB) overflows when the host
+	// side is briefly slower than a guest sending at tens of Mbit/s.
+	ep.SocketOptions().SetReceiveBufferSize(hostUDPBuffer, true)
 	fl := &udpFlow{
 		f:         f,
 		guest:     gonet.NewUDPConn(&wq, ep),

@@ -59,13 +59,8 @@ func qemuArgsAction(c *cli.Context) error {
 	if c.IsSet(flagSocket) || c.IsSet(flagConnect) {
 		cfg.Socket, cfg.Connect = c.String(flagSocket), c.String(flagConnect)
 	}
-	if c.IsSet(flagMAC) {
-		v := c.String(flagMAC)
-		mac, err := config.ParseMAC(v)
-		if err != nil {
-			return flagError(flagMAC, v, err)
-		}
-		cfg.MAC = mac
+	if err := parseFlag(c, flagMAC, config.ParseMAC, &cfg.MAC); err != nil {
+		return err
 	}
 	switch {
 	case cfg.Socket == "" && cfg.Connect == "":

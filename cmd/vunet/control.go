@@ -104,28 +104,30 @@ func parseSpecs(c *cli.Context, name string) ([]config.Forward, error) {
 }
 
 func forwardAddAction(c *cli.Context) error {
-	const name = "forward add"
-	fs, err := parseSpecs(c, name)
-	if err != nil {
-		return err
-	}
-	cl, err := apiClient(c, name)
-	if err != nil {
-		return err
-	}
-	defer cl.Close()
-	for n, f := range fs {
-		got, err := cl.AddForward(c.Context, api.Forward{Proto: f.Proto, Host: f.Host, GuestPort: f.GuestPort})
+	return eachForward(c, "forward add", "added", func(cl *api.Client, f api.Forward) error {
+		got, err := cl.AddForward(c.Context, f)
 		if err != nil {
-			return partial(name, f.String(), n, len(fs), "added", err)
+			return err
 		}
 		fmt.Fprintf(c.App.Writer, "added %s (to guest %s)\n", got, got.Guest)
-	}
-	return nil
+		return nil
+	})
 }
 
 func forwardRemoveAction(c *cli.Context) error {
-	const name = "forward remove"
+	return eachForward(c, "forward remove", "removed", func(cl *api.Client, f api.Forward) error {
+		if err := cl.RemoveForward(c.Context, f); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.App.Writer, "removed %s\n", f)
+		return nil
+	})
+}
+
+// eachForward parses the SPEC arguments of command name and applies do to
+// each forward in turn over the API, stopping at the first failure; verb
+// says what was done to the forwards before it.
+func eachForward(c *cli.Context, name, verb string, do func(*api.Client, api.Forward) error) error {
 	fs, err := parseSpecs(c, name)
 	if err != nil {
 		return err
@@ -136,11 +138,9 @@ func forwardRemoveAction(c *cli.Context) error {
 	}
 	defer cl.Close()
 	for n, f := range fs {
-		err := cl.RemoveForward(c.Context, api.Forward{Proto: f.Proto, Host: f.Host, GuestPort: f.GuestPort})
-		if err != nil {
-			return partial(name, f.String(), n, len(fs), "removed", err)
+		if err := do(cl, api.Forward{Proto: f.Proto, Host: f.Host, GuestPort: f.GuestPort}); err != nil {
+			return partial(name, f.String(), n, len(fs), verb, err)
 		}
-		fmt.Fprintf(c.App.Writer, "removed %s\n", f)
 	}
 	return nil
 }

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/vunet/vunet/api"
+	"github.com/vunet/vunet/internal/testutil"
 )
 
 // fakeAPI is an api.Backend recording what the CLI asked for.
@@ -221,24 +222,6 @@ func TestAPIUnreachable(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for a writer and a reader goroutine.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestRunWithAPIAndNotify runs the real appliance the way systemd would
 // (NOTIFY_SOCKET set), drives it with the CLI over --api, then stops it
 // with SIGTERM: READY=1 and STOPPING=1 arrive and both sockets are removed.
@@ -265,7 +248,7 @@ func TestRunWithAPIAndNotify(t *testing.T) {
 
 	vsock, asock := filepath.Join(dir, "vhost.sock"), filepath.Join(dir, "api.sock")
 	app := buildApp(runAppliance)
-	var logs syncBuffer
+	var logs testutil.Buffer
 	app.Writer, app.ErrWriter = &logs, &logs
 	done := make(chan error, 1)
 	go func() {

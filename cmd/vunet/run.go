@@ -257,29 +257,14 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 		}
 		cfg.MTU = n
 	}
-	if c.IsSet(flagMAC) {
-		v := c.String(flagMAC)
-		mac, err := config.ParseMAC(v)
-		if err != nil {
-			return flagError(flagMAC, v, err)
-		}
-		cfg.MAC = mac
+	if err := parseFlag(c, flagMAC, config.ParseMAC, &cfg.MAC); err != nil {
+		return err
 	}
-	if c.IsSet(flagLogLevel) {
-		v := c.String(flagLogLevel)
-		l, err := config.ParseLogLevel(v)
-		if err != nil {
-			return flagError(flagLogLevel, v, err)
-		}
-		cfg.LogLevel = l
+	if err := parseFlag(c, flagLogLevel, config.ParseLogLevel, &cfg.LogLevel); err != nil {
+		return err
 	}
-	if c.IsSet(flagLogFormat) {
-		v := c.String(flagLogFormat)
-		f, err := config.ParseLogFormat(v)
-		if err != nil {
-			return flagError(flagLogFormat, v, err)
-		}
-		cfg.LogFormat = f
+	if err := parseFlag(c, flagLogFormat, config.ParseLogFormat, &cfg.LogFormat); err != nil {
+		return err
 	}
 
 	// Subnets before addresses: SetSubnet moves the gateway, DNS and guest
@@ -327,6 +312,20 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 			cfg.DNSUpstream = append(cfg.DNSUpstream, u)
 		}
 	}
+	return nil
+}
+
+// parseFlag stores parse's value of flag in *dst if the flag was set.
+func parseFlag[T any](c *cli.Context, flag string, parse func(string) (T, error), dst *T) error {
+	if !c.IsSet(flag) {
+		return nil
+	}
+	v := c.String(flag)
+	x, err := parse(v)
+	if err != nil {
+		return flagError(flag, v, err)
+	}
+	*dst = x
 	return nil
 }
 

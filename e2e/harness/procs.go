@@ -1,47 +1,29 @@
 package harness
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
+
+	"github.com/vunet/vunet/internal/testutil"
 )
-
-// Buffer is a goroutine-safe bytes.Buffer for process output.
-type Buffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *Buffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *Buffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // Proc is a child process whose combined output is collected.
 type Proc struct {
 	cmd  *exec.Cmd
-	out  *Buffer
+	out  *testutil.Buffer
 	done chan struct{}
 	err  error
 }
 
 // StartProc starts name with args; it is killed if this process dies.
 func StartProc(name string, args ...string) (*Proc, error) {
-	p := &Proc{out: &Buffer{}, done: make(chan struct{})}
+	p := &Proc{out: &testutil.Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(name, args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

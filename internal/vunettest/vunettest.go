@@ -8,7 +8,6 @@
 package vunettest
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -22,6 +21,7 @@ import (
 	"time"
 
 	"github.com/vunet/vunet/internal/qemutest"
+	"github.com/vunet/vunet/internal/testutil"
 )
 
 // isolatedEnv marks a test binary re-executed inside its own namespace.
@@ -114,7 +114,7 @@ func Binary(t testing.TB) string {
 type Instance struct {
 	Socket string
 	cmd    *exec.Cmd
-	log    *syncBuffer
+	log    *testutil.Buffer
 	done   chan struct{}
 	err    error
 }
@@ -132,7 +132,7 @@ func Start(t testing.TB, args ...string) *Instance {
 func StartAt(t testing.TB, sock string, args ...string) *Instance {
 	t.Helper()
 	bin := Binary(t)
-	in := &Instance{Socket: sock, log: &syncBuffer{}, done: make(chan struct{})}
+	in := &Instance{Socket: sock, log: &testutil.Buffer{}, done: make(chan struct{})}
 	in.cmd = exec.Command(bin, append([]string{"--socket", sock, "--log-level", "debug"}, args...)...)
 	in.cmd.Stdout, in.cmd.Stderr = in.log, in.log
 	in.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -212,21 +212,4 @@ func FreePort(t testing.TB) int {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"strings"
 	"sync"
@@ -269,18 +270,18 @@ func (o *Options) setDefaults() error {
 		}
 	}
 	if o.Hostname != "" {
-		if err := checkDomain(o.Hostname); err != nil {
+		if err := gnet.CheckDomain(o.Hostname); err != nil {
 			return fmt.Errorf("hostname: %w", err)
 		}
 	}
 	if o.DomainName != "" {
-		if err := checkDomain(o.DomainName); err != nil {
+		if err := gnet.CheckDomain(o.DomainName); err != nil {
 			return fmt.Errorf("domain name: %w", err)
 		}
 	}
 	total := 0
 	for _, d := range o.DomainSearch {
-		if err := checkDomain(d); err != nil {
+		if err := gnet.CheckDomain(d); err != nil {
 			return fmt.Errorf("domain search: %w", err)
 		}
 		total += len(d) + 2
@@ -300,21 +301,6 @@ func (o *Options) setDefaults() error {
 	}
 	if o.Boot.NextServer.IsValid() && !o.Boot.NextServer.Is4() {
 		return fmt.Errorf("boot next server %s: want an IPv4 address", o.Boot.NextServer)
-	}
-	return nil
-}
-
-// checkDomain accepts a DNS name of at most 253 characters whose labels are
-// 1..63 characters (a trailing dot is allowed).
-func checkDomain(d string) error {
-	d = strings.TrimSuffix(d, ".")
-	if d == "" || len(d) > 253 {
-		return fmt.Errorf("%q: not a valid domain name", d)
-	}
-	for _, l := range strings.Split(d, ".") {
-		if l == "" || len(l) > 63 {
-			return fmt.Errorf("%q: label %q must be 1..63 characters", d, l)
-		}
 	}
 	return nil
 }
@@ -355,19 +341,13 @@ func (s *Server) Serve(ctx context.Context) error {
 }
 
 func (s *Server) readLoop(c *gnet.UDP) error {
-	buf := make([]byte, maxPacket)
-	for {
-		n, from, err := c.Conn.ReadFrom(buf)
-		if err != nil {
-			select {
-			case <-s.closed:
-				return nil
-			default:
-				return fmt.Errorf("dhcp4: read: %w", err)
-			}
-		}
-		s.handlePacket(buf[:n], from.String())
+	err := c.ReadLoop(maxPacket, s.closed, func(b []byte, from *net.UDPAddr) {
+		s.handlePacket(b, from.String())
+	})
+	if err != nil {
+		return fmt.Errorf("dhcp4: read: %w", err)
 	}
+	return nil
 }
 
 // Close stops the server and releases its endpoints. It is safe to call more

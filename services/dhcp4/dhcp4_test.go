@@ -2,9 +2,6 @@ package dhcp4
 
 import (
 	"context"
-	"errors"
-	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
@@ -20,20 +17,6 @@ import (
 	"github.com/vunet/vunet/services/internal/gnet"
 	"github.com/vunet/vunet/services/internal/testnet"
 )
-
-func testLogger(t *testing.T) *slog.Logger {
-	if testing.Verbose() {
-		return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(b []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(b)))
-	return len(b), nil
-}
 
 // client is a DHCP client on the guest stack: the guest has no address, so
 // like gVisor's former DHCP client it temporarily owns 0.0.0.0/0, which lets
@@ -105,7 +88,7 @@ var bcast = netip.MustParseAddr("255.255.255.255")
 
 func startServer(t *testing.T, p *testnet.Pair, mod func(*Options)) *Server {
 	t.Helper()
-	opts := Options{Stack: p.Server, NIC: testnet.NIC, Logger: testLogger(t)}
+	opts := Options{Stack: p.Server, NIC: testnet.NIC, Logger: testnet.Logger(t)}
 	if mod != nil {
 		mod(&opts)
 	}
@@ -113,15 +96,7 @@ func startServer(t *testing.T, p *testnet.Pair, mod func(*Options)) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	testnet.Serve(t, s)
 	return s
 }
 
@@ -201,7 +176,7 @@ func TestDORA(t *testing.T) {
 	// RELEASE frees the lease.
 	rel, _ := dhcpv4.NewReleaseFromACK(ack)
 	c.expectSilence(rel)
-	waitFor(t, func() bool { return s.Stats().ActiveLeases == 0 })
+	testnet.WaitFor(t, func() bool { return s.Stats().ActiveLeases == 0 })
 }
 
 func checkOptions(t *testing.T, r *dhcpv4.DHCPv4, yiaddr string) {
@@ -294,7 +269,7 @@ func TestNetboot(t *testing.T) {
 }
 
 func TestPoolExhaustionAndExpiry(t *testing.T) {
-	s, err := New(Options{PoolSize: 2, Logger: testLogger(t)})
+	s, err := New(Options{PoolSize: 2, Logger: testnet.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -366,7 +341,7 @@ func TestOptionsValidation(t *testing.T) {
 
 func TestServeStopsOnClose(t *testing.T) {
 	p := testnet.New(t, testnet.GuestOptions{})
-	s, err := New(Options{Stack: p.Server, NIC: testnet.NIC, Logger: testLogger(t)})
+	s, err := New(Options{Stack: p.Server, NIC: testnet.NIC, Logger: testnet.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -388,15 +363,4 @@ func TestServeStopsOnClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	s2.Close()
-}
-
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	for i := 0; i < 200; i++ {
-		if cond() {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Fatal(errors.New("condition not met in time"))
 }

@@ -273,17 +273,9 @@ func (s *Server) Stats() Stats {
 }
 
 func (s *Server) serveUDP(ctx context.Context, u *gnet.UDP) error {
-	buf := make([]byte, maxUDPRead)
-	for {
-		n, from, err := u.Conn.ReadFrom(buf)
-		if err != nil {
-			if s.isClosed() {
-				return nil
-			}
-			return fmt.Errorf("dns: read udp: %w", err)
-		}
+	err := u.ReadLoop(maxUDPRead, s.closed, func(b []byte, from *net.UDPAddr) {
 		s.stats.queries.Add(1)
-		q := append([]byte(nil), buf[:n]...)
+		q := append([]byte(nil), b...)
 		select {
 		case s.sem <- struct{}{}:
 		default:
@@ -293,7 +285,7 @@ func (s *Server) serveUDP(ctx context.Context, u *gnet.UDP) error {
 			if r := s.errorReply(q, mdns.RcodeServerFailure); r != nil {
 				u.Conn.WriteTo(r, from)
 			}
-			continue
+			return
 		}
 		s.wg.Add(1)
 		go func() {
@@ -307,7 +299,11 @@ func (s *Server) serveUDP(ctx context.Context, u *gnet.UDP) error {
 				s.log.Debug("dns: write udp reply", "to", from, "err", err)
 			}
 		}()
+	})
+	if err != nil {
+		return fmt.Errorf("dns: read udp: %w", err)
 	}
+	return nil
 }
 
 func (s *Server) serveTCP(ctx context.Context, l *gonet.TCPListener) error {

@@ -3,8 +3,6 @@ package dns
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -22,20 +20,6 @@ import (
 	"github.com/vunet/vunet/services/internal/gnet"
 	"github.com/vunet/vunet/services/internal/testnet"
 )
-
-func testLogger(t *testing.T) *slog.Logger {
-	if testing.Verbose() {
-		return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(b []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(b)))
-	return len(b), nil
-}
 
 // upstream runs a miekg/dns server on 127.0.0.1 (UDP and TCP, same port)
 // with a fixed zone. The addresses in it are test data only; nothing is sent
@@ -141,7 +125,7 @@ func setup(t *testing.T, opts Options) *env {
 	p := testnet.New(t, testnet.GuestOptions{})
 	p.ConfigureGuest(t, netip.MustParsePrefix("10.0.2.15/24"))
 	p.ConfigureGuest(t, netip.MustParsePrefix("fd00::15/64"))
-	opts.Stack, opts.NIC, opts.Logger = p.Server, testnet.NIC, testLogger(t)
+	opts.Stack, opts.NIC, opts.Logger = p.Server, testnet.NIC, testnet.Logger(t)
 	if opts.Static == nil {
 		opts.Static = map[string][]netip.Addr{
 			"host.vunet.internal":    {netip.MustParseAddr("10.0.2.2"), netip.MustParseAddr("fd00::2")},
@@ -152,15 +136,7 @@ func setup(t *testing.T, opts Options) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	testnet.Serve(t, s)
 	return &env{t: t, p: p, srv: s}
 }
 
@@ -372,7 +348,7 @@ func TestOverload(t *testing.T) {
 }
 
 func TestMalformed(t *testing.T) {
-	s, err := New(Options{Logger: testLogger(t)})
+	s, err := New(Options{Logger: testnet.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

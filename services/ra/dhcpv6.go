@@ -98,7 +98,7 @@ func NewDHCPv6(opts DHCPv6Options) (*DHCPv6, error) {
 		}
 	}
 	for _, d := range opts.DomainSearch {
-		if err := checkDomain(d); err != nil {
+		if err := gnet.CheckDomain(d); err != nil {
 			return nil, fmt.Errorf("dhcpv6: domain search: %w", err)
 		}
 	}
@@ -140,26 +140,16 @@ func (s *DHCPv6) Serve(ctx context.Context) error {
 		case <-s.closed:
 		}
 	}()
-	buf := make([]byte, 1500)
-	for {
-		n, from, err := s.conn.Conn.ReadFrom(buf)
-		if err != nil {
-			select {
-			case <-s.closed:
-				return nil
-			default:
-				return fmt.Errorf("dhcpv6: read: %w", err)
-			}
-		}
-		src, ok := from.(*net.UDPAddr)
-		if !ok {
-			continue
-		}
+	err := s.conn.ReadLoop(1500, s.closed, func(b []byte, from *net.UDPAddr) {
 		s.received.Add(1)
-		if reply := s.handle(buf[:n]); reply != nil {
-			s.send(reply, src.AddrPort())
+		if reply := s.handle(b); reply != nil {
+			s.send(reply, from.AddrPort())
 		}
+	})
+	if err != nil {
+		return fmt.Errorf("dhcpv6: read: %w", err)
 	}
+	return nil
 }
 
 // handle returns the reply to one datagram, or nil. It recovers from panics

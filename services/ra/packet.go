@@ -2,7 +2,6 @@ package ra
 
 import (
 	"encoding/binary"
-	"fmt"
 	"net/netip"
 	"strings"
 	"time"
@@ -122,21 +121,6 @@ func encodeName(d string) []byte {
 		out = append(out, l...)
 	}
 	return append(out, 0)
-}
-
-// checkDomain accepts a DNS name of at most 253 characters with labels of
-// 1..63 characters.
-func checkDomain(d string) error {
-	d = strings.TrimSuffix(d, ".")
-	if d == "" || len(d) > 253 {
-		return fmt.Errorf("%q: not a valid domain name", d)
-	}
-	for _, l := range strings.Split(d, ".") {
-		if l == "" || len(l) > 63 {
-			return fmt.Errorf("%q: label %q must be 1..63 characters", d, l)
-		}
-	}
-	return nil
 }
 
 // ipv6Packet wraps an ICMPv6 body into an IPv6 packet from src to dst with

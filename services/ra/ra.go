@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/vunet/vunet/services/internal/gnet"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -206,7 +207,7 @@ func (o *Options) setDefaults() error {
 	}
 	total := 8
 	for _, d := range o.DomainSearch {
-		if err := checkDomain(d); err != nil {
+		if err := gnet.CheckDomain(d); err != nil {
 			return fmt.Errorf("domain search: %w", err)
 		}
 		total += len(d) + 2

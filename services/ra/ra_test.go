@@ -2,10 +2,7 @@ package ra
 
 import (
 	"bytes"
-	"context"
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
@@ -25,20 +22,6 @@ import (
 	"github.com/vunet/vunet/services/internal/gnet"
 	"github.com/vunet/vunet/services/internal/testnet"
 )
-
-func testLogger(t *testing.T) *slog.Logger {
-	if testing.Verbose() {
-		return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(b []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(b)))
-	return len(b), nil
-}
 
 // recorder is the guest's NDP dispatcher: it records what an OS would act
 // on, and installs discovered routes like an OS would.
@@ -118,28 +101,14 @@ func slaacGuest(t *testing.T) (*testnet.Pair, *recorder) {
 	return p, rec
 }
 
-func serve(t *testing.T, srv interface {
-	Serve(context.Context) error
-}) {
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
-}
-
 func TestSLAAC(t *testing.T) {
 	p, rec := slaacGuest(t)
-	s, err := New(Options{Stack: p.Server, NIC: testnet.NIC, Logger: testLogger(t),
+	s, err := New(Options{Stack: p.Server, NIC: testnet.NIC, Logger: testnet.Logger(t),
 		MTU: 1400, DomainSearch: []string{"vunet.internal", "example.com"}, Interval: 30 * time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
-	serve(t, s)
+	testnet.Serve(t, s)
 
 	deadline := time.Now().Add(10 * time.Second)
 	var global tcpip.AddressWithPrefix
@@ -216,13 +185,13 @@ func TestSLAAC(t *testing.T) {
 
 func TestSolicitation(t *testing.T) {
 	p, _ := slaacGuest(t)
-	s, err := New(Options{Stack: p.Server, NIC: testnet.NIC, Logger: testLogger(t), Interval: 30 * time.Minute})
+	s, err := New(Options{Stack: p.Server, NIC: testnet.NIC, Logger: testnet.Logger(t), Interval: 30 * time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
 	s.minGap = 100 * time.Millisecond
-	serve(t, s)
-	waitFor(t, func() bool { return s.Stats().Sent >= 1 })
+	testnet.Serve(t, s)
+	testnet.WaitFor(t, func() bool { return s.Stats().Sent >= 1 })
 	time.Sleep(200 * time.Millisecond)
 	sent := s.Stats().Sent
 
@@ -240,7 +209,7 @@ func TestSolicitation(t *testing.T) {
 		ControlMessages: tcpip.SendableControlMessages{HasHopLimit: true, HopLimit: 255}}); terr != nil {
 		t.Fatal(terr)
 	}
-	waitFor(t, func() bool { st := s.Stats(); return st.Solicitations >= 1 && st.Sent > sent })
+	testnet.WaitFor(t, func() bool { st := s.Stats(); return st.Solicitations >= 1 && st.Sent > sent })
 
 	// A solicitation with a forged hop limit (routed from off-link) is ignored.
 	n := s.Stats().Solicitations
@@ -249,17 +218,6 @@ func TestSolicitation(t *testing.T) {
 	if got := s.Stats().Solicitations; got != n {
 		t.Errorf("solicitation with hop limit 64 counted")
 	}
-}
-
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	for range 500 {
-		if cond() {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Fatal("condition not met in time")
 }
 
 func TestBuildRA(t *testing.T) {
@@ -343,11 +301,11 @@ func TestOptionsValidation(t *testing.T) {
 func TestDHCPv6InformationRequest(t *testing.T) {
 	p, rec := slaacGuest(t)
 	_ = rec
-	srv, err := NewDHCPv6(DHCPv6Options{Stack: p.Server, NIC: testnet.NIC, Logger: testLogger(t), DomainSearch: []string{"vunet.internal"}})
+	srv, err := NewDHCPv6(DHCPv6Options{Stack: p.Server, NIC: testnet.NIC, Logger: testnet.Logger(t), DomainSearch: []string{"vunet.internal"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	serve(t, srv)
+	testnet.Serve(t, srv)
 
 	// The guest's link-local address (EUI-64) is its DHCPv6 source.
 	ll := netip.MustParseAddr("fe80::5054:ff:fe12:3456")

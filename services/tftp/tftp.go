@@ -178,49 +178,42 @@ func (s *Server) Serve(ctx context.Context) error {
 		}
 	}()
 	defer s.wg.Wait()
-	buf := make([]byte, maxRequest+1)
-	for {
-		n, from, err := s.conn.Conn.ReadFrom(buf)
-		if err != nil {
-			select {
-			case <-s.closed:
-				return nil
-			default:
-				return fmt.Errorf("tftp: read: %w", err)
-			}
-		}
-		ua, ok := from.(*net.UDPAddr)
-		if !ok {
-			continue
-		}
-		client := ua.AddrPort()
-		s.stats.requests.Add(1)
-		req, err := parseRequest(buf[:n])
-		if err != nil {
-			s.stats.malformed.Add(1)
-			s.log.Debug("tftp: bad request", "from", client, "err", err)
-			s.conn.Conn.WriteTo(errorPacket(errIllegalOp, "malformed request"), from)
-			continue
-		}
-		if req.op == opWRQ {
-			s.stats.denied.Add(1)
-			s.conn.Conn.WriteTo(errorPacket(errAccess, "read-only server"), from)
-			continue
-		}
-		select {
-		case s.sem <- struct{}{}:
-		default:
-			s.stats.busy.Add(1)
-			s.conn.Conn.WriteTo(errorPacket(errUndefined, "server busy, try again"), from)
-			continue
-		}
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			defer func() { <-s.sem }()
-			s.transfer(req, client)
-		}()
+	if err := s.conn.ReadLoop(maxRequest+1, s.closed, s.request); err != nil {
+		return fmt.Errorf("tftp: read: %w", err)
 	}
+	return nil
+}
+
+// request answers one datagram to port 69: an error packet, or a transfer
+// started from its own endpoint.
+func (s *Server) request(b []byte, from *net.UDPAddr) {
+	client := from.AddrPort()
+	s.stats.requests.Add(1)
+	req, err := parseRequest(b)
+	if err != nil {
+		s.stats.malformed.Add(1)
+		s.log.Debug("tftp: bad request", "from", client, "err", err)
+		s.conn.Conn.WriteTo(errorPacket(errIllegalOp, "malformed request"), from)
+		return
+	}
+	if req.op == opWRQ {
+		s.stats.denied.Add(1)
+		s.conn.Conn.WriteTo(errorPacket(errAccess, "read-only server"), from)
+		return
+	}
+	select {
+	case s.sem <- struct{}{}:
+	default:
+		s.stats.busy.Add(1)
+		s.conn.Conn.WriteTo(errorPacket(errUndefined, "server busy, try again"), from)
+		return
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer func() { <-s.sem }()
+		s.transfer(req, client)
+	}()
 }
 
 // Close stops the server and aborts running transfers; it is safe to call

@@ -2,16 +2,12 @@ package tftp
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
-	"io"
-	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -20,20 +16,6 @@ import (
 	"github.com/vunet/vunet/services/internal/gnet"
 	"github.com/vunet/vunet/services/internal/testnet"
 )
-
-func testLogger(t *testing.T) *slog.Logger {
-	if testing.Verbose() {
-		return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(b []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(b)))
-	return len(b), nil
-}
 
 type env struct {
 	t    *testing.T
@@ -56,7 +38,7 @@ func setup(t *testing.T, mod func(*Options)) *env {
 
 	p := testnet.New(t, testnet.GuestOptions{})
 	p.ConfigureGuest(t, netip.MustParsePrefix("10.0.2.15/24"))
-	opts := Options{Stack: p.Server, NIC: testnet.NIC, Logger: testLogger(t), Root: root}
+	opts := Options{Stack: p.Server, NIC: testnet.NIC, Logger: testnet.Logger(t), Root: root}
 	if mod != nil {
 		mod(&opts)
 	}
@@ -64,15 +46,7 @@ func setup(t *testing.T, mod func(*Options)) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	testnet.Serve(t, s)
 	return &env{t: t, p: p, srv: s, root: root, outside: outside}
 }
 
@@ -228,7 +202,7 @@ func TestTransfer(t *testing.T) {
 		t.Errorf("netascii = %q", data)
 	}
 
-	waitFor(t, func() bool { return e.srv.Stats().Completed == 4 && e.srv.Stats().Active == 0 })
+	testnet.WaitFor(t, func() bool { return e.srv.Stats().Completed == 4 && e.srv.Stats().Active == 0 })
 	if st := e.srv.Stats(); st.BytesSent != 5000*2+1024+7 {
 		t.Errorf("stats = %+v", st)
 	}
@@ -290,7 +264,7 @@ func TestRetransmission(t *testing.T) {
 		}
 	}
 	// Never acknowledge block 2: the server gives up after its retries.
-	waitFor(t, func() bool { return e.srv.Stats().Failed == 1 })
+	testnet.WaitFor(t, func() bool { return e.srv.Stats().Failed == 1 })
 	if st := e.srv.Stats(); st.Retransmissions < 3 || st.Active != 0 {
 		t.Errorf("stats = %+v", st)
 	}
@@ -324,15 +298,4 @@ func TestOptionsValidation(t *testing.T) {
 			t.Logf("case %d: %v", i, err)
 		}
 	}
-}
-
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	for range 500 {
-		if cond() {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Fatal("condition not met in time")
 }

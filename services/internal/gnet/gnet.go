@@ -1,12 +1,15 @@
 // Package gnet holds the small amount of gVisor plumbing the services share:
-// address conversion and creating UDP endpoints with the socket options that
+// address conversion, creating UDP endpoints with the socket options that
 // gonet's helpers do not expose (SO_BROADCAST, SO_REUSEADDR, SO_BINDTODEVICE,
-// multicast membership).
+// multicast membership) and reading from them; and the check of the domain
+// names they hand out.
 package gnet
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
+	"strings"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -112,4 +115,41 @@ func ListenUDP(s *stack.Stack, nic tcpip.NICID, proto tcpip.NetworkProtocolNumbe
 		}
 	}
 	return &UDP{Conn: gonet.NewUDPConn(&wq, ep), EP: ep}, nil
+}
+
+// ReadLoop reads datagrams from u and passes each to handle until a read
+// fails. The buffer, of bufSize bytes, is reused: handle must be done with b
+// when it returns. ReadLoop returns nil if closed is closed by the time the
+// read fails (the owner shut down and closed u), the read error otherwise.
+func (u *UDP) ReadLoop(bufSize int, closed <-chan struct{}, handle func(b []byte, from *net.UDPAddr)) error {
+	buf := make([]byte, bufSize)
+	for {
+		n, from, err := u.Conn.ReadFrom(buf)
+		if err != nil {
+			select {
+			case <-closed:
+				return nil
+			default:
+				return err
+			}
+		}
+		if ua, ok := from.(*net.UDPAddr); ok { // gonet always gives one
+			handle(buf[:n], ua)
+		}
+	}
+}
+
+// CheckDomain accepts a DNS name of at most 253 characters whose labels are
+// 1..63 characters (a trailing dot is allowed).
+func CheckDomain(d string) error {
+	d = strings.TrimSuffix(d, ".")
+	if d == "" || len(d) > 253 {
+		return fmt.Errorf("%q: not a valid domain name", d)
+	}
+	for _, l := range strings.Split(d, ".") {
+		if l == "" || len(l) > 63 {
+			return fmt.Errorf("%q: label %q must be 1..63 characters", d, l)
+		}
+	}
+	return nil
 }

@@ -1,12 +1,18 @@
 // Package testnet builds a pair of gVisor stacks joined by an in-memory
 // Ethernet link, for the services' tests: one "appliance" side configured the
 // way vunet configures its stack (promiscuous, spoofing, gateway and DNS
-// addresses assigned) and one bare "guest" side.
+// addresses assigned) and one bare "guest" side; and the logger, Serve
+// goroutine and polling the service tests share.
 package testnet
 
 import (
+	"context"
+	"io"
+	"log/slog"
 	"net/netip"
+	"strings"
 	"testing"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -126,6 +132,50 @@ func (p *Pair) ConfigureGuest(t testing.TB, addr netip.Prefix) {
 // FullAddr converts an AddrPort to a gVisor address on NIC.
 func FullAddr(ap netip.AddrPort) tcpip.FullAddress {
 	return tcpip.FullAddress{NIC: NIC, Addr: tcpip.AddrFromSlice(ap.Addr().AsSlice()), Port: ap.Port()}
+}
+
+// Logger returns a logger for a service under test: debug output through
+// t.Log with -v, discarded otherwise.
+func Logger(t testing.TB) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(b)))
+	return len(b), nil
+}
+
+// Serve runs srv.Serve in a goroutine until the test ends; the cleanup
+// cancels its context, waits for it to return and reports any error.
+func Serve(t testing.TB, srv interface{ Serve(context.Context) error }) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+}
+
+// WaitFor polls cond every 10ms and fails the test if it is still false
+// after 5s.
+func WaitFor(t testing.TB, cond func() bool) {
+	t.Helper()
+	for range 500 {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("condition not met in time")
 }
 
 func must(t testing.TB, err tcpip.Error) {
