@@ -6,7 +6,7 @@ FUZZTIME  ?= 10s
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X github.com/vunet/vunet/internal/version.Version=$(VERSION)
 
-.PHONY: all build test test-short fuzz-smoke bench lint demo guest help clean
+.PHONY: all build test test-short fuzz-smoke bench lint demo guest man help clean
 
 all: build
 
@@ -52,6 +52,10 @@ lint:
 
 demo: build
 	./scripts/demo.sh
+
+# The man page is generated from the CLI definition.
+man: build
+	$(BIN) man > docs/vunet.8
 
 clean:
 	rm -rf bin build

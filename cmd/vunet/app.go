@@ -45,6 +45,7 @@ func buildApp(run runFunc) *cli.App {
 			statsCommand(),
 			completionCommand(),
 			versionCommand(),
+			manCommand(),
 		},
 		OnUsageError: onUsageError,
 		// main prints the error and chooses the exit code; urfave must not

@@ -547,3 +547,17 @@ func TestValidMemSize(t *testing.T) {
 		}
 	}
 }
+
+func TestManPage(t *testing.T) {
+	var out bytes.Buffer
+	app := newApp()
+	app.Writer = &out
+	if err := app.Run([]string{"vunet", "man"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{".SH NAME", "vunet", "--socket", "--forward", "qemu-args"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("man page lacks %q", want)
+		}
+	}
+}

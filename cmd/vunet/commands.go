@@ -161,6 +161,24 @@ func versionCommand() *cli.Command {
 	}
 }
 
+// manCommand prints a man page generated from the CLI definition itself,
+// so the page cannot drift from the flags (make man writes docs/vunet.8).
+func manCommand() *cli.Command {
+	return &cli.Command{
+		Name:   "man",
+		Usage:  "print the vunet(8) man page (roff)",
+		Hidden: true,
+		Action: func(c *cli.Context) error {
+			page, err := c.App.ToMan()
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprint(c.App.Writer, page)
+			return err
+		},
+	}
+}
+
 // bashCompletion asks vunet itself for candidates (urfave/cli's
 // --generate-bash-completion protocol): subcommand names, or flag names when
 // the word being completed starts with '-'.
