@@ -16,13 +16,12 @@ package boot
 
 import (
 	"flag"
-	"fmt"
 	"os"
 	"os/exec"
-	"strconv"
 	"strings"
 	"testing"
 
+	"github.com/vunet/vunet/internal/qemutest"
 	"github.com/vunet/vunet/internal/vunettest"
 )
 
@@ -65,23 +64,7 @@ func setup(t *testing.T, need ...string) {
 	}
 }
 
-// unavailable skips the test loudly, or fails it when CI is set: there a
-// missing package means a broken CI image, not a developer's machine.
 func unavailable(t *testing.T, format string, args ...any) {
 	t.Helper()
-	msg := fmt.Sprintf(format, args...)
-	if ciEnabled() {
-		t.Fatalf("%s\n(CI is set, so a missing dependency is a failure, not a skip)", msg)
-	}
-	bar := strings.Repeat("!", 72)
-	t.Skipf("\n%s\n!!! SKIPPING BOOT-CLIENT TEST: %s\n!!! Run scripts/install-deps.sh as root to enable it (with CI=true this is a failure).\n%s", bar, msg, bar)
-}
-
-func ciEnabled() bool {
-	v := os.Getenv("CI")
-	if v == "" {
-		return false
-	}
-	b, err := strconv.ParseBool(v)
-	return err != nil || b
+	qemutest.Unavailable(t, "BOOT-CLIENT TEST", format, args...)
 }

@@ -91,11 +91,11 @@ func RepoRoot() (string, error) {
 func EnsureGuest(t testing.TB) (kernel, initrd string) {
 	t.Helper()
 	if _, err := exec.LookPath(QEMUBinary); err != nil {
-		unavailable(t, "%s not found in PATH (apt-get install qemu-system-x86, or run scripts/install-deps.sh)", QEMUBinary)
+		unavailable(t, "qemutest: %s not found in PATH (apt-get install qemu-system-x86, or run scripts/install-deps.sh)", QEMUBinary)
 	}
 	kernel, initrd, log, err := buildGuest()
 	if err != nil {
-		unavailable(t, "cannot build the test guest: %v\n%s", err, strings.TrimSpace(log))
+		unavailable(t, "qemutest: cannot build the test guest: %v\n%s", err, strings.TrimSpace(log))
 	}
 	if log != "" && !strings.Contains(log, "up to date") {
 		t.Logf("qemutest: %s", strings.TrimSpace(log))
@@ -103,21 +103,27 @@ func EnsureGuest(t testing.TB) (kernel, initrd string) {
 	return kernel, initrd
 }
 
-// unavailable skips the test loudly, or fails it under CI where a missing
-// QEMU means a broken CI image rather than a developer machine without it.
 func unavailable(t testing.TB, format string, args ...any) {
 	t.Helper()
-	msg := fmt.Sprintf(format, args...)
-	if ciEnabled() {
-		t.Fatalf("qemutest: %s\n(CI is set, so a missing QEMU guest is a failure, not a skip)", msg)
-	}
-	bar := strings.Repeat("!", 72)
-	t.Skipf("\n%s\n!!! SKIPPING REAL-QEMU TEST: %s\n!!! Run scripts/install-deps.sh as root to enable it (with CI=true this is a failure).\n%s", bar, msg, bar)
+	Unavailable(t, "REAL-QEMU TEST", format, args...)
 }
 
-// ciEnabled reports whether the CI environment variable asks for strictness:
+// Unavailable skips the test loudly, or fails it under CI where a missing
+// dependency means a broken CI image rather than a developer machine
+// without it. kind names the test family in the skip banner.
+func Unavailable(t testing.TB, kind, format string, args ...any) {
+	t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	if CIEnabled() {
+		t.Fatalf("%s\n(CI is set, so a missing dependency is a failure, not a skip)", msg)
+	}
+	bar := strings.Repeat("!", 72)
+	t.Skipf("\n%s\n!!! SKIPPING %s: %s\n!!! Run scripts/install-deps.sh as root to enable it (with CI=true this is a failure).\n%s", bar, kind, msg, bar)
+}
+
+// CIEnabled reports whether the CI environment variable asks for strictness:
 // any non-empty value except one that parses as false ("false", "0").
-func ciEnabled() bool {
+func CIEnabled() bool {
 	v := os.Getenv("CI")
 	if v == "" {
 		return false
