@@ -90,8 +90,10 @@ func (r *rxState) drainLocked(e *Endpoint, q *virtqueue.Queue) bool {
 	defer q.Unlock()
 	r.drain(e, q)
 	// Ask for a kick only while packets wait; then re-check, or a kick
-	// that raced with the drain would be lost.
-	return len(r.backlog) > 0 && q.EnableKicks()
+	// that raced with the drain would be lost. ArmKick, not EnableKicks:
+	// buffers may be available but too few for the next frame, and then
+	// only the guest's next addition can help.
+	return len(r.backlog) > 0 && q.ArmKick()
 }
 
 // drain writes backlogged packets while buffers last. Callers hold mu and
@@ -165,7 +167,7 @@ func (r *rxState) writeList(e *Endpoint, list []*stack.PacketBuffer) {
 	if q.Flush() {
 		q.Notify()
 	}
-	if len(r.backlog) > 0 && q.EnableKicks() {
+	if len(r.backlog) > 0 && q.ArmKick() {
 		// Buffers arrived while we were queueing: wake the worker
 		// through its own kick so that it drains now.
 		r.kick.Signal()

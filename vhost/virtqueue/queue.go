@@ -407,6 +407,27 @@ func (q *Queue) EnableKicks() bool {
 	return q.Pending() > 0
 }
 
+// ArmKick asks the guest to notify us when it adds anything beyond what it
+// has made available so far, and reports whether it already did. Unlike
+// EnableKicks it does not count buffers we have seen but could not use: an
+// RX frame that needs more buffers than are available must wait for the
+// next addition, and with EVENT_IDX a kick is only sent when the guest's
+// index crosses avail_event, so avail_event must be the guest's index, not
+// our (rewound) position.
+func (q *Queue) ArmKick() bool {
+	if !q.Ready() {
+		return false
+	}
+	idx := ringatomic.Load16(q.avail, 2)
+	if q.cfg.EventIdx {
+		ringatomic.Store16(q.used, 4+8*int(q.cfg.Size), idx)
+	} else {
+		ringatomic.Store16(q.used, 0, ringatomic.Load16(q.used, 0)&^usedFNoNotify)
+	}
+	// The atomics order the store above before this reload.
+	return ringatomic.Load16(q.avail, 2) != idx
+}
+
 // DisableKicks tells the guest that we are polling and need no kicks. With
 // EVENT_IDX this is implicit (avail_event is left behind), so nothing is
 // written.

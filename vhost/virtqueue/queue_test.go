@@ -319,3 +319,29 @@ func BenchmarkPopPush(b *testing.B) {
 		d.Reap()
 	}
 }
+
+// TestArmKickWithUnusableBuffers: buffers that are available but were
+// rewound (too few for a frame) must not count as "new", and the guest must
+// be asked to kick on its next addition.
+func TestArmKickWithUnusableBuffers(t *testing.T) {
+	d := vqt.New(1<<20, 16, true)
+	q := d.Queue(nil)
+	for i := 0; i < 3; i++ {
+		d.Post(nil, nil, []int{100}, false)
+	}
+	var e virtqueue.Element
+	for i := 0; i < 3; i++ {
+		q.Pop(&e)
+	}
+	q.Rewind(3) // the frame needed four
+	if q.ArmKick() {
+		t.Fatal("ArmKick reported new buffers")
+	}
+	if d.AvailEvent() != 3 {
+		t.Fatalf("avail_event %d, want 3 (the guest's index)", d.AvailEvent())
+	}
+	d.Post(nil, nil, []int{100}, false)
+	if q.Pending() != 4 {
+		t.Fatalf("pending %d, want 4", q.Pending())
+	}
+}
