@@ -1,0 +1,424 @@
+package perf
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vunet/vunet/internal/qemutest"
+	"github.com/vunet/vunet/internal/vunettest"
+)
+
+// Addressing inside the namespace. passt copies the address and default
+// route of a host interface, so the test gives it a fake uplink (a veth
+// pair); its guest then reaches the host's loopback through the gateway
+// (passt maps the gateway address to the host by default; --no-map-gw would
+// turn that off).
+const (
+	fakeIf      = "perf0"
+	fakeAddr    = "192.0.2.1/24"
+	fakeGateway = "192.0.2.254"
+
+	vunetTarget   = "10.0.2.2"        // vunet's gateway, mapped to 127.0.0.1
+	passtTarget   = fakeGateway       // passt's gateway, mapped to 127.0.0.1
+	gvproxyTarget = "192.168.127.254" // gvproxy's "host" address, NAT to 127.0.0.1
+)
+
+// backendSpec is one column of the comparison: a backend and its options.
+type backendSpec struct {
+	Kind string // vunet, passt or gvproxy
+	MTU  int    // 0: the backend's default
+}
+
+func (b backendSpec) String() string {
+	if b.MTU == 0 {
+		return b.Kind
+	}
+	return fmt.Sprintf("%s:mtu=%d", b.Kind, b.MTU)
+}
+
+// parseBackends reads a comma-separated list such as
+// "vunet,passt,gvproxy,vunet:mtu=65520".
+func parseBackends(s string) ([]backendSpec, error) {
+	var out []backendSpec
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		kind, opts, _ := strings.Cut(f, ":")
+		switch kind {
+		case "vunet", "passt", "gvproxy":
+		default:
+			return nil, fmt.Errorf("unknown backend %q (want vunet, passt or gvproxy)", kind)
+		}
+		spec := backendSpec{Kind: kind}
+		if opts != "" {
+			v, ok := strings.CutPrefix(opts, "mtu=")
+			n, err := strconv.Atoi(v)
+			if !ok || err != nil || n < 576 || n > 65520 {
+				return nil, fmt.Errorf("backend %q: the only option is mtu=N (576..65520)", f)
+			}
+			spec.MTU = n
+		}
+		out = append(out, spec)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no backends in %q", s)
+	}
+	return out, nil
+}
+
+// binaries are the backend executables, resolved once.
+type binaries struct {
+	vunet, passt, gvproxy string
+	missing               map[string]string // kind -> why unavailable
+}
+
+// findBinaries locates the three backends. vunet is built from this tree
+// (vunettest.Binary) unless VUNET_PERF_VUNET names a binary; passt comes from
+// VUNET_PERF_PASST or PATH; gvproxy from VUNET_PERF_GVPROXY, build/perf/gvproxy
+// (where scripts/bench-compare.sh builds it) or PATH.
+func findBinaries(t *testing.T, root string) *binaries {
+	b := &binaries{missing: map[string]string{}}
+	if p := os.Getenv("VUNET_PERF_VUNET"); p != "" {
+		b.vunet = p
+	} else {
+		b.vunet = vunettest.Binary(t)
+	}
+	look := func(kind, env string, candidates ...string) string {
+		if p := os.Getenv(env); p != "" {
+			if _, err := os.Stat(p); err != nil {
+				b.missing[kind] = fmt.Sprintf("%s=%s: %v", env, p, err)
+				return ""
+			}
+			return p
+		}
+		for _, c := range candidates {
+			if _, err := os.Stat(c); err == nil {
+				return c
+			}
+		}
+		if p, err := exec.LookPath(kind); err == nil {
+			return p
+		}
+		b.missing[kind] = fmt.Sprintf("%s not found (set %s or put it in PATH)", kind, env)
+		return ""
+	}
+	b.passt = look("passt", "VUNET_PERF_PASST")
+	b.gvproxy = look("gvproxy", "VUNET_PERF_GVPROXY", filepath.Join(root, "build", "perf", "gvproxy"))
+	return b
+}
+
+// setupFakeUplink gives the namespace an interface with an address and a
+// default route for passt to copy. Only ever called inside the private
+// namespace.
+func setupFakeUplink() error {
+	if !vunettest.Isolated() {
+		return fmt.Errorf("refusing to add %s outside the private network namespace", fakeIf)
+	}
+	// Not /sys/class/net: the re-exec does not remount sysfs, so it still
+	// shows the original namespace's interfaces.
+	if exec.Command("ip", "link", "show", "dev", fakeIf).Run() == nil {
+		return nil
+	}
+	for _, args := range [][]string{
+		// A veth pair rather than a dummy interface: some kernels (this
+		// one's firecracker build) lack the dummy driver. Its peer stays
+		// in the namespace, unused; it only gives perf0 a carrier.
+		{"link", "add", fakeIf, "type", "veth", "peer", "name", fakeIf + "p"},
+		{"addr", "add", fakeAddr, "dev", fakeIf},
+		{"link", "set", fakeIf + "p", "up"},
+		{"link", "set", fakeIf, "up"},
+		{"route", "add", "default", "via", fakeGateway, "dev", fakeIf},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	return nil
+}
+
+// backend is a running backend process serving one guest.
+type backend struct {
+	spec   backendSpec
+	socket string
+	target string // the address the guest runs iperf3 against
+	proc   *proc
+	pidOf  func() int // the process whose CPU time counts (passt may fork)
+	api    string     // vunet's --api socket, for `vunet stats` after a failure
+}
+
+// guest returns the QEMU guest wired to this backend. vunet is attached with
+// vhost-user (qemutest's default); passt and gvproxy speak QEMU's stream
+// netdev (4-byte length-prefixed frames over a unix socket). The device is
+// the same virtio-net-pci (vectors=0, no ROM) in every case.
+func (b *backend) guest(script string, memMB int, timeout time.Duration) *qemutest.Guest {
+	g := &qemutest.Guest{Script: script, MemMB: memMB, Timeout: timeout,
+		// Names QEMU's threads ("CPU 0/TCG"), so vcpuTime can find them.
+		ExtraArgs: []string{"-name", "perf,debug-threads=on"}}
+	switch b.spec.Kind {
+	case "vunet":
+		g.Socket = b.socket
+	default:
+		dev := "virtio-net-pci,netdev=n0,romfile=,vectors=0"
+		if b.spec.Kind == "gvproxy" {
+			// gvproxy's default static DHCP lease; its pool would hand out
+			// an address to any MAC, this just keeps the address stable.
+			dev += ",mac=5a:94:ef:e4:0c:ee"
+		}
+		g.NoNet = true // qemutest adds only "-nic none"; the NIC comes from ExtraArgs
+		g.ExtraArgs = append(g.ExtraArgs,
+			"-netdev", "stream,id=n0,server=off,addr.type=unix,addr.path="+b.socket,
+			"-device", dev)
+	}
+	return g
+}
+
+// startBackend starts spec on a fresh socket in dir and waits until it
+// accepts connections.
+func startBackend(ctx context.Context, bins *binaries, spec backendSpec, dir string) (*backend, error) {
+	sock := filepath.Join(dir, spec.Kind+".sock")
+	pidFile := filepath.Join(dir, spec.Kind+".pid")
+	os.Remove(sock)
+	os.Remove(pidFile)
+	b := &backend{spec: spec, socket: sock}
+	var (
+		bin   string
+		args  []string
+		ready func(*proc) bool
+	)
+	sockExists := func(*proc) bool { _, err := os.Stat(sock); return err == nil }
+	switch spec.Kind {
+	case "vunet":
+		bin = bins.vunet
+		b.target = vunetTarget
+		b.api = filepath.Join(dir, "vunet-api.sock")
+		os.Remove(b.api)
+		args = []string{"--socket", sock, "--log-level", "info", "--api", b.api}
+		if spec.MTU != 0 {
+			args = append(args, "--mtu", strconv.Itoa(spec.MTU))
+		}
+		ready = func(p *proc) bool { return sockExists(p) && strings.Contains(p.Output(), "vunet ready") }
+	case "passt":
+		if err := setupFakeUplink(); err != nil {
+			return nil, err
+		}
+		bin = bins.passt
+		b.target = passtTarget
+		// passt (run as root) switches to "nobody" before it binds its
+		// socket, so the socket's directory must be writable by anyone.
+		sub := filepath.Join(dir, "passt")
+		if err := os.MkdirAll(sub, 0o777); err != nil {
+			return nil, err
+		}
+		if err := os.Chmod(sub, 0o1777); err != nil {
+			return nil, err
+		}
+		sock = filepath.Join(sub, "passt.sock")
+		os.Remove(sock)
+		b.socket = sock
+		// -f: stay in the foreground (the process we started is the one
+		// forwarding), -e: log to stderr, -4: the guest only does DHCPv4
+		// here, -1: exit when QEMU disconnects. No -P: passt drops to
+		// "nobody" before writing it and cannot create it in dir (with
+		// -f it does not fork, so its pid is the one we started).
+		args = []string{"-f", "-e", "-4", "-1", "-s", sock}
+		if spec.MTU != 0 {
+			args = append(args, "-m", strconv.Itoa(spec.MTU))
+		}
+		ready = sockExists
+	case "gvproxy":
+		bin = bins.gvproxy
+		b.target = gvproxyTarget
+		// -ssh-port -1: no default host->guest SSH forward.
+		args = []string{"-listen-qemu", "unix://" + sock, "-ssh-port", "-1", "-pid-file", pidFile}
+		if spec.MTU != 0 {
+			args = append(args, "-mtu", strconv.Itoa(spec.MTU))
+		}
+		ready = sockExists
+	}
+	if bin == "" {
+		return nil, fmt.Errorf("%s: %s", spec.Kind, bins.missing[spec.Kind])
+	}
+	p, err := startProc(bin, args...)
+	if err != nil {
+		return nil, err
+	}
+	b.proc = p
+	b.pidOf = func() int {
+		// Trust the pid file if the backend wrote one (a backend that
+		// forks would report its worker there).
+		if data, err := os.ReadFile(pidFile); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(data))); err == nil && pid > 0 {
+				return pid
+			}
+		}
+		return p.Pid()
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !ready(p) {
+		select {
+		case <-p.Done():
+			return nil, fmt.Errorf("%s exited early (%v):\n%s", spec.Kind, p.Err(), p.Output())
+		case <-ctx.Done():
+			p.Stop(5 * time.Second)
+			return nil, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			p.Stop(5 * time.Second)
+			return nil, fmt.Errorf("%s not ready after 30s:\n%s", spec.Kind, p.Output())
+		}
+	}
+	return b, nil
+}
+
+// proc is a child process whose combined output is kept.
+type proc struct {
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	out  bytes.Buffer
+	done chan struct{}
+	err  error
+}
+
+func startProc(name string, args ...string) (*proc, error) {
+	p := &proc{done: make(chan struct{})}
+	p.cmd = exec.Command(name, args...)
+	p.cmd.Stdout, p.cmd.Stderr = p, p
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := p.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() {
+		p.err = p.cmd.Wait()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+func (p *proc) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.out.Write(b)
+}
+
+func (p *proc) Output() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.out.String()
+}
+
+func (p *proc) Pid() int              { return p.cmd.Process.Pid }
+func (p *proc) Done() <-chan struct{} { return p.done }
+func (p *proc) Err() error            { return p.err }
+
+// Stop sends SIGTERM, then SIGKILL after grace, and waits.
+func (p *proc) Stop(grace time.Duration) error {
+	select {
+	case <-p.done:
+		return p.err
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(grace):
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+	return p.err
+}
+
+// clockTicks is USER_HZ, the unit of /proc/PID/stat times (100 on every
+// Linux architecture this runs on).
+const clockTicks = 100
+
+// cpuTime returns the user and system CPU time pid has used (all threads).
+func cpuTime(pid int) (time.Duration, error) {
+	return statTime(fmt.Sprintf("/proc/%d/stat", pid))
+}
+
+// vcpuTime returns the CPU time of QEMU's vCPU threads (named "CPU n/TCG"):
+// the emulated guest's own work, as opposed to QEMU's main loop, which does
+// the stream netdev's socket I/O.
+func vcpuTime(pid int) (time.Duration, error) {
+	dirs, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", pid))
+	if err != nil {
+		return 0, err
+	}
+	var sum time.Duration
+	for _, d := range dirs {
+		comm, err := os.ReadFile(filepath.Join(d, "comm"))
+		if err != nil || !strings.HasPrefix(string(comm), "CPU ") {
+			continue
+		}
+		v, err := statTime(filepath.Join(d, "stat"))
+		if err != nil {
+			return 0, err
+		}
+		sum += v
+	}
+	return sum, nil
+}
+
+// statTime reads utime+stime from a /proc stat file.
+func statTime(path string) (time.Duration, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may contain spaces; fields after it are
+	// space separated. utime and stime are fields 14 and 15.
+	s := string(data)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("malformed %s", path)
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0, fmt.Errorf("short %s", path)
+	}
+	// f[0] is field 3 (state), so field N is f[N-3].
+	ut, err1 := strconv.ParseUint(f[11], 10, 64)
+	st, err2 := strconv.ParseUint(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("malformed %s", path)
+	}
+	return time.Duration(ut+st) * time.Second / clockTicks, nil
+}
+
+// hostBusy returns the CPU time all CPUs of the machine spent busy (user,
+// nice, system, irq, softirq, steal; not idle or iowait), from /proc/stat.
+// Compared with the backend's and QEMU's share it shows whether anything
+// else was competing for the CPUs during a measurement.
+func hostBusy() (time.Duration, error) {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0, fmt.Errorf("unexpected /proc/stat: %q", line)
+	}
+	var busy uint64
+	for _, i := range []int{1, 2, 3, 6, 7, 8} { // user nice system irq softirq steal
+		v, err := strconv.ParseUint(f[i], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("unexpected /proc/stat: %q", line)
+		}
+		busy += v
+	}
+	return time.Duration(busy) * time.Second / clockTicks, nil
+}

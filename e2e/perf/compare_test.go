@@ -1,0 +1,587 @@
+package perf
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vunet/vunet/internal/qemutest"
+)
+
+// Knobs, all environment variables (go test flags would have to be passed
+// after -args through the namespace re-exec; environment variables just
+// work):
+//
+//	VUNET_PERF=1                 required, or the test skips
+//	VUNET_PERF_BACKENDS          default "vunet,passt,gvproxy"; each entry
+//	                             may carry ":mtu=N" (e.g. vunet:mtu=65520)
+//	VUNET_PERF_REPS              repetitions of the whole round (default 3)
+//	VUNET_PERF_SECONDS           iperf3 -t (default 10)
+//	VUNET_PERF_STREAMS           iperf3 -P values (default "1,4")
+//	VUNET_PERF_MEM               guest RAM in MiB (default 512)
+//	VUNET_PERF_OUT               also write the markdown report to this file
+//	VUNET_PERF_MAX_OTHER         noise threshold, percent of one core (default
+//	                             10): a test during which the rest of the
+//	                             machine (not the backend, not QEMU) was busier
+//	                             than this is "noisy"; the backend's round is
+//	                             then repeated (VUNET_PERF_RETRIES, default 2)
+//	                             and the medians use quiet samples only
+//	VUNET_PERF_PROFILE           a directory: `perf record -g` each vunet
+//	                             during its guest run (perturbs the numbers)
+//	VUNET_PERF_VUNET, VUNET_PERF_PASST, VUNET_PERF_GVPROXY  binaries
+func envInt(t *testing.T, name string, def int) int {
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		t.Fatalf("%s=%q: want a positive integer", name, v)
+	}
+	return n
+}
+
+// perfTest is one iperf3 run inside the guest.
+type perfTest struct {
+	Name    string // e.g. "up-1"
+	Reverse bool   // -R: host to guest
+	Streams int    // -P
+}
+
+func (p perfTest) Dir() string {
+	if p.Reverse {
+		return "host→guest"
+	}
+	return "guest→host"
+}
+
+// sample is one measurement: a test on a backend in one repetition.
+type sample struct {
+	Spec    backendSpec
+	Rep     int
+	Test    perfTest
+	Mbps    float64       // iperf3 receiver rate
+	Bytes   float64       // Mbps × receiver interval
+	Wall    time.Duration // host wall time between the guest's markers
+	CPU     time.Duration // backend process CPU (user+sys) in that window
+	QEMUCPU time.Duration // QEMU process CPU in that window
+	VCPU    time.Duration // QEMU's vCPU thread(s) in that window
+	Host    time.Duration // the whole machine's busy CPU time in that window
+	Err     string
+	Noisy   bool // Other() exceeded the threshold
+}
+
+// Other is the machine's busy CPU time not spent by the backend or QEMU:
+// the iperf3 server, kernel work accounted elsewhere, and anything else
+// running on the machine.
+func (s sample) Other() time.Duration { return s.Host - s.CPU - s.QEMUCPU }
+
+func TestCompare(t *testing.T) {
+	if os.Getenv(enabledEnv) != "1" {
+		t.Skipf("set %s=1 to run the throughput comparison (see docs/performance.md)", enabledEnv)
+	}
+	if testing.Short() {
+		t.Skip("boots QEMU guests; skipped with -short")
+	}
+	if !isolated {
+		t.Fatal("needs a private network namespace: run as root with unshare(1) available")
+	}
+	root, err := qemutest.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	specs, err := parseBackends(cmp.Or(os.Getenv("VUNET_PERF_BACKENDS"), "vunet,passt,gvproxy"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reps := envInt(t, "VUNET_PERF_REPS", 3)
+	secs := envInt(t, "VUNET_PERF_SECONDS", 10)
+	memMB := envInt(t, "VUNET_PERF_MEM", 512)
+	maxOther := float64(envInt(t, "VUNET_PERF_MAX_OTHER", 10)) / 100
+	retries := 2
+	if v := os.Getenv("VUNET_PERF_RETRIES"); v != "" {
+		if retries, err = strconv.Atoi(v); err != nil || retries < 0 {
+			t.Fatalf("VUNET_PERF_RETRIES=%q: want a non-negative integer", v)
+		}
+	}
+	var tests []perfTest
+	for _, f := range strings.Split(cmp.Or(os.Getenv("VUNET_PERF_STREAMS"), "1,4"), ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 || n > 128 {
+			t.Fatalf("VUNET_PERF_STREAMS: bad entry %q", f)
+		}
+		tests = append(tests,
+			perfTest{Name: fmt.Sprintf("up-%d", n), Streams: n},
+			perfTest{Name: fmt.Sprintf("down-%d", n), Reverse: true, Streams: n})
+	}
+	profDir := os.Getenv("VUNET_PERF_PROFILE")
+	if profDir != "" {
+		if err := os.MkdirAll(profDir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	qemutest.EnsureGuest(t)
+	bins := findBinaries(t, root)
+	meta := describeMachine(root, bins)
+	t.Logf("machine:\n%s", meta)
+
+	dir, err := os.MkdirTemp("", "vuperf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	// passt runs as "nobody" and must reach its socket's directory.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+
+	var samples []sample
+	unavailable := map[string]string{}
+	start := time.Now()
+	// Interleaved: every repetition runs each backend once, so a drift of
+	// the machine over time hits all backends alike.
+	for rep := 1; rep <= reps; rep++ {
+		for _, spec := range specs {
+			if why, ok := unavailable[spec.String()]; ok {
+				t.Logf("rep %d %s: skipped (%s)", rep, spec, why)
+				continue
+			}
+			var res []sample
+			for attempt := 0; ; attempt++ {
+				var err error
+				var started bool
+				res, started, err = runOne(t, bins, spec, rep, tests, secs, memMB, dir, profDir)
+				if err != nil {
+					t.Errorf("rep %d %s: %v", rep, spec, err)
+					if !started {
+						// The backend itself cannot run here: say why
+						// once instead of failing every repetition.
+						unavailable[spec.String()] = firstLine(err.Error())
+					}
+					break
+				}
+				noisy := 0
+				for i := range res {
+					if res[i].Wall > 0 && res[i].Other().Seconds() > maxOther*res[i].Wall.Seconds() {
+						res[i].Noisy = true
+						noisy++
+					}
+				}
+				if noisy == 0 || attempt >= retries {
+					break
+				}
+				t.Logf("rep %d %s: %d test(s) noisy (something else used the CPUs), repeating: %s", rep, spec, noisy, summarize(res))
+			}
+			samples = append(samples, res...)
+			for _, s := range res {
+				t.Logf("[%6.0fs] rep %d %-18s %-7s %8.1f Mbit/s  backend %6.2fs cpu  qemu %6.2fs cpu (vcpu %6.2fs)  other %6.2fs cpu  wall %5.2fs %s",
+					time.Since(start).Seconds(), rep, spec, s.Test.Name, s.Mbps,
+					s.CPU.Seconds(), s.QEMUCPU.Seconds(), s.VCPU.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), noisyMark(s)+s.Err)
+			}
+		}
+	}
+
+	report := formatReport(specs, tests, samples, unavailable, reps, secs, memMB, maxOther, meta)
+	fmt.Fprintf(os.Stdout, "\n%s\n", report)
+	if out := os.Getenv("VUNET_PERF_OUT"); out != "" {
+		if err := os.WriteFile(out, []byte(report), 0o644); err != nil {
+			t.Errorf("writing %s: %v", out, err)
+		}
+	}
+}
+
+func noisyMark(s sample) string {
+	if s.Noisy {
+		return "NOISY "
+	}
+	return ""
+}
+
+func summarize(res []sample) string {
+	var parts []string
+	for _, s := range res {
+		parts = append(parts, fmt.Sprintf("%s %.0f Mbit/s other %.1fs", s.Test.Name, s.Mbps, s.Other().Seconds()))
+	}
+	return strings.Join(parts, ", ")
+}
+
+func firstLine(s string) string {
+	s, _, _ = strings.Cut(s, "\n")
+	return s
+}
+
+// guestScript gets a DHCP lease, prints it, then runs each iperf3 test
+// against target:port+i, framing it with PERF-BEGIN/PERF-END (the host
+// samples CPU times there) and a PERF-RESULT line with iperf3's receiver
+// summary.
+func guestScript(target string, port int, tests []perfTest, secs int) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, `if ! udhcpc -i eth0 -n -q -t 10 -T 2 -O mtu >/tmp/udhcpc.log 2>&1 || [ ! -f /run/dhcp-eth0 ]; then
+	cat /tmp/udhcpc.log
+	echo "PERF-FAIL dhcp"
+	exit 1
+fi
+. /run/dhcp-eth0
+echo "PERF-LEASE ip=$ip/$mask router=$router lease_mtu=$mtu link_mtu=$(cat /sys/class/net/eth0/mtu)"
+run() { # name port iperf3-args...
+	name=$1 port=$2
+	shift 2
+	echo "PERF-BEGIN $name"
+	# timeout: a stalled transfer costs 30 s, not the whole guest run.
+	timeout %d iperf3 -c %s -p "$port" -t %d -f m "$@" >/tmp/iperf.out 2>&1
+	rc=$?
+	echo "PERF-END $name"
+	cat /tmp/iperf.out
+	echo "PERF-RESULT $name rc=$rc $(grep receiver /tmp/iperf.out | tail -n1)"
+}
+`, secs+30, target, secs)
+	for i, pt := range tests {
+		args := ""
+		if pt.Reverse {
+			args += " -R"
+		}
+		if pt.Streams > 1 {
+			args += fmt.Sprintf(" -P %d", pt.Streams)
+		}
+		fmt.Fprintf(&b, "run %s %d%s\n", pt.Name, port+i, args)
+	}
+	// Stay up a moment so the host's last CPU sample finds QEMU alive.
+	b.WriteString("sleep 2\necho PERF-DONE\n")
+	return b.String()
+}
+
+const basePort = 5201
+
+// runOne boots the guest once against a fresh instance of spec and runs
+// every test.
+// started is false if the backend never came up.
+func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []perfTest, secs, memMB int, dir, profDir string) (_ []sample, started bool, _ error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(len(tests)*(secs+30)+180)*time.Second)
+	defer cancel()
+
+	// One one-shot iperf3 server per test, so a failed test cannot wedge
+	// the next one.
+	var servers []*proc
+	defer func() {
+		for _, s := range servers {
+			s.Stop(time.Second)
+		}
+	}()
+	for i := range tests {
+		s, err := startProc("iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", strconv.Itoa(basePort+i), "--forceflush")
+		if err != nil {
+			return nil, true, err
+		}
+		servers = append(servers, s)
+		for !strings.Contains(s.Output(), "Server listening") {
+			select {
+			case <-s.Done():
+				return nil, true, fmt.Errorf("iperf3 server exited: %v\n%s", s.Err(), s.Output())
+			case <-ctx.Done():
+				return nil, true, fmt.Errorf("iperf3 server never listened: %w", ctx.Err())
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+
+	b, err := startBackend(ctx, bins, spec, dir)
+	if err != nil {
+		return nil, false, err
+	}
+	defer b.proc.Stop(5 * time.Second)
+
+	g := b.guest(guestScript(b.target, basePort, tests, secs), memMB, time.Duration(len(tests)*(secs+30)+120)*time.Second)
+	inst, err := g.Start(ctx, t)
+	if err != nil {
+		return nil, true, err
+	}
+	defer inst.Kill()
+	backendPid := b.pidOf()
+
+	if profDir != "" && spec.Kind == "vunet" {
+		out := filepath.Join(profDir, fmt.Sprintf("%s-rep%d.data", strings.ReplaceAll(spec.String(), ":", "_"), rep))
+		pr, err := startProc("perf", "record", "-F", "499", "-g", "-p", strconv.Itoa(backendPid), "-o", out)
+		if err != nil {
+			t.Logf("perf record: %v", err)
+		} else {
+			defer func() {
+				pr.cmd.Process.Signal(os.Interrupt)
+				select {
+				case <-pr.Done():
+				case <-time.After(30 * time.Second):
+					pr.Stop(time.Second)
+				}
+			}()
+		}
+	}
+
+	type mark struct {
+		at                    time.Time
+		cpu, qemu, vcpu, host time.Duration
+	}
+	var sampleErr error
+	sampleNow := func() mark {
+		m := mark{at: time.Now()}
+		var err1, err2, err3, err4 error
+		m.cpu, err1 = cpuTime(backendPid)
+		m.qemu, err2 = cpuTime(inst.Pid())
+		m.vcpu, err3 = vcpuTime(inst.Pid())
+		m.host, err4 = hostBusy()
+		if err := cmp.Or(err1, err2, err3, err4); err != nil && sampleErr == nil {
+			sampleErr = fmt.Errorf("sampling CPU times: %w", err)
+		}
+		return m
+	}
+	marks := map[string][2]mark{}
+	var waitErr error
+	for _, pt := range tests {
+		if waitErr = inst.WaitFor(ctx, "PERF-BEGIN "+pt.Name+"\n"); waitErr != nil {
+			break
+		}
+		begin := sampleNow()
+		if waitErr = inst.WaitFor(ctx, "PERF-END "+pt.Name+"\n"); waitErr != nil {
+			break
+		}
+		marks[pt.Name] = [2]mark{begin, sampleNow()}
+	}
+	res, err := inst.Wait()
+	if waitErr == nil {
+		waitErr = err
+	}
+	console := res.Console
+	if lease := regexp.MustCompile(`PERF-LEASE .*`).FindString(console); lease != "" {
+		t.Logf("rep %d %s: %s", rep, spec, lease)
+	}
+
+	var out []sample
+	for _, pt := range tests {
+		s := sample{Spec: spec, Rep: rep, Test: pt}
+		if m, ok := marks[pt.Name]; ok {
+			s.Wall = m[1].at.Sub(m[0].at)
+			s.CPU = m[1].cpu - m[0].cpu
+			s.QEMUCPU = m[1].qemu - m[0].qemu
+			s.VCPU = m[1].vcpu - m[0].vcpu
+			s.Host = m[1].host - m[0].host
+		}
+		s.Mbps, s.Bytes, s.Err = parseResult(console, pt.Name)
+		out = append(out, s)
+	}
+	if waitErr == nil {
+		waitErr = sampleErr
+	}
+	if waitErr == nil && res.ExitCode != 0 {
+		waitErr = fmt.Errorf("guest script exited %d", res.ExitCode)
+	}
+	for _, s := range out {
+		if waitErr == nil && s.Err != "" {
+			waitErr = fmt.Errorf("%s: %s", s.Test.Name, s.Err)
+		}
+	}
+	if waitErr != nil {
+		stats := ""
+		if b.api != "" {
+			o, _ := exec.Command(bins.vunet, "stats", "--api", b.api).CombinedOutput()
+			stats = "\nvunet stats after the failure:\n" + string(o)
+		}
+		return out, true, fmt.Errorf("%w\nconsole tail:\n%s\n%s log:\n%s%s", waitErr, res.Tail(40), spec.Kind, lastLines(b.proc.Output(), 20), stats)
+	}
+	return out, true, nil
+}
+
+// resultRE matches "PERF-RESULT name rc=N [SUM]   0.00-10.04  sec  1.10 MBytes  943 Mbits/sec ... receiver".
+var resultRE = regexp.MustCompile(`(?m)^PERF-RESULT (\S+) rc=(\d+)(.*)$`)
+var rateRE = regexp.MustCompile(`([0-9.]+)-([0-9.]+)\s+sec\s+.*?([0-9.]+)\s+Mbits/sec`)
+
+func parseResult(console, name string) (mbps, bytes float64, errText string) {
+	for _, m := range resultRE.FindAllStringSubmatch(console, -1) {
+		if m[1] != name {
+			continue
+		}
+		if m[2] != "0" {
+			return 0, 0, "iperf3 exited " + m[2]
+		}
+		r := rateRE.FindStringSubmatch(m[3])
+		if r == nil {
+			return 0, 0, "no receiver line"
+		}
+		from, _ := strconv.ParseFloat(r[1], 64)
+		to, _ := strconv.ParseFloat(r[2], 64)
+		mbps, _ = strconv.ParseFloat(r[3], 64)
+		return mbps, mbps * 1e6 / 8 * (to - from), ""
+	}
+	return 0, 0, "no result (guest did not get that far)"
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// describeMachine collects what the report needs to be reproducible.
+func describeMachine(root string, bins *binaries) string {
+	run := func(name string, args ...string) string {
+		cmd := exec.Command(name, args...)
+		cmd.Dir = root
+		out, err := cmd.CombinedOutput()
+		if err != nil && len(out) == 0 {
+			return "unknown (" + err.Error() + ")"
+		}
+		return firstLine(strings.TrimSpace(string(out)))
+	}
+	cpu := "unknown"
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		if m := regexp.MustCompile(`(?m)^model name\s*:\s*(.*)$`).FindStringSubmatch(string(data)); m != nil {
+			cpu = m[1]
+		}
+	}
+	kver, _ := os.ReadFile(filepath.Join(root, "build", "guest", "kernel-version"))
+	load, _ := os.ReadFile("/proc/loadavg")
+	var b strings.Builder
+	fmt.Fprintf(&b, "- host: %s, %d CPUs (%s), kernel %s, loadavg at start %s\n", cpu, runtime.NumCPU(), run("uname", "-m"), run("uname", "-r"), strings.TrimSpace(string(load)))
+	fmt.Fprintf(&b, "- %s\n", run(qemutest.QEMUBinary, "--version"))
+	fmt.Fprintf(&b, "- guest: kernel %s, 1 vCPU, TCG, %s\n", strings.TrimSpace(string(kver)), run("iperf3", "--version"))
+	fmt.Fprintf(&b, "- vunet: %s (%s; tree: %s)\n", run(bins.vunet, "version"), bins.vunet, run("git", "describe", "--always", "--dirty"))
+	if bins.passt != "" {
+		fmt.Fprintf(&b, "- passt: %s (%s)\n", run("dpkg-query", "-W", "-f", "${Package} ${Version}", "passt"), bins.passt)
+	}
+	if bins.gvproxy != "" {
+		v := run(bins.gvproxy, "-version")
+		if src := os.Getenv("VUNET_PERF_GVPROXY_REV"); src != "" {
+			v += ", source " + src
+		}
+		fmt.Fprintf(&b, "- gvproxy: %s (%s)\n", v, bins.gvproxy)
+	}
+	return b.String()
+}
+
+// formatReport renders the per-run results, the summary and the ratios as
+// markdown.
+func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unavailable map[string]string, reps, secs, memMB int, maxOther float64, meta string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "## Throughput comparison (%s)\n\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"))
+	fmt.Fprintf(&b, "%s- iperf3 -t %d, %d repetition(s) interleaved, guest RAM %d MiB\n\n", meta, secs, reps, memMB)
+	for k, v := range unavailable {
+		fmt.Fprintf(&b, "**%s unavailable**: %s\n\n", k, v)
+	}
+
+	// Medians per (spec, test).
+	type key struct{ spec, test string }
+	med := map[key]float64{}
+	fmt.Fprintf(&b, "Median of the repetitions (min–max in brackets; quiet samples only where there is one, \"n\" counts them: a sample is noisy when the rest of the machine used more than %.0f%% of a core during it);", 100*maxOther)
+	fmt.Fprintf(&b, " CPU is the backend process's user+system time per GB moved; CPU %% columns are CPU time over the wall time between the guest's markers (100%% = one core): the backend, all of QEMU, and QEMU's vCPU thread (the emulated guest; near 100%% means the guest is the bottleneck).\n\n")
+	fmt.Fprintf(&b, "| backend | test | direction | streams | n | Mbit/s | backend CPU s/GB | backend CPU %% | QEMU %% | vCPU %% |\n")
+	fmt.Fprintf(&b, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, spec := range specs {
+		for _, pt := range tests {
+			var rates, cpuGB, cpuPct, qemuPct, vcpuPct []float64
+			quiet := 0
+			for _, s := range samples {
+				if s.Spec == spec && s.Test == pt && s.Err == "" && s.Mbps > 0 && !s.Noisy {
+					quiet++
+				}
+			}
+			n := ""
+			for _, s := range samples {
+				if s.Spec != spec || s.Test != pt || s.Err != "" || s.Mbps == 0 || (quiet > 0 && s.Noisy) {
+					continue
+				}
+				if s.Noisy {
+					n = " noisy"
+				}
+				rates = append(rates, s.Mbps)
+				if s.Bytes > 0 && s.Wall > 0 {
+					cpuGB = append(cpuGB, s.CPU.Seconds()/(s.Bytes/1e9))
+					cpuPct = append(cpuPct, 100*s.CPU.Seconds()/s.Wall.Seconds())
+					qemuPct = append(qemuPct, 100*s.QEMUCPU.Seconds()/s.Wall.Seconds())
+					vcpuPct = append(vcpuPct, 100*s.VCPU.Seconds()/s.Wall.Seconds())
+				}
+			}
+			if len(rates) == 0 {
+				fmt.Fprintf(&b, "| %s | %s | %s | %d | 0 | – | – | – | – | – |\n", spec, pt.Name, pt.Dir(), pt.Streams)
+				continue
+			}
+			med[key{spec.String(), pt.Name}] = median(rates)
+			fmt.Fprintf(&b, "| %s | %s | %s | %d | %d%s | %s | %s | %s | %s | %s |\n", spec, pt.Name, pt.Dir(), pt.Streams, len(rates), n,
+				spread(rates, "%.0f"), spread(cpuGB, "%.2f"), fmtMedian(cpuPct, "%.0f"), fmtMedian(qemuPct, "%.0f"), fmtMedian(vcpuPct, "%.0f"))
+		}
+	}
+
+	// Ratios of every vunet column against every other backend.
+	var pairs [][2]backendSpec
+	for _, a := range specs {
+		for _, o := range specs {
+			if a.Kind == "vunet" && o.Kind != "vunet" {
+				pairs = append(pairs, [2]backendSpec{a, o})
+			}
+		}
+	}
+	if len(pairs) > 0 {
+		fmt.Fprintf(&b, "\nRatios of the medians (> 1: vunet faster).\n\n| ratio |")
+		for _, pt := range tests {
+			fmt.Fprintf(&b, " %s |", pt.Name)
+		}
+		fmt.Fprintf(&b, "\n|---|%s\n", strings.Repeat("---:|", len(tests)))
+		for _, p := range pairs {
+			fmt.Fprintf(&b, "| %s / %s |", p[0], p[1])
+			for _, pt := range tests {
+				x, y := med[key{p[0].String(), pt.Name}], med[key{p[1].String(), pt.Name}]
+				if x == 0 || y == 0 {
+					fmt.Fprintf(&b, " – |")
+				} else {
+					fmt.Fprintf(&b, " %.2f |", x/y)
+				}
+			}
+			b.WriteString("\n")
+		}
+	}
+
+	fmt.Fprintf(&b, "\nEvery run (\"other\": the machine's busy CPU time minus the backend's and QEMU's, i.e. the iperf3 server, kernel softirq work and anything else running; large values mean interference):\n\n")
+	fmt.Fprintf(&b, "| rep | backend | test | Mbit/s | backend CPU s | QEMU CPU s | vCPU s | other CPU s | wall s | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+	for _, s := range samples {
+		fmt.Fprintf(&b, "| %d | %s | %s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %s |\n", s.Rep, s.Spec, s.Test.Name, s.Mbps,
+			s.CPU.Seconds(), s.QEMUCPU.Seconds(), s.VCPU.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), noisyMark(s)+s.Err)
+	}
+	return b.String()
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+func fmtMedian(v []float64, f string) string {
+	if len(v) == 0 {
+		return "–"
+	}
+	return fmt.Sprintf(f, median(v))
+}
+
+func spread(v []float64, f string) string {
+	if len(v) == 0 {
+		return "–"
+	}
+	if len(v) == 1 {
+		return fmt.Sprintf(f, v[0])
+	}
+	return fmt.Sprintf(f+" ("+f+"–"+f+")", median(v), slices.Min(v), slices.Max(v))
+}

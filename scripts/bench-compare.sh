@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Compares vunet's whole-system TCP throughput with passt and gvproxy on the
+# same test guest in one run (e2e/perf, TestCompare). See docs/performance.md.
+#
+# Usage: scripts/bench-compare.sh [go test flags...]
+#
+# Needs root (the test re-executes itself under `unshare --net`), QEMU, iperf3
+# and the test guest (scripts/install-deps.sh), plus:
+#   passt    Debian's package (apt-get install passt), or VUNET_PERF_PASST=PATH
+#   gvproxy  VUNET_PERF_GVPROXY=PATH, or built here into build/perf/gvproxy
+#            from GVPROXY_SRC (a gvisor-tap-vsock checkout) or, failing that,
+#            a clone of https://github.com/containers/gvisor-tap-vsock at
+#            GVPROXY_REF. Nothing of it is kept in this repository.
+# A backend that is missing is reported as unavailable; the others still run.
+#
+# vunet is built from this tree into build/perf/vunet (VUNET_PERF_VUNET=PATH
+# overrides). Every VUNET_PERF_* variable of e2e/perf/compare_test.go passes
+# through (VUNET_PERF_BACKENDS, _REPS, _SECONDS, _STREAMS, _MEM, _OUT,
+# _PROFILE). The markdown report is printed and written to
+# build/perf/report.md unless VUNET_PERF_OUT says otherwise.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+out=$root/build/perf
+mkdir -p "$out"
+
+# The gvisor-tap-vsock commit docs/performance.md was measured with.
+GVPROXY_REF=${GVPROXY_REF:-3405fe5cc849f702a1bb70f0dc93d26d75d38878}
+
+if [ -z "${VUNET_PERF_VUNET:-}" ]; then
+	rev=$(git describe --always --dirty 2>/dev/null || echo dev)
+	go build -trimpath -ldflags "-X github.com/vunet/vunet/internal/version.Version=$rev" -o "$out/vunet" ./cmd/vunet
+	export VUNET_PERF_VUNET=$out/vunet
+fi
+
+if [ -z "${VUNET_PERF_GVPROXY:-}" ]; then
+	src=${GVPROXY_SRC:-}
+	if [ -z "$src" ] && [ ! -x "$out/gvproxy" ]; then
+		src=$out/gvisor-tap-vsock
+		if [ ! -d "$src/.git" ]; then
+			git clone -q https://github.com/containers/gvisor-tap-vsock "$src" ||
+				echo "bench-compare: cannot clone gvisor-tap-vsock; gvproxy will be reported unavailable" >&2
+		fi
+		if [ -d "$src/.git" ]; then
+			git -C "$src" checkout -q "$GVPROXY_REF"
+		fi
+	fi
+	if [ -n "$src" ] && [ -d "$src" ]; then
+		(cd "$src" && go build -o "$out/gvproxy" ./cmd/gvproxy)
+		VUNET_PERF_GVPROXY_REV=$(git -C "$src" describe --tags --always 2>/dev/null || echo unknown)
+		export VUNET_PERF_GVPROXY_REV
+	fi
+	if [ -x "$out/gvproxy" ]; then
+		export VUNET_PERF_GVPROXY=$out/gvproxy
+	fi
+fi
+
+export VUNET_PERF=1
+export VUNET_PERF_OUT=${VUNET_PERF_OUT:-$out/report.md}
+exec go test -count=1 -timeout 90m -run '^TestCompare$' -v "$@" ./e2e/perf/
