@@ -7,10 +7,9 @@
 # Needs root (the test re-executes itself under `unshare --net`), QEMU, iperf3
 # and the test guest (scripts/install-deps.sh), plus:
 #   passt    Debian's package (apt-get install passt), or VUNET_PERF_PASST=PATH
-#   gvproxy  VUNET_PERF_GVPROXY=PATH, or built here into build/perf/gvproxy
-#            from GVPROXY_SRC (a gvisor-tap-vsock checkout) or, failing that,
-#            a clone of https://github.com/containers/gvisor-tap-vsock at
-#            GVPROXY_REF. Nothing of it is kept in this repository.
+#   gvproxy  VUNET_PERF_GVPROXY=PATH to a gvproxy binary you built yourself
+#            (gvisor-tap-vsock's cmd/gvproxy); this repository neither
+#            contains nor fetches or builds it.
 # A backend that is missing is reported as unavailable; the others still run.
 #
 # vunet is built from this tree into build/perf/vunet (VUNET_PERF_VUNET=PATH
@@ -25,9 +24,6 @@ cd "$root"
 out=$root/build/perf
 mkdir -p "$out"
 
-# The gvisor-tap-vsock commit docs/performance.md was measured with.
-GVPROXY_REF=${GVPROXY_REF:-3405fe5cc849f702a1bb70f0dc93d26d75d38878}
-
 if [ -z "${VUNET_PERF_VUNET:-}" ]; then
 	rev=$(git describe --always --dirty 2>/dev/null || echo dev)
 	go build -trimpath -ldflags "-X github.com/vunet/vunet/internal/version.Version=$rev" -o "$out/vunet" ./cmd/vunet
@@ -35,25 +31,7 @@ if [ -z "${VUNET_PERF_VUNET:-}" ]; then
 fi
 
 if [ -z "${VUNET_PERF_GVPROXY:-}" ]; then
-	src=${GVPROXY_SRC:-}
-	if [ -z "$src" ] && [ ! -x "$out/gvproxy" ]; then
-		src=$out/gvisor-tap-vsock
-		if [ ! -d "$src/.git" ]; then
-			git clone -q https://github.com/containers/gvisor-tap-vsock "$src" ||
-				echo "bench-compare: cannot clone gvisor-tap-vsock; gvproxy will be reported unavailable" >&2
-		fi
-		if [ -d "$src/.git" ]; then
-			git -C "$src" checkout -q "$GVPROXY_REF"
-		fi
-	fi
-	if [ -n "$src" ] && [ -d "$src" ]; then
-		(cd "$src" && go build -o "$out/gvproxy" ./cmd/gvproxy)
-		VUNET_PERF_GVPROXY_REV=$(git -C "$src" describe --tags --always 2>/dev/null || echo unknown)
-		export VUNET_PERF_GVPROXY_REV
-	fi
-	if [ -x "$out/gvproxy" ]; then
-		export VUNET_PERF_GVPROXY=$out/gvproxy
-	fi
+	echo "bench-compare: VUNET_PERF_GVPROXY is not set; gvproxy will be reported unavailable" >&2
 fi
 
 export VUNET_PERF=1
