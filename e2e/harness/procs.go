@@ -40,6 +40,9 @@ func StartProc(name string, args ...string) (*Proc, error) {
 // Output returns what the process printed so far.
 func (p *Proc) Output() string { return p.out.String() }
 
+// Pid is the process id.
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+
 // Done is closed when the process has exited.
 func (p *Proc) Done() <-chan struct{} { return p.done }
 

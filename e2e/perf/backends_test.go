@@ -1,7 +1,6 @@
 package perf
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -9,11 +8,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/vunet/vunet/e2e/harness"
 	"github.com/vunet/vunet/internal/qemutest"
 	"github.com/vunet/vunet/internal/vunettest"
 )
@@ -283,62 +281,10 @@ func startBackend(ctx context.Context, bins *binaries, spec backendSpec, dir str
 	return b, nil
 }
 
-// proc is a child process whose combined output is kept.
-type proc struct {
-	cmd  *exec.Cmd
-	mu   sync.Mutex
-	out  bytes.Buffer
-	done chan struct{}
-	err  error
-}
+// proc is the e2e harness's child process (output kept, killed with us).
+type proc = harness.Proc
 
-func startProc(name string, args ...string) (*proc, error) {
-	p := &proc{done: make(chan struct{})}
-	p.cmd = exec.Command(name, args...)
-	p.cmd.Stdout, p.cmd.Stderr = p, p
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		return nil, err
-	}
-	go func() {
-		p.err = p.cmd.Wait()
-		close(p.done)
-	}()
-	return p, nil
-}
-
-func (p *proc) Write(b []byte) (int, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.out.Write(b)
-}
-
-func (p *proc) Output() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.out.String()
-}
-
-func (p *proc) Pid() int              { return p.cmd.Process.Pid }
-func (p *proc) Done() <-chan struct{} { return p.done }
-func (p *proc) Err() error            { return p.err }
-
-// Stop sends SIGTERM, then SIGKILL after grace, and waits.
-func (p *proc) Stop(grace time.Duration) error {
-	select {
-	case <-p.done:
-		return p.err
-	default:
-	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(grace):
-		p.cmd.Process.Kill()
-		<-p.done
-	}
-	return p.err
-}
+var startProc = harness.StartProc
 
 // clockTicks is USER_HZ, the unit of /proc/PID/stat times (100 on every
 // Linux architecture this runs on).

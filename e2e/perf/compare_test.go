@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -317,7 +318,7 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 			t.Logf("perf record: %v", err)
 		} else {
 			defer func() {
-				pr.cmd.Process.Signal(os.Interrupt)
+				syscall.Kill(pr.Pid(), syscall.SIGINT) // perf writes its data on SIGINT
 				select {
 				case <-pr.Done():
 				case <-time.After(30 * time.Second):
