@@ -84,7 +84,7 @@ func sampleStats() Stats {
 		VHost: VHostStats{Messages: 7, BadMessages: 8, Sessions: 9, MapFailures: 10, QueueStarts: 11},
 		Forward: ForwardStats{PortForwards: 2, TCPConns: 3, TCPConnsTotal: 4, TCPDialsInFlight: 5, TCPRefused: 6,
 			TCPTimeouts: 7, TCPDialErrors: 8, TCPRejectedInFlight: 9, TCPRejectedConns: 10, UDPFlows: 11,
-			UDPFlowsTotal: 12, UDPFlowsExpired: 13, PingFlows: 14, PingRequests: 15, PingReplies: 16,
+			UDPFlowsTotal: 12, UDPFlowsExpired: 13, PingFlows: 14, PingRequests: 15, PingReplies: 16, ICMPErrors: 17, ICMPErrorsLimited: 18,
 			InboundTCPConns: 17, InboundUDPFlows: 18, Drops: map[string]uint64{"broadcast": 1, "invalid": 2}},
 		DHCP: DHCPStats{Received: 1, Malformed: 2, Messages: map[string]uint64{"discover": 3, "ack": 4},
 			PoolExhausted: 5, SendErrors: 6, ActiveLeases: 1, PoolSize: 240,

@@ -119,6 +119,8 @@ func WriteMetrics(w io.Writer, st Stats) error {
 	e.counter("vunet_forward_udp_flows_expired_total", "UDP flows closed by an idle timeout.", u(fw.UDPFlowsExpired))
 	e.counter("vunet_forward_ping_requests_total", "ICMP echo requests sent to the host.", u(fw.PingRequests))
 	e.counter("vunet_forward_ping_replies_total", "ICMP echo replies delivered to the guest.", u(fw.PingReplies))
+	e.counter("vunet_forward_icmp_errors_total", "Host ICMP errors (unreachable, time exceeded) translated for the guest, by outcome.",
+		u(fw.ICMPErrors, "outcome", "sent"), u(fw.ICMPErrorsLimited, "outcome", "rate_limited"))
 	e.counter("vunet_forward_drops_total", "Packets and connections the forwarder refused, by reason.", byLabel("reason", fw.Drops)...)
 
 	// DHCPv4.

@@ -179,6 +179,10 @@ type ForwardStats struct {
 	PingFlows    int64  `json:"ping_flows"` // gauge
 	PingRequests uint64 `json:"ping_requests"`
 	PingReplies  uint64 `json:"ping_replies"`
+	// ICMPErrors counts host ICMP errors (unreachable, time exceeded)
+	// translated for the guest; ICMPErrorsLimited those the rate limit held back.
+	ICMPErrors        uint64 `json:"icmp_errors"`
+	ICMPErrorsLimited uint64 `json:"icmp_errors_rate_limited"`
 
 	InboundTCPConns uint64 `json:"inbound_tcp_conns"`
 	InboundUDPFlows uint64 `json:"inbound_udp_flows"`

@@ -78,6 +78,7 @@ func (a *Appliance) Stats() api.Stats {
 		TCPRejectedInFlight: fs.TCPRejectedInFlight, TCPRejectedConns: fs.TCPRejectedConns,
 		UDPFlows: fs.UDPFlows, UDPFlowsTotal: fs.UDPFlowsTotal, UDPFlowsExpired: fs.UDPFlowsExpired,
 		PingFlows: fs.PingFlows, PingRequests: fs.PingRequests, PingReplies: fs.PingReplies,
+		ICMPErrors: fs.ICMPErrors, ICMPErrorsLimited: fs.ICMPErrorsLimited,
 		InboundTCPConns: fs.InboundTCPConns, InboundUDPFlows: fs.InboundUDPFlows,
 		Drops: map[string]uint64{
 			"broadcast":        fs.Drops.Broadcast,

@@ -116,6 +116,7 @@ type Forwarder struct {
 	bcast4 []netip.Addr // subnet-directed broadcast addresses of the NIC
 
 	ping  *pinger
+	syns  *synTable // guest SYNs being dialed, for ICMP errors
 	epoch time.Time // monotonic base for flow activity stamps
 	c     counters
 	bufs  sync.Pool // *[]byte of spliceBufSize, shared by TCP splices
@@ -185,13 +186,23 @@ func New(opts Options) (*Forwarder, error) {
 	}
 	f.bufs.New = func() any { b := make([]byte, spliceBufSize); return &b }
 	f.ping = newPinger(f)
+	f.syns = newSYNTable(max(4*opts.MaxInFlightDials, 1024))
 
 	// gVisor's forwarder drops SYNs silently beyond its own in-flight
 	// limit. Give it twice ours, so that normally our limit is hit first
 	// and the guest gets a prompt RST instead of retrying for seconds.
 	tcpFwd := tcp.NewForwarder(f.s, 0, 2*opts.MaxInFlightDials, f.handleTCP)
 	udpFwd := udp.NewForwarder(f.s, f.handleUDP)
-	f.s.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
+	f.s.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+		noted := f.syns.note(id, pkt)
+		if !tcpFwd.HandlePacket(id, pkt) {
+			if noted {
+				f.syns.forget(id)
+			}
+			return false
+		}
+		return true
+	})
 	f.s.SetTransportProtocolHandler(udp.ProtocolNumber, udpFwd.HandlePacket)
 	f.s.SetTransportProtocolHandler(icmp.ProtocolNumber4, f.handleICMP)
 	f.s.SetTransportProtocolHandler(icmp.ProtocolNumber6, f.handleICMP)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/buffer"
@@ -151,7 +152,13 @@ func (p *pinger) send(k pingKey, target netip.Addr, msg []byte) {
 	// Writes to a datagram socket do not block for long; the deadline keeps
 	// a wedged socket from stalling gVisor's delivery path.
 	_ = fl.conn.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-	if _, err := fl.conn.WriteTo(msg, &net.UDPAddr{IP: target.AsSlice()}); err != nil {
+	_, err := fl.conn.WriteTo(msg, &net.UDPAddr{IP: target.AsSlice()})
+	if err != nil && fl.hostErrors(err) {
+		// An error for an earlier request was reported instead of sending
+		// this one; the guest has been told, and this one is retried.
+		_, err = fl.conn.WriteTo(msg, &net.UDPAddr{IP: target.AsSlice()})
+	}
+	if err != nil {
 		f.c.dropSend.Add(1)
 		f.log.Debug("ping send failed", "target", target, "err", err)
 		return
@@ -222,6 +229,9 @@ func (fl *pingFlow) readLoop() {
 			if errors.As(err, &ne) && ne.Timeout() {
 				continue
 			}
+			if fl.hostErrors(err) {
+				continue
+			}
 			if !errors.Is(err, net.ErrClosed) {
 				f.log.Debug("ping socket failed", "dst", fl.key.dst, "err", err)
 			}
@@ -243,6 +253,39 @@ func (fl *pingFlow) readLoop() {
 		}
 		f.c.pingReplies.Add(1)
 	}
+}
+
+// hostErrors handles err from the flow's ping socket. If it reports ICMP
+// errors for earlier echo requests (host or network unreachable, time
+// exceeded), they are sent on to the guest and hostErrors returns true.
+func (fl *pingFlow) hostErrors(err error) bool {
+	sc, ok := fl.conn.(syscall.Conn)
+	if !ok || !icmpErrno(err) {
+		return false
+	}
+	rc, rerr := sc.SyscallConn()
+	if rerr != nil {
+		return false
+	}
+	drainErrQueue(rc, fl.hostError)
+	return true
+}
+
+// hostError sends one host ICMP error about an echo request to the guest,
+// quoting the request as the guest sent it: the queued payload is the
+// request as the ping socket sent it, whose identifier the kernel chose.
+func (fl *pingFlow) hostError(e hostError) {
+	if len(e.payload) < header.ICMPv4MinimumSize {
+		return
+	}
+	k := fl.key
+	inv := invoking{src: k.guest, dst: k.dst, proto: uint8(header.ICMPv4ProtocolNumber), l4Len: len(e.payload)}
+	if k.dst.Is6() {
+		inv.proto = uint8(header.ICMPv6ProtocolNumber)
+	}
+	copy(inv.l4[:], e.payload)
+	binary.BigEndian.PutUint16(inv.l4[4:6], k.ident)
+	fl.p.f.sendICMPError(e.offender, e.kind, inv)
 }
 
 func (fl *pingFlow) close() {

@@ -26,6 +26,17 @@ func openPingSocket(v6 bool) (net.PacketConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s socket: %w", name, err)
 	}
+	// Queue the ICMP errors about our requests (unreachable, time
+	// exceeded) so they can be passed on to the guest.
+	if v6 {
+		err = unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_RECVERR, 1)
+	} else {
+		err = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_RECVERR, 1)
+	}
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s socket: recverr: %w", name, err)
+	}
 	file := os.NewFile(uintptr(fd), name)
 	defer file.Close() // FilePacketConn dups the descriptor
 	pc, err := net.FilePacketConn(file)

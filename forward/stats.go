@@ -18,7 +18,7 @@ type Stats struct {
 	// TCPTimeouts counts host connects that timed out (guest got RST).
 	TCPTimeouts uint64
 	// TCPDialErrors counts other host connect failures, e.g. unreachable
-	// networks (guest got RST).
+	// networks (guest got the ICMP error, or a RST when there is none).
 	TCPDialErrors uint64
 	// TCPRejectedInFlight counts SYNs refused because MaxInFlightDials
 	// connects were already under way.
@@ -40,6 +40,13 @@ type Stats struct {
 	PingRequests uint64
 	// PingReplies counts echo replies delivered to the guest.
 	PingReplies uint64
+
+	// ICMPErrors counts host ICMP errors (unreachable, time exceeded)
+	// translated and sent to the guest.
+	ICMPErrors uint64
+	// ICMPErrorsLimited counts ICMP errors not sent because of the stack's
+	// ICMP rate limit.
+	ICMPErrorsLimited uint64
 
 	// InboundTCPConns counts connections accepted by TCP port forwards.
 	InboundTCPConns uint64
@@ -86,6 +93,7 @@ type counters struct {
 	tcpRejectedInFlight, tcpRejectedConns                     atomic.Uint64
 	udpFlowsTotal, udpFlowsExpired, pingRequests, pingReplies atomic.Uint64
 	inboundTCP, inboundUDP                                    atomic.Uint64
+	icmpErrors, icmpErrorsLimited                             atomic.Uint64
 	dropBroadcast, dropDNS, dropGateway, dropUnroutable       atomic.Uint64
 	dropUDPLimit, dropPingLimit, dropPingUnavail, dropInvalid atomic.Uint64
 	dropSend, dropClosed                                      atomic.Uint64
@@ -110,6 +118,8 @@ func (f *Forwarder) Stats() Stats {
 		PingFlows:           c.pingFlows.Load(),
 		PingRequests:        c.pingRequests.Load(),
 		PingReplies:         c.pingReplies.Load(),
+		ICMPErrors:          c.icmpErrors.Load(),
+		ICMPErrorsLimited:   c.icmpErrorsLimited.Load(),
 		InboundTCPConns:     c.inboundTCP.Load(),
 		InboundUDPFlows:     c.inboundUDP.Load(),
 		Drops: DropStats{

@@ -15,7 +15,8 @@ import (
 // handleTCP runs, in its own goroutine started by gVisor's TCP forwarder,
 // for every guest SYN that no in-stack listener claimed. It dials the host
 // destination first and only then completes the guest's handshake, so the
-// guest sees exactly what the host sees: a connection, or a RST.
+// guest sees exactly what the host sees: a connection, a RST, or an ICMP
+// unreachable.
 func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	if !f.enter() {
 		f.c.dropClosed.Add(1)
@@ -25,6 +26,7 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	defer f.wg.Done()
 
 	id := r.ID()
+	defer f.syns.forget(id)
 	src := netip.AddrPortFrom(fromTCPIP(id.RemoteAddress), id.RemotePort)
 	dst := netip.AddrPortFrom(fromTCPIP(id.LocalAddress), id.LocalPort)
 	log := f.log.With("proto", "tcp", "src", src, "dst", dst)
@@ -57,9 +59,18 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	if err != nil {
 		f.countDialError(err)
 		log.Debug("tcp dial failed", "target", target, "err", err)
-		// A RST is the closest a TCP-level NAT can get to both "refused"
-		// and "unreachable"; a guest waiting on its own SYN retries
-		// would otherwise hang for tens of seconds.
+		// "Unreachable" and "prohibited" reach the guest as the ICMP error
+		// the host got, which aborts the guest's connect with the same
+		// errno. Everything else (refused, timed out) becomes a RST: the
+		// guest, retrying its own SYN, would otherwise hang for tens of
+		// seconds.
+		if k := kindFromErrno(err); k != kindNone {
+			if seq, ok := f.syns.take(id); ok {
+				f.sendICMPError(dst.Addr(), k, synInvoking(src, dst, seq))
+				r.Complete(false)
+				return
+			}
+		}
 		r.Complete(true)
 		return
 	}

@@ -53,6 +53,13 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 	}
 	_ = hc.SetReadBuffer(hostUDPBuffer)
 	_ = hc.SetWriteBuffer(hostUDPBuffer)
+	var ic *udpICMP
+	if rc, err := hc.SyscallConn(); err == nil {
+		ic = &udpICMP{rc: rc, src: src, dst: dst, target: to}
+		if err := enableRecvErr(rc, to.Is6()); err != nil {
+			f.log.Debug("udp host socket: no IP_RECVERR", "err", err)
+		}
+	}
 
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
@@ -75,6 +82,7 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 		sendHost:  func(b []byte) error { _, err := hc.Write(b); return err },
 		closeHost: func() { _ = hc.Close() },
 		desc:      src.String() + "->" + target.String(),
+		icmp:      ic,
 	}
 	fl.touch()
 	f.log.Debug("udp flow created", "flow", fl.desc)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -29,6 +30,10 @@ type udpFlow struct {
 	closeHost func()
 	onClose   func() // removes the flow from its table
 	desc      string
+
+	// icmp is set for flows with their own host socket, whose ICMP errors
+	// are translated for the guest.
+	icmp *udpICMP
 
 	last      atomic.Int64  // nanoseconds since f.epoch of the latest datagram
 	fromGuest atomic.Uint64 // datagrams guest -> host
@@ -74,7 +79,17 @@ func (fl *udpFlow) guestLoop() {
 		}
 		fl.touch()
 		fl.fromGuest.Add(1)
-		if err := fl.sendHost(buf[:n]); err != nil {
+		if fl.icmp != nil {
+			fl.icmp.lastLen.Store(int32(n))
+		}
+		err = fl.sendHost(buf[:n])
+		if err != nil && fl.hostErrors(err) {
+			// The socket reported an ICMP error for an earlier datagram
+			// instead of sending this one; the guest has been told, and
+			// this datagram deserves its chance.
+			err = fl.sendHost(buf[:n])
+		}
+		if err != nil {
 			fl.f.c.dropSend.Add(1)
 			fl.f.log.Debug("udp send to host failed", "flow", fl.desc, "err", err)
 		}
@@ -104,9 +119,7 @@ func (fl *udpFlow) hostLoop(hc net.Conn) {
 			}
 			// ECONNREFUSED and friends report an ICMP error for an earlier
 			// datagram; the flow itself is still usable.
-			if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) ||
-				errors.Is(err, syscall.ENETUNREACH) {
-				fl.f.log.Debug("udp host socket error", "flow", fl.desc, "err", err)
+			if fl.hostErrors(err) {
 				continue
 			}
 			fl.f.log.Debug("udp host socket failed", "flow", fl.desc, "err", err)
@@ -114,6 +127,40 @@ func (fl *udpFlow) hostLoop(hc net.Conn) {
 		}
 		fl.deliver(buf[:n])
 	}
+}
+
+// udpICMP is what a flow needs to translate its host socket's ICMP errors:
+// the socket, and the guest's view of the conversation.
+type udpICMP struct {
+	rc       syscall.RawConn
+	src, dst netip.AddrPort // as the guest sent its datagrams
+	target   netip.Addr     // the host-side destination dst stands for
+	lastLen  atomic.Int32   // payload size of the latest guest datagram
+}
+
+// hostErrors handles err from the flow's host socket. If it is the report
+// of an ICMP error, the errors queued on the socket are sent on to the
+// guest and hostErrors returns true: the socket is still usable.
+func (fl *udpFlow) hostErrors(err error) bool {
+	if fl.icmp == nil || !icmpErrno(err) {
+		return false
+	}
+	ic := fl.icmp
+	inv := udpInvoking(ic.src, ic.dst, int(ic.lastLen.Load()))
+	n := drainErrQueue(ic.rc, func(e hostError) {
+		from := e.offender
+		if from == ic.target {
+			from = ic.dst.Addr()
+		}
+		fl.f.sendICMPError(from, e.kind, inv)
+	})
+	if n == 0 && errors.Is(err, syscall.ECONNREFUSED) {
+		// No queued details (IP_RECVERR unavailable): the errno alone says
+		// the peer's port is closed.
+		fl.f.sendICMPError(ic.dst.Addr(), kindPort, inv)
+	}
+	fl.f.log.Debug("udp host socket reported an ICMP error", "flow", fl.desc, "err", err, "queued", n)
+	return true
 }
 
 // close tears the flow down once; safe from any goroutine.

@@ -1,0 +1,301 @@
+package forward
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/vunet/vunet/netstack/netstacktest"
+)
+
+// freeUDPPort returns a loopback UDP port with no socket bound to it.
+func freeUDPPort(t *testing.T, addr netip.Addr) uint16 {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(addr, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := pc.LocalAddr().(*net.UDPAddr).AddrPort().Port()
+	_ = pc.Close()
+	return port
+}
+
+// TestUDPPortUnreachable sends a datagram to a closed host port through the
+// gateway mapping: the host kernel answers with ICMP port unreachable on
+// loopback, and the guest's connected socket must see "connection refused"
+// on its next read, as it would on a real network.
+func TestUDPPortUnreachable(t *testing.T) {
+	e := newEnv(t, nil)
+	fams := families(t)
+	for _, fam := range fams {
+		dst := netip.AddrPortFrom(fam.gw, freeUDPPort(t, fam.loop))
+		c, err := netstacktest.DialUDP(e.p.Guest, dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write([]byte("anyone there?")); err != nil {
+			t.Fatal(err)
+		}
+		// gVisor's gonet wakes readers for data only, not for socket
+		// errors, so poll: each Read first returns a pending error.
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			_ = c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			_, err = c.Read(make([]byte, 100))
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() || time.Now().After(deadline) {
+				break
+			}
+		}
+		if err == nil || !strings.Contains(err.Error(), "refused") {
+			t.Errorf("%s: read err = %v, want connection refused", dst, err)
+		}
+		c.Close()
+	}
+	if s := e.f.Stats(); s.ICMPErrors != uint64(len(fams)) {
+		t.Errorf("ICMPErrors = %d, want %d", s.ICMPErrors, len(fams))
+	}
+}
+
+// TestTCPUnreachableGetsICMP makes host connects fail as a router would
+// make them fail; the guest's connect must end at once with the same
+// error, carried by an ICMP error that quotes its SYN.
+func TestTCPUnreachableGetsICMP(t *testing.T) {
+	for _, tc := range []struct {
+		errno syscall.Errno
+		want  string // gVisor's wording of the guest-side error
+	}{
+		{syscall.EHOSTUNREACH, "no route to host"},
+		{syscall.ENETUNREACH, "network is unreachable"},
+	} {
+		e := newEnv(t, func(o *Options) {
+			o.dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return nil, &net.OpError{Op: "dial", Net: network, Err: os.NewSyscallError("connect", tc.errno)}
+			}
+		})
+		// Any address outside the host: the dialer never reaches it.
+		// gVisor (the test guest) acts on ICMPv6 "no route" but ignores
+		// "address unreachable" (Linux turns it into EHOSTUNREACH), so
+		// only the former is tried over IPv6.
+		dsts := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.7:80")}
+		if tc.errno == syscall.ENETUNREACH {
+			dsts = append(dsts, netip.MustParseAddrPort("[2001:db8::7]:80"))
+		}
+		for _, dst := range dsts {
+			start := time.Now()
+			_, err := netstacktest.DialTCP(ctxT(t, 20*time.Second), e.p.Guest, dst)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%v: dial %s: err = %v, want %q", tc.errno, dst, err, tc.want)
+			}
+			if d := time.Since(start); d > 5*time.Second {
+				t.Errorf("%v: dial %s took %v; the guest retried its SYN instead of taking the error", tc.errno, dst, d)
+			}
+		}
+		if s, n := e.f.Stats(), uint64(len(dsts)); s.ICMPErrors != n || s.TCPDialErrors != n {
+			t.Errorf("%v: ICMPErrors = %d, TCPDialErrors = %d, want %d", tc.errno, s.ICMPErrors, s.TCPDialErrors, n)
+		}
+	}
+}
+
+func TestKindMapping(t *testing.T) {
+	for _, tc := range []struct {
+		v4         bool
+		typ, code  uint8
+		want       unreachKind
+		backT, bkC uint8 // the guest-family encoding of want, same family
+	}{
+		{true, 3, 0, kindNet, 3, 0},
+		{true, 3, 1, kindHost, 3, 1},
+		{true, 3, 3, kindPort, 3, 3},
+		{true, 3, 13, kindProhibited, 3, 13},
+		{true, 3, 10, kindProhibited, 3, 13},
+		{true, 11, 0, kindTTL, 11, 0},
+		{true, 11, 1, kindNone, 0, 0}, // reassembly time exceeded: not the guest's business
+		{true, 3, 4, kindNone, 0, 0},  // fragmentation needed on the host's path
+		{true, 5, 0, kindNone, 0, 0},  // redirect
+		{false, 1, 0, kindNet, 1, 0},
+		{false, 1, 3, kindHost, 1, 3},
+		{false, 1, 4, kindPort, 1, 4},
+		{false, 1, 1, kindProhibited, 1, 1},
+		{false, 1, 6, kindProhibited, 1, 1},
+		{false, 3, 0, kindTTL, 3, 0},
+		{false, 2, 0, kindNone, 0, 0}, // packet too big
+	} {
+		var got unreachKind
+		if tc.v4 {
+			got = kindFromICMPv4(tc.typ, tc.code)
+		} else {
+			got = kindFromICMPv6(tc.typ, tc.code)
+		}
+		if got != tc.want {
+			t.Errorf("v4=%v type %d code %d: kind %v, want %v", tc.v4, tc.typ, tc.code, got, tc.want)
+			continue
+		}
+		if got == kindNone {
+			continue
+		}
+		var bt, bc uint8
+		if tc.v4 {
+			a, b := got.icmpv4()
+			bt, bc = uint8(a), uint8(b)
+		} else {
+			a, b := got.icmpv6()
+			bt, bc = uint8(a), uint8(b)
+		}
+		if bt != tc.backT || bc != tc.bkC {
+			t.Errorf("%v encodes as %d/%d, want %d/%d", got, bt, bc, tc.backT, tc.bkC)
+		}
+	}
+}
+
+// TestQuote checks the reconstructed invoking packets parse as what the
+// guest sent.
+func TestQuote(t *testing.T) {
+	src4, dst4 := netip.MustParseAddrPort("10.0.2.15:40000"), netip.MustParseAddrPort("10.0.2.2:53")
+	q := udpInvoking(src4, dst4, 100).quote()
+	ip := header.IPv4(q)
+	if !ip.IsValid(len(q)) && len(q) != header.IPv4MinimumSize+8 {
+		t.Fatalf("bad IPv4 quote %x", q)
+	}
+	if ip.Protocol() != uint8(header.UDPProtocolNumber) || ip.TotalLength() != 20+8+100 ||
+		fromTCPIP(ip.SourceAddress()) != src4.Addr() || fromTCPIP(ip.DestinationAddress()) != dst4.Addr() {
+		t.Errorf("IPv4 header %x", q[:20])
+	}
+	if ip.CalculateChecksum() != 0xffff {
+		t.Errorf("IPv4 quote checksum does not verify")
+	}
+	u := header.UDP(q[20:])
+	if u.SourcePort() != 40000 || u.DestinationPort() != 53 || u.Length() != 108 {
+		t.Errorf("UDP header %x", q[20:])
+	}
+
+	src6, dst6 := netip.MustParseAddrPort("[fd00::15]:40001"), netip.MustParseAddrPort("[2001:db8::1]:443")
+	q = synInvoking(src6, dst6, 0xdeadbeef).quote()
+	ip6 := header.IPv6(q)
+	if len(q) != 48 || ip6.TransportProtocol() != header.TCPProtocolNumber ||
+		fromTCPIP(ip6.SourceAddress()) != src6.Addr() || fromTCPIP(ip6.DestinationAddress()) != dst6.Addr() {
+		t.Fatalf("IPv6 quote %x", q)
+	}
+	if p := q[40:]; binary.BigEndian.Uint16(p) != 40001 || binary.BigEndian.Uint16(p[2:]) != 443 ||
+		binary.BigEndian.Uint32(p[4:]) != 0xdeadbeef {
+		t.Errorf("TCP start %x", p)
+	}
+}
+
+func TestParseExtendedErr(t *testing.T) {
+	ee := func(origin, typ, code uint8, sa []byte) []byte {
+		b := make([]byte, 16, 16+len(sa))
+		binary.NativeEndian.PutUint32(b, uint32(syscall.EHOSTUNREACH))
+		b[4], b[5], b[6] = origin, typ, code
+		return append(b, sa...)
+	}
+	sa4 := make([]byte, 16)
+	binary.NativeEndian.PutUint16(sa4, unix.AF_INET)
+	copy(sa4[4:], []byte{192, 0, 2, 1})
+	sa6 := make([]byte, 28)
+	binary.NativeEndian.PutUint16(sa6, unix.AF_INET6)
+	copy(sa6[8:], netip.MustParseAddr("2001:db8::1").AsSlice())
+
+	e, ok := parseExtendedErr(unix.SOL_IP, unix.IP_RECVERR, ee(unix.SO_EE_ORIGIN_ICMP, 11, 0, sa4))
+	if !ok || e.kind != kindTTL || e.offender != netip.MustParseAddr("192.0.2.1") {
+		t.Errorf("v4 time exceeded: %+v %v", e, ok)
+	}
+	e, ok = parseExtendedErr(unix.SOL_IPV6, unix.IPV6_RECVERR, ee(unix.SO_EE_ORIGIN_ICMP6, 1, 3, sa6))
+	if !ok || e.kind != kindHost || e.offender != netip.MustParseAddr("2001:db8::1") {
+		t.Errorf("v6 address unreachable: %+v %v", e, ok)
+	}
+	// Truncated and foreign messages are ignored, never a panic.
+	for _, bad := range [][]byte{nil, make([]byte, 15), ee(unix.SO_EE_ORIGIN_LOCAL, 0, 0, nil)} {
+		if _, ok := parseExtendedErr(unix.SOL_IP, unix.IP_RECVERR, bad); ok {
+			t.Errorf("accepted %x", bad)
+		}
+	}
+	if e, ok := parseExtendedErr(unix.SOL_IP, unix.IP_RECVERR, ee(unix.SO_EE_ORIGIN_ICMP, 3, 3, sa4[:5])); !ok || e.offender.IsValid() {
+		t.Errorf("short sockaddr: %+v %v", e, ok)
+	}
+	if _, ok := parseExtendedErr(unix.SOL_SOCKET, unix.SCM_RIGHTS, ee(unix.SO_EE_ORIGIN_ICMP, 3, 3, sa4)); ok {
+		t.Errorf("accepted a foreign control message")
+	}
+}
+
+// TestPingErrorReachesGuest feeds a ping flow the error a router on the
+// host's path would send ("time exceeded", as traceroute provokes): the
+// guest must receive an ICMP error from that router which quotes its own
+// echo request, identifier included, so its ping can match it.
+func TestPingErrorReachesGuest(t *testing.T) {
+	e := newEnv(t, nil)
+	var wq waiter.Queue
+	ep, terr := e.p.Guest.NewRawEndpoint(header.ICMPv4ProtocolNumber, ipv4.ProtocolNumber, &wq, true)
+	if terr != nil {
+		t.Fatal(terr)
+	}
+	defer ep.Close()
+	ch := make(chan struct{}, 1)
+	we := waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	})
+	wq.EventRegister(&we)
+	defer wq.EventUnregister(&we)
+
+	router := netip.MustParseAddr("198.51.100.1")
+	dst := netip.MustParseAddr("192.0.2.9")
+	fl := &pingFlow{p: e.f.ping, key: pingKey{guest: netstacktest.Guest4, dst: dst, ident: 0x1234}}
+	// The request as the host's ping socket sent it: the kernel's own
+	// identifier (0xabcd), the guest's sequence number (7).
+	fl.hostError(hostError{kind: kindTTL, offender: router, payload: []byte{8, 0, 0x55, 0x55, 0xab, 0xcd, 0, 7, 'h', 'i'}})
+
+	var pkt []byte
+	deadline := time.After(10 * time.Second)
+	for pkt == nil {
+		var b bytes.Buffer
+		if _, terr := ep.Read(&b, tcpip.ReadOptions{}); terr == nil {
+			pkt = b.Bytes()
+			break
+		}
+		select {
+		case <-ch:
+		case <-deadline:
+			t.Fatal("no ICMP error reached the guest")
+		}
+	}
+	ip := header.IPv4(pkt)
+	if !ip.IsValid(len(pkt)) || fromTCPIP(ip.SourceAddress()) != router || fromTCPIP(ip.DestinationAddress()) != netstacktest.Guest4 {
+		t.Fatalf("IP header %x", pkt[:min(len(pkt), 20)])
+	}
+	icmpMsg := header.ICMPv4(ip.Payload())
+	if icmpMsg.Type() != header.ICMPv4TimeExceeded || icmpMsg.Code() != header.ICMPv4TTLExceeded {
+		t.Errorf("type/code %d/%d, want time exceeded", icmpMsg.Type(), icmpMsg.Code())
+	}
+	if checksum.Checksum(icmpMsg, 0) != 0xffff {
+		t.Errorf("ICMP checksum does not verify")
+	}
+	q := header.IPv4(icmpMsg[header.ICMPv4MinimumSize:])
+	if len(q) < 28 || fromTCPIP(q.SourceAddress()) != netstacktest.Guest4 || fromTCPIP(q.DestinationAddress()) != dst ||
+		q.Protocol() != uint8(header.ICMPv4ProtocolNumber) {
+		t.Fatalf("quoted header %x", q)
+	}
+	if echo := q[20:28]; echo[0] != 8 || binary.BigEndian.Uint16(echo[4:]) != 0x1234 || binary.BigEndian.Uint16(echo[6:]) != 7 {
+		t.Errorf("quoted echo %x: want type 8, the guest's identifier 0x1234 and sequence 7", echo)
+	}
+	if s := e.f.Stats(); s.ICMPErrors != 1 {
+		t.Errorf("ICMPErrors = %d", s.ICMPErrors)
+	}
+}
