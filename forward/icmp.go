@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -121,6 +122,19 @@ func (f *Forwarder) handleICMP(_ stack.TransportEndpointID, pkt *stack.PacketBuf
 		f.c.countDrop(why)
 		return true
 	}
+	// vunet is the guest's first router: a request that would leave it
+	// with no hops left expires here, and the rest go out with one hop
+	// less. That is what makes traceroute -I and mtr show the gateway and
+	// then the host's path.
+	ttl := hopLimit(pkt)
+	if ttl <= 1 {
+		gw := f.opts.Gateway4
+		if v6 {
+			gw = f.opts.Gateway6
+		}
+		f.sendICMPError(gw, kindTTL, echoInvoking(src, dst, msg, binary.BigEndian.Uint16(msg[4:6])))
+		return true
+	}
 	if !f.ping.available(v6) {
 		f.c.dropPingUnavail.Add(1)
 		f.ping.warnOnce.Do(func() {
@@ -130,12 +144,40 @@ func (f *Forwarder) handleICMP(_ stack.TransportEndpointID, pkt *stack.PacketBuf
 		})
 		return true
 	}
-	f.ping.send(pingKey{guest: src, dst: dst, ident: binary.BigEndian.Uint16(msg[4:6])}, to, msg)
+	f.ping.send(pingKey{guest: src, dst: dst, ident: binary.BigEndian.Uint16(msg[4:6])}, to, msg, ttl-1)
 	return true
 }
 
-// send forwards one echo request, creating the flow if needed.
-func (p *pinger) send(k pingKey, target netip.Addr, msg []byte) {
+// hopLimit returns the IPv4 TTL or IPv6 hop limit pkt arrived with.
+func hopLimit(pkt *stack.PacketBuffer) uint8 {
+	nh := pkt.NetworkHeader().Slice()
+	if pkt.NetworkProtocolNumber == ipv6.ProtocolNumber {
+		if len(nh) < header.IPv6MinimumSize {
+			return 0
+		}
+		return header.IPv6(nh).HopLimit()
+	}
+	if len(nh) < header.IPv4MinimumSize {
+		return 0
+	}
+	return header.IPv4(nh).TTL()
+}
+
+// echoInvoking is the guest's echo request msg (identifier ident) from src
+// to dst, for quoting in an ICMP error.
+func echoInvoking(src, dst netip.Addr, msg []byte, ident uint16) invoking {
+	inv := invoking{src: src, dst: dst, proto: uint8(header.ICMPv4ProtocolNumber), l4Len: len(msg)}
+	if dst.Is6() {
+		inv.proto = uint8(header.ICMPv6ProtocolNumber)
+	}
+	copy(inv.l4[:], msg)
+	binary.BigEndian.PutUint16(inv.l4[4:6], ident)
+	return inv
+}
+
+// send forwards one echo request with the given hop limit, creating the
+// flow if needed.
+func (p *pinger) send(k pingKey, target netip.Addr, msg []byte, ttl uint8) {
 	f := p.f
 	p.mu.Lock()
 	fl := p.flows[k]
@@ -149,6 +191,9 @@ func (p *pinger) send(k pingKey, target netip.Addr, msg []byte) {
 	}
 	p.mu.Unlock()
 	fl.touch()
+	fl.sendMu.Lock()
+	defer fl.sendMu.Unlock()
+	fl.setTTL(ttl)
 	// Writes to a datagram socket do not block for long; the deadline keeps
 	// a wedged socket from stalling gVisor's delivery path.
 	_ = fl.conn.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
@@ -205,6 +250,8 @@ type pingFlow struct {
 	p         *pinger
 	key       pingKey
 	conn      net.PacketConn
+	sendMu    sync.Mutex   // serializes a request's hop limit and its write
+	ttl       uint8        // hop limit set on conn; 0: the kernel default
 	last      atomic.Int64 // nanoseconds since f.epoch
 	closeOnce sync.Once
 }
@@ -255,6 +302,31 @@ func (fl *pingFlow) readLoop() {
 	}
 }
 
+// setTTL sets the hop limit of the next request, if it differs from the
+// last one (pings repeat theirs; traceroute raises it one step at a time).
+// Called with sendMu held.
+func (fl *pingFlow) setTTL(ttl uint8) {
+	sc, ok := fl.conn.(syscall.Conn)
+	if !ok || ttl == fl.ttl {
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	var serr error
+	_ = rc.Control(func(fd uintptr) {
+		if fl.key.dst.Is6() {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_UNICAST_HOPS, int(ttl))
+		} else {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_TTL, int(ttl))
+		}
+	})
+	if serr == nil {
+		fl.ttl = ttl
+	}
+}
+
 // hostErrors handles err from the flow's ping socket. If it reports ICMP
 // errors for earlier echo requests (host or network unreachable, time
 // exceeded), they are sent on to the guest and hostErrors returns true.
@@ -278,14 +350,7 @@ func (fl *pingFlow) hostError(e hostError) {
 	if len(e.payload) < header.ICMPv4MinimumSize {
 		return
 	}
-	k := fl.key
-	inv := invoking{src: k.guest, dst: k.dst, proto: uint8(header.ICMPv4ProtocolNumber), l4Len: len(e.payload)}
-	if k.dst.Is6() {
-		inv.proto = uint8(header.ICMPv6ProtocolNumber)
-	}
-	copy(inv.l4[:], e.payload)
-	binary.BigEndian.PutUint16(inv.l4[4:6], k.ident)
-	fl.p.f.sendICMPError(e.offender, e.kind, inv)
+	fl.p.f.sendICMPError(e.offender, e.kind, echoInvoking(fl.key.guest, fl.key.dst, e.payload, fl.key.ident))
 }
 
 func (fl *pingFlow) close() {

@@ -18,6 +18,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/vunet/vunet/netstack/netstacktest"
@@ -299,3 +300,90 @@ func TestPingErrorReachesGuest(t *testing.T) {
 		t.Errorf("ICMPErrors = %d", s.ICMPErrors)
 	}
 }
+
+// TestPingTTLExpiresAtGateway sends the guest's echo requests with TTL 1,
+// as traceroute -I does for its first hop: vunet, the guest's first
+// router, must answer "time exceeded" from the gateway address, quoting
+// the request, whether or not the host permits ping sockets.
+func TestPingTTLExpiresAtGateway(t *testing.T) {
+	e := newEnv(t, nil)
+	for _, fam := range []struct {
+		net       tcpip.NetworkProtocolNumber
+		transport tcpip.TransportProtocolNumber
+		dst, gw   netip.Addr
+		echo      byte
+		ttlOpt    tcpip.SockOptInt
+	}{
+		{ipv4.ProtocolNumber, header.ICMPv4ProtocolNumber, netip.MustParseAddr("192.0.2.9"), gw4, 8, tcpip.IPv4TTLOption},
+		{ipv6.ProtocolNumber, header.ICMPv6ProtocolNumber, netip.MustParseAddr("2001:db8::9"), gw6, 128, tcpip.IPv6HopLimitOption},
+	} {
+		var wq waiter.Queue
+		ep, terr := e.p.Guest.NewRawEndpoint(fam.transport, fam.net, &wq, true)
+		if terr != nil {
+			t.Fatal(terr)
+		}
+		defer ep.Close()
+		ch := make(chan struct{}, 1)
+		we := waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
+		})
+		wq.EventRegister(&we)
+		defer wq.EventUnregister(&we)
+		if terr := ep.SetSockOptInt(fam.ttlOpt, 1); terr != nil {
+			t.Fatal(terr)
+		}
+		req := []byte{fam.echo, 0, 0, 0, 0x12, 0x34, 0, 1, 'h', 'o', 'p'}
+		if fam.net == ipv4.ProtocolNumber { // ICMPv6 raw sockets get theirs from the stack
+			binary.BigEndian.PutUint16(req[2:], checksumOf(req))
+		}
+		to := tcpip.FullAddress{Addr: toTCPIP(fam.dst)}
+		if _, terr := ep.Write(bytes.NewReader(req), tcpip.WriteOptions{To: &to}); terr != nil {
+			t.Fatal(terr)
+		}
+
+		var pkt []byte
+		var from netip.Addr
+		deadline := time.After(10 * time.Second)
+		for pkt == nil {
+			var b bytes.Buffer
+			res, terr := ep.Read(&b, tcpip.ReadOptions{NeedRemoteAddr: true})
+			if terr == nil {
+				from = fromTCPIP(res.RemoteAddr.Addr)
+				pkt = b.Bytes()
+				if fam.net == ipv4.ProtocolNumber { // IPv4 raw reads include the IP header
+					pkt = header.IPv4(pkt).Payload()
+				}
+				// Skip our own request, looped to the raw socket, and
+				// neighbor discovery: informational ICMPv6 types are >= 128.
+				if pkt[0] == fam.echo || fam.net == ipv6.ProtocolNumber && pkt[0] >= 128 {
+					pkt = nil
+				}
+				continue
+			}
+			select {
+			case <-ch:
+			case <-deadline:
+				t.Fatalf("%s: no time exceeded", fam.dst)
+			}
+		}
+		if from != fam.gw {
+			t.Errorf("%s: time exceeded from %s, want the gateway %s", fam.dst, from, fam.gw)
+		}
+		wantType := byte(header.ICMPv4TimeExceeded)
+		qoff := header.ICMPv4MinimumSize + header.IPv4MinimumSize
+		if fam.net == ipv6.ProtocolNumber {
+			wantType, qoff = byte(header.ICMPv6TimeExceeded), header.ICMPv6MinimumSize+header.IPv6MinimumSize
+		}
+		if pkt[0] != wantType || pkt[1] != 0 {
+			t.Errorf("%s: type/code %d/%d, want %d/0", fam.dst, pkt[0], pkt[1], wantType)
+		}
+		if len(pkt) < qoff+8 || pkt[qoff] != fam.echo || binary.BigEndian.Uint16(pkt[qoff+4:]) != 0x1234 {
+			t.Errorf("%s: quoted echo %x", fam.dst, pkt[min(qoff, len(pkt)):])
+		}
+	}
+}
+
+func checksumOf(b []byte) uint16 { return ^checksum.Checksum(b, 0) }
