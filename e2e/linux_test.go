@@ -56,6 +56,7 @@ func TestLinuxGuest(t *testing.T) {
 			harness.StepIperfUDP("udp-down", down, true),
 			harness.StepForward(guestFwdPort),
 			harness.StepIPv6(e.http.Port6),
+			harness.StepTraceroute(vunettest.FreePort(t)),
 		),
 	})
 
@@ -82,7 +83,7 @@ func TestLinuxGuest(t *testing.T) {
 	}
 
 	steps := finish(t, inst, "dhcp", "dns", "ping", "download", "upload", "udp-up", "udp-down",
-		"forward", "ipv6-slaac", "ping6", "dns6", "http6")
+		"forward", "ipv6-slaac", "ping6", "dns6", "http6", "traceroute")
 	t.Logf("full scenario wall time: %v", time.Since(start).Round(10*time.Millisecond))
 	e.checkUpload(t, steps, "upload")
 	for _, name := range []string{"udp-up", "udp-down"} {

@@ -126,8 +126,9 @@ func (f *Forwarder) handleICMP(_ stack.TransportEndpointID, pkt *stack.PacketBuf
 	// with no hops left expires here, and the rest go out with one hop
 	// less. That is what makes traceroute -I and mtr show the gateway and
 	// then the host's path.
+	// The gateway itself (the host) is the destination, not a hop.
 	ttl := hopLimit(pkt)
-	if ttl <= 1 {
+	if ttl <= 1 && !isGateway {
 		gw := f.opts.Gateway4
 		if v6 {
 			gw = f.opts.Gateway6
@@ -170,7 +171,8 @@ func echoInvoking(src, dst netip.Addr, msg []byte, ident uint16) invoking {
 	if dst.Is6() {
 		inv.proto = uint8(header.ICMPv6ProtocolNumber)
 	}
-	copy(inv.l4[:], msg)
+	n := copy(inv.l4[:], msg)
+	inv.data = msg[n:]
 	binary.BigEndian.PutUint16(inv.l4[4:6], ident)
 	return inv
 }

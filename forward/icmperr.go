@@ -151,17 +151,29 @@ func (k unreachKind) icmpv6() (header.ICMPv6Type, header.ICMPv6Code) {
 // invoking is the guest packet an ICMP error refers to, reconstructed from
 // what the flow knows: addresses and protocol as the guest sent them, the
 // first 8 bytes of its transport header (all that RFC 792 requires an error
-// to quote, and all that stacks look at), and its transport length.
+// to quote, and all that kernels look at), what followed them as far as
+// known (tools such as traceroute6 match their probes by payload), and the
+// transport length.
 type invoking struct {
 	src, dst netip.Addr // guest's view: src is the guest
 	proto    uint8      // transport protocol number
 	l4       [8]byte
+	data     []byte // the bytes after l4, possibly truncated
 	l4Len    int
 }
 
-// udpInvoking is a UDP datagram of n payload bytes from src to dst.
-func udpInvoking(src, dst netip.AddrPort, n int) invoking {
-	inv := invoking{src: src.Addr(), dst: dst.Addr(), proto: uint8(header.UDPProtocolNumber), l4Len: header.UDPMinimumSize + n}
+// Quote limits: an ICMPv4 error stays within 576 bytes (RFC 1812 4.3.2.3),
+// an ICMPv6 one within the minimum MTU of 1280 (RFC 4443 2.4(c)).
+const (
+	maxQuote4 = 576 - header.IPv4MinimumSize - header.ICMPv4MinimumSize
+	maxQuote6 = header.IPv6MinimumMTU - header.IPv6MinimumSize - header.ICMPv6MinimumSize
+)
+
+// udpInvoking is a UDP datagram of n payload bytes from src to dst, of
+// which data is the start.
+func udpInvoking(src, dst netip.AddrPort, n int, data []byte) invoking {
+	inv := invoking{src: src.Addr(), dst: dst.Addr(), proto: uint8(header.UDPProtocolNumber),
+		l4Len: header.UDPMinimumSize + max(n, len(data)), data: data}
 	u := header.UDP(inv.l4[:])
 	u.SetSourcePort(src.Port())
 	u.SetDestinationPort(dst.Port())
@@ -178,10 +190,12 @@ func synInvoking(src, dst netip.AddrPort, seq uint32) invoking {
 	return inv
 }
 
-// quote returns the invoking packet's IP header and first 8 transport bytes.
+// quote returns the invoking packet's IP header, its first 8 transport
+// bytes and as much of the rest as is known and fits.
 func (inv invoking) quote() []byte {
 	if inv.src.Is4() {
-		b := make([]byte, header.IPv4MinimumSize+len(inv.l4))
+		data := inv.data[:min(len(inv.data), maxQuote4-header.IPv4MinimumSize-len(inv.l4))]
+		b := make([]byte, header.IPv4MinimumSize+len(inv.l4)+len(data))
 		ip := header.IPv4(b)
 		ip.Encode(&header.IPv4Fields{
 			TotalLength: uint16(min(header.IPv4MinimumSize+inv.l4Len, 0xffff)),
@@ -192,9 +206,11 @@ func (inv invoking) quote() []byte {
 		})
 		ip.SetChecksum(^ip.CalculateChecksum())
 		copy(b[header.IPv4MinimumSize:], inv.l4[:])
+		copy(b[header.IPv4MinimumSize+len(inv.l4):], data)
 		return b
 	}
-	b := make([]byte, header.IPv6MinimumSize+len(inv.l4))
+	data := inv.data[:min(len(inv.data), maxQuote6-header.IPv6MinimumSize-len(inv.l4))]
+	b := make([]byte, header.IPv6MinimumSize+len(inv.l4)+len(data))
 	header.IPv6(b).Encode(&header.IPv6Fields{
 		PayloadLength:     uint16(min(inv.l4Len, 0xffff)),
 		TransportProtocol: tcpip.TransportProtocolNumber(inv.proto),
@@ -203,6 +219,7 @@ func (inv invoking) quote() []byte {
 		DstAddr:           toTCPIP(inv.dst),
 	})
 	copy(b[header.IPv6MinimumSize:], inv.l4[:])
+	copy(b[header.IPv6MinimumSize+len(inv.l4):], data)
 	return b
 }
 

@@ -168,9 +168,9 @@ func TestKindMapping(t *testing.T) {
 // guest sent.
 func TestQuote(t *testing.T) {
 	src4, dst4 := netip.MustParseAddrPort("10.0.2.15:40000"), netip.MustParseAddrPort("10.0.2.2:53")
-	q := udpInvoking(src4, dst4, 100).quote()
+	q := udpInvoking(src4, dst4, 100, []byte("payload")).quote()
 	ip := header.IPv4(q)
-	if !ip.IsValid(len(q)) && len(q) != header.IPv4MinimumSize+8 {
+	if len(q) != header.IPv4MinimumSize+8+len("payload") || ip.HeaderLength() != header.IPv4MinimumSize {
 		t.Fatalf("bad IPv4 quote %x", q)
 	}
 	if ip.Protocol() != uint8(header.UDPProtocolNumber) || ip.TotalLength() != 20+8+100 ||
@@ -181,8 +181,17 @@ func TestQuote(t *testing.T) {
 		t.Errorf("IPv4 quote checksum does not verify")
 	}
 	u := header.UDP(q[20:])
-	if u.SourcePort() != 40000 || u.DestinationPort() != 53 || u.Length() != 108 {
-		t.Errorf("UDP header %x", q[20:])
+	if u.SourcePort() != 40000 || u.DestinationPort() != 53 || u.Length() != 108 || string(u.Payload()) != "payload" {
+		t.Errorf("UDP header and payload %x", q[20:])
+	}
+	// Long payloads are cut to keep the error within 576 / 1280 bytes.
+	big := make([]byte, 5000)
+	if n := len(udpInvoking(src4, dst4, len(big), big).quote()); n != maxQuote4 {
+		t.Errorf("IPv4 quote of a 5000-byte datagram: %d bytes, want %d", n, maxQuote4)
+	}
+	src6u := netip.MustParseAddrPort("[fd00::15]:1")
+	if n := len(udpInvoking(src6u, src6u, len(big), big).quote()); n != maxQuote6 {
+		t.Errorf("IPv6 quote of a 5000-byte datagram: %d bytes, want %d", n, maxQuote6)
 	}
 
 	src6, dst6 := netip.MustParseAddrPort("[fd00::15]:40001"), netip.MustParseAddrPort("[2001:db8::1]:443")

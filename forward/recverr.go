@@ -47,12 +47,12 @@ const maxErrQueue = 64
 // Control rather than Read so that it neither waits for nor is blocked by
 // a concurrent blocking read of ordinary data.
 func drainErrQueue(rc syscall.RawConn, fn func(hostError)) int {
-	var buf [64]byte
+	buf := make([]byte, 2048) // more than any quote the guest gets
 	var oob [128]byte
 	n := 0
 	_ = rc.Control(func(fd uintptr) {
 		for n < maxErrQueue {
-			dn, oobn, _, _, err := unix.Recvmsg(int(fd), buf[:], oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+			dn, oobn, _, _, err := unix.Recvmsg(int(fd), buf, oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
 			if err != nil {
 				return // EAGAIN: the queue is empty
 			}

@@ -146,18 +146,18 @@ func (fl *udpFlow) hostErrors(err error) bool {
 		return false
 	}
 	ic := fl.icmp
-	inv := udpInvoking(ic.src, ic.dst, int(ic.lastLen.Load()))
 	n := drainErrQueue(ic.rc, func(e hostError) {
 		from := e.offender
 		if from == ic.target {
 			from = ic.dst.Addr()
 		}
-		fl.f.sendICMPError(from, e.kind, inv)
+		// The queued payload is the start of the datagram's payload.
+		fl.f.sendICMPError(from, e.kind, udpInvoking(ic.src, ic.dst, int(ic.lastLen.Load()), e.payload))
 	})
 	if n == 0 && errors.Is(err, syscall.ECONNREFUSED) {
 		// No queued details (IP_RECVERR unavailable): the errno alone says
 		// the peer's port is closed.
-		fl.f.sendICMPError(ic.dst.Addr(), kindPort, inv)
+		fl.f.sendICMPError(ic.dst.Addr(), kindPort, udpInvoking(ic.src, ic.dst, int(ic.lastLen.Load()), nil))
 	}
 	fl.f.log.Debug("udp host socket reported an ICMP error", "flow", fl.desc, "err", err, "queued", n)
 	return true

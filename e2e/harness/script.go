@@ -248,6 +248,25 @@ fi
 `, Gateway6, DNS6, port6, strings.TrimSuffix(HelloText, "\n"))
 }
 
+// StepTraceroute traces the route to the gateway with UDP probes to port,
+// a port nothing listens on at the host's loopback, over IPv4 and (after
+// StepIPv6) IPv6. The host kernel answers the probes that vunet relays with
+// "port unreachable"; vunet passes that on (docs/forwarding.md, ICMP
+// errors), so the trace must end at the gateway on hop 1. Without it every
+// probe times out.
+func StepTraceroute(port int) string {
+	return fmt.Sprintf(`begin
+tr_ok=1 tr_out=
+for t in "traceroute %[1]s" "traceroute6 %[2]s"; do
+	o=$(timeout 30 $t -n -m 3 -q 1 -w 3 -p %[3]d 2>&1) || tr_ok=
+	echo "$o"
+	echo "$o" | grep -qE "^ *1 +${t#* } " || tr_ok=
+	tr_out="$tr_out ${t%%%% *}:$(echo "$o" | grep -E '^ *[0-9]' | tr -s ' ' | tr '\n' ';')"
+done
+if [ -n "$tr_ok" ]; then pass traceroute "$tr_out"; else fail traceroute "$tr_out (want hop 1 = the gateway, port unreachable)"; fi
+`, Gateway4, Gateway6, port)
+}
+
 // StepWaitGeneration polls /generation until it returns gen (the host sets
 // it with HTTPServer.SetGeneration after restarting vunet), for up to 3
 // minutes; failures in between (vunet down) are expected. (busybox 1.35's
