@@ -147,6 +147,25 @@ type QueueStats struct {
 	Bytes     uint64 `json:"bytes"`
 	// Errors counts malformed descriptor chains and broken rings.
 	Errors uint64 `json:"errors"`
+	// Backlog is the number of packets waiting for guest buffers (gauge;
+	// the to_guest queue only).
+	Backlog int `json:"backlog,omitempty"`
+	// Ring is the ring's state while a frontend drives it.
+	Ring *RingState `json:"ring,omitempty"`
+}
+
+// RingState is a virtqueue's indexes, for diagnosing a stalled queue:
+// avail_idx ahead of next_avail means buffers the device has not taken;
+// with EVENT_IDX the guest kicks when avail_idx passes avail_event and
+// wants an interrupt when used_idx passes used_event.
+type RingState struct {
+	Size       uint16 `json:"size"`
+	AvailIdx   uint16 `json:"avail_idx"`
+	NextAvail  uint16 `json:"next_avail"`
+	UsedIdx    uint16 `json:"used_idx"`
+	EventIdx   bool   `json:"event_idx"`
+	AvailEvent uint16 `json:"avail_event,omitempty"`
+	UsedEvent  uint16 `json:"used_event,omitempty"`
 }
 
 // VHostStats are the vhost-user control plane's counters.

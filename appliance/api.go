@@ -70,6 +70,14 @@ func (a *Appliance) Stats() api.Stats {
 		},
 	}
 
+	st.Link.Queues[rxQueue].Backlog = a.Link.RXBacklog()
+	for i := range st.Link.Queues {
+		if rs := a.Link.RingState(st.Link.Queues[i].Queue); rs.Ready {
+			st.Link.Queues[i].Ring = &api.RingState{Size: rs.Size, AvailIdx: rs.AvailIdx, NextAvail: rs.NextAvail,
+				UsedIdx: rs.UsedIdx, EventIdx: rs.EventIdx, AvailEvent: rs.AvailEvent, UsedEvent: rs.UsedEvent}
+		}
+	}
+
 	fs := a.Forward.Stats()
 	st.Forward = api.ForwardStats{
 		PortForwards: len(a.Forward.ListPortForwards()),

@@ -227,6 +227,31 @@ func (e *Endpoint) StopQueue(idx int) {
 	}
 }
 
+// RingState returns the indexes of the receive (to the guest) or transmit
+// queue, or a zero state when it is not running.
+func (e *Endpoint) RingState(idx int) virtqueue.RingState {
+	var q *virtqueue.Queue
+	switch idx {
+	case rxQueue:
+		e.rx.mu.Lock()
+		q = e.rx.q
+		e.rx.mu.Unlock()
+	case txQueue:
+		q = e.tx.queue()
+	}
+	if q == nil {
+		return virtqueue.RingState{}
+	}
+	return q.State()
+}
+
+// RXBacklog returns how many packets to the guest wait for receive buffers.
+func (e *Endpoint) RXBacklog() int {
+	e.rx.mu.Lock()
+	defer e.rx.mu.Unlock()
+	return len(e.rx.backlog)
+}
+
 // Reset implements vhost.Backend.Reset.
 func (e *Endpoint) Reset() {
 	e.rx.stop()

@@ -2,6 +2,7 @@ package endpoint
 
 import (
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/buffer"
@@ -19,11 +20,16 @@ type txState struct {
 	q    *virtqueue.Queue
 	kick *virtqueue.EventFD
 	done chan struct{}
+	// running is q for readers on other goroutines (RingState).
+	running atomic.Pointer[virtqueue.Queue]
 }
+
+func (t *txState) queue() *virtqueue.Queue { return t.running.Load() }
 
 func (t *txState) start(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD) {
 	t.stop()
 	t.q, t.kick, t.done = q, kick, make(chan struct{})
+	t.running.Store(q)
 	go t.run(e, q, kick, t.done)
 }
 
@@ -33,6 +39,7 @@ func (t *txState) stop() {
 	}
 	t.kick.Interrupt()
 	<-t.done
+	t.running.Store(nil)
 	t.q, t.kick, t.done = nil, nil, nil
 }
 

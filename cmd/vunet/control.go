@@ -249,6 +249,15 @@ func writeStats(w io.Writer, st api.Stats) error {
 		if q.Errors > 0 {
 			fmt.Fprintf(tw, ", %d errors", q.Errors)
 		}
+		if q.Backlog > 0 {
+			fmt.Fprintf(tw, ", %d waiting for buffers", q.Backlog)
+		}
+		if r := q.Ring; r != nil {
+			fmt.Fprintf(tw, "; ring %d: avail %d, next %d, used %d", r.Size, r.AvailIdx, r.NextAvail, r.UsedIdx)
+			if r.EventIdx {
+				fmt.Fprintf(tw, ", avail_event %d, used_event %d", r.AvailEvent, r.UsedEvent)
+			}
+		}
 		fmt.Fprintln(tw)
 	}
 	if d := nonZero(st.Link.Drops); d != "" {

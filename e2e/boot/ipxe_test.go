@@ -3,7 +3,6 @@ package boot
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -11,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vunet/vunet/e2e/harness"
 	"github.com/vunet/vunet/internal/vunettest"
 )
 
@@ -121,17 +121,7 @@ func TestIPXE(t *testing.T) {
 // checksums), a complete DHCP exchange and the HTTP download.
 func checkPcap(t *testing.T, file string, port int) {
 	t.Helper()
-	tshark := func(args ...string) string {
-		t.Helper()
-		cmd := exec.Command("tshark", append([]string{"-n", "-r", file}, args...)...)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			t.Fatalf("tshark %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
-		}
-		return strings.TrimSpace(string(out))
-	}
+	tshark := func(args ...string) string { t.Helper(); return harness.Tshark(t, file, args...) }
 	if out := tshark("-Y", "_ws.malformed"); out != "" {
 		t.Errorf("malformed frames in the capture:\n%s", out)
 	}

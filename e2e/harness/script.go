@@ -71,6 +71,19 @@ fi
 `, GuestIP, Gateway4, DNS4, mtu)
 }
 
+// StepStatic configures eth0 by hand, without DHCP: the guest's default
+// address, prefix and route (vunet answers ARP for the gateway and accepts
+// any guest address).
+func StepStatic() string {
+	return fmt.Sprintf(`begin
+if ip link set eth0 up && ip addr add %[1]s/24 dev eth0 && ip route add default via %[2]s; then
+	pass static "$(ip -4 addr show dev eth0 | awk '/inet / { print $2 }') via %[2]s"
+else
+	fail static "ip configuration failed"
+fi
+`, GuestIP, Gateway4)
+}
+
 // StepDNS resolves, through the DNS server from the lease (vunet's
 // forwarder), names served by DNSServer (A, AAAA, TXT, SRV, NXDOMAIN) and
 // vunet's static host.vunet.internal (A and AAAA).
@@ -151,6 +164,21 @@ else
 fi
 rm -f /tmp/up
 `, name, Gateway4, port, UploadLen/1024, UploadLen)
+}
+
+// StepIperfTCP runs iperf3 over TCP for secs seconds with streams parallel
+// streams, host to guest (-R), against the server on port, and reports the
+// receiver's rate. A stalled transfer fails it: iperf3 is given secs+20 s.
+func StepIperfTCP(name string, port, streams, secs int) string {
+	return fmt.Sprintf(`begin
+if timeout %[5]d iperf3 -c %[2]s -p %[3]d -R -P %[4]d -t %[6]d -f m >/tmp/iperf.out 2>&1; then
+	rate=$(grep receiver /tmp/iperf.out | tail -n1 | awk '{ for (i = 2; i <= NF; i++) if ($i == "Mbits/sec") print $(i-1) }')
+	pass %[1]s "rate=${rate}Mbit/s streams=%[4]d"
+else
+	tail -n 12 /tmp/iperf.out
+	fail %[1]s "iperf3 failed or stalled"
+fi
+`, name, Gateway4, port, streams, secs+20, secs)
 }
 
 // StepIperfUDP runs a 3 s, 20 Mbit/s iperf3 UDP test against the server on

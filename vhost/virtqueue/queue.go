@@ -110,6 +110,9 @@ type Queue struct {
 	ready bool
 
 	lastAvail uint16 // next available-ring slot to pop
+	// seenAvail is the guest's available index as last read: every buffer
+	// before it has been looked at (and possibly rewound as too few).
+	seenAvail uint16
 	usedIdx   uint16 // used index last published to the guest
 	pending   uint16 // used entries written but not yet published
 
@@ -172,6 +175,7 @@ func (q *Queue) Setup(mem *memory.Table, cfg Config) error {
 	}
 	q.mem, q.cfg, q.desc, q.avail, q.used = mem, cfg, desc, avail, used
 	q.lastAvail = cfg.NextAvail
+	q.seenAvail = cfg.NextAvail
 	q.usedIdx = ringatomic.Load16(used, 2)
 	q.pending = 0
 	q.signalledValid = false
@@ -214,7 +218,40 @@ func (q *Queue) pendingAvail() (uint16, error) {
 	if n > q.cfg.Size {
 		return 0, q.markBroken(fmt.Errorf("%w: avail %d last %d size %d", ErrAvailJump, idx, q.lastAvail, q.cfg.Size))
 	}
+	q.seenAvail = idx
 	return n, nil
+}
+
+// RingState is a snapshot of a ring's indexes, for diagnosing stalls: the
+// guest's available index against the next one we pop shows buffers we
+// have not taken; avail_event (EVENT_IDX) is where we asked for a kick.
+type RingState struct {
+	Ready      bool
+	Size       uint16
+	AvailIdx   uint16 // the guest's available index
+	NextAvail  uint16 // the next available entry we will pop
+	UsedIdx    uint16 // the used index we published
+	AvailEvent uint16 // with EVENT_IDX: kick us when AvailIdx passes this
+	UsedEvent  uint16 // with EVENT_IDX: the guest wants an interrupt past this
+	EventIdx   bool
+}
+
+// State returns the ring's indexes. It takes the queue's lock.
+func (q *Queue) State() RingState {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if !q.Ready() {
+		return RingState{}
+	}
+	s := RingState{Ready: true, Size: q.cfg.Size, NextAvail: q.lastAvail, UsedIdx: q.usedIdx, EventIdx: q.cfg.EventIdx}
+	_ = q.Guard(func() {
+		s.AvailIdx = ringatomic.Load16(q.avail, 2)
+		if q.cfg.EventIdx {
+			s.AvailEvent = ringatomic.Load16(q.used, 4+8*int(q.cfg.Size))
+			s.UsedEvent = ringatomic.Load16(q.avail, 4+2*int(q.cfg.Size))
+		}
+	})
+	return s
 }
 
 // Pending returns the number of elements the guest has made available and
@@ -407,25 +444,31 @@ func (q *Queue) EnableKicks() bool {
 	return q.Pending() > 0
 }
 
-// ArmKick asks the guest to notify us when it adds anything beyond what it
-// has made available so far, and reports whether it already did. Unlike
-// EnableKicks it does not count buffers we have seen but could not use: an
-// RX frame that needs more buffers than are available must wait for the
-// next addition, and with EVENT_IDX a kick is only sent when the guest's
-// index crosses avail_event, so avail_event must be the guest's index, not
-// our (rewound) position.
+// ArmKick asks the guest to notify us when it adds anything beyond what we
+// last looked at, and reports whether it already did. Unlike EnableKicks it
+// does not count buffers we have seen but could not use: an RX frame that
+// needs more buffers than are available must wait for the next addition.
+//
+// The reference point is the index we last read (seenAvail), not the
+// guest's index now. With EVENT_IDX the guest kicks only when its index
+// crosses avail_event, and it reads avail_event after publishing its
+// index; arming at its current index would let a guest that published
+// between our last look and now read an avail_event equal to its own index
+// and not kick, while we, comparing against that same index, would see
+// nothing new: a lost wakeup, and an RX queue that stays stalled with a
+// full ring of buffers and a backlog of packets.
 func (q *Queue) ArmKick() bool {
 	if !q.Ready() {
 		return false
 	}
-	idx := ringatomic.Load16(q.avail, 2)
+	seen := q.seenAvail
 	if q.cfg.EventIdx {
-		ringatomic.Store16(q.used, 4+8*int(q.cfg.Size), idx)
+		ringatomic.Store16(q.used, 4+8*int(q.cfg.Size), seen)
 	} else {
 		ringatomic.Store16(q.used, 0, ringatomic.Load16(q.used, 0)&^usedFNoNotify)
 	}
 	// The atomics order the store above before this reload.
-	return ringatomic.Load16(q.avail, 2) != idx
+	return ringatomic.Load16(q.avail, 2) != seen
 }
 
 // DisableKicks tells the guest that we are polling and need no kicks. With

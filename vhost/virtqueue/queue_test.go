@@ -345,3 +345,33 @@ func TestArmKickWithUnusableBuffers(t *testing.T) {
 		t.Fatalf("pending %d, want 4", q.Pending())
 	}
 }
+
+// TestArmKickAfterUnseenAddition: the guest adds a buffer after our last
+// (failed) look, and reads avail_event only after we arm again (another
+// packet joined the RX backlog meanwhile). That ArmKick must report the
+// buffer. Arming at the guest's index instead made the guest skip its kick
+// while we saw nothing new, and the RX queue stalled for good with a full
+// ring (seen at MTU 65520 with four streams to the guest).
+func TestArmKickAfterUnseenAddition(t *testing.T) {
+	d := vqt.New(1<<20, 16, true)
+	q := d.Queue(nil)
+	for i := 0; i < 3; i++ {
+		d.Post(nil, nil, []int{100}, false)
+	}
+	var e virtqueue.Element
+	for q.Pop(&e) == nil {
+	}
+	q.Rewind(3) // the frame needed four
+	if q.ArmKick() {
+		t.Fatal("ArmKick reported new buffers")
+	}
+	d.Post(nil, nil, []int{100}, false) // published; avail_event not read yet
+	if !q.ArmKick() {
+		t.Fatal("ArmKick missed a buffer added since the last look")
+	}
+	// Had we not seen it, the guest would have kicked: its addition
+	// crosses avail_event (virtio 2.7.10: new - event - 1 < new - old).
+	if ev, old, new := d.AvailEvent(), uint16(3), uint16(4); !(new-ev-1 < new-old) {
+		t.Errorf("avail_event %d: a guest moving from %d to %d would not kick", ev, old, new)
+	}
+}
