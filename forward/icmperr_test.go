@@ -249,22 +249,7 @@ func TestParseExtendedErr(t *testing.T) {
 // echo request, identifier included, so its ping can match it.
 func TestPingErrorReachesGuest(t *testing.T) {
 	e := newEnv(t, nil)
-	var wq waiter.Queue
-	ep, terr := e.p.Guest.NewRawEndpoint(header.ICMPv4ProtocolNumber, ipv4.ProtocolNumber, &wq, true)
-	if terr != nil {
-		t.Fatal(terr)
-	}
-	defer ep.Close()
-	ch := make(chan struct{}, 1)
-	we := waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	})
-	wq.EventRegister(&we)
-	defer wq.EventUnregister(&we)
-
+	g := newGuestICMP(t, e, false)
 	router := netip.MustParseAddr("198.51.100.1")
 	dst := netip.MustParseAddr("192.0.2.9")
 	fl := &pingFlow{p: e.f.ping, key: pingKey{guest: netstacktest.Guest4, dst: dst, ident: 0x1234}}
@@ -272,20 +257,7 @@ func TestPingErrorReachesGuest(t *testing.T) {
 	// identifier (0xabcd), the guest's sequence number (7).
 	fl.hostError(hostError{kind: kindTTL, offender: router, payload: []byte{8, 0, 0x55, 0x55, 0xab, 0xcd, 0, 7, 'h', 'i'}})
 
-	var pkt []byte
-	deadline := time.After(10 * time.Second)
-	for pkt == nil {
-		var b bytes.Buffer
-		if _, terr := ep.Read(&b, tcpip.ReadOptions{}); terr == nil {
-			pkt = b.Bytes()
-			break
-		}
-		select {
-		case <-ch:
-		case <-deadline:
-			t.Fatal("no ICMP error reached the guest")
-		}
-	}
+	pkt, _ := g.next(t, func([]byte) bool { return false })
 	ip := header.IPv4(pkt)
 	if !ip.IsValid(len(pkt)) || fromTCPIP(ip.SourceAddress()) != router || fromTCPIP(ip.DestinationAddress()) != netstacktest.Guest4 {
 		t.Fatalf("IP header %x", pkt[:min(len(pkt), 20)])
@@ -317,30 +289,17 @@ func TestPingErrorReachesGuest(t *testing.T) {
 func TestPingTTLExpiresAtGateway(t *testing.T) {
 	e := newEnv(t, nil)
 	for _, fam := range []struct {
-		net       tcpip.NetworkProtocolNumber
-		transport tcpip.TransportProtocolNumber
-		dst, gw   netip.Addr
-		echo      byte
-		ttlOpt    tcpip.SockOptInt
+		net     tcpip.NetworkProtocolNumber
+		dst, gw netip.Addr
+		echo    byte
+		ttlOpt  tcpip.SockOptInt
 	}{
-		{ipv4.ProtocolNumber, header.ICMPv4ProtocolNumber, netip.MustParseAddr("192.0.2.9"), gw4, 8, tcpip.IPv4TTLOption},
-		{ipv6.ProtocolNumber, header.ICMPv6ProtocolNumber, netip.MustParseAddr("2001:db8::9"), gw6, 128, tcpip.IPv6HopLimitOption},
+		{ipv4.ProtocolNumber, netip.MustParseAddr("192.0.2.9"), gw4, 8, tcpip.IPv4TTLOption},
+		{ipv6.ProtocolNumber, netip.MustParseAddr("2001:db8::9"), gw6, 128, tcpip.IPv6HopLimitOption},
 	} {
-		var wq waiter.Queue
-		ep, terr := e.p.Guest.NewRawEndpoint(fam.transport, fam.net, &wq, true)
-		if terr != nil {
-			t.Fatal(terr)
-		}
-		defer ep.Close()
-		ch := make(chan struct{}, 1)
-		we := waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
-			select {
-			case ch <- struct{}{}:
-			default:
-			}
-		})
-		wq.EventRegister(&we)
-		defer wq.EventUnregister(&we)
+		v6 := fam.net == ipv6.ProtocolNumber
+		g := newGuestICMP(t, e, v6)
+		ep := g.ep
 		if terr := ep.SetSockOptInt(fam.ttlOpt, 1); terr != nil {
 			t.Fatal(terr)
 		}
@@ -353,31 +312,16 @@ func TestPingTTLExpiresAtGateway(t *testing.T) {
 			t.Fatal(terr)
 		}
 
-		var pkt []byte
-		var from netip.Addr
-		deadline := time.After(10 * time.Second)
-		for pkt == nil {
-			var b bytes.Buffer
-			res, terr := ep.Read(&b, tcpip.ReadOptions{NeedRemoteAddr: true})
-			if terr == nil {
-				from = fromTCPIP(res.RemoteAddr.Addr)
-				pkt = b.Bytes()
-				if fam.net == ipv4.ProtocolNumber { // IPv4 raw reads include the IP header
-					pkt = header.IPv4(pkt).Payload()
-				}
-				// Skip our own request, looped to the raw socket, and
-				// neighbor discovery: informational ICMPv6 types are >= 128.
-				if pkt[0] == fam.echo || fam.net == ipv6.ProtocolNumber && pkt[0] >= 128 {
-					pkt = nil
-				}
-				continue
+		msg := func(b []byte) []byte {
+			if !v6 {
+				return header.IPv4(b).Payload()
 			}
-			select {
-			case <-ch:
-			case <-deadline:
-				t.Fatalf("%s: no time exceeded", fam.dst)
-			}
+			return b
 		}
+		// Skip our own request, looped to the raw socket, and neighbor
+		// discovery: informational ICMPv6 types are >= 128.
+		pkt, from := g.next(t, func(b []byte) bool { m := msg(b); return m[0] == fam.echo || v6 && m[0] >= 128 })
+		pkt = msg(pkt)
 		if from != fam.gw {
 			t.Errorf("%s: time exceeded from %s, want the gateway %s", fam.dst, from, fam.gw)
 		}
@@ -396,3 +340,55 @@ func TestPingTTLExpiresAtGateway(t *testing.T) {
 }
 
 func checksumOf(b []byte) uint16 { return ^checksum.Checksum(b, 0) }
+
+// guestICMP is a raw ICMP socket on the simulated guest: it sees every
+// ICMP message the guest receives.
+type guestICMP struct {
+	ep tcpip.Endpoint
+	ch chan struct{}
+}
+
+func newGuestICMP(t *testing.T, e *env, v6 bool) *guestICMP {
+	t.Helper()
+	netProto, transport := ipv4.ProtocolNumber, header.ICMPv4ProtocolNumber
+	if v6 {
+		netProto, transport = ipv6.ProtocolNumber, header.ICMPv6ProtocolNumber
+	}
+	var wq waiter.Queue
+	ep, terr := e.p.Guest.NewRawEndpoint(transport, netProto, &wq, true)
+	if terr != nil {
+		t.Fatal(terr)
+	}
+	g := &guestICMP{ep: ep, ch: make(chan struct{}, 1)}
+	we := waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
+		select {
+		case g.ch <- struct{}{}:
+		default:
+		}
+	})
+	wq.EventRegister(&we)
+	t.Cleanup(func() { wq.EventUnregister(&we); ep.Close() })
+	return g
+}
+
+// next returns the next message not skipped, and its source. IPv4 raw
+// reads include the IP header, IPv6 ones do not.
+func (g *guestICMP) next(t *testing.T, skip func([]byte) bool) ([]byte, netip.Addr) {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		var b bytes.Buffer
+		res, terr := g.ep.Read(&b, tcpip.ReadOptions{NeedRemoteAddr: true})
+		if terr == nil {
+			if !skip(b.Bytes()) {
+				return b.Bytes(), fromTCPIP(res.RemoteAddr.Addr)
+			}
+			continue
+		}
+		select {
+		case <-g.ch:
+		case <-deadline:
+			t.Fatal("no ICMP message reached the guest")
+		}
+	}
+}
