@@ -73,3 +73,42 @@ func BenchmarkTCPHostToGuest(b *testing.B) {
 		b.Fatalf("received %d bytes, %v", n, err)
 	}
 }
+
+// BenchmarkUDPEcho measures one 1400-byte datagram from a guest socket to
+// a host echo server and back: both relay loops of a UDP flow, per
+// datagram.
+func BenchmarkUDPEcho(b *testing.B) {
+	e := benchEnv(b)
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			_, _ = pc.WriteToUDPAddrPort(buf[:n], from)
+		}
+	}()
+	c, err := netstacktest.DialUDP(e.p.Guest, netip.AddrPortFrom(gw4, pc.LocalAddr().(*net.UDPAddr).AddrPort().Port()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	msg, buf := make([]byte, 1400), make([]byte, 2048)
+	b.SetBytes(int64(len(msg)))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := c.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -94,6 +94,9 @@ type Options struct {
 
 	// dial replaces the host dialer (tests use it to simulate slow dials).
 	dial func(ctx context.Context, network, address string) (net.Conn, error)
+	// dialUDP replaces the host UDP socket factory (tests use it to keep
+	// every datagram on loopback whatever the guest's destination).
+	dialUDP func(network string, to netip.AddrPort) (*net.UDPConn, error)
 	// openPing replaces the host ping socket factory (tests use it because
 	// ping sockets are often forbidden by net.ipv4.ping_group_range).
 	openPing func(v6 bool) (net.PacketConn, error)
@@ -165,6 +168,11 @@ func New(opts Options) (*Forwarder, error) {
 			KeepAliveConfig: hostKeepAlive(),
 		}
 		opts.dial = d.DialContext
+	}
+	if opts.dialUDP == nil {
+		opts.dialUDP = func(network string, to netip.AddrPort) (*net.UDPConn, error) {
+			return net.DialUDP(network, nil, net.UDPAddrFromAddrPort(to))
+		}
 	}
 	if opts.openPing == nil {
 		opts.openPing = openPingSocket

@@ -129,11 +129,7 @@ func (f *Forwarder) handleICMP(_ stack.TransportEndpointID, pkt *stack.PacketBuf
 	// The gateway itself (the host) is the destination, not a hop.
 	ttl := hopLimit(pkt)
 	if ttl <= 1 && !isGateway {
-		gw := f.opts.Gateway4
-		if v6 {
-			gw = f.opts.Gateway6
-		}
-		f.sendICMPError(gw, kindTTL, echoInvoking(src, dst, msg, binary.BigEndian.Uint16(msg[4:6])))
+		f.sendICMPError(f.gateway(v6), kindTTL, echoInvoking(src, dst, msg, binary.BigEndian.Uint16(msg[4:6])))
 		return true
 	}
 	if !f.ping.available(v6) {

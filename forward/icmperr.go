@@ -262,6 +262,15 @@ func (f *Forwarder) sendICMPError(from netip.Addr, k unreachKind, inv invoking) 
 	f.log.Debug("icmp error sent to guest", "kind", k.String(), "from", from, "to", inv.src, "about", inv.dst)
 }
 
+// gateway returns the gateway address of the family, the source of errors
+// vunet raises as the guest's first router.
+func (f *Forwarder) gateway(v6 bool) netip.Addr {
+	if v6 {
+		return f.opts.Gateway6
+	}
+	return f.opts.Gateway4
+}
+
 // synTable remembers the sequence number of guest SYNs whose host connect is
 // under way, so that an ICMP error for a failed connect can quote the SYN.
 // gVisor's forwarder request does not expose the segment, so the TCP

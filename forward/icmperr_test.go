@@ -19,6 +19,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/vunet/vunet/netstack/netstacktest"
@@ -390,5 +391,80 @@ func (g *guestICMP) next(t *testing.T, skip func([]byte) bool) ([]byte, netip.Ad
 		case <-deadline:
 			t.Fatal("no ICMP message reached the guest")
 		}
+	}
+}
+
+// TestUDPHopLimits: vunet is the guest's first router for UDP too. A
+// datagram arriving with TTL 1 expires at the gateway ("time exceeded"
+// quoting it, as traceroute's first probe expects) and is not sent; one
+// with TTL 5 leaves the host socket with TTL 4. The host socket is pointed
+// at a loopback server whatever the guest's destination, so nothing leaves
+// this machine.
+func TestUDPHopLimits(t *testing.T) {
+	srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	rc, _ := srv.SyscallConn()
+	rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVTTL, 1) })
+	e := newEnv(t, func(o *Options) {
+		o.dialUDP = func(network string, _ netip.AddrPort) (*net.UDPConn, error) {
+			return net.DialUDP(network, nil, srv.LocalAddr().(*net.UDPAddr))
+		}
+	})
+	g := newGuestICMP(t, e, false)
+	dst := netip.MustParseAddrPort("192.0.2.9:33434")
+
+	send := func(ttl int, payload string) {
+		t.Helper()
+		var wq waiter.Queue
+		ep, terr := e.p.Guest.NewEndpoint(udp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
+		if terr != nil {
+			t.Fatal(terr)
+		}
+		defer ep.Close()
+		if terr := ep.SetSockOptInt(tcpip.IPv4TTLOption, ttl); terr != nil {
+			t.Fatal(terr)
+		}
+		if terr := ep.Bind(tcpip.FullAddress{Port: 40000}); terr != nil {
+			t.Fatal(terr)
+		}
+		to := netstacktest.FullAddr(dst)
+		if _, terr := ep.Write(strings.NewReader(payload), tcpip.WriteOptions{To: &to}); terr != nil {
+			t.Fatal(terr)
+		}
+	}
+
+	send(1, "probe-ttl-1")
+	pkt, from := g.next(t, func(b []byte) bool { return header.IPv4(b).Payload()[0] != byte(header.ICMPv4TimeExceeded) })
+	if from != gw4 {
+		t.Errorf("time exceeded from %s, want the gateway %s", from, gw4)
+	}
+	q := header.IPv4(header.IPv4(pkt).Payload()[header.ICMPv4MinimumSize:])
+	if u := header.UDP(q[header.IPv4MinimumSize:]); len(q) < 28 || u.SourcePort() != 40000 ||
+		u.DestinationPort() != dst.Port() || !strings.HasPrefix(string(u.Payload()), "probe-ttl-1") {
+		t.Errorf("quoted datagram %x", q)
+	}
+
+	send(5, "probe-ttl-5")
+	buf, oob := make([]byte, 100), make([]byte, 64)
+	_ = srv.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n, oobn, _, _, err := srv.ReadMsgUDP(buf, oob)
+	if err != nil {
+		t.Fatalf("the TTL 5 datagram never reached the host side: %v", err)
+	}
+	if string(buf[:n]) != "probe-ttl-5" {
+		t.Fatalf("host side got %q first; the TTL 1 probe must not have been sent", buf[:n])
+	}
+	msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
+	ttl := -1
+	for _, m := range msgs {
+		if m.Header.Level == unix.IPPROTO_IP && m.Header.Type == unix.IP_TTL && len(m.Data) >= 4 {
+			ttl = int(binary.NativeEndian.Uint32(m.Data))
+		}
+	}
+	if ttl != 4 {
+		t.Errorf("host socket sent with TTL %d, want 4 (one hop less than the guest's 5)", ttl)
 	}
 }

@@ -1,7 +1,6 @@
 package forward
 
 import (
-	"net"
 	"net/netip"
 
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -44,7 +43,7 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 	}
 	// Creating a connected UDP socket does not block (no packets are
 	// sent), so it is fine on gVisor's delivery path.
-	hc, err := net.DialUDP(network, nil, net.UDPAddrFromAddrPort(target))
+	hc, err := f.opts.dialUDP(network, target)
 	if err != nil {
 		f.c.udpFlows.Add(-1)
 		f.c.dropSend.Add(1)
@@ -53,9 +52,12 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 	}
 	_ = hc.SetReadBuffer(hostUDPBuffer)
 	_ = hc.SetWriteBuffer(hostUDPBuffer)
-	var ic *udpICMP
+	var out *udpOut
 	if rc, err := hc.SyscallConn(); err == nil {
-		ic = &udpICMP{rc: rc, src: src, dst: dst, target: to}
+		// The gateway is the host itself, the destination; anything else
+		// is reached through vunet as the guest's first router.
+		hop := dst.Addr() != f.opts.Gateway4 && dst.Addr() != f.opts.Gateway6
+		out = &udpOut{rc: rc, src: src, dst: dst, target: to, hop: hop}
 		if err := enableRecvErr(rc, to.Is6()); err != nil {
 			f.log.Debug("udp host socket: no IP_RECVERR", "err", err)
 		}
@@ -76,13 +78,16 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 	// The default receive buffer (tens of KiB) overflows when the host
 	// side is briefly slower than a guest sending at tens of Mbit/s.
 	ep.SocketOptions().SetReceiveBufferSize(hostUDPBuffer, true)
+	if out != nil {
+		out.attach(ep, &wq)
+	}
 	fl := &udpFlow{
 		f:         f,
 		guest:     gonet.NewUDPConn(&wq, ep),
 		sendHost:  func(b []byte) error { _, err := hc.Write(b); return err },
 		closeHost: func() { _ = hc.Close() },
 		desc:      src.String() + "->" + target.String(),
-		icmp:      ic,
+		out:       out,
 	}
 	fl.touch()
 	f.log.Debug("udp flow created", "flow", fl.desc)

@@ -2,15 +2,20 @@ package forward
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/waiter"
 )
 
 // maxDatagram is the largest UDP payload over IPv4 (65535 - 20 - 8); IPv6
@@ -31,9 +36,9 @@ type udpFlow struct {
 	onClose   func() // removes the flow from its table
 	desc      string
 
-	// icmp is set for flows with their own host socket, whose ICMP errors
-	// are translated for the guest.
-	icmp *udpICMP
+	// out is set for outbound flows, which own their host socket: their
+	// ICMP errors and hop limits are translated for the guest.
+	out *udpOut
 
 	last      atomic.Int64  // nanoseconds since f.epoch of the latest datagram
 	fromGuest atomic.Uint64 // datagrams guest -> host
@@ -68,8 +73,7 @@ func (fl *udpFlow) guestLoop() {
 			fl.f.log.Debug("udp flow expired", "flow", fl.desc)
 			return
 		}
-		_ = fl.guest.SetReadDeadline(deadline)
-		n, err := fl.guest.Read(buf)
+		n, ttl, err := fl.readGuest(buf, deadline)
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
@@ -79,8 +83,17 @@ func (fl *udpFlow) guestLoop() {
 		}
 		fl.touch()
 		fl.fromGuest.Add(1)
-		if fl.icmp != nil {
-			fl.icmp.lastLen.Store(int32(n))
+		if out := fl.out; out != nil {
+			out.lastLen.Store(int32(n))
+			if out.hop && ttl != 0 {
+				if ttl == 1 {
+					// Its last hop was vunet: it expires here, as at a router.
+					fl.f.sendICMPError(fl.f.gateway(out.src.Addr().Is6()), kindTTL,
+						udpInvoking(out.src, out.dst, n, buf[:n]))
+					continue
+				}
+				out.setHops(ttl - 1)
+			}
 		}
 		err = fl.sendHost(buf[:n])
 		if err != nil && fl.hostErrors(err) {
@@ -94,6 +107,17 @@ func (fl *udpFlow) guestLoop() {
 			fl.f.log.Debug("udp send to host failed", "flow", fl.desc, "err", err)
 		}
 	}
+}
+
+// readGuest reads the guest's next datagram into buf, waiting until
+// deadline, and returns its TTL (hop limit) when known.
+func (fl *udpFlow) readGuest(buf []byte, deadline time.Time) (int, uint8, error) {
+	if fl.out != nil && fl.out.ep != nil {
+		return fl.out.read(buf, deadline)
+	}
+	_ = fl.guest.SetReadDeadline(deadline)
+	n, err := fl.guest.Read(buf)
+	return n, 0, err
 }
 
 // deliver sends a host datagram to the guest.
@@ -129,23 +153,105 @@ func (fl *udpFlow) hostLoop(hc net.Conn) {
 	}
 }
 
-// udpICMP is what a flow needs to translate its host socket's ICMP errors:
-// the socket, and the guest's view of the conversation.
-type udpICMP struct {
+// udpOut is what an outbound flow keeps besides the gonet conn: its host
+// socket, the guest's view of the conversation, and its own reader of the
+// guest endpoint, which (unlike gonet's) returns each datagram's TTL.
+type udpOut struct {
 	rc       syscall.RawConn
 	src, dst netip.AddrPort // as the guest sent its datagrams
 	target   netip.Addr     // the host-side destination dst stands for
+	hop      bool           // vunet is a router on the way (dst is not the gateway)
 	lastLen  atomic.Int32   // payload size of the latest guest datagram
+	hops     uint8          // hop limit set on the host socket; 0: the default
+
+	// The guest endpoint, read by guestLoop only.
+	ep    tcpip.Endpoint
+	wq    *waiter.Queue
+	entry waiter.Entry
+	ready chan struct{}
+	timer *time.Timer
+	stop  chan struct{} // closed by close
+}
+
+// attach sets up reading ep with TTLs; call it before the flow's loops
+// start.
+func (o *udpOut) attach(ep tcpip.Endpoint, wq *waiter.Queue) {
+	ep.SocketOptions().SetReceiveTTL(true)
+	ep.SocketOptions().SetReceiveHopLimit(true)
+	o.ep, o.wq = ep, wq
+	o.entry, o.ready = waiter.NewChannelEntry(waiter.ReadableEvents)
+	wq.EventRegister(&o.entry)
+	o.timer = time.NewTimer(time.Hour)
+	o.timer.Stop()
+	o.stop = make(chan struct{})
+}
+
+// read is gonet's Read plus the control messages.
+func (o *udpOut) read(buf []byte, deadline time.Time) (int, uint8, error) {
+	o.timer.Reset(time.Until(deadline))
+	defer o.timer.Stop()
+	for {
+		w := tcpip.SliceWriter(buf)
+		res, terr := o.ep.Read(&w, tcpip.ReadOptions{})
+		if terr == nil {
+			cm := res.ControlMessages
+			switch {
+			case cm.HasTTL:
+				return res.Count, cm.TTL, nil
+			case cm.HasHopLimit:
+				return res.Count, uint8(cm.HopLimit), nil
+			}
+			return res.Count, 0, nil
+		}
+		if _, ok := terr.(*tcpip.ErrWouldBlock); !ok {
+			return 0, 0, fmt.Errorf("guest endpoint: %s", terr)
+		}
+		select {
+		case <-o.ready:
+		case <-o.timer.C:
+			return 0, 0, os.ErrDeadlineExceeded
+		case <-o.stop:
+			return 0, 0, net.ErrClosed
+		}
+	}
+}
+
+// setHops sets the host socket's TTL (hop limit) if it differs from the
+// last one: applications repeat theirs, traceroute raises it step by step.
+func (o *udpOut) setHops(h uint8) {
+	if h == o.hops {
+		return
+	}
+	var serr error
+	_ = o.rc.Control(func(fd uintptr) {
+		if o.target.Is6() {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_UNICAST_HOPS, int(h))
+		} else {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_TTL, int(h))
+		}
+	})
+	if serr == nil {
+		o.hops = h
+	}
+}
+
+// detach undoes attach; close calls it.
+func (o *udpOut) detach() {
+	if o.ep == nil {
+		return
+	}
+	close(o.stop)
+	o.wq.EventUnregister(&o.entry)
 }
 
 // hostErrors handles err from the flow's host socket. If it is the report
 // of an ICMP error, the errors queued on the socket are sent on to the
 // guest and hostErrors returns true: the socket is still usable.
 func (fl *udpFlow) hostErrors(err error) bool {
-	if fl.icmp == nil || !icmpErrno(err) {
+	if fl.out == nil || !icmpErrno(err) {
 		return false
 	}
-	ic := fl.icmp
+	ic := fl.out
 	n := drainErrQueue(ic.rc, func(e hostError) {
 		from := e.offender
 		if from == ic.target {
@@ -168,6 +274,9 @@ func (fl *udpFlow) close() {
 	fl.closeOnce.Do(func() {
 		// A past deadline makes a blocked guest Read return at once.
 		_ = fl.guest.SetReadDeadline(time.Unix(1, 0))
+		if fl.out != nil {
+			fl.out.detach()
+		}
 		_ = fl.guest.Close()
 		if fl.closeHost != nil {
 			fl.closeHost()
