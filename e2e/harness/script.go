@@ -295,6 +295,32 @@ if [ -n "$tr_ok" ]; then pass traceroute "$tr_out"; else fail traceroute "$tr_ou
 `, Gateway4, Gateway6, port)
 }
 
+// StepRouted traces the route to dst, which router2 cannot reach, and
+// expects hop 1 to be the gateway (vunet), hop 2 router1 ("time
+// exceeded") and hop 3 router2 with "host unreachable" (!H), the end of
+// the trace; then a TCP connect to dst must fail at once with "No route to
+// host".
+func StepRouted(dst, gateway, router1, router2 string) string {
+	return fmt.Sprintf(`begin
+o=$(timeout 40 traceroute -n -m 5 -q 1 -w 3 %[1]s 2>&1)
+echo "$o"
+hops=$(echo "$o" | grep -E '^ *[0-9]' | tr -s ' ' | tr '\n' ';')
+if echo "$o" | grep -qE '^ *1 +%[2]s ' && echo "$o" | grep -qE '^ *2 +%[3]s ' &&
+	echo "$o" | grep -qE '^ *3 +%[4]s .*!H' && ! echo "$o" | grep -qE '^ *4 '; then
+	pass trace-routed "$hops"
+else
+	fail trace-routed "$hops (want 1 %[2]s, 2 %[3]s, 3 %[4]s !H)"
+fi
+begin
+o=$(timeout 20 wget -q -O /dev/null http://%[1]s:80/ 2>&1)
+if echo "$o" | grep -qi "no route to host"; then
+	pass connect-unreachable "$o ($(el))"
+else
+	fail connect-unreachable "got: $o"
+fi
+`, dst, gateway, router1, router2)
+}
+
 // StepWaitGeneration polls /generation until it returns gen (the host sets
 // it with HTTPServer.SetGeneration after restarting vunet), for up to 3
 // minutes; failures in between (vunet down) are expected. (busybox 1.35's
