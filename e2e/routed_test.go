@@ -38,7 +38,10 @@ func TestLinuxGuestRouted(t *testing.T) {
 		}
 	}
 	r1, r2 := fmt.Sprintf("vunetr1-%d", os.Getpid()), fmt.Sprintf("vunetr2-%d", os.Getpid())
-	in := func(ns string, args ...string) { t.Helper(); sh(append([]string{"ip", "netns", "exec", ns}, args...)...) }
+	in := func(ns string, args ...string) {
+		t.Helper()
+		sh(append([]string{"ip", "netns", "exec", ns}, args...)...)
+	}
 	for _, ns := range []string{r1, r2} {
 		sh("ip", "netns", "add", ns)
 		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
