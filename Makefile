@@ -2,6 +2,7 @@
 GO        ?= go
 BIN       := bin/vunet
 PKGS      := ./...
+STATICCHECK_VERSION ?= v0.8.2
 FUZZTIME  ?= 10s
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X github.com/vunet/vunet/internal/version.Version=$(VERSION)
@@ -16,7 +17,7 @@ help:
 	@echo "test-short  unit tests only (-short)"
 	@echo "fuzz-smoke  run every fuzz target for FUZZTIME (default $(FUZZTIME))"
 	@echo "bench       Go benchmarks for the hot paths"
-	@echo "lint        gofmt, go vet"
+	@echo "lint        gofmt, go vet, staticcheck (fetched with go run)"
 	@echo "demo        boot a test guest under QEMU against vunet and show what it achieves"
 
 build:
@@ -49,6 +50,7 @@ bench:
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) $(PKGS)
 
 demo: build
 	./scripts/demo.sh

@@ -198,7 +198,7 @@ func TestQuote(t *testing.T) {
 	src6, dst6 := netip.MustParseAddrPort("[fd00::15]:40001"), netip.MustParseAddrPort("[2001:db8::1]:443")
 	q = synInvoking(src6, dst6, 0xdeadbeef).quote()
 	ip6 := header.IPv6(q)
-	if len(q) != 48 || ip6.TransportProtocol() != header.TCPProtocolNumber ||
+	if len(q) != 48 || ip6.NextHeader() != uint8(header.TCPProtocolNumber) ||
 		fromTCPIP(ip6.SourceAddress()) != src6.Addr() || fromTCPIP(ip6.DestinationAddress()) != dst6.Addr() {
 		t.Fatalf("IPv6 quote %x", q)
 	}

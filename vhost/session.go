@@ -88,10 +88,6 @@ func (s *session) newVring(i int) *vring {
 
 func (s *session) offered() uint64 { return s.backend.Features() | transportFeatures }
 
-func (s *session) protoNegotiated(bit uint) bool {
-	return s.features&(1<<FeatureProtocolFeatures) != 0 && s.protoAcked&(1<<bit) != 0
-}
-
 // handle executes one request and returns the reply payload, if the request
 // has one. Errors are reported to the frontend through REPLY_ACK when it
 // asked; errors wrapping ErrProtocol end the session.

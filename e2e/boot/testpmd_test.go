@@ -168,7 +168,6 @@ type logged struct {
 	buf   strings.Builder
 	more  chan struct{}
 	done  chan struct{}
-	once  sync.Once
 }
 
 func startLogged(t *testing.T, name string, args ...string) *logged {

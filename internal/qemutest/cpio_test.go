@@ -87,7 +87,7 @@ func TestCPIOWriterRoundTrip(t *testing.T) {
 		func() error { return w.File("a/b/c/xyz", 0o644, []byte("123")) },
 		func() error { return w.File("./a/empty", 0o644, nil) },
 		func() error { return w.Dir("/a/b", 0o700) }, // already implied: no duplicate
-		func() error { return w.Dir("opt", 0o1777|0) },
+		func() error { return w.Dir("opt", 0o1777) },
 		func() error { return w.Symlink("usr/bin/tool", "/test/run.sh") },
 		func() error { return w.CharDev("dev/console", 0o600, 5, 1) },
 	}
