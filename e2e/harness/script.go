@@ -295,30 +295,51 @@ if [ -n "$tr_ok" ]; then pass traceroute "$tr_out"; else fail traceroute "$tr_ou
 `, Gateway4, Gateway6, port)
 }
 
-// StepRouted traces the route to dst, which router2 cannot reach, and
-// expects hop 1 to be the gateway (vunet), hop 2 router1 ("time
-// exceeded") and hop 3 router2 with "host unreachable" (!H), the end of
-// the trace; then a TCP connect to dst must fail at once with "No route to
-// host".
-func StepRouted(dst, gateway, router1, router2 string) string {
+// StepRouted checks how errors from routers reach the guest; dst is an
+// address router2 has no route to (it answers "unreachable"). Steps,
+// prefixed with name:
+//   - trace: traceroute shows hop 1 = gateway (vunet expires TTL 1), hop 2
+//     = router1 ("time exceeded" from a real router), hop 3 = router2 with
+//     an unreachable mark (!H or !N), and nothing after it;
+//   - connect: a TCP connect fails at once with the routers' verdict ("No
+//     route to host" or "Network is unreachable"), not a timeout or RST;
+//   - ping: the echo request gets router2's "destination unreachable",
+//     counted by the guest kernel (busybox ping does not print errors: it
+//     drops every ICMP message whose identifier field is not its own).
+func StepRouted(name, dst, gateway, router1, router2 string) string {
+	tr, ping, url := "traceroute", "ping", "http://"+dst+":80/"
+	unreach := `awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "InDestUnreachs") c = i; h = 1 } else print $c }' /proc/net/snmp`
+	if strings.Contains(dst, ":") {
+		tr, ping, url = "traceroute6", "ping6", "http://["+dst+"]:80/"
+		unreach = `awk '$1 == "Icmp6InDestUnreachs" { print $2 }' /proc/net/snmp6`
+	}
 	return fmt.Sprintf(`begin
-o=$(timeout 40 traceroute -n -m 5 -q 1 -w 3 %[1]s 2>&1)
+o=$(timeout 40 %[6]s -n -m 5 -q 1 -w 3 %[2]s 2>&1)
 echo "$o"
 hops=$(echo "$o" | grep -E '^ *[0-9]' | tr -s ' ' | tr '\n' ';')
-if echo "$o" | grep -qE '^ *1 +%[2]s ' && echo "$o" | grep -qE '^ *2 +%[3]s ' &&
-	echo "$o" | grep -qE '^ *3 +%[4]s .*!H' && ! echo "$o" | grep -qE '^ *4 '; then
-	pass trace-routed "$hops"
+if echo "$o" | grep -qE '^ *1 +%[3]s ' && echo "$o" | grep -qE '^ *2 +%[4]s ' &&
+	echo "$o" | grep -qE '^ *3 +%[5]s .*!(H|N)' && ! echo "$o" | grep -qE '^ *4 '; then
+	pass %[1]s-trace "$hops"
 else
-	fail trace-routed "$hops (want 1 %[2]s, 2 %[3]s, 3 %[4]s !H)"
+	fail %[1]s-trace "$hops (want 1 %[3]s, 2 %[4]s, 3 %[5]s !H or !N)"
 fi
 begin
-o=$(timeout 20 wget -q -O /dev/null http://%[1]s:80/ 2>&1)
-if echo "$o" | grep -qi "no route to host"; then
-	pass connect-unreachable "$o ($(el))"
+o=$(timeout 20 wget -q -O /dev/null %[8]s 2>&1)
+if echo "$o" | grep -qiE "no route to host|network is unreachable"; then
+	pass %[1]s-connect "$o ($(el))"
 else
-	fail connect-unreachable "got: $o"
+	fail %[1]s-connect "got: $o"
 fi
-`, dst, gateway, router1, router2)
+begin
+u0=$(%[9]s)
+o=$(timeout 20 %[7]s -c 1 -W 3 %[2]s 2>&1)
+u1=$(%[9]s)
+if [ "$u1" -gt "$u0" ]; then
+	pass %[1]s-ping "destination unreachable received ($u0 -> $u1)"
+else
+	fail %[1]s-ping "no destination unreachable ($u0 -> $u1): $(echo "$o" | tr '\n' ' ')"
+fi
+`, name, dst, gateway, router1, router2, tr, ping, url, unreach)
 }
 
 // StepWaitGeneration polls /generation until it returns gen (the host sets
