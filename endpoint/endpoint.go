@@ -196,6 +196,12 @@ func (e *Endpoint) has(bit uint) bool { return e.features.Load()&(1<<bit) != 0 }
 // NumQueues implements vhost.Backend.NumQueues: one RX/TX pair.
 func (e *Endpoint) NumQueues() int { return 2 }
 
+// QueueNum implements vhost.QueueNumReporter: one receive/transmit pair.
+// QEMU counts GET_QUEUE_NUM in pairs for virtio-net, so `queues=2` on the
+// netdev is refused up front ("you are asking more queues than
+// supported: 1") instead of failing on vring 2 later.
+func (e *Endpoint) QueueNum() uint64 { return 1 }
+
 // Config implements vhost.Backend.Config: the virtio-net config space
 // (mac, status, max_virtqueue_pairs, mtu).
 func (e *Endpoint) Config() []byte {

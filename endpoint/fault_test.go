@@ -8,6 +8,7 @@ import (
 
 	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/netstack/netstacktest"
+	"github.com/vunet/vunet/vhost/protocol"
 	"github.com/vunet/vunet/vhost/vhosttest"
 )
 
@@ -63,5 +64,24 @@ func TestGuestMemoryTruncated(t *testing.T) {
 			t.Fatal("second frontend not served")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestQueueNumIsPairs: QEMU reads a virtio-net backend's GET_QUEUE_NUM as
+// queue pairs, so the endpoint (one pair) must answer 1, not its two
+// virtqueues, or QEMU accepts `queues=2` and fails later on vring 2.
+func TestQueueNumIsPairs(t *testing.T) {
+	ep, err := endpoint.New(endpoint.Options{LinkAddress: netstacktest.HostMAC, GuestMAC: netstacktest.GuestMAC})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sock := vhosttest.StartServer(t, ep)
+	f, err := vhosttest.Dial(sock, vhosttest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if n, err := f.U64(protocol.GetQueueNum, 0, true); err != nil || n != 1 {
+		t.Fatalf("GET_QUEUE_NUM = %d, %v; want 1 (queue pair)", n, err)
 	}
 }

@@ -27,3 +27,12 @@ type Backend interface {
 	// RESET_DEVICE): all queues are already stopped.
 	Reset()
 }
+
+// QueueNumReporter is implemented by a Backend whose answer to
+// GET_QUEUE_NUM is not its number of virtqueues. The request is device
+// specific: QEMU reads a virtio-net backend's answer as queue *pairs* (and
+// accepts `-netdev vhost-user,queues=N` up to it), a block backend's as
+// queues. Without it, the session answers NumQueues.
+type QueueNumReporter interface {
+	QueueNum() uint64
+}

@@ -121,6 +121,9 @@ func (s *session) handle(m *protocol.Message) (reply []byte, err error) {
 		s.reset()
 		return nil, nil
 	case protocol.GetQueueNum:
+		if r, ok := s.backend.(QueueNumReporter); ok {
+			return u64(r.QueueNum()), nil
+		}
 		return u64(uint64(len(s.vrings))), nil
 	case protocol.GetMaxMemSlots:
 		return u64(memory.MaxRegions), nil
