@@ -16,16 +16,7 @@ import (
 // under our mapping makes our next access fault (SIGBUS). vunet must mark
 // the ring broken and count it, not crash, and serve the next frontend.
 func TestGuestMemoryTruncated(t *testing.T) {
-	ep, err := endpoint.New(endpoint.Options{LinkAddress: netstacktest.HostMAC, GuestMAC: netstacktest.GuestMAC})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, sock := vhosttest.StartServer(t, ep)
-
-	f, err := vhosttest.Dial(sock, vhosttest.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ep, sock, f := serveEndpoint(t)
 	if err := f.Setup(^uint64(0)); err != nil {
 		t.Fatal(err)
 	}
@@ -71,6 +62,17 @@ func TestGuestMemoryTruncated(t *testing.T) {
 // queue pairs, so the endpoint (one pair) must answer 1, not its two
 // virtqueues, or QEMU accepts `queues=2` and fails later on vring 2.
 func TestQueueNumIsPairs(t *testing.T) {
+	_, _, f := serveEndpoint(t)
+	defer f.Close()
+	if n, err := f.U64(protocol.GetQueueNum, 0, true); err != nil || n != 1 {
+		t.Fatalf("GET_QUEUE_NUM = %d, %v; want 1 (queue pair)", n, err)
+	}
+}
+
+// serveEndpoint serves a new endpoint on a vhost-user socket and connects
+// a mock frontend to it.
+func serveEndpoint(t *testing.T) (*endpoint.Endpoint, string, *vhosttest.Frontend) {
+	t.Helper()
 	ep, err := endpoint.New(endpoint.Options{LinkAddress: netstacktest.HostMAC, GuestMAC: netstacktest.GuestMAC})
 	if err != nil {
 		t.Fatal(err)
@@ -80,8 +82,5 @@ func TestQueueNumIsPairs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	if n, err := f.U64(protocol.GetQueueNum, 0, true); err != nil || n != 1 {
-		t.Fatalf("GET_QUEUE_NUM = %d, %v; want 1 (queue pair)", n, err)
-	}
+	return ep, sock, f
 }
