@@ -5,13 +5,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net"
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -59,32 +57,16 @@ func (f *firmwareVM) start(t *testing.T) *vm {
 		timeout = 5 * time.Minute
 	}
 	qmp := filepath.Join(t.TempDir(), "qmp.sock")
-	dev := "virtio-net-pci,netdev=n0,id=net0,romfile=,vectors=0"
+	// graphics=off makes SeaBIOS mirror the text console (int 10h) to the
+	// serial port (its "sercon"), the only way to see what a BIOS iPXE
+	// prints; OVMF uses the serial console anyway. id=net0 names the NIC
+	// for QMP.
+	devOpts := "id=net0"
 	if f.DeviceOpts != "" {
-		dev += "," + f.DeviceOpts
+		devOpts += "," + f.DeviceOpts
 	}
-	args := []string{
-		// TCG: nested KVM hangs on the machines this runs on.
-		"-accel", "tcg",
-		"-nodefaults", "-no-user-config",
-		"-display", "none",
-		"-serial", "stdio",
-		"-no-reboot",
-		"-m", strconv.Itoa(mem),
-		// vhost-user needs guest RAM in a shareable fd.
-		"-object", fmt.Sprintf("memory-backend-memfd,id=mem0,share=on,size=%dM", mem),
-		// graphics=off makes SeaBIOS mirror the text console (int 10h) to
-		// the serial port (its "sercon"), the only way to see what a BIOS
-		// iPXE prints; OVMF uses the serial console anyway.
-		"-machine", f.Machine + ",memory-backend=mem0,graphics=off",
-		"-chardev", "socket,id=chr0,path=" + f.Socket,
-		"-netdev", "vhost-user,id=n0,chardev=chr0",
-		// vectors=0 is mandatory: QEMU 7.2 crashes with vhost-user under
-		// TCG when MSI-X is on. romfile= keeps the iPXE option ROM out:
-		// the firmware under test brings its own driver.
-		"-device", dev,
-		"-qmp", "unix:" + qmp + ",server=on,wait=off",
-	}
+	args := append(qemutest.MachineArgs(mem, f.Machine, "graphics=off"), qemutest.NetArgs(f.Socket, "", devOpts)...)
+	args = append(args, "-qmp", "unix:"+qmp+",server=on,wait=off")
 	args = append(args, f.Firmware...)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	v := &vm{console: newConsoleBuf(), qmpPath: qmp, done: make(chan struct{})}

@@ -28,6 +28,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -394,7 +395,23 @@ func (g *Guest) args(kernel, initrd string) []string {
 	if g.KernelArgs != "" {
 		appendLine += " " + g.KernelArgs
 	}
-	args := []string{
+	args := MachineArgs(mem)
+	args = append(args, "-kernel", kernel, "-initrd", initrd, "-append", appendLine)
+	if g.NoNet {
+		args = append(args, "-nic", "none")
+	} else {
+		args = append(args, NetArgs(g.Socket, g.ChardevOpts, g.DeviceOpts)...)
+	}
+	return append(args, g.ExtraArgs...)
+}
+
+// MachineArgs returns the QEMU arguments every test machine here shares:
+// TCG, nothing but what is listed, the serial console on stdio, memMB of
+// guest RAM in a shared memfd. machineOpts are added to -machine (a type
+// such as "q35", "graphics=off").
+func MachineArgs(memMB int, machineOpts ...string) []string {
+	machine := append(slices.DeleteFunc(slices.Clone(machineOpts), func(s string) bool { return s == "" }), "memory-backend=mem0")
+	return []string{
 		// TCG always: nested KVM hangs, and TCG behaves the same everywhere.
 		"-accel", "tcg",
 		// -nodefaults: no default NIC, VGA, monitor or serial, so the
@@ -404,34 +421,32 @@ func (g *Guest) args(kernel, initrd string) []string {
 		"-serial", "stdio",
 		// Guest power-off and reboot (including panic=-1) end QEMU.
 		"-no-reboot",
-		"-m", strconv.Itoa(mem),
+		"-m", strconv.Itoa(memMB),
 		// vhost-user needs guest RAM in a shareable fd the backend maps.
-		"-object", fmt.Sprintf("memory-backend-memfd,id=mem0,share=on,size=%dM", mem),
-		"-machine", "memory-backend=mem0",
-		"-kernel", kernel,
-		"-initrd", initrd,
-		"-append", appendLine,
+		"-object", fmt.Sprintf("memory-backend-memfd,id=mem0,share=on,size=%dM", memMB),
+		"-machine", strings.Join(machine, ","),
 	}
-	if g.NoNet {
-		args = append(args, "-nic", "none")
-	} else {
-		dev := "virtio-net-pci,netdev=n0,romfile=,vectors=0"
-		// vectors=0 (no MSI-X) is required: QEMU 7.2 crashes with
-		// vhost-user under TCG otherwise. romfile= skips the iPXE ROM.
-		if opts := strings.TrimPrefix(g.DeviceOpts, ","); opts != "" {
-			dev += "," + opts
-		}
-		chardev := "socket,id=chr0,path=" + g.Socket
-		if opts := strings.TrimPrefix(g.ChardevOpts, ","); opts != "" {
-			chardev += "," + opts
-		}
-		args = append(args,
-			"-chardev", chardev,
-			"-netdev", "vhost-user,id=n0,chardev=chr0",
-			"-device", dev,
-		)
+}
+
+// NetArgs returns the arguments for a virtio-net-pci device on vunet's
+// vhost-user socket, with extra chardev and device options.
+func NetArgs(socket, chardevOpts, deviceOpts string) []string {
+	// vectors=0 (no MSI-X) is required: QEMU 7.2 crashes with vhost-user
+	// under TCG otherwise. romfile= skips the iPXE option ROM (firmware
+	// tests bring their own driver).
+	dev := "virtio-net-pci,netdev=n0,romfile=,vectors=0"
+	if opts := strings.TrimPrefix(deviceOpts, ","); opts != "" {
+		dev += "," + opts
 	}
-	return append(args, g.ExtraArgs...)
+	chardev := "socket,id=chr0,path=" + socket
+	if opts := strings.TrimPrefix(chardevOpts, ","); opts != "" {
+		chardev += "," + opts
+	}
+	return []string{
+		"-chardev", chardev,
+		"-netdev", "vhost-user,id=n0,chardev=chr0",
+		"-device", dev,
+	}
 }
 
 // Pid returns QEMU's process id.
