@@ -26,6 +26,7 @@ import (
 
 	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/pcap"
+	"github.com/vunet/vunet/vhost"
 	"github.com/vunet/vunet/vhost/virtqueue"
 )
 
@@ -139,7 +140,15 @@ type Endpoint struct {
 	Stats Stats
 }
 
-var _ stack.LinkEndpoint = (*Endpoint)(nil)
+// The endpoint is the virtio-net device behind the vhost-user control
+// plane and a gVisor link endpoint; a signature drift in any of these
+// interfaces fails to compile here rather than silently losing a method
+// the control plane looks up by assertion (QueueNumReporter).
+var (
+	_ stack.LinkEndpoint     = (*Endpoint)(nil)
+	_ vhost.Backend          = (*Endpoint)(nil)
+	_ vhost.QueueNumReporter = (*Endpoint)(nil)
+)
 
 // New returns an endpoint; it carries traffic once a frontend starts its
 // queues.

@@ -23,6 +23,8 @@ type sinkBackend struct {
 	acked   uint64
 }
 
+var _ vhost.Backend = (*sinkBackend)(nil)
+
 func newSink() *sinkBackend {
 	return &sinkBackend{frames: make(chan []byte, 64), workers: map[int]chan struct{}{}, kicks: map[int]*virtqueue.EventFD{}}
 }

@@ -11,6 +11,8 @@ import (
 
 type nopBackend struct{ started map[int]bool }
 
+var _ Backend = (*nopBackend)(nil)
+
 func (b *nopBackend) Features() uint64                                           { return 1<<15 | 1<<5 }
 func (b *nopBackend) SetFeatures(uint64) error                                   { return nil }
 func (b *nopBackend) NumQueues() int                                             { return 2 }

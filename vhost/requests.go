@@ -1,0 +1,429 @@
+package vhost
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/vunet/vunet/vhost/memory"
+	"github.com/vunet/vunet/vhost/protocol"
+	"github.com/vunet/vunet/vhost/virtqueue"
+)
+
+// The control plane is a table: one entry per front-end request, each
+// pairing a decoder (payload bytes → a typed, validated argument, with the
+// vring looked up for the per-queue requests) with a handler that only
+// says what the request means. A request missing from the table is refused
+// as unsupported (SET_LOG_BASE, SET_LOG_FD, IOTLB_MSG, ... are not offered).
+
+// handler executes one request.
+type handler struct {
+	// replies says the request always answers (the GET_* requests),
+	// NEED_REPLY or not.
+	replies bool
+	// run decodes m and executes it, returning the reply payload of a
+	// replying request. Errors are reported to the frontend through
+	// REPLY_ACK when it asked.
+	run func(s *session, m *protocol.Message) ([]byte, error)
+}
+
+// decoder turns a message whose descriptor count has been validated into a
+// handler's argument, or refuses it.
+type decoder[T any] func(s *session, m *protocol.Message) (T, error)
+
+// get makes a replying request from a decoder and a handler.
+func get[T any](dec decoder[T], h func(*session, T) ([]byte, error)) handler {
+	return handler{replies: true, run: func(s *session, m *protocol.Message) ([]byte, error) {
+		a, err := dec(s, m)
+		if err != nil {
+			return nil, err
+		}
+		return h(s, a)
+	}}
+}
+
+// set makes a request that answers only with REPLY_ACK.
+func set[T any](dec decoder[T], h func(*session, T) error) handler {
+	return handler{run: func(s *session, m *protocol.Message) ([]byte, error) {
+		a, err := dec(s, m)
+		if err != nil {
+			return nil, err
+		}
+		return nil, h(s, a)
+	}}
+}
+
+// handlers is the request table. It is never modified.
+var handlers = map[protocol.Request]handler{
+	protocol.GetFeatures:         get(noArgs, (*session).getFeatures),
+	protocol.SetFeatures:         set(u64Arg, (*session).setFeatures),
+	protocol.GetProtocolFeatures: get(noArgs, (*session).getProtocolFeatures),
+	protocol.SetProtocolFeatures: set(u64Arg, (*session).setProtocolFeatures),
+	protocol.SetOwner:            set(noArgs, (*session).setOwner),
+	protocol.ResetOwner:          set(noArgs, (*session).resetDevice),
+	protocol.ResetDevice:         set(noArgs, (*session).resetDevice),
+	protocol.GetQueueNum:         get(noArgs, (*session).getQueueNum),
+	protocol.GetMaxMemSlots:      get(noArgs, (*session).getMaxMemSlots),
+	protocol.SetMemTable:         set(memTableArg, (*session).setMemTable),
+	protocol.AddMemReg:           set(memRegionArg, (*session).addMemReg),
+	protocol.RemMemReg:           set(memRegionArg, (*session).remMemReg),
+	protocol.SetVringNum:         set(vringStateArg, (*session).setVringNum),
+	protocol.SetVringAddr:        set(vringAddrArg, (*session).setVringAddr),
+	protocol.SetVringBase:        set(vringStateArg, (*session).setVringBase),
+	protocol.GetVringBase:        get(vringStateArg, (*session).getVringBase),
+	protocol.SetVringKick:        set(vringFDArg, (*session).setVringKick),
+	protocol.SetVringCall:        set(vringFDArg, (*session).setVringCall),
+	protocol.SetVringErr:         set(vringFDArg, (*session).setVringErr),
+	protocol.SetVringEnable:      set(vringStateArg, (*session).setVringEnable),
+	protocol.GetConfig:           get(configArg, (*session).getConfig),
+	protocol.SetConfig:           set(configArg, (*session).setConfig),
+	protocol.SendRARP:            set(u64Arg, (*session).sendRARP),
+	protocol.NetSetMTU:           set(u64Arg, (*session).netSetMTU),
+	protocol.SetStatus:           set(u64Arg, (*session).setStatus),
+	protocol.GetStatus:           get(noArgs, (*session).getStatus),
+}
+
+// expectsReply says which requests always answer, NEED_REPLY or not.
+func expectsReply(r protocol.Request) bool { return handlers[r].replies }
+
+// handle executes one request and returns the reply payload, if the
+// request has one. Errors wrapping ErrProtocol end the session.
+func (s *session) handle(m *protocol.Message) ([]byte, error) {
+	h, ok := handlers[m.Request]
+	if !ok {
+		return nil, fmt.Errorf("request %s not supported", m.Request)
+	}
+	return h.run(s, m)
+}
+
+func u64(v uint64) []byte { return binary.LittleEndian.AppendUint64(nil, v) }
+
+// --- decoders ---
+
+// noArgs accepts any payload: the requests without one carry none from
+// every frontend we know, and a stray byte is harmless.
+func noArgs(*session, *protocol.Message) (struct{}, error) { return struct{}{}, nil }
+
+func u64Arg(_ *session, m *protocol.Message) (uint64, error) { return m.U64() }
+
+func configArg(_ *session, m *protocol.Message) (protocol.ConfigPayload, error) { return m.Config() }
+
+// vringArg is a per-queue request's payload with its vring looked up.
+type vringArg[T any] struct {
+	idx int
+	vr  *vring
+	v   T
+}
+
+// onVring decodes a per-queue payload and looks up the vring it names: the
+// one place where a queue index from the frontend is checked.
+func onVring[T any](decode func(*protocol.Message) (T, error), index func(T) uint32) decoder[vringArg[T]] {
+	return func(s *session, m *protocol.Message) (vringArg[T], error) {
+		v, err := decode(m)
+		if err != nil {
+			return vringArg[T]{}, err
+		}
+		idx := index(v)
+		if int(idx) >= len(s.vrings) {
+			return vringArg[T]{}, fmt.Errorf("vring index %d out of range (%d queues)", idx, len(s.vrings))
+		}
+		return vringArg[T]{idx: int(idx), vr: s.vrings[idx], v: v}, nil
+	}
+}
+
+var (
+	vringStateArg = onVring((*protocol.Message).VringState, func(v protocol.VringState) uint32 { return v.Index })
+	vringAddrArg  = onVring((*protocol.Message).VringAddr, func(v protocol.VringAddr) uint32 { return v.Index })
+	vringFDIndex  = onVring(decodeVringFD, func(v vringFD) uint32 { return v.index })
+)
+
+// vringFD is the decoded payload of SET_VRING_KICK/CALL/ERR.
+type vringFD struct {
+	index uint32
+	hasFD bool
+}
+
+func decodeVringFD(m *protocol.Message) (vringFD, error) {
+	idx, hasFD, err := m.VringFD()
+	return vringFD{idx, hasFD}, err
+}
+
+// vringFDArg decodes SET_VRING_KICK/CALL/ERR and takes the attached
+// descriptor, if any, as an EventFD (nil: "no descriptor").
+func vringFDArg(s *session, m *protocol.Message) (vringArg[*virtqueue.EventFD], error) {
+	a, err := vringFDIndex(s, m)
+	if err != nil {
+		return vringArg[*virtqueue.EventFD]{}, err
+	}
+	out := vringArg[*virtqueue.EventFD]{idx: a.idx, vr: a.vr}
+	if a.v.hasFD {
+		fd := m.FDs[0]
+		m.FDs[0] = -1 // ownership moves to the EventFD
+		if out.v, err = virtqueue.NewEventFD(fd); err != nil {
+			return vringArg[*virtqueue.EventFD]{}, err
+		}
+	}
+	return out, nil
+}
+
+// memTable is SET_MEM_TABLE's regions with one descriptor each (still
+// owned by the message).
+type memTable struct {
+	regions []protocol.MemRegion
+	fds     []int
+}
+
+func memTableArg(_ *session, m *protocol.Message) (memTable, error) {
+	r, err := m.MemTable()
+	return memTable{r, m.FDs}, err
+}
+
+// memRegion is the payload of ADD_MEM_REG (with its descriptor) and
+// REM_MEM_REG (fd -1: a descriptor sent with it is ignored).
+type memRegion struct {
+	r  protocol.MemRegion
+	fd int
+}
+
+func memRegionArg(_ *session, m *protocol.Message) (memRegion, error) {
+	r, err := m.MemRegion()
+	fd := -1
+	if m.Request == protocol.AddMemReg {
+		fd = m.FDs[0] // FDsAllowed: exactly one
+	}
+	return memRegion{r, fd}, err
+}
+
+// --- features, ownership, status ---
+
+func (s *session) getFeatures(struct{}) ([]byte, error) { return u64(s.offered()), nil }
+
+func (s *session) setFeatures(v uint64) error {
+	if v&^s.offered() != 0 {
+		return fmt.Errorf("features %#x not offered (offered %#x)", v, s.offered())
+	}
+	s.features = v
+	return s.backend.SetFeatures(v)
+}
+
+func (s *session) getProtocolFeatures(struct{}) ([]byte, error) { return u64(protocolFeatures), nil }
+
+func (s *session) setProtocolFeatures(v uint64) error {
+	s.protoAcked = v & protocolFeatures
+	return nil
+}
+
+func (s *session) setOwner(struct{}) error {
+	s.owner = true
+	return nil
+}
+
+func (s *session) resetDevice(struct{}) error {
+	s.reset()
+	return nil
+}
+
+func (s *session) getQueueNum(struct{}) ([]byte, error) {
+	if r, ok := s.backend.(QueueNumReporter); ok {
+		return u64(r.QueueNum()), nil
+	}
+	return u64(uint64(len(s.vrings))), nil
+}
+
+func (s *session) setStatus(v uint64) error {
+	if v > 0xff {
+		return fmt.Errorf("status %#x out of range", v)
+	}
+	s.status = uint8(v)
+	if v == 0 {
+		s.reset()
+	}
+	return nil
+}
+
+func (s *session) getStatus(struct{}) ([]byte, error) {
+	st := uint64(s.status)
+	for _, vr := range s.vrings {
+		if vr.q.Broken() {
+			st |= StatusNeedsReset
+		}
+	}
+	return u64(st), nil
+}
+
+// --- device config and net requests ---
+
+func (s *session) getConfig(c protocol.ConfigPayload) ([]byte, error) {
+	cfg := s.backend.Config()
+	out := make([]byte, len(c.Data))
+	if int(c.Offset) < len(cfg) {
+		copy(out, cfg[c.Offset:])
+	}
+	return protocol.EncodeConfig(nil, protocol.ConfigPayload{Offset: c.Offset, Flags: c.Flags, Data: out}), nil
+}
+
+// setConfig refuses: virtio-net's config space is read-only for the driver
+// (the MAC is set through the control queue, which we do not offer).
+func (s *session) setConfig(protocol.ConfigPayload) error {
+	return errors.New("config space is read-only")
+}
+
+// sendRARP records the MAC to announce after a migration (the low six
+// bytes). We have no upstream L2 to announce it on; it is kept for
+// diagnostics.
+func (s *session) sendRARP(v uint64) error {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], v)
+	copy(s.rarp[:], b[:6])
+	return nil
+}
+
+func (s *session) netSetMTU(v uint64) error {
+	if v < 68 || v > 65535 {
+		return fmt.Errorf("mtu %d out of range", v)
+	}
+	return nil
+}
+
+// --- memory ---
+
+func (s *session) getMaxMemSlots(struct{}) ([]byte, error) { return u64(memory.MaxRegions), nil }
+
+func (s *session) setMemTable(a memTable) error {
+	t := &memory.Table{}
+	for i, r := range a.regions {
+		reg, err := s.mapRegion(r, a.fds[i])
+		if err == nil {
+			err = t.Add(reg)
+			if err != nil {
+				reg.Release()
+			}
+		}
+		if err != nil {
+			t.Close()
+			return fmt.Errorf("SET_MEM_TABLE region %d: %w", i, err)
+		}
+	}
+	paused := s.pauseAll()
+	s.mem.Close()
+	s.mem = t
+	s.log.Debug("memory table set", "regions", len(a.regions))
+	for i := range s.vrings {
+		paused = append(paused, i) // queues waiting for memory may start now
+	}
+	return s.resume(paused)
+}
+
+func (s *session) addMemReg(a memRegion) error {
+	reg, err := s.mapRegion(a.r, a.fd)
+	if err != nil {
+		return err
+	}
+	paused := s.pauseAll()
+	if err := s.mem.Add(reg); err != nil {
+		reg.Release()
+		return errors.Join(err, s.resume(paused))
+	}
+	for i := range s.vrings {
+		paused = append(paused, i)
+	}
+	return s.resume(paused)
+}
+
+func (s *session) remMemReg(a memRegion) error {
+	paused := s.pauseAll()
+	err := s.mem.Remove(a.r.GuestAddr, a.r.UserAddr, a.r.Size)
+	return errors.Join(err, s.resume(paused))
+}
+
+// --- vrings ---
+
+func (s *session) setVringNum(a vringArg[protocol.VringState]) error {
+	n := a.v.Num
+	if n == 0 || n > virtqueue.MaxSize || n&(n-1) != 0 {
+		return fmt.Errorf("vring %d: size %d is not a power of two in 1..%d", a.idx, n, virtqueue.MaxSize)
+	}
+	a.vr.num = n
+	return nil
+}
+
+func (s *session) setVringAddr(a vringArg[protocol.VringAddr]) error {
+	a.vr.addr, a.vr.hasAddr = a.v, true
+	return s.update(a.idx)
+}
+
+func (s *session) setVringBase(a vringArg[protocol.VringState]) error {
+	if a.v.Num > 0xffff {
+		return fmt.Errorf("vring %d: base %d out of range", a.idx, a.v.Num)
+	}
+	a.vr.base = uint16(a.v.Num)
+	return nil
+}
+
+// getVringBase stops the queue and reports where the next Pop would have
+// started; the kick goes with it (a new SET_VRING_KICK restarts it).
+func (s *session) getVringBase(a vringArg[protocol.VringState]) ([]byte, error) {
+	s.stopVring(a.idx)
+	a.vr.started = false
+	if a.vr.kick != nil {
+		a.vr.kick.Close()
+		a.vr.kick = nil
+	}
+	return protocol.EncodeVringState(nil, protocol.VringState{Index: a.v.Index, Num: uint32(a.vr.base)}), nil
+}
+
+func (s *session) setVringEnable(a vringArg[protocol.VringState]) error {
+	if a.v.Num > 1 {
+		return fmt.Errorf("vring %d: enable value %d", a.idx, a.v.Num)
+	}
+	a.vr.enabled = a.v.Num == 1
+	return s.update(a.idx)
+}
+
+func (s *session) setVringKick(a vringArg[*virtqueue.EventFD]) error {
+	vr := a.vr
+	s.stopVring(a.idx)
+	if vr.kick != nil {
+		vr.kick.Close()
+	}
+	vr.kick = a.v
+	if a.v == nil {
+		// Polling mode (no kick fd) is not implemented: the queue stays
+		// stopped rather than spinning.
+		return fmt.Errorf("vring %d: kick without a descriptor is not supported", a.idx)
+	}
+	vr.started = true
+	// Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings start
+	// enabled (vhost-user spec, "Ring states").
+	if s.features&(1<<FeatureProtocolFeatures) == 0 {
+		vr.enabled = true
+	}
+	return s.update(a.idx)
+}
+
+// setVringCall swaps the interrupt eventfd under the queue's lock, so that
+// a worker never signals a closed descriptor.
+func (s *session) setVringCall(a vringArg[*virtqueue.EventFD]) error {
+	vr := a.vr
+	vr.q.Lock()
+	old := vr.call
+	vr.call = a.v
+	if a.v != nil {
+		vr.q.SetNotify(a.v.Signal)
+	} else {
+		vr.q.SetNotify(nil)
+	}
+	vr.q.Unlock()
+	if old != nil {
+		old.Close()
+	}
+	return nil
+}
+
+func (s *session) setVringErr(a vringArg[*virtqueue.EventFD]) error {
+	if a.vr.errFD != nil {
+		a.vr.errFD.Close()
+	}
+	a.vr.errFD = a.v
+	return nil
+}
