@@ -162,6 +162,12 @@ func (s *DHCPv6) handle(b []byte) (reply []byte) {
 			reply = nil
 		}
 	}()
+	return s.reply(b)
+}
+
+// reply builds the reply to one datagram, or nil. It does not recover from
+// panics (handle does), so the fuzz target calls it directly and sees them.
+func (s *DHCPv6) reply(b []byte) []byte {
 	d, err := dhcpv6.FromBytes(b)
 	if err != nil {
 		s.malformed.Add(1)

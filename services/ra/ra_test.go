@@ -2,12 +2,15 @@ package ra
 
 import (
 	"bytes"
+	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -185,7 +188,8 @@ func TestSLAAC(t *testing.T) {
 
 func TestSolicitation(t *testing.T) {
 	p, _ := slaacGuest(t)
-	s, err := New(Options{Stack: p.Server, NIC: testnet.NIC, Logger: testnet.Logger(t), Interval: 30 * time.Minute})
+	ignored := &msgCounter{Handler: testnet.Logger(t).Handler(), msg: "ra: ignoring invalid router solicitation", n: new(atomic.Int64)}
+	s, err := New(Options{Stack: p.Server, NIC: testnet.NIC, Logger: slog.New(ignored), Interval: 30 * time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -211,13 +215,45 @@ func TestSolicitation(t *testing.T) {
 	}
 	testnet.WaitFor(t, func() bool { st := s.Stats(); return st.Solicitations >= 1 && st.Sent > sent })
 
-	// A solicitation with a forged hop limit (routed from off-link) is ignored.
+	// A solicitation with a forged hop limit (routed from off-link) is
+	// ignored. The barrier is the server's own "ignoring" log record, so
+	// neither outcome rests on a sleep: the record must appear and the
+	// count must not move. (Mutation checked: validRS accepting any hop
+	// limit fails here.)
 	n := s.Stats().Solicitations
-	ep.Write(bytes.NewReader(rs), tcpip.WriteOptions{To: &to, ControlMessages: tcpip.SendableControlMessages{HasHopLimit: true, HopLimit: 64}})
-	time.Sleep(200 * time.Millisecond)
-	if got := s.Stats().Solicitations; got != n {
-		t.Errorf("solicitation with hop limit 64 counted")
+	if _, terr := ep.Write(bytes.NewReader(rs), tcpip.WriteOptions{To: &to,
+		ControlMessages: tcpip.SendableControlMessages{HasHopLimit: true, HopLimit: 64}}); terr != nil {
+		t.Fatal(terr)
 	}
+	testnet.WaitFor(t, func() bool { return ignored.n.Load() >= 1 || s.Stats().Solicitations != n })
+	if got := s.Stats().Solicitations; got != n || ignored.n.Load() != 1 {
+		t.Errorf("solicitation with hop limit 64: solicitations %d -> %d, ignored %d (want unchanged, 1)", n, got, ignored.n.Load())
+	}
+}
+
+// msgCounter is a slog handler that counts records with one message and
+// passes everything on.
+type msgCounter struct {
+	slog.Handler
+	msg string
+	n   *atomic.Int64
+}
+
+func (h *msgCounter) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message == h.msg {
+		h.n.Add(1)
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h *msgCounter) Enabled(context.Context, slog.Level) bool { return true }
+
+func (h *msgCounter) WithAttrs(as []slog.Attr) slog.Handler {
+	return &msgCounter{Handler: h.Handler.WithAttrs(as), msg: h.msg, n: h.n}
+}
+
+func (h *msgCounter) WithGroup(g string) slog.Handler {
+	return &msgCounter{Handler: h.Handler.WithGroup(g), msg: h.msg, n: h.n}
 }
 
 func TestBuildRA(t *testing.T) {

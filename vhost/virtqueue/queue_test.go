@@ -265,7 +265,11 @@ func TestKicks(t *testing.T) {
 }
 
 // FuzzPop feeds arbitrary descriptor tables and avail rings to Pop: it must
-// never panic, never loop forever, and always return bad chains.
+// never panic, never loop forever, and always return bad chains. Every
+// avail entry Pop consumed must come back in the used ring exactly once, in
+// order (good chains are pushed here right after Pop, bad ones by Pop
+// itself), so deleting Pop's Push of a bad chain fails the seeds (checked
+// by hand).
 func FuzzPop(f *testing.F) {
 	f.Add(make([]byte, 16*8), []byte{0, 0, 1, 0, 2, 0}, uint16(3))
 	seed := make([]byte, 16*8)
@@ -284,8 +288,11 @@ func FuzzPop(f *testing.F) {
 		}
 		// Indirect tables may point into the fake memory: fill some with the same bytes.
 		copy(d.Mem[0x4000:], table)
+		var published []uint16
 		for i := 0; i+1 < len(heads) && i < 16; i += 2 {
-			d.PublishRaw(binary.LittleEndian.Uint16(heads[i:]) % 10)
+			h := binary.LittleEndian.Uint16(heads[i:]) % 10
+			published = append(published, h)
+			d.PublishRaw(h)
 		}
 		if availIdx%4 == 3 {
 			d.SetAvailIdx(availIdx)
@@ -301,6 +308,19 @@ func FuzzPop(f *testing.F) {
 			q.Push(e.Head, 0)
 		}
 		q.Flush()
+		used := d.Reap()
+		consumed := q.Stats.Popped.Load() + q.Stats.BadChains.Load()
+		if uint64(len(used)) != consumed || q.Stats.Used.Load() != consumed {
+			t.Fatalf("%d chains consumed (%d good, %d bad), %d returned (used counter %d)",
+				consumed, q.Stats.Popped.Load(), q.Stats.BadChains.Load(), len(used), q.Stats.Used.Load())
+		}
+		if availIdx%4 != 3 { // the avail ring holds exactly what was published
+			for i, u := range used {
+				if i < len(published) && u.Head != published[i] {
+					t.Fatalf("used entry %d returns head %d, avail entry %d was %d", i, u.Head, i, published[i])
+				}
+			}
+		}
 	})
 }
 
