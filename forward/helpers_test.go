@@ -7,9 +7,13 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/vunet/vunet/netstack/netstacktest"
 )
@@ -172,4 +176,25 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// wantReset reads from c and fails the test unless the read ends in a
+// connection reset: data, a graceful close (EOF) or a timeout are all
+// failures. It accepts the host kernel's ECONNRESET and gVisor's
+// "connection reset by peer" (gonet turns tcpip errors into strings).
+func wantReset(t *testing.T, c net.Conn, what string) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(make([]byte, 1))
+	if isReset(err) {
+		return
+	}
+	t.Errorf("%s: read returned %d bytes, err %v; want a connection reset", what, n, err)
+}
+
+func isReset(err error) bool {
+	if err == nil {
+		return false
+	}
+	return errors.Is(err, syscall.ECONNRESET) || strings.Contains(err.Error(), (&tcpip.ErrConnectionReset{}).String())
 }
