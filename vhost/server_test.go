@@ -37,7 +37,9 @@ func (b *sinkBackend) Reset()                     { b.mu.Lock(); b.resets++; b.m
 
 func (b *sinkBackend) StartQueue(idx int, q *virtqueue.Queue, kick *virtqueue.EventFD) {
 	done := make(chan struct{})
+	b.mu.Lock()
 	b.workers[idx], b.kicks[idx] = done, kick
+	b.mu.Unlock()
 	go func() {
 		defer close(done)
 		var e virtqueue.Element
@@ -66,9 +68,21 @@ func (b *sinkBackend) StartQueue(idx int, q *virtqueue.Queue, kick *virtqueue.Ev
 }
 
 func (b *sinkBackend) StopQueue(idx int) {
-	b.kicks[idx].Interrupt()
-	<-b.workers[idx]
+	b.mu.Lock()
+	kick, done := b.kicks[idx], b.workers[idx]
+	b.mu.Unlock()
+	kick.Interrupt()
+	<-done
+	b.mu.Lock()
 	delete(b.workers, idx)
+	b.mu.Unlock()
+}
+
+// running returns how many queue workers the backend runs.
+func (b *sinkBackend) running() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.workers)
 }
 
 func startServer(t *testing.T, b vhost.Backend) (*vhost.Server, string) {
@@ -145,6 +159,34 @@ func TestReconnect(t *testing.T) {
 			t.Fatalf("session %d got %v", i, got)
 		}
 		f.Close()
+	}
+}
+
+// TestDisconnectStopsQueues: a frontend that goes away mid-traffic gets
+// every queue worker stopped. (Mutation checked: deleting the session's
+// stop of running queues on close, or backend.StopQueue, fails here.)
+func TestDisconnectStopsQueues(t *testing.T) {
+	b := newSink()
+	_, path := startServer(t, b)
+	f, err := vhosttest.Dial(path, vhosttest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Setup(allFeatures); err != nil {
+		t.Fatal(err)
+	}
+	if n := b.running(); n != 2 {
+		t.Fatalf("%d queue workers after set-up, want 2", n)
+	}
+	f.Drivers[1].Post([]byte("in flight"), nil, nil, false)
+	f.Kick(1)
+	f.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for b.running() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d queue workers still running 5 s after the frontend disconnected", b.running())
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 

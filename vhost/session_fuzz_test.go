@@ -3,79 +3,298 @@ package vhost
 import (
 	"encoding/binary"
 	"log/slog"
+	"os"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vunet/vunet/vhost/protocol"
 	"github.com/vunet/vunet/vhost/virtqueue"
 )
 
-type nopBackend struct{ started map[int]bool }
+// nopBackend records which queues it was handed and checks each is usable
+// when it gets it.
+type nopBackend struct {
+	t       testing.TB
+	started map[int]bool
+}
 
 var _ Backend = (*nopBackend)(nil)
 
-func (b *nopBackend) Features() uint64                                           { return 1<<15 | 1<<5 }
-func (b *nopBackend) SetFeatures(uint64) error                                   { return nil }
-func (b *nopBackend) NumQueues() int                                             { return 2 }
-func (b *nopBackend) Config() []byte                                             { return make([]byte, 12) }
-func (b *nopBackend) StartQueue(i int, _ *virtqueue.Queue, _ *virtqueue.EventFD) { b.started[i] = true }
-func (b *nopBackend) StopQueue(i int)                                            { delete(b.started, i) }
-func (b *nopBackend) Reset()                                                     {}
+func (b *nopBackend) Features() uint64          { return 1<<15 | 1<<5 }
+func (b *nopBackend) SetFeatures(uint64) error  { return nil }
+func (b *nopBackend) NumQueues() int            { return 2 }
+func (b *nopBackend) Config() []byte            { return make([]byte, 12) }
+func (b *nopBackend) StopQueue(i int)           { delete(b.started, i) }
+func (b *nopBackend) Reset()                    {}
+func (b *nopBackend) running(i int) (bool, int) { return b.started[i], len(b.started) }
 
-// FuzzSession drives a session with arbitrary request sequences. File
-// descriptors are -1 (the codec's checks run; mapping and eventfds fail
-// cleanly). The session must never panic and must leave no queue started
-// after close.
+func (b *nopBackend) StartQueue(i int, q *virtqueue.Queue, kick *virtqueue.EventFD) {
+	if b.started[i] {
+		b.t.Fatalf("queue %d started twice", i)
+	}
+	if !q.Ready() || kick == nil {
+		b.t.Fatalf("queue %d handed over not ready (ready %v, kick %v)", i, q.Ready(), kick)
+	}
+	b.started[i] = true
+}
+
+// Fuzz message framing: one control byte, the vhost-user header, the
+// payload. The control byte's low two bits are the number of fds; bits 2-3
+// choose their kind: 0 and 1 the kind the request needs (a memfd for memory
+// regions, an eventfd otherwise), 2 the wrong kind, 3 an invalid fd (-1).
+const (
+	fdRight   = 0 << 2
+	fdWrong   = 2 << 2
+	fdInvalid = 3 << 2
+)
+
+// fuzzMemSize is the size of the memfd behind every memory region: regions
+// are slices of it at fuzzed offsets.
+const fuzzMemSize = 1 << 20
+
+// fuzzUser is the seeds' "QEMU virtual address" of the memfd's first byte.
+const fuzzUser = 0x7f0000000000
+
+func fuzzMsg(r protocol.Request, ctl byte, p []byte) []byte {
+	b := []byte{ctl}
+	b = protocol.EncodeHeader(b, protocol.Header{Request: r, Flags: protocol.FlagVersion, Size: uint32(len(p))})
+	return append(b, p...)
+}
+
+func fuzzU64(v uint64) []byte { return binary.LittleEndian.AppendUint64(nil, v) }
+
+// startSeq is a frontend's set-up that really starts queue idx: features
+// with PROTOCOL_FEATURES, a memory table over the memfd, ring size and
+// addresses inside it, a kick eventfd and SET_VRING_ENABLE.
+func startSeq(regions []protocol.MemRegion, idx uint32, ringUser uint64) []byte {
+	return seqOf(
+		fuzzMsg(protocol.SetFeatures, 0, fuzzU64(1<<30|1<<32|1<<28|1<<29)),
+		fuzzMsg(protocol.SetProtocolFeatures, 0, fuzzU64(1<<3)),
+		fuzzMsg(protocol.SetMemTable, byte(len(regions))|fdRight, protocol.EncodeMemTable(nil, regions)),
+		vringMsgs(idx, ringUser),
+	)
+}
+
+func vringMsgs(idx uint32, ringUser uint64) []byte {
+	return seqOf(
+		fuzzMsg(protocol.SetVringNum, 0, protocol.EncodeVringState(nil, protocol.VringState{Index: idx, Num: 256})),
+		fuzzMsg(protocol.SetVringAddr, 0, protocol.EncodeVringAddr(nil, protocol.VringAddr{Index: idx,
+			Desc: ringUser, Avail: ringUser + 0x1000, Used: ringUser + 0x2000})),
+		fuzzMsg(protocol.SetVringCall, 1|fdRight, fuzzU64(uint64(idx))),
+		fuzzMsg(protocol.SetVringKick, 1|fdRight, fuzzU64(uint64(idx))),
+		fuzzMsg(protocol.SetVringEnable, 0, protocol.EncodeVringState(nil, protocol.VringState{Index: idx, Num: 1})),
+	)
+}
+
+func seqOf(msgs ...[]byte) []byte {
+	var b []byte
+	for _, m := range msgs {
+		b = append(b, m...)
+	}
+	return b
+}
+
+func oneRegion() []protocol.MemRegion {
+	return []protocol.MemRegion{{GuestAddr: 0, Size: fuzzMemSize, UserAddr: fuzzUser}}
+}
+
+// threeRegions splits the memfd into three regions with holes between
+// their guest addresses, as QEMU does around the PCI hole.
+func threeRegions() []protocol.MemRegion {
+	return []protocol.MemRegion{
+		{GuestAddr: 0, Size: 0x40000, UserAddr: fuzzUser},
+		{GuestAddr: 0x100000, Size: 0x40000, UserAddr: fuzzUser + 0x40000, MmapOffset: 0x40000},
+		{GuestAddr: 0x1_0000_0000, Size: 0x80000, UserAddr: fuzzUser + 0x80000, MmapOffset: 0x80000},
+	}
+}
+
+// fuzzFDs makes the fds for one message: fresh eventfds, or dups of the
+// memfd for requests that carry memory regions.
+func fuzzFDs(t testing.TB, memfd int, r protocol.Request, ctl byte) []int {
+	fds := make([]int, ctl&3)
+	mem := r == protocol.SetMemTable || r == protocol.AddMemReg || r == protocol.RemMemReg
+	kind := ctl & (3 << 2)
+	if kind == fdWrong {
+		mem = !mem
+	}
+	for i := range fds {
+		var err error
+		switch {
+		case kind == fdInvalid:
+			fds[i] = -1
+		case mem:
+			fds[i], err = unix.Dup(memfd)
+		default:
+			fds[i], err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return fds
+}
+
+func openFDs(t testing.TB) int {
+	es, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(es)
+}
+
+// fuzzEnv is a fresh session over a real memfd, with a recording backend.
+type fuzzEnv struct {
+	t     testing.TB
+	memfd int
+	b     *nopBackend
+	st    Stats
+	s     *session
+}
+
+func newFuzzEnv(t testing.TB) *fuzzEnv {
+	memfd, err := unix.MemfdCreate("fuzz-guest", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Ftruncate(memfd, fuzzMemSize); err != nil {
+		t.Fatal(err)
+	}
+	e := &fuzzEnv{t: t, memfd: memfd, b: &nopBackend{t: t, started: map[int]bool{}}}
+	e.s = newSession(slog.New(slog.DiscardHandler), e.b, &e.st, func(int, error) {})
+	return e
+}
+
+// play hands the framed requests in data to the session, with real
+// eventfds and dups of the memfd, checking after every request that the
+// backend runs exactly the queues the session considers running and that
+// GET_VRING_BASE stopped its queue.
+func (e *fuzzEnv) play(data []byte) {
+	t, s, b := e.t, e.s, e.b
+	for n := 0; len(data) >= 1+protocol.HeaderSize && n < 64; n++ {
+		ctl := data[0]
+		h, err := protocol.DecodeHeader(data[1:])
+		if err != nil {
+			return
+		}
+		data = data[1+protocol.HeaderSize:]
+		if int(h.Size) > len(data) {
+			return
+		}
+		m := protocol.Message{Header: h, Payload: data[:h.Size], FDs: fuzzFDs(t, e.memfd, h.Request, ctl)}
+		data = data[h.Size:]
+		if m.Validate() != nil {
+			protocol.CloseFDs(m.FDs)
+			continue
+		}
+		_, herr := s.handle(&m)
+		protocol.CloseFDs(m.FDs) // what the session did not take over, as the server does
+		for i, vr := range s.vrings {
+			if on, _ := b.running(i); on != vr.running {
+				t.Fatalf("after %s: queue %d running in the session %v, in the backend %v", m.Request, i, vr.running, on)
+			}
+		}
+		if m.Request == protocol.GetVringBase && herr == nil {
+			vs, _ := m.VringState()
+			if on, _ := b.running(int(vs.Index)); on {
+				t.Fatalf("queue %d still running after GET_VRING_BASE", vs.Index)
+			}
+		}
+	}
+}
+
+// close ends the session like a disconnect: no queue may be left running.
+func (e *fuzzEnv) close() {
+	e.s.close()
+	unix.Close(e.memfd)
+	if _, n := e.b.running(0); n != 0 {
+		e.t.Fatalf("queues left started after close: %v", e.b.started)
+	}
+}
+
+// runSession plays data against a fresh session; after close every fd
+// must be released. It returns how many queue starts it saw.
+func runSession(t testing.TB, data []byte) uint64 {
+	fdsBefore := openFDs(t)
+	e := newFuzzEnv(t)
+	e.play(data)
+	e.close()
+	if got := openFDs(t); got != fdsBefore {
+		t.Fatalf("%d fds open after close, %d before", got, fdsBefore)
+	}
+	return e.st.QueueStarts.Load()
+}
+
+// FuzzSession drives a session with arbitrary request sequences over real
+// memfds and eventfds, so queues really start (see runSession for the
+// invariants). The seeds start queues on one- and three-region tables,
+// stop them with GET_VRING_BASE, change memory under running queues, and
+// pass fds of the wrong kind. Deleting the backend's StopQueue from the
+// session's stop path, or the stop from GET_VRING_BASE, fails the seeds
+// (checked by hand; TestSessionStopsQueues says which).
 func FuzzSession(f *testing.F) {
-	seq := func(msgs ...[]byte) []byte {
-		var b []byte
-		for _, m := range msgs {
-			b = append(b, m...)
-		}
-		return b
-	}
-	msg := func(r protocol.Request, nfds byte, p []byte) []byte {
-		b := []byte{nfds}
-		b = protocol.EncodeHeader(b, protocol.Header{Request: r, Flags: protocol.FlagVersion, Size: uint32(len(p))})
-		return append(b, p...)
-	}
-	u := func(v uint64) []byte { return binary.LittleEndian.AppendUint64(nil, v) }
-	f.Add(seq(
-		msg(protocol.SetFeatures, 0, u(1<<30|1<<32)),
-		msg(protocol.SetProtocolFeatures, 0, u(1<<3)),
-		msg(protocol.SetMemTable, 1, protocol.EncodeMemTable(nil, []protocol.MemRegion{{Size: 1 << 20}})),
-		msg(protocol.SetVringNum, 0, protocol.EncodeVringState(nil, protocol.VringState{Num: 256})),
-		msg(protocol.SetVringAddr, 0, protocol.EncodeVringAddr(nil, protocol.VringAddr{})),
-		msg(protocol.SetVringKick, 1, u(0)),
-		msg(protocol.SetVringEnable, 0, protocol.EncodeVringState(nil, protocol.VringState{Num: 1})),
-		msg(protocol.GetVringBase, 0, protocol.EncodeVringState(nil, protocol.VringState{})),
-	))
+	getBase := getBaseMsg
+	f.Add(seqOf(startSeq(oneRegion(), 0, fuzzUser), getBase(0)))
+	f.Add(seqOf(startSeq(oneRegion(), 1, fuzzUser+0x10000), vringMsgs(0, fuzzUser+0x20000)))
+	f.Add(seqOf(startSeq(threeRegions(), 0, fuzzUser+0x40000), vringMsgs(1, fuzzUser+0x80000), getBase(1),
+		fuzzMsg(protocol.RemMemReg, 1|fdRight, protocol.EncodeRegion(make([]byte, 8), threeRegions()[1])),
+		fuzzMsg(protocol.AddMemReg, 1|fdRight, protocol.EncodeRegion(make([]byte, 8), threeRegions()[1])),
+		getBase(0)))
+	f.Add(seqOf(startSeq(oneRegion(), 0, fuzzUser),
+		fuzzMsg(protocol.SetMemTable, 1|fdRight, protocol.EncodeMemTable(nil, threeRegions()[:1])),
+		fuzzMsg(protocol.SetVringKick, 1|fdWrong, fuzzU64(1)),
+		fuzzMsg(protocol.SetVringCall, 1|fdInvalid, fuzzU64(0)),
+		fuzzMsg(protocol.ResetDevice, 0, nil)))
+	f.Add(seqOf(startSeq(oneRegion(), 0, fuzzUser),
+		fuzzMsg(protocol.SetMemTable, 1|fdWrong, protocol.EncodeMemTable(nil, oneRegion())),
+		fuzzMsg(protocol.SetStatus, 0, fuzzU64(0))))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		b := &nopBackend{started: map[int]bool{}}
-		var st Stats
-		s := newSession(slog.New(slog.DiscardHandler), b, &st, func(int, error) {})
-		for n := 0; len(data) >= 1+protocol.HeaderSize && n < 64; n++ {
-			nfds := int(data[0] % 4)
-			h, err := protocol.DecodeHeader(data[1:])
-			if err != nil {
-				return
-			}
-			data = data[1+protocol.HeaderSize:]
-			if int(h.Size) > len(data) {
-				return
-			}
-			m := protocol.Message{Header: h, Payload: data[:h.Size], FDs: make([]int, nfds)}
-			for i := range m.FDs {
-				m.FDs[i] = -1
-			}
-			data = data[h.Size:]
-			if m.Validate() != nil {
-				continue
-			}
-			s.handle(&m)
-		}
-		s.close()
-		if len(b.started) != 0 {
-			t.Fatalf("queues left started: %v", b.started)
-		}
+		runSession(t, data)
 	})
+}
+
+func getBaseMsg(idx uint32) []byte {
+	return fuzzMsg(protocol.GetVringBase, 0, protocol.EncodeVringState(nil, protocol.VringState{Index: idx}))
+}
+
+// TestSessionStopsQueues: queues really start on one- and three-region
+// memory tables, GET_VRING_BASE stops its queue (and only it), and closing
+// the session (a disconnect) stops the rest. Mutations checked by hand:
+// deleting backend.StopQueue from stopVring fails "GET_VRING_BASE stops";
+// deleting the stopVring call from GET_VRING_BASE fails it too; deleting
+// pauseAll from close fails "disconnect stops".
+func TestSessionStopsQueues(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		regions []protocol.MemRegion
+		q0, q1  uint64 // ring user addresses
+	}{
+		{"one region", oneRegion(), fuzzUser, fuzzUser + 0x10000},
+		{"three regions", threeRegions(), fuzzUser + 0x40000, fuzzUser + 0x80000},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := openFDs(t)
+			e := newFuzzEnv(t)
+			e.play(seqOf(startSeq(tc.regions, 0, tc.q0), vringMsgs(1, tc.q1)))
+			if !e.b.started[0] || !e.b.started[1] || e.st.QueueStarts.Load() != 2 {
+				t.Fatalf("queues not started: backend %v, %d starts", e.b.started, e.st.QueueStarts.Load())
+			}
+			m := protocol.Message{Header: protocol.Header{Request: protocol.GetVringBase, Flags: protocol.FlagVersion, Size: 8},
+				Payload: protocol.EncodeVringState(nil, protocol.VringState{Index: 1})}
+			if _, err := e.s.handle(&m); err != nil {
+				t.Fatal(err)
+			}
+			if e.b.started[1] || !e.b.started[0] {
+				t.Fatalf("GET_VRING_BASE stops queue 1 only: backend runs %v", e.b.started)
+			}
+			e.s.close()
+			if len(e.b.started) != 0 {
+				t.Fatalf("disconnect stops every queue: backend runs %v", e.b.started)
+			}
+			unix.Close(e.memfd)
+			if got := openFDs(t); got != before {
+				t.Errorf("%d fds open after close, %d before", got, before)
+			}
+		})
+	}
 }
