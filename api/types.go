@@ -120,6 +120,33 @@ type Stats struct {
 	RA      *RAStats     `json:"ra,omitempty"`
 	DHCPv6  *DHCPv6Stats `json:"dhcpv6,omitempty"`
 	TFTP    *TFTPStats   `json:"tftp,omitempty"`
+	Egress  EgressStats  `json:"egress"`
+}
+
+// EgressStats are the egress policy's counters.
+type EgressStats struct {
+	// Mode is "all" or "none" (--egress).
+	Mode string `json:"mode"`
+	// Rules are the user rules and then the active defaults, in evaluation
+	// order, each with its hit count.
+	Rules []EgressRule `json:"rules"`
+	// HostAddresses, with --no-host-addresses, is how many addresses the
+	// host owns right now, and HostAddressRefreshes how often the set was
+	// re-read (on each kernel notification).
+	HostAddresses        *int   `json:"host_addresses,omitempty"`
+	HostAddressRefreshes uint64 `json:"host_address_refreshes,omitempty"`
+}
+
+// EgressRule is one rule of the egress policy.
+type EgressRule struct {
+	// Index is the 1-based position among the user rules, 0 for defaults.
+	Index int `json:"index"`
+	// Rule is the rule ("allow tcp:10.0.0.0/8:80") or default ("deny
+	// 169.254.0.0/16", "deny host-addresses", "allow gateway", "deny any",
+	// "allow any").
+	Rule   string `json:"rule"`
+	Action string `json:"action"`
+	Hits   uint64 `json:"hits"`
 }
 
 // Queue directions, seen from the guest.
@@ -235,9 +262,12 @@ type Lease struct {
 
 // DNSStats are the DNS server's counters.
 type DNSStats struct {
-	Queries        uint64 `json:"queries"` // UDP and TCP
-	TCPQueries     uint64 `json:"tcp_queries"`
-	Static         uint64 `json:"static"`
+	Queries    uint64 `json:"queries"` // UDP and TCP
+	TCPQueries uint64 `json:"tcp_queries"`
+	Static     uint64 `json:"static"`
+	// StaticDenied counts static addresses left out of answers because the
+	// egress policy denies them.
+	StaticDenied   uint64 `json:"static_denied"`
 	Forwarded      uint64 `json:"forwarded"`
 	UpstreamErrors uint64 `json:"upstream_errors"`
 	Timeouts       uint64 `json:"timeouts"`

@@ -99,7 +99,16 @@ func (a *Appliance) Stats() api.Stats {
 			"invalid":          fs.Drops.Invalid,
 			"send_error":       fs.Drops.SendErrors,
 			"closed":           fs.Drops.Closed,
+			"egress":           fs.Drops.Egress,
 		},
+	}
+	st.Egress = api.EgressStats{Mode: a.cfg.Egress.Mode.String(), Rules: []api.EgressRule{}}
+	for _, r := range fs.Egress {
+		st.Egress.Rules = append(st.Egress.Rules, api.EgressRule{Index: r.Index, Rule: r.Rule, Action: r.Action, Hits: r.Hits})
+	}
+	if h := a.hostAddrs; h != nil {
+		n := h.Len()
+		st.Egress.HostAddresses, st.Egress.HostAddressRefreshes = &n, h.Refreshes()
 	}
 
 	ds := a.DHCP.Stats()
@@ -120,7 +129,7 @@ func (a *Appliance) Stats() api.Stats {
 
 	ns := a.DNS.Stats()
 	st.DNS = api.DNSStats{
-		Queries: ns.Queries, TCPQueries: ns.TCPQueries, Static: ns.Static, Forwarded: ns.Forwarded,
+		Queries: ns.Queries, TCPQueries: ns.TCPQueries, Static: ns.Static, StaticDenied: ns.StaticDenied, Forwarded: ns.Forwarded,
 		UpstreamErrors: ns.UpstreamErrors, Timeouts: ns.Timeouts, TCPFallbacks: ns.TCPFallbacks,
 		Truncated: ns.Truncated, ServFail: ns.ServFail, Overloaded: ns.Overloaded, Malformed: ns.Malformed,
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/forward"
+	"github.com/vunet/vunet/forward/egress"
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/services/dhcp4"
@@ -56,6 +57,8 @@ type Appliance struct {
 	// ("STOPPING=1"), in sd_notify's format.
 	Notify func(state string)
 
+	egress      *egress.Policy
+	hostAddrs   *egress.HostAddrSet // nil unless cfg.Egress.HostAddresses is off
 	started     time.Time
 	queueErrors [maxQueueErrors]atomic.Uint64
 	pcapFile    *os.File
@@ -108,6 +111,10 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	a.closers = append(a.closers, a.Stack.Close)
 	s, nic := a.Stack.Stack(), a.Stack.NIC()
 
+	// The egress policy first: the DNS server consults it too.
+	if err := a.buildEgress(); err != nil {
+		return nil, err
+	}
 	// Services bind their ports first, so that the forwarder (which sees
 	// whatever no local endpoint claimed) never steals DNS or DHCP.
 	if err := a.startDNS(s, nic); err != nil {
@@ -140,6 +147,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		Stack: s, NIC: nic,
 		Gateway4: cfg.IPv4.Gateway, DNS4: cfg.IPv4.DNS,
 		MapHostLoopback:      cfg.MapHostLoopback,
+		Egress:               a.egress,
 		DialTimeout:          cfg.DialTimeout,
 		MaxInFlightDials:     unlimitedIfZero(cfg.MaxInflightDials),
 		MaxConns:             unlimitedIfZero(cfg.MaxConnections),
@@ -211,11 +219,48 @@ func (a *Appliance) startDNS(s *stack.Stack, nic tcpip.NICID) error {
 	a.DNS, err = dns.New(dns.Options{
 		Stack: s, NIC: nic, Logger: a.log,
 		Listen: listen, Upstreams: upstreams, Static: staticHosts(cfg),
+		StaticDenied: a.egress.AddrDenied,
 	})
 	if err != nil {
 		return err
 	}
 	a.closers = append(a.closers, a.DNS.Close)
+	return nil
+}
+
+// buildEgress builds the egress policy from cfg.Egress, watching the host's
+// addresses if they are to be denied.
+func (a *Appliance) buildEgress() error {
+	cfg := a.cfg
+	opts := egress.Options{
+		Rules: cfg.Egress.Rules, Mode: cfg.Egress.Mode, AllowMetadata: cfg.Egress.AllowMetadata,
+		// The gateway is vunet itself; where MapHostLoopback is off the
+		// forwarder refuses it before the policy is asked.
+		Gateways: []netip.Addr{cfg.IPv4.Gateway},
+	}
+	if cfg.IPv6.Enable {
+		opts.Gateways = append(opts.Gateways, cfg.IPv6.Gateway)
+	}
+	if !cfg.Egress.HostAddresses {
+		h, err := egress.WatchHostAddrs(a.log.With("layer", "egress"))
+		if err != nil {
+			return fmt.Errorf("egress: host addresses: %w", err)
+		}
+		a.hostAddrs = h
+		a.closers = append(a.closers, h.Close)
+		opts.HostAddrs = h
+	}
+	a.egress = egress.New(opts)
+	for name, addrs := range staticHosts(cfg) {
+		for _, ad := range addrs {
+			if a.egress.AddrDenied(ad) {
+				a.log.Warn("static DNS name points at an address the egress policy denies; it is left out of answers",
+					"name", name, "addr", ad)
+			}
+		}
+	}
+	a.log.Info("egress policy", "mode", cfg.Egress.Mode.String(), "rules", len(cfg.Egress.Rules),
+		"allow_metadata", cfg.Egress.AllowMetadata, "host_addresses", cfg.Egress.HostAddresses)
 	return nil
 }
 

@@ -13,6 +13,8 @@ import (
 	"net"
 	"net/netip"
 	"time"
+
+	"github.com/vunet/vunet/forward/egress"
 )
 
 // HostGatewayName is the DNS name the appliance always resolves to the
@@ -104,6 +106,26 @@ type Config struct {
 
 	// Boot holds DHCP lease and network boot settings.
 	Boot Boot
+
+	// Egress is the outbound policy: which destinations guest flows may
+	// reach.
+	Egress Egress
+}
+
+// Egress is the outbound policy (see package forward/egress and
+// docs/security.md).
+type Egress struct {
+	// Mode is egress.AllowAll, or egress.AllowNone for nothing but the
+	// gateway alias and what Rules allow.
+	Mode egress.Mode
+	// AllowMetadata drops the default denial of link-local destinations
+	// (169.254.0.0/16, fe80::/10) and of fd00:ec2::254.
+	AllowMetadata bool
+	// HostAddresses, when false, denies every address the host owns (the
+	// gateway alias to the host's loopback keeps working).
+	HostAddresses bool
+	// Rules are matched first, in order; the first match decides.
+	Rules []egress.Rule
 }
 
 // IPv4 describes the guest's IPv4 network.
@@ -188,6 +210,7 @@ func Default() *Config {
 		Boot: Boot{
 			DHCPLeaseTime: time.Hour,
 		},
+		Egress: Egress{Mode: egress.AllowAll, HostAddresses: true},
 	}
 }
 

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vunet/vunet/forward/egress"
 )
 
 // valid returns the default configuration made valid by setting a socket.
@@ -457,6 +459,39 @@ func TestWriteTOMLRoundTrip(t *testing.T) {
 		}
 		if !reflect.DeepEqual(in, out) {
 			t.Fatalf("round trip differs\nTOML:\n%s\n got %+v\nwant %+v", buf.String(), out, in)
+		}
+	}
+}
+
+func TestApplyTOMLEgress(t *testing.T) {
+	c := Default()
+	if c.Egress.Mode != egress.AllowAll || !c.Egress.HostAddresses || c.Egress.AllowMetadata || len(c.Egress.Rules) != 0 {
+		t.Fatalf("default egress %+v", c.Egress)
+	}
+	err := c.ApplyTOML([]byte(`
+[egress]
+mode = "none"
+allow_metadata = true
+host_addresses = false
+rules = ["allow tcp:10.0.0.0/8:80-443", "deny [fd00::/8]:53"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := c.Egress
+	if e.Mode != egress.AllowNone || !e.AllowMetadata || e.HostAddresses || len(e.Rules) != 2 ||
+		e.Rules[0].String() != "allow tcp:10.0.0.0/8:80-443" || e.Rules[1].String() != "deny [fd00::/8]:53" {
+		t.Fatalf("egress %+v", e)
+	}
+	err = Default().ApplyTOML([]byte(`
+[egress]
+mode = "most"
+rules = ["allow 10.0.0.0/8", "permit any", "deny 10.0.0.1/8"]
+`))
+	for _, want := range []string{`egress.mode: "most": expected all or none`, `egress.rules[1]: "permit any": expected allow or deny`,
+		`egress.rules[2]: "deny 10.0.0.1/8"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v, want it to contain %q", err, want)
 		}
 	}
 }

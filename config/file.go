@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/vunet/vunet/forward/egress"
 )
 
 // fileConfig mirrors Config in the TOML file's vocabulary: plain strings for
@@ -42,6 +44,14 @@ type fileConfig struct {
 	IPv4             fileIPv4          `toml:"ipv4"`
 	IPv6             fileIPv6          `toml:"ipv6"`
 	Boot             fileBoot          `toml:"boot"`
+	Egress           fileEgress        `toml:"egress"`
+}
+
+type fileEgress struct {
+	Mode          string   `toml:"mode"`
+	AllowMetadata bool     `toml:"allow_metadata"`
+	HostAddresses bool     `toml:"host_addresses"`
+	Rules         []string `toml:"rules"`
 }
 
 type fileIPv4 struct {
@@ -271,6 +281,25 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	dur([]string{"boot", "dhcp_lease_time"}, &c.Boot.DHCPLeaseTime, f.Boot.DHCPLeaseTime)
 	str([]string{"boot", "hostname"}, f.Boot.Hostname, func(s string) error { c.Boot.Hostname = s; return nil })
 	str([]string{"boot", "domain"}, f.Boot.Domain, func(s string) error { c.Boot.Domain = s; return nil })
+
+	str([]string{"egress", "mode"}, f.Egress.Mode, func(s string) (err error) { c.Egress.Mode, err = egress.ParseMode(s); return })
+	if has("egress", "allow_metadata") {
+		c.Egress.AllowMetadata = f.Egress.AllowMetadata
+	}
+	if has("egress", "host_addresses") {
+		c.Egress.HostAddresses = f.Egress.HostAddresses
+	}
+	if has("egress", "rules") {
+		c.Egress.Rules = nil
+		for i, s := range f.Egress.Rules {
+			r, err := egress.ParseRule(s)
+			if err != nil {
+				es.add(fmt.Sprintf("egress.rules[%d]", i), "%q: %v", s, err)
+				continue
+			}
+			c.Egress.Rules = append(c.Egress.Rules, r)
+		}
+	}
 }
 
 // WriteTOML writes c as a TOML document that ApplyTOML reads back to the
@@ -318,6 +347,15 @@ func (c *Config) WriteTOML(w io.Writer) error {
 			Hostname:      c.Boot.Hostname,
 			Domain:        c.Boot.Domain,
 		},
+		Egress: fileEgress{
+			Mode:          c.Egress.Mode.String(),
+			AllowMetadata: c.Egress.AllowMetadata,
+			HostAddresses: c.Egress.HostAddresses,
+			Rules:         []string{},
+		},
+	}
+	for _, r := range c.Egress.Rules {
+		f.Egress.Rules = append(f.Egress.Rules, r.String())
 	}
 	for _, fw := range c.Forwards {
 		f.Forwards = append(f.Forwards, fw.String())

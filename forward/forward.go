@@ -29,6 +29,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"github.com/vunet/vunet/forward/egress"
 )
 
 // Defaults applied by New to zero Options fields.
@@ -62,6 +64,11 @@ type Options struct {
 	// (127.0.0.1 and ::1). Without it, connections to the gateway are
 	// refused.
 	MapHostLoopback bool
+
+	// Egress decides which destinations guest flows may reach. Nil means
+	// egress.New's defaults (link-local and metadata addresses denied, the
+	// gateway alias and everything else allowed).
+	Egress *egress.Policy
 
 	// DialTimeout bounds each outbound TCP connect to the host destination.
 	// Zero means DefaultDialTimeout.
@@ -117,6 +124,8 @@ type Forwarder struct {
 	stop context.CancelFunc
 
 	bcast4 []netip.Addr // subnet-directed broadcast addresses of the NIC
+
+	egress *egress.Policy // opts.Egress, or the default policy
 
 	ping  *pinger
 	syns  *synTable // guest SYNs being dialed, for ICMP errors
@@ -192,6 +201,10 @@ func New(opts Options) (*Forwarder, error) {
 		pfwds:  make(map[pfKey]*portForward),
 		pflows: make(map[*pingFlow]struct{}),
 	}
+	f.egress = opts.Egress
+	if f.egress == nil {
+		f.egress = egress.New(egress.Options{Gateways: []netip.Addr{opts.Gateway4, opts.Gateway6}})
+	}
 	f.bufs.New = func() any { b := make([]byte, spliceBufSize); return &b }
 	f.ping = newPinger(f)
 	f.syns = newSYNTable(max(4*opts.MaxInFlightDials, 1024))
@@ -211,7 +224,9 @@ func New(opts Options) (*Forwarder, error) {
 		}
 		return true
 	})
-	f.s.SetTransportProtocolHandler(udp.ProtocolNumber, udpFwd.HandlePacket)
+	f.s.SetTransportProtocolHandler(udp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+		return f.udpEgress(id, pkt) || udpFwd.HandlePacket(id, pkt)
+	})
 	f.s.SetTransportProtocolHandler(icmp.ProtocolNumber4, f.handleICMP)
 	f.s.SetTransportProtocolHandler(icmp.ProtocolNumber6, f.handleICMP)
 	return f, nil

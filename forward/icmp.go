@@ -18,6 +18,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/vunet/vunet/forward/egress"
 )
 
 // ICMP echo forwarding.
@@ -120,6 +122,11 @@ func (f *Forwarder) handleICMP(_ stack.TransportEndpointID, pkt *stack.PacketBuf
 	to, why := f.target(dst)
 	if why != forwardOK {
 		f.c.countDrop(why)
+		return true
+	}
+	ident := binary.BigEndian.Uint16(msg[4:6])
+	if !f.checkEgress(egress.ICMP, netip.AddrPortFrom(src, 0), netip.AddrPortFrom(dst, 0)) {
+		f.sendICMPError(f.gateway(v6), kindProhibited, echoInvoking(src, dst, msg, ident))
 		return true
 	}
 	// vunet is the guest's first router: a request that would leave it

@@ -225,10 +225,11 @@ func (inv invoking) quote() []byte {
 
 // sendICMPError tells the guest that inv failed with k, as reported by from
 // (the peer itself, or a router on the way). It is rate limited by the
-// stack's ICMP limiter, like the errors gVisor generates itself.
-func (f *Forwarder) sendICMPError(from netip.Addr, k unreachKind, inv invoking) {
+// stack's ICMP limiter, like the errors gVisor generates itself. It reports
+// whether the error was sent.
+func (f *Forwarder) sendICMPError(from netip.Addr, k unreachKind, inv invoking) bool {
 	if k == kindNone {
-		return
+		return false
 	}
 	if !from.IsValid() || from.Is4() != inv.src.Is4() || from.IsLoopback() || from.IsUnspecified() {
 		// A loopback or foreign-family reporter means nothing inside the
@@ -237,7 +238,7 @@ func (f *Forwarder) sendICMPError(from netip.Addr, k unreachKind, inv invoking) 
 	}
 	if !f.s.AllowICMPMessage() {
 		f.c.icmpErrorsLimited.Add(1)
-		return
+		return false
 	}
 	q := inv.quote()
 	msg := make([]byte, header.ICMPv4MinimumSize+len(q))
@@ -256,10 +257,11 @@ func (f *Forwarder) sendICMPError(from netip.Addr, k unreachKind, inv invoking) 
 	if err := f.injectICMP(from, inv.src, msg); err != nil {
 		f.c.dropSend.Add(1)
 		f.log.Debug("icmp error not delivered", "kind", k.String(), "err", err)
-		return
+		return false
 	}
 	f.c.icmpErrors.Add(1)
 	f.log.Debug("icmp error sent to guest", "kind", k.String(), "from", from, "to", inv.src, "about", inv.dst)
+	return true
 }
 
 // gateway returns the gateway address of the family, the source of errors

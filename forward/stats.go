@@ -1,6 +1,10 @@
 package forward
 
-import "sync/atomic"
+import (
+	"sync/atomic"
+
+	"github.com/vunet/vunet/forward/egress"
+)
 
 // Stats is a snapshot of the Forwarder's counters. Gauges (current values)
 // are int64, monotonic counters uint64.
@@ -55,6 +59,10 @@ type Stats struct {
 
 	// Drops counts packets and connections dropped, by reason.
 	Drops DropStats
+
+	// Egress holds the egress policy's per-rule hit counters, in
+	// evaluation order.
+	Egress []egress.RuleStats
 }
 
 // DropStats counts what the Forwarder refused to forward, by reason.
@@ -83,6 +91,8 @@ type DropStats struct {
 	SendErrors uint64
 	// Closed counts work refused because the Forwarder was closing.
 	Closed uint64
+	// Egress counts flows the egress policy denied (per rule: Stats.Egress).
+	Egress uint64
 }
 
 // counters holds the live atomics behind Stats.
@@ -96,7 +106,7 @@ type counters struct {
 	icmpErrors, icmpErrorsLimited                             atomic.Uint64
 	dropBroadcast, dropDNS, dropGateway, dropUnroutable       atomic.Uint64
 	dropUDPLimit, dropPingLimit, dropPingUnavail, dropInvalid atomic.Uint64
-	dropSend, dropClosed                                      atomic.Uint64
+	dropSend, dropClosed, dropEgress                          atomic.Uint64
 }
 
 // Stats returns a snapshot of the counters. Fields are read one at a time,
@@ -133,7 +143,9 @@ func (f *Forwarder) Stats() Stats {
 			Invalid:         c.dropInvalid.Load(),
 			SendErrors:      c.dropSend.Load(),
 			Closed:          c.dropClosed.Load(),
+			Egress:          c.dropEgress.Load(),
 		},
+		Egress: f.egress.Stats(),
 	}
 }
 

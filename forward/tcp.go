@@ -10,6 +10,8 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/vunet/vunet/forward/egress"
 )
 
 // handleTCP runs, in its own goroutine started by gVisor's TCP forwarder,
@@ -36,6 +38,10 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 		f.c.countDrop(why)
 		log.Debug("tcp destination not forwarded", "reason", why.String())
 		r.Complete(true)
+		return
+	}
+	if !f.checkEgress(egress.TCP, src, dst) {
+		f.denyTCP(r, src, dst)
 		return
 	}
 	if !reserve(&f.c.tcpConns, f.opts.MaxConns) {

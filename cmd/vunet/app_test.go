@@ -350,8 +350,10 @@ ipxe_script_url = "tftp://10.0.2.2/file.ipxe"
 // TestEveryFlagHasEnvAndKey guards the convention documented in docs/cli.md.
 func TestEveryFlagHasEnvAndKey(t *testing.T) {
 	noKey := map[string]bool{flagConfig: true, flagPrintConfig: true}
-	keyed := map[string]bool{flagOnce: true, flagLogLevel: true, flagLogFormat: true, flagNoIPv6: true, flagNoMapHostLoopback: true}
-	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url"} {
+	keyed := map[string]bool{flagOnce: true, flagLogLevel: true, flagLogFormat: true, flagNoIPv6: true, flagNoMapHostLoopback: true,
+		flagDeny: true} // --deny shares egress.rules with --allow
+	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url",
+		"egress.mode", "egress.allow_metadata", "egress.host_addresses", "egress.rules"} {
 		keyed[flagForKey(key)] = true
 	}
 	for _, f := range runFlags() {
@@ -367,6 +369,8 @@ func TestEveryFlagHasEnvAndKey(t *testing.T) {
 		case *cli.StringSliceFlag:
 			env = f.EnvVars
 		case *cli.BoolFlag:
+			env = f.EnvVars
+		case *cli.GenericFlag:
 			env = f.EnvVars
 		}
 		if !reflect.DeepEqual(env, []string{want}) {

@@ -76,6 +76,14 @@ func flagForKey(key string) string {
 		return flagBootFileEFI
 	case "boot.ipxe_script_url":
 		return flagIPXEScriptURL
+	case "egress.mode":
+		return flagEgress
+	case "egress.allow_metadata":
+		return flagAllowMetadata
+	case "egress.host_addresses":
+		return flagNoHostAddresses
+	case "egress.rules":
+		return flagAllow // and --deny
 	}
 	return ""
 }
@@ -114,7 +122,7 @@ func runFlags() []cli.Flag {
 	boolean := func(name, cat, usage string) *cli.BoolFlag {
 		return &cli.BoolFlag{Name: name, Category: cat, Usage: usage, EnvVars: envVar(name)}
 	}
-	return []cli.Flag{
+	flags := []cli.Flag{
 		path(flagConfig, catOps, "read settings from this TOML `FILE` (see docs/configuration.md)"),
 		path(flagSocket, catEndpoint, "listen on vhost-user socket `PATH`; QEMU connects to it"),
 		path(flagConnect, catEndpoint, "connect to QEMU's vhost-user socket `PATH` (chardev server=on)"),
@@ -145,6 +153,7 @@ func runFlags() []cli.Flag {
 		// in a shell would silently stop every later run from starting.
 		&cli.BoolFlag{Name: flagPrintConfig, Category: catOps, Usage: "validate the configuration, print it as TOML and exit"},
 	}
+	return append(flags, egressFlags()...)
 }
 
 // flagError reports a bad value for a flag in the one-line form
@@ -301,6 +310,9 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 			}
 			cfg.Forwards = append(cfg.Forwards, fw...)
 		}
+	}
+	if err := applyEgressFlags(c, cfg); err != nil {
+		return err
 	}
 	if c.IsSet(flagDNSUpstream) {
 		cfg.DNSUpstream = nil

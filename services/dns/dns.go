@@ -68,6 +68,13 @@ type Options struct {
 	Static map[string][]netip.Addr
 	// StaticTTL is the TTL of static answers (default 60s).
 	StaticTTL time.Duration
+	// StaticDenied, if set, reports static addresses the guest may not
+	// reach (the egress policy's AddrDenied). They are left out of static
+	// answers, so vunet never hands the guest an address it would then
+	// refuse; a name left with no address gets NODATA. Asked per query, so
+	// a policy that changes (host addresses) is followed. Upstream answers
+	// are not filtered: they are the resolver's, not vunet's.
+	StaticDenied func(netip.Addr) bool
 	// Timeout is the time allowed for one upstream attempt (default 2s).
 	Timeout time.Duration
 	// Attempts is the number of upstream attempts per query, rotating
@@ -85,6 +92,7 @@ type Stats struct {
 	Queries        uint64 // queries received (UDP and TCP)
 	TCPQueries     uint64
 	Static         uint64 // answered from the static table
+	StaticDenied   uint64 // static addresses left out because the egress policy denies them
 	Forwarded      uint64 // answered from an upstream
 	UpstreamErrors uint64 // failed upstream attempts (including timeouts)
 	Timeouts       uint64 // upstream attempts that timed out
@@ -98,6 +106,7 @@ type Stats struct {
 type counters struct {
 	queries, tcpQueries, static, forwarded, upstreamErrors, timeouts atomic.Uint64
 	tcpFallbacks, truncated, servFail, overloaded, malformed         atomic.Uint64
+	staticDenied                                                     atomic.Uint64
 }
 
 // Server is a DNS forwarder. Create it with New, run it with Serve.
@@ -164,7 +173,7 @@ func New(opts Options) (*Server, error) {
 			return nil, fmt.Errorf("dns: upstream %v: want address:port", u)
 		}
 	}
-	st, err := newStaticTable(opts.Static)
+	st, err := newStaticTable(opts.Static, opts.StaticDenied)
 	if err != nil {
 		return nil, fmt.Errorf("dns: %w", err)
 	}
@@ -265,7 +274,7 @@ func (s *Server) isClosed() bool {
 func (s *Server) Stats() Stats {
 	c := &s.stats
 	return Stats{
-		Queries: c.queries.Load(), TCPQueries: c.tcpQueries.Load(), Static: c.static.Load(),
+		Queries: c.queries.Load(), TCPQueries: c.tcpQueries.Load(), Static: c.static.Load(), StaticDenied: c.staticDenied.Load(),
 		Forwarded: c.forwarded.Load(), UpstreamErrors: c.upstreamErrors.Load(), Timeouts: c.timeouts.Load(),
 		TCPFallbacks: c.tcpFallbacks.Load(), Truncated: c.truncated.Load(), ServFail: c.servFail.Load(),
 		Overloaded: c.overloaded.Load(), Malformed: c.malformed.Load(),
@@ -397,7 +406,7 @@ func (s *Server) answer(ctx context.Context, q []byte, tcp bool) []byte {
 	qq := req.Question[0]
 	log := s.log.With("name", qq.Name, "type", mdns.TypeToString[qq.Qtype], "tcp", tcp)
 
-	if resp := s.static.answer(req, uint32(s.opts.StaticTTL/time.Second)); resp != nil {
+	if resp := s.static.answer(req, uint32(s.opts.StaticTTL/time.Second), &s.stats.staticDenied); resp != nil {
 		s.stats.static.Add(1)
 		log.Debug("dns: static answer", "rcode", mdns.RcodeToString[resp.Rcode], "answers", len(resp.Answer))
 		return s.fit(resp, req, tcp)

@@ -425,3 +425,28 @@ options edns0 trust-ad
 		t.Error("missing file: no error")
 	}
 }
+
+// TestStaticDenied: the server never hands out a static address the egress
+// policy denies; the rest of the name's addresses are still answered.
+func TestStaticDenied(t *testing.T) {
+	meta := netip.MustParseAddr("169.254.169.254")
+	e := setup(t, Options{
+		Static: map[string][]netip.Addr{
+			"metadata.internal": {meta, netip.MustParseAddr("fd00:ec2::254")},
+			"mixed.internal":    {meta, netip.MustParseAddr("192.0.2.1")},
+		},
+		StaticDenied: func(a netip.Addr) bool { return a == meta || a == netip.MustParseAddr("fd00:ec2::254") },
+	})
+	if r := e.query(testnet.DNS4, false, "metadata.internal.", mdns.TypeA, false); r.Rcode != mdns.RcodeSuccess || len(r.Answer) != 0 {
+		t.Errorf("denied A: rcode %s answers %q, want NODATA", mdns.RcodeToString[r.Rcode], answers(r))
+	}
+	if r := e.query(testnet.DNS4, false, "metadata.internal.", mdns.TypeAAAA, false); len(r.Answer) != 0 {
+		t.Errorf("denied AAAA: answers %q", answers(r))
+	}
+	if r := e.query(testnet.DNS4, false, "mixed.internal.", mdns.TypeA, false); !slices.Equal(answers(r), []string{"192.0.2.1"}) {
+		t.Errorf("mixed A: answers %q, want only 192.0.2.1", answers(r))
+	}
+	if st := e.srv.Stats(); st.StaticDenied != 3 {
+		t.Errorf("StaticDenied = %d, want 3", st.StaticDenied)
+	}
+}

@@ -3,6 +3,7 @@ package dns
 import (
 	"fmt"
 	"net/netip"
+	"sync/atomic"
 
 	mdns "github.com/miekg/dns"
 )
@@ -14,10 +15,11 @@ import (
 type staticTable struct {
 	names map[string][]netip.Addr // canonical FQDN -> addresses
 	ptr   map[string][]string     // reverse name -> canonical FQDNs
+	deny  func(netip.Addr) bool   // addresses never answered; may be nil
 }
 
-func newStaticTable(m map[string][]netip.Addr) (*staticTable, error) {
-	t := &staticTable{names: make(map[string][]netip.Addr), ptr: make(map[string][]string)}
+func newStaticTable(m map[string][]netip.Addr, deny func(netip.Addr) bool) (*staticTable, error) {
+	t := &staticTable{names: make(map[string][]netip.Addr), ptr: make(map[string][]string), deny: deny}
 	for name, addrs := range m {
 		if _, ok := mdns.IsDomainName(name); !ok || name == "" || name == "." {
 			return nil, fmt.Errorf("static name %q is not a valid domain name", name)
@@ -45,7 +47,8 @@ func newStaticTable(m map[string][]netip.Addr) (*staticTable, error) {
 // answer returns the authoritative response for req if its name is static
 // (or under a static name, or the reverse name of a static address), nil if
 // the query should be forwarded.
-func (t *staticTable) answer(req *mdns.Msg, ttl uint32) *mdns.Msg {
+// Addresses t.deny reports are left out and counted in denied.
+func (t *staticTable) answer(req *mdns.Msg, ttl uint32, denied *atomic.Uint64) *mdns.Msg {
 	q := req.Question[0]
 	if q.Qclass != mdns.ClassINET && q.Qclass != mdns.ClassANY {
 		return nil
@@ -83,10 +86,15 @@ func (t *staticTable) answer(req *mdns.Msg, ttl uint32) *mdns.Msg {
 		return nil
 	}
 	for _, a := range addrs {
+		want := a.Is4() && (q.Qtype == mdns.TypeA || q.Qtype == mdns.TypeANY) ||
+			a.Is6() && (q.Qtype == mdns.TypeAAAA || q.Qtype == mdns.TypeANY)
 		switch {
-		case a.Is4() && (q.Qtype == mdns.TypeA || q.Qtype == mdns.TypeANY):
+		case !want:
+		case t.deny != nil && t.deny(a):
+			denied.Add(1)
+		case a.Is4():
 			resp.Answer = append(resp.Answer, &mdns.A{Hdr: hdr(mdns.TypeA), A: a.AsSlice()})
-		case a.Is6() && (q.Qtype == mdns.TypeAAAA || q.Qtype == mdns.TypeANY):
+		default:
 			resp.Answer = append(resp.Answer, &mdns.AAAA{Hdr: hdr(mdns.TypeAAAA), AAAA: a.AsSlice()})
 		}
 	}
