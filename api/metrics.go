@@ -101,6 +101,7 @@ func WriteMetrics(w io.Writer, st Stats) error {
 	e.counter("vunet_vhost_sessions_total", "vhost-user frontends served.", u(st.VHost.Sessions))
 	e.counter("vunet_vhost_map_failures_total", "Guest memory regions that could not be mapped.", u(st.VHost.MapFailures))
 	e.counter("vunet_vhost_queue_starts_total", "Virtqueues started.", u(st.VHost.QueueStarts))
+	e.counter("vunet_vhost_bad_fds_total", "Descriptors refused for their kind (a kick/call that is not an eventfd, memory that is not a regular file).", u(st.VHost.BadFDs))
 
 	// Forwarding: flows by protocol.
 	fw := st.Forward

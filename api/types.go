@@ -202,6 +202,7 @@ type VHostStats struct {
 	Sessions    uint64 `json:"sessions"`     // frontends served
 	MapFailures uint64 `json:"map_failures"` // guest memory regions that could not be mapped
 	QueueStarts uint64 `json:"queue_starts"`
+	BadFDs      uint64 `json:"bad_fds"` // descriptors of the wrong kind (kick not an eventfd, memory not a file)
 }
 
 // ForwardStats are the NAT forwarder's counters.

@@ -66,7 +66,7 @@ func (a *Appliance) Stats() api.Stats {
 		},
 		VHost: api.VHostStats{
 			Messages: vs.Messages.Load(), BadMessages: vs.BadMessages.Load(), Sessions: vs.Sessions.Load(),
-			MapFailures: vs.MapFailures.Load(), QueueStarts: vs.QueueStarts.Load(),
+			MapFailures: vs.MapFailures.Load(), QueueStarts: vs.QueueStarts.Load(), BadFDs: vs.BadFDs.Load(),
 		},
 	}
 

@@ -70,7 +70,9 @@ func (r *rxState) run(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD, 
 		if _, err := kick.Wait(); err != nil {
 			return
 		}
-		for again := true; again; {
+		// The stop is checked after every batch, not only when the
+		// guest stops adding buffers.
+		for again := true; again && !kick.Interrupted(); {
 			again = false
 			if err := q.Guard(func() { again = r.drainLocked(e, q) }); err != nil {
 				e.Stats.RXFaults.Add(1)
@@ -237,15 +239,16 @@ func (r *rxState) writeFrame(e *Endpoint, q *virtqueue.Queue, slices [][]byte, f
 	}
 	elems := r.elems[:maxElems]
 	count, have := 0, 0
+	mark := q.Mark()
 	for have < total {
 		if count == maxElems {
-			q.Rewind(count)
+			q.Rewind(mark)
 			e.Stats.RXTooBig.Add(1)
 			e.warn("guest RX buffers too small for a frame", "frame", frameLen, "buffers", count, "bytes", have)
 			return false, false
 		}
 		if err := q.Pop(&elems[count]); err != nil {
-			q.Rewind(count)
+			q.Rewind(mark)
 			return false, true
 		}
 		have += iov.Size(elems[count].In)

@@ -61,7 +61,9 @@ func (t *txState) run(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD, 
 			b.pkts[i] = nil
 		}
 		b.pkts = b.pkts[:0]
-		if more {
+		// A guest that keeps the ring full must not keep StopQueue
+		// waiting: the stop is checked after every batch.
+		if more && !kick.Interrupted() {
 			continue
 		}
 		if _, err := kick.Wait(); err != nil {

@@ -347,7 +347,15 @@ func (s *session) setVringNum(a vringArg[protocol.VringState]) error {
 	return nil
 }
 
+// setVringAddr records where the rings are. Split rings must be aligned
+// as virtio 1.2 (2.7) requires: descriptor table 16, available ring 2,
+// used ring 4. The check is made here on the frontend's addresses, so the
+// frontend hears about it at once, and again on the guest-physical ones
+// when the queue starts (virtqueue.Setup).
 func (s *session) setVringAddr(a vringArg[protocol.VringAddr]) error {
+	if a.v.Desc%16 != 0 || a.v.Avail%2 != 0 || a.v.Used%4 != 0 {
+		return fmt.Errorf("vring %d: misaligned rings: desc %#x (align 16) avail %#x (2) used %#x (4)", a.idx, a.v.Desc, a.v.Avail, a.v.Used)
+	}
 	a.vr.addr, a.vr.hasAddr = a.v, true
 	return s.update(a.idx)
 }

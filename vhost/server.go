@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/vunet/vunet/internal/ratelimit"
+	"github.com/vunet/vunet/vhost/internal/fdkind"
 	"github.com/vunet/vunet/vhost/protocol"
 )
 
@@ -156,6 +157,9 @@ func (s *Server) dispatch(conn *protocol.Conn, sess *session, m *protocol.Messag
 	}
 	if err != nil {
 		s.Stats.BadMessages.Add(1)
+		if errors.Is(err, fdkind.ErrWrongKind) {
+			s.Stats.BadFDs.Add(1)
+		}
 		if s.limiter.Allow() {
 			s.log.Warn("request refused", "request", m.Request.String(), "err", err)
 		}

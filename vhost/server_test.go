@@ -213,6 +213,9 @@ func TestHostileMessages(t *testing.T) {
 		{"fd on a request without fds", protocol.SetOwner, nil, 1},
 		{"kick with nofd bit and an fd", protocol.SetVringKick, []byte{0, 1, 0, 0, 0, 0, 0, 0}, 1},
 		{"unknown request", protocol.Request(99), nil, 0},
+		{"desc table misaligned", protocol.SetVringAddr, protocol.EncodeVringAddr(nil, protocol.VringAddr{Desc: 0x1008, Avail: 0x2000, Used: 0x3000}), 0},
+		{"avail ring misaligned", protocol.SetVringAddr, protocol.EncodeVringAddr(nil, protocol.VringAddr{Desc: 0x1000, Avail: 0x2001, Used: 0x3000}), 0},
+		{"used ring misaligned", protocol.SetVringAddr, protocol.EncodeVringAddr(nil, protocol.VringAddr{Desc: 0x1000, Avail: 0x2000, Used: 0x3002}), 0},
 		{"log base not offered", protocol.SetLogBase, make([]byte, 16), 0},
 	}
 	f, err := vhosttest.Dial(path, vhosttest.Options{})

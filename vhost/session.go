@@ -38,6 +38,10 @@ type Stats struct {
 	Sessions    atomic.Uint64
 	MapFailures atomic.Uint64
 	QueueStarts atomic.Uint64
+	// BadFDs counts descriptors refused for their kind: a kick, call or
+	// error fd that is not an eventfd, a memory region that is not a
+	// regular file or memfd. Also counted in BadMessages.
+	BadFDs atomic.Uint64
 }
 
 // vring is the control-plane view of one queue.

@@ -264,8 +264,8 @@ func writeStats(w io.Writer, st api.Stats) error {
 		fmt.Fprintf(tw, "link drops\t%s\n", d)
 	}
 	v := st.VHost
-	fmt.Fprintf(tw, "vhost\t%d sessions, %d messages, %d bad messages, %d map failures\n",
-		v.Sessions, v.Messages, v.BadMessages, v.MapFailures)
+	fmt.Fprintf(tw, "vhost\t%d sessions, %d messages, %d bad messages, %d map failures, %d bad fds\n",
+		v.Sessions, v.Messages, v.BadMessages, v.MapFailures, v.BadFDs)
 	fw := st.Forward
 	fmt.Fprintf(tw, "flows\ttcp %d (%d total), udp %d (%d total), icmp %d\n",
 		fw.TCPConns, fw.TCPConnsTotal, fw.UDPFlows, fw.UDPFlowsTotal, fw.PingFlows)

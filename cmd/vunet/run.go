@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -409,11 +410,24 @@ func runAction(c *cli.Context, run runFunc) error {
 
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	finished := make(chan struct{})
+	defer close(finished)
 	go func() {
 		// After the first signal, restore default handling so that a second
 		// Ctrl-C kills a shutdown that hangs instead of being swallowed.
 		<-ctx.Done()
 		stop()
+		// A shutdown that hangs (a bug: every layer is meant to stop at
+		// once) must not keep the process alive: a stop is a stop.
+		select {
+		case <-finished:
+		case <-time.After(shutdownGrace):
+			log.Error("shutdown did not finish in time: exiting anyway", "after", shutdownGrace)
+			if cfg.PIDFile != "" {
+				os.Remove(cfg.PIDFile)
+			}
+			os.Exit(1)
+		}
 	}()
 
 	err = run(ctx, cfg, log)
@@ -422,6 +436,10 @@ func runAction(c *cli.Context, run runFunc) error {
 	}
 	return err
 }
+
+// shutdownGrace bounds a shutdown after SIGTERM/SIGINT: vunet promises to
+// be gone within 2 s; a clean shutdown takes milliseconds.
+const shutdownGrace = 1500 * time.Millisecond
 
 // newLogger returns the slog logger cfg asks for, writing to w.
 func newLogger(w io.Writer, cfg *config.Config) *slog.Logger {

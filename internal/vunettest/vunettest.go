@@ -188,6 +188,16 @@ func (in *Instance) Stop() error {
 	return in.err
 }
 
+// Signal sends sig to vunet.
+func (in *Instance) Signal(sig os.Signal) error { return in.cmd.Process.Signal(sig) }
+
+// ExitErr is vunet's exit error (nil for status 0); valid once Done is
+// closed.
+func (in *Instance) ExitErr() error {
+	<-in.done
+	return in.err
+}
+
 // Done is closed when vunet exits.
 func (in *Instance) Done() <-chan struct{} { return in.done }
 

@@ -5,6 +5,8 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vunet/vunet/vhost/internal/fdkind"
 )
 
 // maxRegionSize bounds a single mapping (1 TiB): far above any guest we
@@ -24,11 +26,13 @@ func MapRegion(fd int, guestAddr, userAddr, size, mmapOffset uint64) (Region, er
 	}
 	// Touching a mapping beyond the end of its file raises SIGBUS, which
 	// would kill the process: a frontend must not be able to do that.
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return Region{}, fmt.Errorf("fstat fd %d: %w", fd, err)
+	// Guest memory is shared as a memfd or a file on tmpfs/hugetlbfs; a
+	// device (/dev/zero, /dev/mem) or a pipe is refused.
+	st, err := fdkind.RegularFile(fd)
+	if err != nil {
+		return Region{}, err
 	}
-	if st.Mode&unix.S_IFMT == unix.S_IFREG && uint64(st.Size) < mmapOffset+size {
+	if uint64(st.Size) < mmapOffset+size {
 		return Region{}, fmt.Errorf("%w: offset %#x size %#x beyond file size %#x", ErrBadRegion, mmapOffset, size, st.Size)
 	}
 	page := uint64(os.Getpagesize())

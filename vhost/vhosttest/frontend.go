@@ -28,6 +28,11 @@ type Frontend struct {
 	Drivers []*virtqueuetest.Driver
 	Kicks   []*virtqueue.EventFD
 	Calls   []*virtqueue.EventFD
+	// KickFDs and CallFDs are the descriptors Setup sends for each queue:
+	// those of Kicks and Calls unless a test replaces them (with a pipe,
+	// say, to play a hostile frontend). The Frontend does not own them.
+	KickFDs []int
+	CallFDs []int
 	// Features is what SET_FEATURES acked.
 	Features uint64
 
@@ -113,6 +118,8 @@ func New(c *net.UnixConn, opts Options) (*Frontend, error) {
 		}
 		f.Kicks = append(f.Kicks, k)
 		f.Calls = append(f.Calls, cl)
+		f.KickFDs = append(f.KickFDs, k.FD())
+		f.CallFDs = append(f.CallFDs, cl.FD())
 	}
 	return f, nil
 }
@@ -225,8 +232,8 @@ func (f *Frontend) Setup(want uint64) error {
 			{protocol.SetVringBase, protocol.EncodeVringState(nil, protocol.VringState{Index: idx}), nil},
 			{protocol.SetVringAddr, protocol.EncodeVringAddr(nil, protocol.VringAddr{Index: idx,
 				Desc: f.user(cfg.DescAddr), Used: f.user(cfg.UsedAddr), Avail: f.user(cfg.AvailAddr)}), nil},
-			{protocol.SetVringCall, u64(uint64(idx)), []int{f.Calls[i].FD()}},
-			{protocol.SetVringKick, u64(uint64(idx)), []int{f.Kicks[i].FD()}},
+			{protocol.SetVringCall, u64(uint64(idx)), []int{f.CallFDs[i]}},
+			{protocol.SetVringKick, u64(uint64(idx)), []int{f.KickFDs[i]}},
 		}
 		if f.Features&protoBit != 0 {
 			steps = append(steps, struct {

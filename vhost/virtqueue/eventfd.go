@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vunet/vunet/vhost/internal/fdkind"
 )
 
 // ErrInterrupted is returned by EventFD.Wait after Interrupt.
@@ -17,17 +20,35 @@ var ErrInterrupted = errors.New("virtqueue: wait interrupted")
 // through Go's netpoller so that a stopped queue can interrupt its worker
 // without closing the descriptor under it.
 type EventFD struct {
-	f *os.File
+	f           *os.File
+	interrupted atomic.Bool
 }
 
-// NewEventFD takes ownership of fd.
+// NewEventFD takes ownership of fd, which must be an eventfd (anything
+// else is closed and refused with an error wrapping fdkind.ErrWrongKind):
+// on a pipe or /dev/zero a worker would spin or block, and on a descriptor
+// the netpoller cannot watch, Interrupt would do nothing and the worker
+// could never be stopped.
 func NewEventFD(fd int) (*EventFD, error) {
+	if err := fdkind.EventFD(fd); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
 	if err := unix.SetNonblock(fd, true); err != nil {
 		unix.Close(fd)
 		return nil, fmt.Errorf("eventfd %d: %w", fd, err)
 	}
-	return &EventFD{f: os.NewFile(uintptr(fd), "eventfd")}, nil
+	f := os.NewFile(uintptr(fd), "eventfd")
+	if err := f.SetReadDeadline(time.Time{}); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%w: fd %d cannot be polled: %v", fdkind.ErrWrongKind, fd, err)
+	}
+	return &EventFD{f: f}, nil
 }
+
+// ErrWrongKind is returned (wrapped) by NewEventFD for a descriptor that
+// is not an eventfd.
+var ErrWrongKind = fdkind.ErrWrongKind
 
 // CreateEventFD makes a new eventfd (for tests and the mock frontend).
 func CreateEventFD() (*EventFD, error) {
@@ -56,11 +77,22 @@ func (e *EventFD) Wait() (uint64, error) {
 }
 
 // Interrupt makes current and future Waits return ErrInterrupted until
-// Resume.
-func (e *EventFD) Interrupt() { e.f.SetReadDeadline(time.Unix(1, 0)) }
+// Resume, and Interrupted report true: a worker that is busy (the guest
+// keeps the ring full) checks it between batches, so that stopping a
+// queue never waits for the ring to run dry.
+func (e *EventFD) Interrupt() {
+	e.interrupted.Store(true)
+	e.f.SetReadDeadline(time.Unix(1, 0))
+}
 
 // Resume undoes Interrupt.
-func (e *EventFD) Resume() { e.f.SetReadDeadline(time.Time{}) }
+func (e *EventFD) Resume() {
+	e.f.SetReadDeadline(time.Time{})
+	e.interrupted.Store(false)
+}
+
+// Interrupted reports whether Interrupt was called (and not undone).
+func (e *EventFD) Interrupted() bool { return e.interrupted.Load() }
 
 // Signal adds one to the counter, waking the other side. A full counter
 // (EAGAIN) means the other side already has a pending wakeup, so it is not

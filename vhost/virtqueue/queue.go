@@ -63,6 +63,9 @@ var (
 	ErrIndirectNext = errors.New("indirect descriptor with NEXT flag")
 	ErrWriteOrder   = errors.New("readable descriptor after a writable one")
 	ErrDescMemory   = errors.New("descriptor buffer outside guest memory")
+	ErrIndirectOff  = errors.New("indirect descriptor without VIRTIO_F_INDIRECT_DESC negotiated")
+	ErrChainFlood   = errors.New("more consecutive malformed chains than the queue size")
+	ErrRewind       = errors.New("rewind across published used entries")
 )
 
 // Element is one popped descriptor chain. Out holds the device-readable
@@ -115,6 +118,11 @@ type Queue struct {
 	seenAvail uint16
 	usedIdx   uint16 // used index last published to the guest
 	pending   uint16 // used entries written but not yet published
+	// skipped counts the malformed chains Pop returned (pushed with length
+	// 0) and flushes the Flushes that published something, so that Rewind
+	// can tell exactly what happened since a Mark.
+	skipped uint64
+	flushes uint64
 
 	// signalled is the used index at the last interrupt; valid says whether
 	// it means anything (EVENT_IDX needs a reference point).
@@ -278,7 +286,13 @@ func (q *Queue) Pop(e *Element) error {
 	if q.broken.Load() {
 		return ErrBroken
 	}
-	for {
+	// A guest that keeps publishing malformed chains must not keep us in
+	// this loop (holding the queue lock) for ever: a real driver never
+	// sends one, so a queue's worth in a row breaks the ring.
+	for bad := 0; ; bad++ {
+		if bad > int(q.cfg.Size) {
+			return q.markBroken(ErrChainFlood)
+		}
 		n, err := q.pendingAvail()
 		if err != nil {
 			return err
@@ -298,6 +312,7 @@ func (q *Queue) Pop(e *Element) error {
 			q.Stats.BadChains.Add(1)
 			q.onError(fmt.Errorf("virtqueue: chain %d: %w", head, err))
 			q.Push(head, 0)
+			q.skipped++
 			continue
 		}
 		q.Stats.Popped.Add(1)
@@ -322,6 +337,9 @@ func (q *Queue) walk(e *Element, head uint16) error {
 		flags := binary.LittleEndian.Uint16(d[12:])
 		next := binary.LittleEndian.Uint16(d[14:])
 		if flags&descFIndirect != 0 {
+			if !q.cfg.Indirect {
+				return ErrIndirectOff
+			}
 			if indirect {
 				return ErrNestedIndir
 			}
@@ -363,10 +381,41 @@ func (q *Queue) walk(e *Element, head uint16) error {
 	}
 }
 
-// Rewind gives back the last n popped elements, which were collected but
-// not used; the next Pop returns them again.
-func (q *Queue) Rewind(n int) {
-	q.lastAvail -= uint16(n)
+// Mark is a point in a queue's consumption that Rewind returns to.
+type Mark struct {
+	avail   uint16 // next available slot to pop
+	pending uint16 // used entries written, not published
+	skipped uint64 // malformed chains returned by Pop
+	flushes uint64
+	bad     uint64 // Stats.BadChains
+}
+
+// Mark returns the current position, for Rewind.
+func (q *Queue) Mark() Mark {
+	return Mark{avail: q.lastAvail, pending: q.pending, skipped: q.skipped, flushes: q.flushes, bad: q.Stats.BadChains.Load()}
+}
+
+// Rewind gives back every element popped since m, which were collected
+// but not used: the next Pops return them again. Malformed chains Pop
+// skipped since m are taken back too (their used entries are not yet
+// published), so that each is returned exactly once, when it is met again.
+// Moving the available index back by the number of good elements instead
+// would re-return a skipped chain and never return the first good one.
+//
+// Between m and Rewind the caller must not Push or Flush; if it did, the
+// rollback cannot be exact and the ring is marked broken (a device bug,
+// never guest input).
+func (q *Queue) Rewind(m Mark) error {
+	if !q.ready {
+		return ErrNotReady
+	}
+	skipped := q.skipped - m.skipped
+	if q.flushes != m.flushes || uint64(q.pending-m.pending) != skipped {
+		return q.markBroken(ErrRewind)
+	}
+	q.lastAvail, q.pending, q.skipped = m.avail, m.pending, m.skipped
+	q.Stats.BadChains.Store(m.bad)
+	return nil
 }
 
 // Push writes a used-ring entry returning chain head with length bytes
@@ -392,6 +441,7 @@ func (q *Queue) Flush() bool {
 	q.usedIdx += q.pending
 	q.Stats.Used.Add(uint64(q.pending))
 	q.pending = 0
+	q.flushes++
 	// Atomic store: the entries written above are visible before the index.
 	ringatomic.Store16(q.used, 2, q.usedIdx)
 	return true

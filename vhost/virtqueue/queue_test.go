@@ -63,13 +63,19 @@ func TestRewind(t *testing.T) {
 	}
 	var e virtqueue.Element
 	var heads []uint16
+	var m virtqueue.Mark
 	for i := 0; i < 3; i++ {
+		if i == 1 {
+			m = q.Mark()
+		}
 		if err := q.Pop(&e); err != nil {
 			t.Fatal(err)
 		}
 		heads = append(heads, e.Head)
 	}
-	q.Rewind(2)
+	if err := q.Rewind(m); err != nil {
+		t.Fatal(err)
+	}
 	if q.Pending() != 2 {
 		t.Fatalf("pending %d after rewind", q.Pending())
 	}
@@ -350,10 +356,11 @@ func TestArmKickWithUnusableBuffers(t *testing.T) {
 		d.Post(nil, nil, []int{100}, false)
 	}
 	var e virtqueue.Element
+	m := q.Mark()
 	for i := 0; i < 3; i++ {
 		q.Pop(&e)
 	}
-	q.Rewind(3) // the frame needed four
+	q.Rewind(m) // the frame needed four
 	if q.ArmKick() {
 		t.Fatal("ArmKick reported new buffers")
 	}
@@ -379,9 +386,10 @@ func TestArmKickAfterUnseenAddition(t *testing.T) {
 		d.Post(nil, nil, []int{100}, false)
 	}
 	var e virtqueue.Element
+	m := q.Mark()
 	for q.Pop(&e) == nil {
 	}
-	q.Rewind(3) // the frame needed four
+	q.Rewind(m) // the frame needed four
 	if q.ArmKick() {
 		t.Fatal("ArmKick reported new buffers")
 	}
@@ -393,5 +401,134 @@ func TestArmKickAfterUnseenAddition(t *testing.T) {
 	// crosses avail_event (virtio 2.7.10: new - event - 1 < new - old).
 	if ev, old, new := d.AvailEvent(), uint16(3), uint16(4); !(new-ev-1 < new-old) {
 		t.Errorf("avail_event %d: a guest moving from %d to %d would not kick", ev, old, new)
+	}
+}
+
+// TestRewindAcrossBadChain: collecting buffers for a frame, Pop skips a
+// malformed chain between two good ones, the frame does not fit and the
+// collection is rewound; later it fits. Every head must reach the used ring
+// exactly once (the bad one with length 0). Rewinding by the number of good
+// elements re-returned the bad chain and lost the first good one.
+func TestRewindAcrossBadChain(t *testing.T) {
+	d := vqt.New(1<<20, 16, false)
+	q := d.Queue(nil)
+	a, _ := d.Post(nil, nil, []int{100}, false)
+	const bad = 14
+	d.WriteDesc(bad, vqt.Desc{Addr: 0x1, Len: 100, Flags: 2}) // outside guest memory
+	d.PublishRaw(bad)
+	c, _ := d.Post(nil, nil, []int{100}, false)
+
+	var e virtqueue.Element
+	m := q.Mark()
+	var got []uint16
+	for q.Pop(&e) == nil {
+		got = append(got, e.Head)
+	}
+	if len(got) != 2 || got[0] != a || got[1] != c {
+		t.Fatalf("popped %v, want [%d %d]", got, a, c)
+	}
+	if err := q.Rewind(m); err != nil { // the frame needed three buffers
+		t.Fatal(err)
+	}
+	if q.Stats.BadChains.Load() != 0 {
+		t.Fatalf("bad chains %d after rewind, want 0 (not returned yet)", q.Stats.BadChains.Load())
+	}
+	dd, _ := d.Post(nil, nil, []int{100}, false)
+	got = got[:0]
+	for q.Pop(&e) == nil {
+		got = append(got, e.Head)
+		q.Push(e.Head, 100)
+	}
+	q.Flush()
+	if len(got) != 3 || got[0] != a || got[1] != c || got[2] != dd {
+		t.Fatalf("re-popped %v, want [%d %d %d]", got, a, c, dd)
+	}
+	seen := map[uint16]int{}
+	for _, u := range d.Reap() {
+		seen[u.Head]++
+		if u.Head == bad && u.Len != 0 {
+			t.Errorf("bad chain returned with length %d", u.Len)
+		}
+	}
+	for _, h := range []uint16{a, bad, c, dd} {
+		if seen[h] != 1 {
+			t.Errorf("head %d returned %d times (used: %v)", h, seen[h], seen)
+		}
+	}
+	if len(seen) != 4 || q.Stats.BadChains.Load() != 1 {
+		t.Errorf("used heads %v, bad chains %d", seen, q.Stats.BadChains.Load())
+	}
+}
+
+// TestRewindAcrossFlush: a rollback past published used entries cannot be
+// exact; the ring is marked broken instead of returning a head twice.
+func TestRewindAcrossFlush(t *testing.T) {
+	d := vqt.New(1<<20, 16, false)
+	q := d.Queue(nil)
+	d.Post(nil, nil, []int{100}, false)
+	m := q.Mark()
+	var e virtqueue.Element
+	if err := q.Pop(&e); err != nil {
+		t.Fatal(err)
+	}
+	q.Push(e.Head, 1)
+	q.Flush()
+	if err := q.Rewind(m); !errors.Is(err, virtqueue.ErrBroken) || !q.Broken() {
+		t.Fatalf("rewind across flush: %v broken %v", err, q.Broken())
+	}
+}
+
+// TestIndirectNotNegotiated: an indirect descriptor on a queue without
+// VIRTIO_F_INDIRECT_DESC is a malformed chain (returned with length 0,
+// counted); the next chain is served.
+func TestIndirectNotNegotiated(t *testing.T) {
+	d := vqt.New(1<<20, 16, false)
+	cfg := d.Config()
+	cfg.Indirect = false
+	var errs []error
+	q := virtqueue.New(nil, func(err error) { errs = append(errs, err) })
+	if err := q.Setup(d.Table, cfg); err != nil {
+		t.Fatal(err)
+	}
+	ind, _ := d.Post([]byte("indirect"), nil, nil, true)
+	direct, _ := d.Post([]byte("direct"), nil, nil, false)
+	var e virtqueue.Element
+	if err := q.Pop(&e); err != nil || e.Head != direct {
+		t.Fatalf("pop: %v head %d, want %d", err, e.Head, direct)
+	}
+	if q.Stats.BadChains.Load() != 1 || len(errs) != 1 || !errors.Is(errs[0], virtqueue.ErrIndirectOff) {
+		t.Fatalf("bad chains %d errs %v", q.Stats.BadChains.Load(), errs)
+	}
+	q.Flush()
+	if u := d.Reap(); len(u) != 1 || u[0].Head != ind || u[0].Len != 0 {
+		t.Fatalf("used %+v, want the indirect chain with length 0", u)
+	}
+}
+
+// TestBadChainFlood: a guest that republishes malformed chains as fast as
+// Pop skips them does not keep Pop looping (with the queue lock held) for
+// ever: past a queue's worth in one Pop the ring is broken.
+func TestBadChainFlood(t *testing.T) {
+	d := vqt.New(1<<20, 16, false)
+	republished := 0
+	// The error callback runs inside Pop: republishing from it is a guest
+	// racing with the device, deterministically.
+	q := virtqueue.New(nil, func(error) {
+		if republished < 1000 {
+			republished++
+			d.PublishRaw(3)
+		}
+	})
+	if err := q.Setup(d.Table, d.Config()); err != nil {
+		t.Fatal(err)
+	}
+	d.WriteDesc(3, vqt.Desc{Addr: 0x1, Len: 10})
+	d.PublishRaw(3)
+	var e virtqueue.Element
+	if err := q.Pop(&e); !errors.Is(err, virtqueue.ErrBroken) {
+		t.Fatalf("pop: %v after %d republished chains", err, republished)
+	}
+	if republished > 20 {
+		t.Fatalf("Pop skipped %d chains before giving up, want about the queue size (16)", republished)
 	}
 }
