@@ -190,6 +190,8 @@ func WriteMetrics(w io.Writer, st Stats) error {
 		e.gauge("vunet_tftp_active_transfers", "TFTP transfers under way.", i(t.Active))
 	}
 
+	e.counter("vunet_log_suppressed_total", "Log records held back by the per-message rate limit.", u(st.Log.Suppressed))
+
 	// Hostile input, summed per source so one alert covers them all; each
 	// also appears in its own metric above.
 	hostile := []sample{

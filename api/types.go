@@ -121,6 +121,14 @@ type Stats struct {
 	DHCPv6  *DHCPv6Stats `json:"dhcpv6,omitempty"`
 	TFTP    *TFTPStats   `json:"tftp,omitempty"`
 	Egress  EgressStats  `json:"egress"`
+	Log     LogStats     `json:"log"`
+}
+
+// LogStats are the log limiter's counters.
+type LogStats struct {
+	// Suppressed counts log records held back by the per-message rate
+	// limit (a flood triggered by a guest or a remote peer).
+	Suppressed uint64 `json:"suppressed"`
 }
 
 // EgressStats are the egress policy's counters.

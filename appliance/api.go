@@ -102,6 +102,7 @@ func (a *Appliance) Stats() api.Stats {
 			"egress":           fs.Drops.Egress,
 		},
 	}
+	st.Log.Suppressed = a.logLimit.Suppressed()
 	st.Egress = api.EgressStats{Mode: a.cfg.Egress.Mode.String(), Rules: []api.EgressRule{}}
 	for _, r := range fs.Egress {
 		st.Egress.Rules = append(st.Egress.Rules, api.EgressRule{Index: r.Index, Rule: r.Rule, Action: r.Action, Hits: r.Hits})

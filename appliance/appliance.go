@@ -23,6 +23,7 @@ import (
 	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/forward"
 	"github.com/vunet/vunet/forward/egress"
+	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/services/dhcp4"
@@ -57,6 +58,7 @@ type Appliance struct {
 	// ("STOPPING=1"), in sd_notify's format.
 	Notify func(state string)
 
+	logLimit    *ratelimit.Handler // bounds every log line, see New
 	egress      *egress.Policy
 	hostAddrs   *egress.HostAddrSet // nil unless cfg.Egress.HostAddresses is off
 	started     time.Time
@@ -66,8 +68,16 @@ type Appliance struct {
 }
 
 // New builds every layer from cfg (already validated) without serving yet.
+//
+// Every layer logs through log wrapped in a ratelimit.Handler: a guest or a
+// remote peer can trigger log lines once per packet (DHCP with the pool
+// exhausted, TFTP requests, malformed frames, denied flows), and this is the
+// one place that bounds them all; what it holds back is counted in
+// Stats().Log.
 func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
-	a = &Appliance{cfg: cfg, log: log, started: time.Now()}
+	lim := ratelimit.NewHandler(log.Handler(), ratelimit.LogBurst, ratelimit.LogEvery)
+	log = slog.New(lim)
+	a = &Appliance{cfg: cfg, log: log, logLimit: lim, started: time.Now()}
 	defer func() {
 		if err != nil {
 			a.Close()

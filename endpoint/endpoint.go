@@ -18,13 +18,11 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
-	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/vhost"
 	"github.com/vunet/vunet/vhost/virtqueue"
@@ -120,9 +118,8 @@ type Stats struct {
 
 // Endpoint implements stack.LinkEndpoint over a virtio-net queue pair.
 type Endpoint struct {
-	opts    Options
-	log     *slog.Logger
-	limiter *ratelimit.Limiter // for warnings about guest input
+	opts Options
+	log  *slog.Logger
 
 	mu         sync.RWMutex
 	dispatcher stack.NetworkDispatcher
@@ -169,7 +166,7 @@ func New(opts Options) (*Endpoint, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	e := &Endpoint{opts: opts, log: log, limiter: ratelimit.New(10, time.Second), mtu: opts.MTU, linkAddr: opts.LinkAddress}
+	e := &Endpoint{opts: opts, log: log, mtu: opts.MTU, linkAddr: opts.LinkAddress}
 	e.hdrLen.Store(hdrLenLegacy)
 	e.rx.backlogMax = opts.RXBacklog
 	return e, nil
@@ -388,10 +385,10 @@ func (e *Endpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) 
 	return e.rx.write(e, pkts), nil
 }
 
-// warn logs a problem with guest input, rate-limited: a hostile guest can
-// produce one per frame.
+// warn logs a problem with guest input. A hostile guest can produce one
+// per frame: the bound is the appliance's log limiter
+// (ratelimit.Handler), which every log line goes through, not a limiter of
+// the endpoint's own.
 func (e *Endpoint) warn(msg string, args ...any) {
-	if e.limiter.Allow() {
-		e.log.Warn(msg, args...)
-	}
+	e.log.Warn(msg, args...)
 }

@@ -1,7 +1,9 @@
 package dhcp4
 
 import (
+	"bytes"
 	"context"
+	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
@@ -14,6 +16,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/services/internal/gnet"
 	"github.com/vunet/vunet/services/internal/testnet"
 )
@@ -363,4 +366,38 @@ func TestServeStopsOnClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	s2.Close()
+}
+
+// TestPoolExhaustedLogIsBounded floods the server with DISCOVERs from new
+// MACs once its pool is full: each would log a warning, and the appliance's
+// log limiter must keep the lines bounded while counting what it held back.
+func TestPoolExhaustedLogIsBounded(t *testing.T) {
+	var buf bytes.Buffer
+	lim := ratelimit.NewHandler(slog.NewTextHandler(&buf, nil), ratelimit.LogBurst, time.Hour)
+	s, err := New(Options{PoolSize: 1, Logger: slog.New(lim)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Bind the one address, then flood.
+	d, _ := dhcpv4.NewDiscovery(net.HardwareAddr{2, 0, 0, 0, 0xff, 0xff})
+	o, _ := s.handle(d)
+	r, _ := dhcpv4.NewRequestFromOffer(o)
+	if a, _ := s.handle(r); a == nil {
+		t.Fatal("no lease for the first client")
+	}
+	const flood = 2000
+	for i := range flood {
+		d, _ := dhcpv4.NewDiscovery(net.HardwareAddr{2, 0, 0, 0, byte(i >> 8), byte(i)})
+		s.handle(d)
+	}
+	exhausted := strings.Count(buf.String(), "pool exhausted")
+	if st := s.Stats(); st.PoolExhausted != flood {
+		t.Fatalf("PoolExhausted = %d, want %d", st.PoolExhausted, flood)
+	}
+	// LogBurst warnings, plus the line announcing the suppression (which
+	// names the message).
+	if exhausted != ratelimit.LogBurst+1 || lim.Suppressed() != flood-ratelimit.LogBurst {
+		t.Fatalf("%d pool-exhausted lines, %d suppressed; want %d and %d\n%s", exhausted, lim.Suppressed(),
+			ratelimit.LogBurst+1, flood-ratelimit.LogBurst, buf.String())
+	}
 }
