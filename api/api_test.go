@@ -71,30 +71,35 @@ func (b *fakeBackend) RemoveForward(f Forward) error {
 // sampleStats has every field non-zero, so a field lost in JSON shows up
 // as a difference.
 func sampleStats() Stats {
+	m := func(layer, name, kind string, v int64, kv ...string) Metric {
+		labels := map[string]string{}
+		for i := 0; i+1 < len(kv); i += 2 {
+			labels[kv[i]] = kv[i+1]
+		}
+		if len(labels) == 0 {
+			labels = nil
+		}
+		return Metric{Layer: layer, Name: name, Kind: kind, Help: "Help for " + name + ` with \ and
+a newline.`, Labels: labels, Value: v}
+	}
+	hostile := func(src string, m Metric) Metric { m.Hostile = src; return m }
 	return Stats{
 		Version: `v1.0 "quoted" \ back`, Started: time.Date(2026, 1, 2, 3, 4, 5, 5e8, time.UTC), UptimeSeconds: 12.5,
-		Link: LinkStats{
-			Queues: []QueueStats{
-				{Queue: 0, Direction: ToGuest, Frames: 10, Bytes: 1000, Errors: 1},
-				{Queue: 1, Direction: FromGuest, Frames: 1 << 60, Bytes: 1<<64 - 1, Errors: 2},
-			},
-			Drops:        map[string]uint64{"tx_short": 3, "rx_backlog_full": 4, "tx_bad_header": 5},
-			RXBacklogged: 6,
+		Metrics: []Metric{
+			m("link", "vunet_link_frames_total", Counter, 1<<60, "queue", "1", "direction", "from_guest"),
+			m("link", "vunet_link_frames_total", Counter, 10, "queue", "0", "direction", "to_guest"),
+			hostile("link", m("link", "vunet_link_drops_total", Counter, 3, "reason", "tx_short")),
+			hostile("link", m("link", "vunet_link_drops_total", Counter, 5, "reason", "tx_bad_header")),
+			m("link", "vunet_link_rx_backlog", Gauge, 6),
+			hostile("virtqueue", m("virtqueue", "vunet_virtqueue_bad_chains_total", Counter, 1, "queue", "0", "direction", "to_guest")),
+			hostile("virtqueue", m("virtqueue", "vunet_virtqueue_bad_chains_total", Counter, 2, "queue", "1", "direction", "from_guest")),
+			m("forward", "vunet_flows", Gauge, 14, "proto", "icmp"),
+			m("dns", "vunet_dns_queries_total", Counter, 1<<63-1, "transport", "udp"),
+			// A family declared in two places is still written once.
+			m("link", "vunet_link_frames_total", Counter, 7, "queue", "2", "direction", "to_guest"),
 		},
-		VHost: VHostStats{Messages: 7, BadMessages: 8, Sessions: 9, MapFailures: 10, QueueStarts: 11},
-		Forward: ForwardStats{PortForwards: 2, TCPConns: 3, TCPConnsTotal: 4, TCPDialsInFlight: 5, TCPRefused: 6,
-			TCPTimeouts: 7, TCPDialErrors: 8, TCPRejectedInFlight: 9, TCPRejectedConns: 10, UDPFlows: 11,
-			UDPFlowsTotal: 12, UDPFlowsExpired: 13, PingFlows: 14, PingRequests: 15, PingReplies: 16, ICMPErrors: 17, ICMPErrorsLimited: 18,
-			InboundTCPConns: 17, InboundUDPFlows: 18, Drops: map[string]uint64{"broadcast": 1, "invalid": 2}},
-		DHCP: DHCPStats{Received: 1, Malformed: 2, Messages: map[string]uint64{"discover": 3, "ack": 4},
-			PoolExhausted: 5, SendErrors: 6, ActiveLeases: 1, PoolSize: 240,
-			Leases: []Lease{{MAC: "52:54:00:12:34:56", Addr: guestAddr, Expiry: time.Date(2026, 1, 2, 4, 0, 0, 0, time.UTC)}}},
-		DNS: DNSStats{Queries: 20, TCPQueries: 2, Static: 3, Forwarded: 4, UpstreamErrors: 5, Timeouts: 6,
-			TCPFallbacks: 7, Truncated: 8, ServFail: 9, Overloaded: 10, Malformed: 11},
-		RA:     &RAStats{Sent: 1, Solicitations: 2, SendErrors: 3},
-		DHCPv6: &DHCPv6Stats{Received: 1, Malformed: 2, InformationRequest: 3, Replies: 4, Unsupported: 5, SendErrors: 6},
-		TFTP: &TFTPStats{Requests: 1, Malformed: 2, Completed: 3, Failed: 4, NotFound: 5, Denied: 6, Busy: 7,
-			Retransmissions: 8, BytesSent: 9, Active: 10},
+		Rings:  []RingState{{Queue: 1, Direction: FromGuest, Size: 256, AvailIdx: 3, NextAvail: 2, UsedIdx: 1, EventIdx: true, AvailEvent: 4, UsedEvent: 5}},
+		Leases: []Lease{{MAC: "52:54:00:12:34:56", Addr: guestAddr, Expiry: time.Date(2026, 1, 2, 4, 0, 0, 0, time.UTC)}},
 	}
 }
 
@@ -191,7 +196,7 @@ func TestRoundTrip(t *testing.T) {
 	}
 
 	m, err := c.Metrics(ctx)
-	if err != nil || !strings.Contains(m, "vunet_dns_queries_total{transport=\"tcp\"} 2\n") {
+	if err != nil || !strings.Contains(m, "vunet_flows{proto=\"icmp\"} 14\n") {
 		t.Errorf("Metrics = %q, %v", m, err)
 	}
 }

@@ -103,58 +103,65 @@ func (e *StatusError) Unwrap() error {
 	return nil
 }
 
-// Stats is the body of GET /v1/stats: a snapshot of every counter. Metrics
-// (GET /metrics) are rendered from the same snapshot. Counters are
-// monotonic since start; fields documented as gauges are current values.
-// Optional services are nil when they are not running.
+// Stats is the body of GET /v1/stats: every declared counter and gauge,
+// and the state a person needs to read them (leases, ring indexes).
+// Metrics (GET /metrics) and `vunet stats` are rendered from the same
+// snapshot. Optional services' series are absent when they are not running.
 type Stats struct {
 	Version       string    `json:"version"`
 	Started       time.Time `json:"started"`
 	UptimeSeconds float64   `json:"uptime_seconds"`
 
-	Link    LinkStats    `json:"link"`
-	VHost   VHostStats   `json:"vhost"`
-	Forward ForwardStats `json:"forward"`
-	DHCP    DHCPStats    `json:"dhcp"`
-	DNS     DNSStats     `json:"dns"`
-	RA      *RAStats     `json:"ra,omitempty"`
-	DHCPv6  *DHCPv6Stats `json:"dhcpv6,omitempty"`
-	TFTP    *TFTPStats   `json:"tftp,omitempty"`
-	Egress  EgressStats  `json:"egress"`
-	Log     LogStats     `json:"log"`
+	// Metrics has one entry per series, grouped by layer in a stable order.
+	Metrics []Metric `json:"metrics"`
+	// Rings has the indexes of each virtqueue a frontend drives.
+	Rings []RingState `json:"rings"`
+	// Leases are the bound DHCP leases.
+	Leases []Lease `json:"leases"`
 }
 
-// LogStats are the log limiter's counters.
-type LogStats struct {
-	// Suppressed counts log records held back by the per-message rate
-	// limit (a flood triggered by a guest or a remote peer).
-	Suppressed uint64 `json:"suppressed"`
+// Metric is one series: a counter (monotonic since start, the name ends in
+// _total) or a gauge (a current value).
+type Metric struct {
+	// Layer is the component that declared it: "link", "virtqueue",
+	// "vhost", "forward", "dhcp", ... (the sections of `vunet stats`).
+	Layer string `json:"layer"`
+	// Name is the Prometheus metric name, "vunet_dns_malformed_total".
+	Name string `json:"name"`
+	// Kind is "counter" or "gauge".
+	Kind string `json:"kind"`
+	Help string `json:"help"`
+	// Labels tell a family's series apart ({"reason": "broadcast"}; per
+	// virtqueue {"queue": "0", "direction": "to_guest"}).
+	Labels map[string]string `json:"labels,omitempty"`
+	// Hostile, when set, is the source under which the series is added to
+	// vunet_hostile_input_total.
+	Hostile string `json:"hostile,omitempty"`
+	// Value is exact; counters saturate at 2^63-1.
+	Value int64 `json:"value"`
 }
 
-// EgressStats are the egress policy's counters.
-type EgressStats struct {
-	// Mode is "all" or "none" (--egress).
-	Mode string `json:"mode"`
-	// Rules are the user rules and then the active defaults, in evaluation
-	// order, each with its hit count.
-	Rules []EgressRule `json:"rules"`
-	// HostAddresses, with --no-host-addresses, is how many addresses the
-	// host owns right now, and HostAddressRefreshes how often the set was
-	// re-read (on each kernel notification).
-	HostAddresses        *int   `json:"host_addresses,omitempty"`
-	HostAddressRefreshes uint64 `json:"host_address_refreshes,omitempty"`
+// Find returns the value of the series name with exactly labels (name,
+// value pairs), and whether it exists.
+func (st *Stats) Find(name string, labels ...string) (int64, bool) {
+	for _, m := range st.Metrics {
+		if m.Name == name && m.hasLabels(labels) {
+			return m.Value, true
+		}
+	}
+	return 0, false
 }
 
-// EgressRule is one rule of the egress policy.
-type EgressRule struct {
-	// Index is the 1-based position among the user rules, 0 for defaults.
-	Index int `json:"index"`
-	// Rule is the rule ("allow tcp:10.0.0.0/8:80") or default ("deny
-	// 169.254.0.0/16", "deny host-addresses", "allow gateway", "deny any",
-	// "allow any").
-	Rule   string `json:"rule"`
-	Action string `json:"action"`
-	Hits   uint64 `json:"hits"`
+func (m *Metric) hasLabels(kv []string) bool {
+	if len(kv) != 2*len(m.Labels) {
+		return false
+	}
+	for i := 0; i+1 < len(kv); i += 2 {
+		if v, ok := m.Labels[kv[i]]; !ok || v != kv[i+1] {
+			return false
+		}
+	}
+	return true
 }
 
 // Queue directions, seen from the guest.
@@ -163,37 +170,13 @@ const (
 	FromGuest = "from_guest" // virtio transmit queue: guest → host
 )
 
-// LinkStats are the virtio-net endpoint's counters.
-type LinkStats struct {
-	// Queues has one entry per virtqueue, by index.
-	Queues []QueueStats `json:"queues"`
-	// Drops counts frames dropped by the endpoint, by reason
-	// ("tx_bad_header", "rx_backlog_full", ...; see docs/api.md).
-	Drops map[string]uint64 `json:"drops"`
-	// RXBacklogged counts frames that waited for guest receive buffers.
-	RXBacklogged uint64 `json:"rx_backlogged"`
-}
-
-// QueueStats are one virtqueue's counters.
-type QueueStats struct {
-	Queue     int    `json:"queue"`
-	Direction string `json:"direction"` // ToGuest or FromGuest
-	Frames    uint64 `json:"frames"`
-	Bytes     uint64 `json:"bytes"`
-	// Errors counts malformed descriptor chains and broken rings.
-	Errors uint64 `json:"errors"`
-	// Backlog is the number of packets waiting for guest buffers (gauge;
-	// the to_guest queue only).
-	Backlog int `json:"backlog,omitempty"`
-	// Ring is the ring's state while a frontend drives it.
-	Ring *RingState `json:"ring,omitempty"`
-}
-
 // RingState is a virtqueue's indexes, for diagnosing a stalled queue:
 // avail_idx ahead of next_avail means buffers the device has not taken;
 // with EVENT_IDX the guest kicks when avail_idx passes avail_event and
 // wants an interrupt when used_idx passes used_event.
 type RingState struct {
+	Queue      int    `json:"queue"`
+	Direction  string `json:"direction"` // ToGuest or FromGuest
 	Size       uint16 `json:"size"`
 	AvailIdx   uint16 `json:"avail_idx"`
 	NextAvail  uint16 `json:"next_avail"`
@@ -203,119 +186,11 @@ type RingState struct {
 	UsedEvent  uint16 `json:"used_event,omitempty"`
 }
 
-// VHostStats are the vhost-user control plane's counters.
-type VHostStats struct {
-	Messages    uint64 `json:"messages"`
-	BadMessages uint64 `json:"bad_messages"` // rejected: size, fd count, values
-	Sessions    uint64 `json:"sessions"`     // frontends served
-	MapFailures uint64 `json:"map_failures"` // guest memory regions that could not be mapped
-	QueueStarts uint64 `json:"queue_starts"`
-	BadFDs      uint64 `json:"bad_fds"` // descriptors of the wrong kind (kick not an eventfd, memory not a file)
-}
-
-// ForwardStats are the NAT forwarder's counters.
-type ForwardStats struct {
-	// PortForwards is the number of active port forwards (gauge).
-	PortForwards int `json:"port_forwards"`
-
-	TCPConns            int64  `json:"tcp_conns"` // gauge
-	TCPConnsTotal       uint64 `json:"tcp_conns_total"`
-	TCPDialsInFlight    int64  `json:"tcp_dials_in_flight"` // gauge
-	TCPRefused          uint64 `json:"tcp_refused"`
-	TCPTimeouts         uint64 `json:"tcp_timeouts"`
-	TCPDialErrors       uint64 `json:"tcp_dial_errors"`
-	TCPRejectedInFlight uint64 `json:"tcp_rejected_in_flight"`
-	TCPRejectedConns    uint64 `json:"tcp_rejected_conns"`
-
-	UDPFlows        int64  `json:"udp_flows"` // gauge
-	UDPFlowsTotal   uint64 `json:"udp_flows_total"`
-	UDPFlowsExpired uint64 `json:"udp_flows_expired"`
-
-	PingFlows    int64  `json:"ping_flows"` // gauge
-	PingRequests uint64 `json:"ping_requests"`
-	PingReplies  uint64 `json:"ping_replies"`
-	// ICMPErrors counts host ICMP errors (unreachable, time exceeded)
-	// translated for the guest; ICMPErrorsLimited those the rate limit held back.
-	ICMPErrors        uint64 `json:"icmp_errors"`
-	ICMPErrorsLimited uint64 `json:"icmp_errors_rate_limited"`
-
-	InboundTCPConns uint64 `json:"inbound_tcp_conns"`
-	InboundUDPFlows uint64 `json:"inbound_udp_flows"`
-
-	// Drops counts what was not forwarded, by reason ("broadcast",
-	// "invalid", ...; see docs/api.md).
-	Drops map[string]uint64 `json:"drops"`
-}
-
-// DHCPStats are the DHCPv4 server's counters.
-type DHCPStats struct {
-	Received  uint64 `json:"received"`
-	Malformed uint64 `json:"malformed"`
-	// Messages counts DHCP messages by type, received ("discover",
-	// "request", "decline", "release", "inform") and sent ("offer", "ack",
-	// "nak").
-	Messages      map[string]uint64 `json:"messages"`
-	PoolExhausted uint64            `json:"pool_exhausted"`
-	SendErrors    uint64            `json:"send_errors"`
-	ActiveLeases  int               `json:"active_leases"` // gauge
-	PoolSize      int               `json:"pool_size"`
-	Leases        []Lease           `json:"leases"`
-}
-
 // Lease is one bound DHCP lease.
 type Lease struct {
 	MAC    string     `json:"mac"`
 	Addr   netip.Addr `json:"addr"`
 	Expiry time.Time  `json:"expiry"`
-}
-
-// DNSStats are the DNS server's counters.
-type DNSStats struct {
-	Queries    uint64 `json:"queries"` // UDP and TCP
-	TCPQueries uint64 `json:"tcp_queries"`
-	Static     uint64 `json:"static"`
-	// StaticDenied counts static addresses left out of answers because the
-	// egress policy denies them.
-	StaticDenied   uint64 `json:"static_denied"`
-	Forwarded      uint64 `json:"forwarded"`
-	UpstreamErrors uint64 `json:"upstream_errors"`
-	Timeouts       uint64 `json:"timeouts"`
-	TCPFallbacks   uint64 `json:"tcp_fallbacks"`
-	Truncated      uint64 `json:"truncated"`
-	ServFail       uint64 `json:"servfail"`
-	Overloaded     uint64 `json:"overloaded"`
-	Malformed      uint64 `json:"malformed"`
-}
-
-// RAStats are the router advertisement sender's counters.
-type RAStats struct {
-	Sent          uint64 `json:"sent"`
-	Solicitations uint64 `json:"solicitations"`
-	SendErrors    uint64 `json:"send_errors"`
-}
-
-// DHCPv6Stats are the stateless DHCPv6 server's counters.
-type DHCPv6Stats struct {
-	Received           uint64 `json:"received"`
-	Malformed          uint64 `json:"malformed"`
-	InformationRequest uint64 `json:"information_request"`
-	Replies            uint64 `json:"replies"`
-	Unsupported        uint64 `json:"unsupported"`
-	SendErrors         uint64 `json:"send_errors"`
-}
-
-// TFTPStats are the TFTP server's counters.
-type TFTPStats struct {
-	Requests        uint64 `json:"requests"`
-	Malformed       uint64 `json:"malformed"`
-	Completed       uint64 `json:"completed"`
-	Failed          uint64 `json:"failed"`
-	NotFound        uint64 `json:"not_found"`
-	Denied          uint64 `json:"denied"`
-	Busy            uint64 `json:"busy"`
-	Retransmissions uint64 `json:"retransmissions"`
-	BytesSent       uint64 `json:"bytes_sent"`
-	Active          int64  `json:"active"` // gauge
 }
 
 // validate checks a forward request before it reaches the Backend. A

@@ -7,31 +7,64 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"syscall"
 	"time"
 
 	"github.com/vunet/vunet/api"
 	"github.com/vunet/vunet/forward"
+	"github.com/vunet/vunet/internal/metrics"
 	"github.com/vunet/vunet/internal/version"
 )
-
-// Virtqueue indices of the virtio-net queue pair.
-const (
-	rxQueue = 0 // receiveq: to the guest
-	txQueue = 1 // transmitq: from the guest
-)
-
-// maxQueueErrors is how many queue indices countQueueError tracks; vunet
-// serves one queue pair, anything beyond is lumped into the last slot.
-const maxQueueErrors = 2
 
 // The appliance is the API's backend.
 var _ api.Backend = (*Appliance)(nil)
 
-// countQueueError is the vhost OnQueueError hook: malformed chains and
-// broken rings, per queue, for the API's hostile-input counters.
-func (a *Appliance) countQueueError(idx int, _ error) {
-	a.queueErrors[min(max(idx, 0), maxQueueErrors-1)].Add(1)
+// registerMetrics declares every layer's counters (see internal/metrics):
+// the one place a new counter struct is added; a new field of a struct
+// already here needs no edit.
+func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
+	r := metrics.New()
+	var errs []error
+	add := func(layer string, set any, labels ...string) { errs = append(errs, r.Register(layer, set, labels...)) }
+	add("link", &a.Link.Stats)
+	for i := range a.Link.NumQueues() {
+		add("virtqueue", &a.VHost.Stats.Queues[i], "queue", strconv.Itoa(i), "direction", direction(i))
+	}
+	add("vhost", &a.VHost.Stats)
+	add("forward", a.Forward.Stats())
+	add("dhcp", a.DHCP.Stats())
+	add("dns", a.DNS.Stats())
+	if a.RA != nil {
+		add("ra", a.RA.Stats())
+	}
+	if a.DHCPv6 != nil {
+		add("dhcpv6", a.DHCPv6.Stats())
+	}
+	if a.TFTP != nil {
+		add("tftp", a.TFTP.Stats())
+	}
+	for _, rule := range a.egress.Stats() {
+		idx := "default"
+		if rule.Index > 0 {
+			idx = strconv.Itoa(rule.Index)
+		}
+		add("egress", rule.Counters, "index", idx, "rule", rule.Rule, "action", rule.Action)
+	}
+	if a.hostAddrs != nil {
+		add("egress", a.hostAddrs.Stats())
+	}
+	add("log", a.logLimit.Stats())
+	return r, errors.Join(errs...)
+}
+
+// direction names virtio-net queue i seen from the guest: even queues
+// receive (to the guest), odd ones transmit.
+func direction(i int) string {
+	if i%2 == 0 {
+		return api.ToGuest
+	}
+	return api.FromGuest
 }
 
 // Health implements api.Backend.
@@ -40,115 +73,20 @@ func (a *Appliance) Health() api.Health {
 		UptimeSeconds: time.Since(a.started).Seconds()}
 }
 
-// Stats implements api.Backend: a snapshot of every layer's counters.
+// Stats implements api.Backend: every registered series, the rings a
+// frontend drives, and the DHCP leases.
 func (a *Appliance) Stats() api.Stats {
-	ls := &a.Link.Stats
-	vs := &a.VHost.Stats
-	st := api.Stats{
-		Version: version.Version, Started: a.started, UptimeSeconds: time.Since(a.started).Seconds(),
-		Link: api.LinkStats{
-			Queues: []api.QueueStats{
-				{Queue: rxQueue, Direction: api.ToGuest, Frames: ls.RXFrames.Load(), Bytes: ls.RXBytes.Load(),
-					Errors: a.queueErrors[rxQueue].Load()},
-				{Queue: txQueue, Direction: api.FromGuest, Frames: ls.TXFrames.Load(), Bytes: ls.TXBytes.Load(),
-					Errors: a.queueErrors[txQueue].Load()},
-			},
-			Drops: map[string]uint64{
-				"tx_bad_header":    ls.TXBadHeader.Load(),
-				"tx_short":         ls.TXShort.Load(),
-				"tx_too_big":       ls.TXTooBig.Load(),
-				"tx_bad_gso":       ls.TXBadGSO.Load(),
-				"rx_not_connected": ls.RXNotConnected.Load(),
-				"rx_backlog_full":  ls.RXBacklogFull.Load(),
-				"rx_too_big":       ls.RXTooBig.Load(),
-			},
-			RXBacklogged: ls.RXBacklogged.Load(),
-		},
-		VHost: api.VHostStats{
-			Messages: vs.Messages.Load(), BadMessages: vs.BadMessages.Load(), Sessions: vs.Sessions.Load(),
-			MapFailures: vs.MapFailures.Load(), QueueStarts: vs.QueueStarts.Load(), BadFDs: vs.BadFDs.Load(),
-		},
-	}
-
-	st.Link.Queues[rxQueue].Backlog = a.Link.RXBacklog()
-	for i := range st.Link.Queues {
-		if rs := a.Link.RingState(st.Link.Queues[i].Queue); rs.Ready {
-			st.Link.Queues[i].Ring = &api.RingState{Size: rs.Size, AvailIdx: rs.AvailIdx, NextAvail: rs.NextAvail,
-				UsedIdx: rs.UsedIdx, EventIdx: rs.EventIdx, AvailEvent: rs.AvailEvent, UsedEvent: rs.UsedEvent}
+	st := api.Stats{Version: version.Version, Started: a.started, UptimeSeconds: time.Since(a.started).Seconds(),
+		Metrics: a.metrics.Snapshot(), Rings: []api.RingState{}, Leases: []api.Lease{}}
+	for i := range a.Link.NumQueues() {
+		if rs := a.Link.RingState(i); rs.Ready {
+			st.Rings = append(st.Rings, api.RingState{Queue: i, Direction: direction(i), Size: rs.Size,
+				AvailIdx: rs.AvailIdx, NextAvail: rs.NextAvail, UsedIdx: rs.UsedIdx,
+				EventIdx: rs.EventIdx, AvailEvent: rs.AvailEvent, UsedEvent: rs.UsedEvent})
 		}
 	}
-
-	fs := a.Forward.Stats()
-	st.Forward = api.ForwardStats{
-		PortForwards: len(a.Forward.ListPortForwards()),
-		TCPConns:     fs.TCPConns, TCPConnsTotal: fs.TCPConnsTotal, TCPDialsInFlight: fs.TCPDialsInFlight,
-		TCPRefused: fs.TCPRefused, TCPTimeouts: fs.TCPTimeouts, TCPDialErrors: fs.TCPDialErrors,
-		TCPRejectedInFlight: fs.TCPRejectedInFlight, TCPRejectedConns: fs.TCPRejectedConns,
-		UDPFlows: fs.UDPFlows, UDPFlowsTotal: fs.UDPFlowsTotal, UDPFlowsExpired: fs.UDPFlowsExpired,
-		PingFlows: fs.PingFlows, PingRequests: fs.PingRequests, PingReplies: fs.PingReplies,
-		ICMPErrors: fs.ICMPErrors, ICMPErrorsLimited: fs.ICMPErrorsLimited,
-		InboundTCPConns: fs.InboundTCPConns, InboundUDPFlows: fs.InboundUDPFlows,
-		Drops: map[string]uint64{
-			"broadcast":        fs.Drops.Broadcast,
-			"dns_address":      fs.Drops.DNSAddress,
-			"gateway":          fs.Drops.Gateway,
-			"unroutable":       fs.Drops.Unroutable,
-			"udp_flow_limit":   fs.Drops.UDPFlowLimit,
-			"ping_flow_limit":  fs.Drops.PingFlowLimit,
-			"ping_unavailable": fs.Drops.PingUnavailable,
-			"invalid":          fs.Drops.Invalid,
-			"send_error":       fs.Drops.SendErrors,
-			"closed":           fs.Drops.Closed,
-			"egress":           fs.Drops.Egress,
-		},
-	}
-	st.Log.Suppressed = a.logLimit.Suppressed()
-	st.Egress = api.EgressStats{Mode: a.cfg.Egress.Mode.String(), Rules: []api.EgressRule{}}
-	for _, r := range fs.Egress {
-		st.Egress.Rules = append(st.Egress.Rules, api.EgressRule{Index: r.Index, Rule: r.Rule, Action: r.Action, Hits: r.Hits})
-	}
-	if h := a.hostAddrs; h != nil {
-		n := h.Len()
-		st.Egress.HostAddresses, st.Egress.HostAddressRefreshes = &n, h.Refreshes()
-	}
-
-	ds := a.DHCP.Stats()
-	st.DHCP = api.DHCPStats{
-		Received: ds.Received, Malformed: ds.Malformed,
-		Messages: map[string]uint64{
-			"discover": ds.Discover, "request": ds.Request, "decline": ds.Decline,
-			"release": ds.Release, "inform": ds.Inform,
-			"offer": ds.Offer, "ack": ds.Ack, "nak": ds.Nak,
-		},
-		PoolExhausted: ds.PoolExhausted, SendErrors: ds.SendErrors,
-		ActiveLeases: ds.ActiveLeases, PoolSize: ds.PoolSize,
-		Leases: []api.Lease{},
-	}
 	for _, l := range a.DHCP.Leases() {
-		st.DHCP.Leases = append(st.DHCP.Leases, api.Lease{MAC: l.MAC, Addr: l.Addr, Expiry: l.Expiry})
-	}
-
-	ns := a.DNS.Stats()
-	st.DNS = api.DNSStats{
-		Queries: ns.Queries, TCPQueries: ns.TCPQueries, Static: ns.Static, StaticDenied: ns.StaticDenied, Forwarded: ns.Forwarded,
-		UpstreamErrors: ns.UpstreamErrors, Timeouts: ns.Timeouts, TCPFallbacks: ns.TCPFallbacks,
-		Truncated: ns.Truncated, ServFail: ns.ServFail, Overloaded: ns.Overloaded, Malformed: ns.Malformed,
-	}
-	if a.RA != nil {
-		rs := a.RA.Stats()
-		st.RA = &api.RAStats{Sent: rs.Sent, Solicitations: rs.Solicitations, SendErrors: rs.SendErrors}
-	}
-	if a.DHCPv6 != nil {
-		d6 := a.DHCPv6.Stats()
-		st.DHCPv6 = &api.DHCPv6Stats{Received: d6.Received, Malformed: d6.Malformed,
-			InformationRequest: d6.InformationRequest, Replies: d6.Replies,
-			Unsupported: d6.Unsupported, SendErrors: d6.SendErrors}
-	}
-	if a.TFTP != nil {
-		ts := a.TFTP.Stats()
-		st.TFTP = &api.TFTPStats{Requests: ts.Requests, Malformed: ts.Malformed, Completed: ts.Completed,
-			Failed: ts.Failed, NotFound: ts.NotFound, Denied: ts.Denied, Busy: ts.Busy,
-			Retransmissions: ts.Retransmissions, BytesSent: ts.BytesSent, Active: ts.Active}
+		st.Leases = append(st.Leases, api.Lease{MAC: l.MAC, Addr: l.Addr, Expiry: l.Expiry})
 	}
 	return st
 }

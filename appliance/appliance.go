@@ -13,7 +13,6 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -23,6 +22,7 @@ import (
 	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/forward"
 	"github.com/vunet/vunet/forward/egress"
+	"github.com/vunet/vunet/internal/metrics"
 	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/pcap"
@@ -58,13 +58,13 @@ type Appliance struct {
 	// ("STOPPING=1"), in sd_notify's format.
 	Notify func(state string)
 
-	logLimit    *ratelimit.Handler // bounds every log line, see New
-	egress      *egress.Policy
-	hostAddrs   *egress.HostAddrSet // nil unless cfg.Egress.HostAddresses is off
-	started     time.Time
-	queueErrors [maxQueueErrors]atomic.Uint64
-	pcapFile    *os.File
-	closers     []func()
+	logLimit  *ratelimit.Handler // bounds every log line, see New
+	egress    *egress.Policy
+	hostAddrs *egress.HostAddrSet // nil unless cfg.Egress.HostAddresses is off
+	started   time.Time
+	metrics   *metrics.Registry
+	pcapFile  *os.File
+	closers   []func()
 }
 
 // New builds every layer from cfg (already validated) without serving yet.
@@ -182,8 +182,10 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		log.Info("port forward", "forward", pf.String())
 	}
 
-	if a.VHost, err = vhost.NewServer(vhost.Options{Backend: a.Link, Logger: log.With("layer", "vhost"),
-		OnQueueError: a.countQueueError}); err != nil {
+	if a.VHost, err = vhost.NewServer(vhost.Options{Backend: a.Link, Logger: log.With("layer", "vhost")}); err != nil {
+		return nil, err
+	}
+	if a.metrics, err = a.registerMetrics(); err != nil {
 		return nil, err
 	}
 	return a, nil

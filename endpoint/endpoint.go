@@ -97,23 +97,31 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-// Stats are the endpoint's counters, updated atomically.
+// Stats are the endpoint's counters, updated atomically and declared for
+// the metrics registry (internal/metrics). tx is guest → host, rx host →
+// guest; vunet serves one queue pair, receiveq 0 and transmitq 1.
 type Stats struct {
-	TXFrames, TXBytes atomic.Uint64 // guest → stack
-	RXFrames, RXBytes atomic.Uint64 // stack → guest
+	TXFrames atomic.Uint64 `metric:"link_frames_total{queue=1,direction=from_guest}" help:"Ethernet frames carried, by virtqueue and direction (to_guest, from_guest)."`
+	TXBytes  atomic.Uint64 `metric:"link_bytes_total{queue=1,direction=from_guest}" help:"Ethernet bytes carried, by virtqueue and direction (to_guest, from_guest)."`
+	RXFrames atomic.Uint64 `metric:"link_frames_total{queue=0,direction=to_guest}"`
+	RXBytes  atomic.Uint64 `metric:"link_bytes_total{queue=0,direction=to_guest}"`
+
 	// Drops by reason.
-	TXBadHeader    atomic.Uint64
-	TXShort        atomic.Uint64
-	TXTooBig       atomic.Uint64
-	TXBadGSO       atomic.Uint64
-	RXNotConnected atomic.Uint64
-	RXBacklogFull  atomic.Uint64
-	RXTooBig       atomic.Uint64
-	RXBacklogged   atomic.Uint64 // packets that waited for buffers
-	RXSegmentDrops atomic.Uint64 // software GSO segments that found no buffer
-	ARPIgnored     atomic.Uint64 // ARP requests for addresses that are not ours
-	TXFaults       atomic.Uint64 // guest memory faults (frontend shrank it)
-	RXFaults       atomic.Uint64
+	TXBadHeader    atomic.Uint64 `metric:"link_drops_total{reason=tx_bad_header}" help:"Frames dropped by the virtio-net endpoint, by reason." hostile:"link"`
+	TXShort        atomic.Uint64 `metric:"link_drops_total{reason=tx_short}" hostile:"link"`
+	TXTooBig       atomic.Uint64 `metric:"link_drops_total{reason=tx_too_big}" hostile:"link"`
+	TXBadGSO       atomic.Uint64 `metric:"link_drops_total{reason=tx_bad_gso}" hostile:"link"`
+	RXNotConnected atomic.Uint64 `metric:"link_drops_total{reason=rx_not_connected}"`
+	RXBacklogFull  atomic.Uint64 `metric:"link_drops_total{reason=rx_backlog_full}"`
+	RXTooBig       atomic.Uint64 `metric:"link_drops_total{reason=rx_too_big}"`
+	RXSegmentDrops atomic.Uint64 `metric:"link_drops_total{reason=rx_segment_no_buffer}"`
+
+	RXBacklogged atomic.Uint64 `metric:"link_rx_backlogged_total" help:"Frames to the guest that waited for receive buffers."`
+	// RXBacklog is set by New: it reads the backlog's length under its lock.
+	RXBacklog  func() int64  `metric:"link_rx_backlog" kind:"gauge" help:"Frames to the guest waiting for receive buffers now."`
+	ARPIgnored atomic.Uint64 `metric:"link_arp_ignored_total" help:"ARP requests from the guest for addresses vunet does not answer (neither the gateway nor the DNS address)."`
+	TXFaults   atomic.Uint64 `metric:"link_guest_memory_faults_total{direction=from_guest}" help:"Guest memory faults while reading or writing frames (the frontend removed memory under a running queue)." hostile:"vhost_memory"`
+	RXFaults   atomic.Uint64 `metric:"link_guest_memory_faults_total{direction=to_guest}" hostile:"vhost_memory"`
 }
 
 // Endpoint implements stack.LinkEndpoint over a virtio-net queue pair.
@@ -167,6 +175,7 @@ func New(opts Options) (*Endpoint, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	e := &Endpoint{opts: opts, log: log, mtu: opts.MTU, linkAddr: opts.LinkAddress}
+	e.Stats.RXBacklog = func() int64 { return int64(e.RXBacklog()) }
 	e.hdrLen.Store(hdrLenLegacy)
 	e.rx.backlogMax = opts.RXBacklog
 	return e, nil
@@ -192,6 +201,7 @@ func (e *Endpoint) SetFeatures(acked uint64) error {
 	if acked&(1<<featureVersion1|1<<FeatureMrgRxbuf) != 0 {
 		e.hdrLen.Store(hdrLenMrg)
 	} else {
+		e.Stats.RXBacklog = func() int64 { return int64(e.RXBacklog()) }
 		e.hdrLen.Store(hdrLenLegacy)
 	}
 	return nil
@@ -270,6 +280,7 @@ func (e *Endpoint) Reset() {
 	e.tx.stop()
 	e.rx.dropBacklog()
 	e.features.Store(0)
+	e.Stats.RXBacklog = func() int64 { return int64(e.RXBacklog()) }
 	e.hdrLen.Store(hdrLenLegacy)
 }
 

@@ -130,7 +130,7 @@ type Forwarder struct {
 	ping  *pinger
 	syns  *synTable // guest SYNs being dialed, for ICMP errors
 	epoch time.Time // monotonic base for flow activity stamps
-	c     counters
+	c     Stats
 	bufs  sync.Pool // *[]byte of spliceBufSize, shared by TCP splices
 
 	mu     sync.Mutex
@@ -204,6 +204,11 @@ func New(opts Options) (*Forwarder, error) {
 	f.egress = opts.Egress
 	if f.egress == nil {
 		f.egress = egress.New(egress.Options{Gateways: []netip.Addr{opts.Gateway4, opts.Gateway6}})
+	}
+	f.c.PortForwards = func() int64 {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return int64(len(f.pfwds))
 	}
 	f.bufs.New = func() any { b := make([]byte, spliceBufSize); return &b }
 	f.ping = newPinger(f)

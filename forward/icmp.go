@@ -110,7 +110,7 @@ func (f *Forwarder) handleICMP(_ stack.TransportEndpointID, pkt *stack.PacketBuf
 	// gVisor hands IPv4 echo requests with bad checksums to raw sockets
 	// and default handlers anyway; IPv6 ones were already verified.
 	if !v6 && checksum.Checksum(msg, 0) != 0xffff {
-		f.c.dropInvalid.Add(1)
+		f.c.DropInvalid.Add(1)
 		return true
 	}
 
@@ -140,7 +140,7 @@ func (f *Forwarder) handleICMP(_ stack.TransportEndpointID, pkt *stack.PacketBuf
 		return true
 	}
 	if !f.ping.available(v6) {
-		f.c.dropPingUnavail.Add(1)
+		f.c.DropPingUnavailable.Add(1)
 		f.ping.warnOnce.Do(func() {
 			f.log.Warn("ICMP echo to external hosts is not forwarded: the host does not permit unprivileged ping sockets; "+
 				"pings to the gateway and DNS addresses are still answered. Allow it with sysctl net.ipv4.ping_group_range",
@@ -209,24 +209,24 @@ func (p *pinger) send(k pingKey, target netip.Addr, msg []byte, ttl uint8) {
 		_, err = fl.conn.WriteTo(msg, &net.UDPAddr{IP: target.AsSlice()})
 	}
 	if err != nil {
-		f.c.dropSend.Add(1)
+		f.c.DropSendErrors.Add(1)
 		f.log.Debug("ping send failed", "target", target, "err", err)
 		return
 	}
-	f.c.pingRequests.Add(1)
+	f.c.PingRequests.Add(1)
 }
 
 // newFlow opens a ping socket for k. Called with p.mu held.
 func (p *pinger) newFlow(k pingKey, target netip.Addr) (*pingFlow, error) {
 	f := p.f
-	if !reserve(&f.c.pingFlows, f.opts.MaxPingFlows) {
-		f.c.dropPingLimit.Add(1)
+	if !reserve(&f.c.PingFlows, f.opts.MaxPingFlows) {
+		f.c.DropPingFlowLimit.Add(1)
 		return nil, errors.New("ping flow limit reached")
 	}
 	conn, err := f.opts.openPing(target.Is6())
 	if err != nil {
-		f.c.pingFlows.Add(-1)
-		f.c.dropSend.Add(1)
+		f.c.PingFlows.Add(-1)
+		f.c.DropSendErrors.Add(1)
 		return nil, err
 	}
 	fl := &pingFlow{p: p, key: k, conn: conn}
@@ -235,8 +235,8 @@ func (p *pinger) newFlow(k pingKey, target netip.Addr) (*pingFlow, error) {
 	if f.closed {
 		f.mu.Unlock()
 		_ = conn.Close()
-		f.c.pingFlows.Add(-1)
-		f.c.dropClosed.Add(1)
+		f.c.PingFlows.Add(-1)
+		f.c.DropClosed.Add(1)
 		return nil, errors.New("forwarder closed")
 	}
 	f.pflows[fl] = struct{}{}
@@ -299,11 +299,11 @@ func (fl *pingFlow) readLoop() {
 		fl.touch()
 		binary.BigEndian.PutUint16(reply[4:6], fl.key.ident)
 		if err := f.injectICMP(fl.key.dst, fl.key.guest, reply); err != nil {
-			f.c.dropSend.Add(1)
+			f.c.DropSendErrors.Add(1)
 			f.log.Debug("ping reply not delivered", "err", err)
 			continue
 		}
-		f.c.pingReplies.Add(1)
+		f.c.PingReplies.Add(1)
 	}
 }
 
@@ -370,7 +370,7 @@ func (fl *pingFlow) close() {
 		f.mu.Lock()
 		delete(f.pflows, fl)
 		f.mu.Unlock()
-		f.c.pingFlows.Add(-1)
+		f.c.PingFlows.Add(-1)
 	})
 }
 

@@ -125,7 +125,7 @@ func TestPingLocalWithoutPingSockets(t *testing.T) {
 			t.Errorf("ping %s: got reply from %s (err %v), want none", dst, from, err)
 		}
 	}
-	if s := e.f.Stats(); s.Drops.PingUnavailable != 2 || s.PingRequests != 0 {
+	if s := e.f.Stats(); s.DropPingUnavailable.Load() != 2 || s.PingRequests.Load() != 0 {
 		t.Errorf("stats %+v", s)
 	}
 }
@@ -161,9 +161,9 @@ func TestPingForwarded(t *testing.T) {
 	// so the guest can see the last reply before the counter moves.
 	eventually(t, "ping counters to settle", func() bool {
 		s := e.f.Stats()
-		return s.PingRequests == 8 && s.PingReplies == 8 && k.requests.Load() == 8
+		return s.PingRequests.Load() == 8 && s.PingReplies.Load() == 8 && k.requests.Load() == 8
 	})
-	eventually(t, "ping flows to expire", func() bool { return e.f.Stats().PingFlows == 0 })
+	eventually(t, "ping flows to expire", func() bool { return e.f.Stats().PingFlows.Load() == 0 })
 }
 
 // TestPingRealLoopback uses real ping sockets when this host permits them.
@@ -182,5 +182,5 @@ func TestPingRealLoopback(t *testing.T) {
 		}
 	}
 	// The guest can have the reply before the relay has counted it.
-	eventually(t, "PingReplies", func() bool { return e.f.Stats().PingReplies == uint64(len(fams)) })
+	eventually(t, "PingReplies", func() bool { return e.f.Stats().PingReplies.Load() == uint64(len(fams)) })
 }

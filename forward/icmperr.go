@@ -237,7 +237,7 @@ func (f *Forwarder) sendICMPError(from netip.Addr, k unreachKind, inv invoking) 
 		from = inv.dst
 	}
 	if !f.s.AllowICMPMessage() {
-		f.c.icmpErrorsLimited.Add(1)
+		f.c.ICMPErrorsLimited.Add(1)
 		return false
 	}
 	q := inv.quote()
@@ -255,11 +255,11 @@ func (f *Forwarder) sendICMPError(from netip.Addr, k unreachKind, inv invoking) 
 	}
 	copy(msg[header.ICMPv4MinimumSize:], q)
 	if err := f.injectICMP(from, inv.src, msg); err != nil {
-		f.c.dropSend.Add(1)
+		f.c.DropSendErrors.Add(1)
 		f.log.Debug("icmp error not delivered", "kind", k.String(), "err", err)
 		return false
 	}
-	f.c.icmpErrors.Add(1)
+	f.c.ICMPErrors.Add(1)
 	f.log.Debug("icmp error sent to guest", "kind", k.String(), "from", from, "to", inv.src, "about", inv.dst)
 	return true
 }

@@ -71,7 +71,7 @@ func TestUDPPortUnreachable(t *testing.T) {
 		c.Close()
 	}
 	// The guest can see an error before the sender has counted it.
-	eventually(t, fmt.Sprintf("ICMPErrors = %d", len(fams)), func() bool { return e.f.Stats().ICMPErrors == uint64(len(fams)) })
+	eventually(t, fmt.Sprintf("ICMPErrors = %d", len(fams)), func() bool { return e.f.Stats().ICMPErrors.Load() == uint64(len(fams)) })
 }
 
 // TestTCPUnreachableGetsICMP makes host connects fail as a router would
@@ -111,7 +111,7 @@ func TestTCPUnreachableGetsICMP(t *testing.T) {
 		n := uint64(len(dsts))
 		eventually(t, fmt.Sprintf("%v: ICMPErrors and TCPDialErrors = %d", tc.errno, n), func() bool {
 			s := e.f.Stats()
-			return s.ICMPErrors == n && s.TCPDialErrors == n
+			return s.ICMPErrors.Load() == n && s.TCPDialErrors.Load() == n
 		})
 	}
 }
@@ -280,7 +280,7 @@ func TestPingErrorReachesGuest(t *testing.T) {
 	if echo := q[20:28]; echo[0] != 8 || binary.BigEndian.Uint16(echo[4:]) != 0x1234 || binary.BigEndian.Uint16(echo[6:]) != 7 {
 		t.Errorf("quoted echo %x: want type 8, the guest's identifier 0x1234 and sequence 7", echo)
 	}
-	eventually(t, "ICMPErrors = 1", func() bool { return e.f.Stats().ICMPErrors == 1 })
+	eventually(t, "ICMPErrors = 1", func() bool { return e.f.Stats().ICMPErrors.Load() == 1 })
 }
 
 // TestPingTTLExpiresAtGateway sends the guest's echo requests with TTL 1,

@@ -44,19 +44,19 @@ func (p *portForward) acceptLoop() {
 // client's own address when the guest can route to it (see guestSource).
 func (p *portForward) serveTCP(c *net.TCPConn) {
 	f := p.f
-	f.c.inboundTCP.Add(1)
+	f.c.InboundTCPConns.Add(1)
 	client := addrPortOf(c.RemoteAddr())
 	reject := func() {
 		_ = c.SetLinger(0) // RST: the client learns at once
 		_ = c.Close()
 	}
-	if !reserve(&f.c.tcpConns, f.opts.MaxConns) {
-		f.c.tcpRejectedConns.Add(1)
+	if !reserve(&f.c.TCPConns, f.opts.MaxConns) {
+		f.c.TCPRejectedConns.Add(1)
 		f.log.Debug("inbound tcp rejected: connection limit", "client", client)
 		reject()
 		return
 	}
-	defer f.c.tcpConns.Add(-1)
+	defer f.c.TCPConns.Add(-1)
 	src, ok := f.guestSource(client, p.spec.Guest.Addr())
 	if !ok {
 		f.log.Debug("inbound tcp: no gateway address for the guest's family", "client", client)

@@ -196,7 +196,7 @@ func TestPortForwardAddRemove(t *testing.T) {
 	if n := len(e.f.ListPortForwards()); n != 0 {
 		t.Errorf("%d forwards left", n)
 	}
-	eventually(t, "connections drained", func() bool { return e.f.Stats().TCPConns == 0 })
+	eventually(t, "connections drained", func() bool { return e.f.Stats().TCPConns.Load() == 0 })
 }
 
 func TestInboundUDP(t *testing.T) {
@@ -246,10 +246,10 @@ func TestInboundUDP(t *testing.T) {
 		_ = c.Close()
 	}
 	s := e.f.Stats()
-	if s.InboundUDPFlows != uint64(len(families(t))) {
-		t.Errorf("InboundUDPFlows = %d", s.InboundUDPFlows)
+	if s.InboundUDPFlows.Load() != uint64(len(families(t))) {
+		t.Errorf("InboundUDPFlows = %d", s.InboundUDPFlows.Load())
 	}
-	eventually(t, "inbound flows to expire", func() bool { return e.f.Stats().UDPFlows == 0 })
+	eventually(t, "inbound flows to expire", func() bool { return e.f.Stats().UDPFlows.Load() == 0 })
 }
 
 func TestCloseStopsPortForwards(t *testing.T) {

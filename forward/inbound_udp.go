@@ -56,17 +56,17 @@ func (p *portForward) flow(client netip.AddrPort) *udpFlow {
 	p.mu.Unlock()
 	src, ok := f.guestSource(client, p.spec.Guest.Addr())
 	if !ok {
-		f.c.dropUnroutable.Add(1)
+		f.c.DropUnroutable.Add(1)
 		return nil
 	}
-	if !reserve(&f.c.udpFlows, f.opts.MaxUDPFlows) {
-		f.c.dropUDPLimit.Add(1)
+	if !reserve(&f.c.UDPFlows, f.opts.MaxUDPFlows) {
+		f.c.DropUDPFlowLimit.Add(1)
 		return nil
 	}
 	gc, err := f.dialGuestUDP(src, p.spec.Guest)
 	if err != nil {
-		f.c.udpFlows.Add(-1)
-		f.c.dropSend.Add(1)
+		f.c.UDPFlows.Add(-1)
+		f.c.DropSendErrors.Add(1)
 		f.log.Debug("inbound udp: guest socket failed", "client", client, "err", err)
 		return nil
 	}
@@ -96,7 +96,7 @@ func (p *portForward) flow(client netip.AddrPort) *udpFlow {
 	}
 	p.flows[client] = fl
 	p.mu.Unlock()
-	f.c.inboundUDP.Add(1)
+	f.c.InboundUDPFlows.Add(1)
 	f.log.Debug("inbound udp flow", "client", client, "as", src, "guest", p.spec.Guest)
 	f.addUDPFlow(fl, fl.guestLoop)
 	return fl

@@ -35,7 +35,7 @@ func TestNoGoroutineLeak(t *testing.T) {
 	settle := func() int {
 		eventually(t, "idle forwarder", func() bool {
 			s := e.f.Stats()
-			return s.TCPConns == 0 && s.UDPFlows == 0
+			return s.TCPConns.Load() == 0 && s.UDPFlows.Load() == 0
 		})
 		time.Sleep(50 * time.Millisecond)
 		return runtime.NumGoroutine()

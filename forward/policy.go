@@ -30,7 +30,7 @@ func (f *Forwarder) checkEgress(proto egress.Proto, src, dst netip.AddrPort) boo
 	if v.Allowed {
 		return true
 	}
-	f.c.dropEgress.Add(1)
+	f.c.DropEgress.Add(1)
 	if v.FirstDenial {
 		f.log.Info("egress denied by policy (first denial by this rule; later ones are counted in stats)",
 			"rule", v.Rule, "proto", proto.String(), "src", src, "dst", dst)

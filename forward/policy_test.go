@@ -28,9 +28,9 @@ func policy(t *testing.T, o egress.Options, specs ...string) *egress.Policy {
 
 // hits returns the hit counter of the rule labelled rule.
 func hits(f *Forwarder, rule string) uint64 {
-	for _, s := range f.Stats().Egress {
+	for _, s := range f.EgressRules() {
 		if s.Rule == rule {
-			return s.Hits
+			return s.Counters.Hits.Load()
 		}
 	}
 	return 0
@@ -112,8 +112,8 @@ func TestEgressTCP(t *testing.T) {
 			t.Errorf("%s: rule %q hits %d, want %d", tc.dst, tc.rule, got, hitsBefore+1)
 		}
 	}
-	if s := e.f.Stats(); s.Drops.Egress < 3 || s.ICMPErrors != s.Drops.Egress {
-		t.Errorf("egress drops %d, ICMP errors %d; want at least 3, and equal", s.Drops.Egress, s.ICMPErrors)
+	if s := e.f.Stats(); s.DropEgress.Load() < 3 || s.ICMPErrors.Load() != s.DropEgress.Load() {
+		t.Errorf("egress drops %d, ICMP errors %d; want at least 3, and equal", s.DropEgress.Load(), s.ICMPErrors.Load())
 	}
 }
 
@@ -127,7 +127,7 @@ func TestEgressTCPResetWhenICMPLimited(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "refused") || time.Since(start) > 5*time.Second {
 		t.Fatalf("dial err = %v after %v, want an immediate connection refused", err, time.Since(start))
 	}
-	if s := e.f.Stats(); s.ICMPErrorsLimited == 0 || s.Drops.Egress != 1 {
+	if s := e.f.Stats(); s.ICMPErrorsLimited.Load() == 0 || s.DropEgress.Load() != 1 {
 		t.Fatalf("stats %+v", s)
 	}
 }
@@ -174,8 +174,8 @@ func TestEgressUDP(t *testing.T) {
 			t.Errorf("%s: denied datagram opened a host socket", tc.dst)
 		}
 	}
-	if s := e.f.Stats(); s.Drops.Egress != 3 {
-		t.Errorf("egress drops %d, want 3", s.Drops.Egress)
+	if s := e.f.Stats(); s.DropEgress.Load() != 3 {
+		t.Errorf("egress drops %d, want 3", s.DropEgress.Load())
 	}
 }
 
@@ -221,6 +221,6 @@ func TestEgressNone(t *testing.T) {
 		t.Fatal("egress none let a connection out")
 	}
 	if hits(e.f, "allow gateway") != 1 || hits(e.f, "deny any") != 1 {
-		t.Fatalf("stats %+v", e.f.Stats().Egress)
+		t.Fatalf("stats %+v", e.f.EgressRules())
 	}
 }

@@ -139,7 +139,7 @@ func (f *Forwarder) addConn(c *tcpSplice) bool {
 		return false
 	}
 	f.conns[c] = struct{}{}
-	f.c.tcpConnsTotal.Add(1)
+	f.c.TCPConnsTotal.Add(1)
 	return true
 }
 

@@ -21,7 +21,7 @@ import (
 // unreachable.
 func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	if !f.enter() {
-		f.c.dropClosed.Add(1)
+		f.c.DropClosed.Add(1)
 		r.Complete(true)
 		return
 	}
@@ -44,15 +44,15 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 		f.denyTCP(r, src, dst)
 		return
 	}
-	if !reserve(&f.c.tcpConns, f.opts.MaxConns) {
-		f.c.tcpRejectedConns.Add(1)
+	if !reserve(&f.c.TCPConns, f.opts.MaxConns) {
+		f.c.TCPRejectedConns.Add(1)
 		log.Debug("tcp rejected: connection limit", "max", f.opts.MaxConns)
 		r.Complete(true)
 		return
 	}
-	defer f.c.tcpConns.Add(-1)
-	if !reserve(&f.c.tcpDialsInFlight, f.opts.MaxInFlightDials) {
-		f.c.tcpRejectedInFlight.Add(1)
+	defer f.c.TCPConns.Add(-1)
+	if !reserve(&f.c.TCPDialsInFlight, f.opts.MaxInFlightDials) {
+		f.c.TCPRejectedInFlight.Add(1)
 		log.Debug("tcp rejected: in-flight dial limit", "max", f.opts.MaxInFlightDials)
 		r.Complete(true)
 		return
@@ -61,7 +61,7 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	ctx, cancel := context.WithTimeout(f.ctx, f.opts.DialTimeout)
 	hc, err := f.opts.dial(ctx, tcpNetwork(to), target.String())
 	cancel()
-	f.c.tcpDialsInFlight.Add(-1)
+	f.c.TCPDialsInFlight.Add(-1)
 	if err != nil {
 		f.countDialError(err)
 		log.Debug("tcp dial failed", "target", target, "err", err)
@@ -108,12 +108,12 @@ func (f *Forwarder) countDialError(err error) {
 	var ne net.Error
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED):
-		f.c.tcpRefused.Add(1)
+		f.c.TCPRefused.Add(1)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded),
 		errors.As(err, &ne) && ne.Timeout():
-		f.c.tcpTimeouts.Add(1)
+		f.c.TCPTimeouts.Add(1)
 	default:
-		f.c.tcpDialErrors.Add(1)
+		f.c.TCPDialErrors.Add(1)
 	}
 }
 

@@ -46,9 +46,9 @@ func TestTCPGatewayMapsToLoopback(t *testing.T) {
 		}
 		_ = c.Close()
 	}
-	eventually(t, "connections to drain", func() bool { return e.f.Stats().TCPConns == 0 })
-	if s := e.f.Stats(); s.TCPConnsTotal != uint64(len(families(t))) {
-		t.Errorf("TCPConnsTotal = %d", s.TCPConnsTotal)
+	eventually(t, "connections to drain", func() bool { return e.f.Stats().TCPConns.Load() == 0 })
+	if s := e.f.Stats(); s.TCPConnsTotal.Load() != uint64(len(families(t))) {
+		t.Errorf("TCPConnsTotal = %d", s.TCPConnsTotal.Load())
 	}
 }
 
@@ -117,8 +117,8 @@ func TestTCPRefusedGetsRST(t *testing.T) {
 			t.Errorf("refusal took %v", d)
 		}
 	}
-	if s := e.f.Stats(); s.TCPRefused != uint64(len(families(t))) {
-		t.Errorf("TCPRefused = %d", s.TCPRefused)
+	if s := e.f.Stats(); s.TCPRefused.Load() != uint64(len(families(t))) {
+		t.Errorf("TCPRefused = %d", s.TCPRefused.Load())
 	}
 }
 
@@ -179,11 +179,11 @@ func TestTCPNotForwarded(t *testing.T) {
 		name    string
 		mapLoop bool
 		dst     netip.Addr
-		drops   func(Stats) uint64
+		drops   func(*Stats) uint64
 	}{
-		{"dns4", true, netstacktest.DNS4, func(s Stats) uint64 { return s.Drops.DNSAddress }},
-		{"dns6", true, netstacktest.DNS6, func(s Stats) uint64 { return s.Drops.DNSAddress }},
-		{"gateway-unmapped", false, gw4, func(s Stats) uint64 { return s.Drops.Gateway }},
+		{"dns4", true, netstacktest.DNS4, func(s *Stats) uint64 { return s.DropDNSAddress.Load() }},
+		{"dns6", true, netstacktest.DNS6, func(s *Stats) uint64 { return s.DropDNSAddress.Load() }},
+		{"gateway-unmapped", false, gw4, func(s *Stats) uint64 { return s.DropGateway.Load() }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, func(o *Options) { o.MapHostLoopback = tc.mapLoop })
@@ -225,13 +225,13 @@ func TestTCPInFlightLimit(t *testing.T) {
 		}
 		first <- err
 	}()
-	eventually(t, "first dial in flight", func() bool { return e.f.Stats().TCPDialsInFlight == 1 })
+	eventually(t, "first dial in flight", func() bool { return e.f.Stats().TCPDialsInFlight.Load() == 1 })
 	_, err := netstacktest.DialTCP(ctxT(t, 5*time.Second), e.p.Guest, dst)
 	if err == nil || !strings.Contains(err.Error(), "refused") {
 		t.Fatalf("second dial err = %v, want refused", err)
 	}
-	if s := e.f.Stats(); s.TCPRejectedInFlight != 1 {
-		t.Errorf("TCPRejectedInFlight = %d", s.TCPRejectedInFlight)
+	if s := e.f.Stats(); s.TCPRejectedInFlight.Load() != 1 {
+		t.Errorf("TCPRejectedInFlight = %d", s.TCPRejectedInFlight.Load())
 	}
 	close(release)
 	if err := <-first; err != nil {
@@ -251,11 +251,11 @@ func TestTCPConnLimit(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "refused") {
 		t.Fatalf("second dial err = %v, want refused", err)
 	}
-	if s := e.f.Stats(); s.TCPRejectedConns != 1 || s.TCPConns != 1 {
+	if s := e.f.Stats(); s.TCPRejectedConns.Load() != 1 || s.TCPConns.Load() != 1 {
 		t.Errorf("stats %+v", s)
 	}
 	_ = c1.Close()
-	eventually(t, "slot freed", func() bool { return e.f.Stats().TCPConns == 0 })
+	eventually(t, "slot freed", func() bool { return e.f.Stats().TCPConns.Load() == 0 })
 	c3, err := netstacktest.DialTCP(ctxT(t, 5*time.Second), e.p.Guest, dst)
 	if err != nil {
 		t.Fatalf("dial after close: %v", err)
@@ -273,7 +273,7 @@ func TestTCPCloseAbortsConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	eventually(t, "connection", func() bool { return e.f.Stats().TCPConns == 1 })
+	eventually(t, "connection", func() bool { return e.f.Stats().TCPConns.Load() == 1 })
 	done := make(chan struct{})
 	go func() { _ = e.f.Close(); close(done) }()
 	select {

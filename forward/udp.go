@@ -29,11 +29,11 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 		return why != dropDNS
 	}
 	if f.isClosed() {
-		f.c.dropClosed.Add(1)
+		f.c.DropClosed.Add(1)
 		return true
 	}
-	if !reserve(&f.c.udpFlows, f.opts.MaxUDPFlows) {
-		f.c.dropUDPLimit.Add(1)
+	if !reserve(&f.c.UDPFlows, f.opts.MaxUDPFlows) {
+		f.c.DropUDPFlowLimit.Add(1)
 		return true
 	}
 	target := netip.AddrPortFrom(to, dst.Port())
@@ -45,8 +45,8 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 	// sent), so it is fine on gVisor's delivery path.
 	hc, err := f.opts.dialUDP(network, target)
 	if err != nil {
-		f.c.udpFlows.Add(-1)
-		f.c.dropSend.Add(1)
+		f.c.UDPFlows.Add(-1)
+		f.c.DropSendErrors.Add(1)
 		f.log.Debug("udp host socket failed", "src", src, "target", target, "err", err)
 		return true
 	}
@@ -69,8 +69,8 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 		// Most likely a concurrent datagram of the same 5-tuple won the
 		// race and owns the endpoint; this one is dropped.
 		_ = hc.Close()
-		f.c.udpFlows.Add(-1)
-		f.c.dropSend.Add(1)
+		f.c.UDPFlows.Add(-1)
+		f.c.DropSendErrors.Add(1)
 		f.log.Debug("udp guest endpoint failed", "src", src, "dst", dst, "err", terr)
 		return true
 	}

@@ -45,8 +45,8 @@ func TestUDPEcho(t *testing.T) {
 		udpRoundTrip(t, e, dst, big)
 	}
 	s := e.f.Stats()
-	if want := uint64(2 * len(families(t))); s.UDPFlowsTotal != want {
-		t.Errorf("UDPFlowsTotal = %d, want %d", s.UDPFlowsTotal, want)
+	if want := uint64(2 * len(families(t))); s.UDPFlowsTotal.Load() != want {
+		t.Errorf("UDPFlowsTotal = %d, want %d", s.UDPFlowsTotal.Load(), want)
 	}
 }
 
@@ -73,20 +73,20 @@ func TestUDPFlowExpiry(t *testing.T) {
 		}
 	}
 	roundTrip()
-	if s := e.f.Stats(); s.UDPFlows != 1 {
-		t.Fatalf("UDPFlows = %d", s.UDPFlows)
+	if s := e.f.Stats(); s.UDPFlows.Load() != 1 {
+		t.Fatalf("UDPFlows = %d", s.UDPFlows.Load())
 	}
-	eventually(t, "flow expiry", func() bool { return e.f.Stats().UDPFlows == 0 })
-	if s := e.f.Stats(); s.UDPFlowsExpired != 1 {
-		t.Errorf("UDPFlowsExpired = %d", s.UDPFlowsExpired)
+	eventually(t, "flow expiry", func() bool { return e.f.Stats().UDPFlows.Load() == 0 })
+	if s := e.f.Stats(); s.UDPFlowsExpired.Load() != 1 {
+		t.Errorf("UDPFlowsExpired = %d", s.UDPFlowsExpired.Load())
 	}
 	// The same 5-tuple gets a fresh flow.
 	roundTrip()
 	// A second exchange makes it a stream: the long timeout applies.
 	roundTrip()
 	time.Sleep(400 * time.Millisecond)
-	if s := e.f.Stats(); s.UDPFlows != 1 || s.UDPFlowsTotal != 2 {
-		t.Errorf("stream flow: UDPFlows = %d, total = %d", s.UDPFlows, s.UDPFlowsTotal)
+	if s := e.f.Stats(); s.UDPFlows.Load() != 1 || s.UDPFlowsTotal.Load() != 2 {
+		t.Errorf("stream flow: UDPFlows = %d, total = %d", s.UDPFlows.Load(), s.UDPFlowsTotal.Load())
 	}
 }
 
@@ -101,7 +101,7 @@ func TestUDPFlowLimit(t *testing.T) {
 	}
 	defer c.Close()
 	_, _ = c.Write([]byte("second"))
-	eventually(t, "drop", func() bool { return e.f.Stats().Drops.UDPFlowLimit == 1 })
+	eventually(t, "drop", func() bool { return e.f.Stats().DropUDPFlowLimit.Load() == 1 })
 }
 
 // TestUDPNotForwarded sends to multicast, the DNS address and the
@@ -120,11 +120,11 @@ func TestUDPNotForwarded(t *testing.T) {
 		_ = c.Close()
 	}
 	eventually(t, "drops", func() bool {
-		d := e.f.Stats().Drops
-		return d.DNSAddress == 1 && d.Gateway == 1
+		d := e.f.Stats()
+		return d.DropDNSAddress.Load() == 1 && d.DropGateway.Load() == 1
 	})
-	if s := e.f.Stats(); s.UDPFlowsTotal != 0 {
-		t.Errorf("UDPFlowsTotal = %d", s.UDPFlowsTotal)
+	if s := e.f.Stats(); s.UDPFlowsTotal.Load() != 0 {
+		t.Errorf("UDPFlowsTotal = %d", s.UDPFlowsTotal.Load())
 	}
 }
 

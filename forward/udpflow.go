@@ -69,7 +69,7 @@ func (fl *udpFlow) guestLoop() {
 	for {
 		deadline := fl.f.epoch.Add(time.Duration(fl.last.Load()) + fl.idleTimeout())
 		if !time.Now().Before(deadline) {
-			fl.f.c.udpFlowsExpired.Add(1)
+			fl.f.c.UDPFlowsExpired.Add(1)
 			fl.f.log.Debug("udp flow expired", "flow", fl.desc)
 			return
 		}
@@ -103,7 +103,7 @@ func (fl *udpFlow) guestLoop() {
 			err = fl.sendHost(buf[:n])
 		}
 		if err != nil {
-			fl.f.c.dropSend.Add(1)
+			fl.f.c.DropSendErrors.Add(1)
 			fl.f.log.Debug("udp send to host failed", "flow", fl.desc, "err", err)
 		}
 	}
@@ -125,7 +125,7 @@ func (fl *udpFlow) deliver(b []byte) {
 	fl.touch()
 	fl.toGuest.Add(1)
 	if _, err := fl.guest.Write(b); err != nil {
-		fl.f.c.dropSend.Add(1)
+		fl.f.c.DropSendErrors.Add(1)
 		fl.f.log.Debug("udp send to guest failed", "flow", fl.desc, "err", err)
 	}
 }
@@ -281,7 +281,7 @@ func (fl *udpFlow) close() {
 		if fl.closeHost != nil {
 			fl.closeHost()
 		}
-		fl.f.c.udpFlows.Add(-1)
+		fl.f.c.UDPFlows.Add(-1)
 		if fl.onClose != nil {
 			fl.onClose()
 		}
@@ -310,7 +310,7 @@ func (f *Forwarder) addUDPFlow(fl *udpFlow, loops ...func()) {
 	f.udp[fl] = struct{}{}
 	f.wg.Add(len(loops))
 	f.mu.Unlock()
-	f.c.udpFlowsTotal.Add(1)
+	f.c.UDPFlowsTotal.Add(1)
 	for _, loop := range loops {
 		go func() {
 			defer f.wg.Done()

@@ -33,15 +33,20 @@ var ErrProtocol = errors.New("vhost-user protocol error")
 
 // Stats count control-plane events, including hostile input.
 type Stats struct {
-	Messages    atomic.Uint64
-	BadMessages atomic.Uint64 // rejected: size, fd count, values
-	Sessions    atomic.Uint64
-	MapFailures atomic.Uint64
-	QueueStarts atomic.Uint64
+	Messages    atomic.Uint64 `metric:"vhost_messages_total" help:"vhost-user messages handled."`
+	BadMessages atomic.Uint64 `metric:"vhost_bad_messages_total" help:"vhost-user messages rejected as malformed: size, fd count, values (hostile or buggy frontend)." hostile:"vhost"`
+	Sessions    atomic.Uint64 `metric:"vhost_sessions_total" help:"vhost-user frontends served."`
+	MapFailures atomic.Uint64 `metric:"vhost_map_failures_total" help:"Guest memory regions that could not be mapped." hostile:"vhost_memory"`
+	QueueStarts atomic.Uint64 `metric:"vhost_queue_starts_total" help:"Virtqueues started."`
 	// BadFDs counts descriptors refused for their kind: a kick, call or
 	// error fd that is not an eventfd, a memory region that is not a
-	// regular file or memfd. Also counted in BadMessages.
-	BadFDs atomic.Uint64
+	// regular file or memfd. Also counted in BadMessages (so not in the
+	// hostile rollup a second time).
+	BadFDs atomic.Uint64 `metric:"vhost_bad_fds_total" help:"Descriptors refused for their kind (a kick/call that is not an eventfd, memory that is not a regular file)."`
+	// Queues are each virtqueue's counters, by index; they outlive
+	// sessions, so a reconnecting frontend does not reset them. The owner
+	// registers each with its queue's labels.
+	Queues [maxQueues]virtqueue.Stats `metric:"-"`
 }
 
 // vring is the control-plane view of one queue.
@@ -86,7 +91,9 @@ func newSession(log *slog.Logger, b Backend, stats *Stats, onQueueErr func(int, 
 }
 
 func (s *session) newVring(i int) *vring {
-	return &vring{q: virtqueue.New(nil, func(err error) { s.onQueueErr(i, err) })}
+	q := virtqueue.New(nil, func(err error) { s.onQueueErr(i, err) })
+	q.Stats = &s.stats.Queues[i]
+	return &vring{q: q}
 }
 
 func (s *session) offered() uint64 { return s.backend.Features() | transportFeatures }

@@ -5,11 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
-	"slices"
 	"strings"
 	"text/tabwriter"
-	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -236,75 +233,6 @@ func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
-}
-
-// writeStats prints the snapshot for people: the headline numbers, and
-// drops only when there were any.
-func writeStats(w io.Writer, st api.Stats) error {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	up := time.Duration(st.UptimeSeconds * float64(time.Second)).Round(time.Second)
-	fmt.Fprintf(tw, "vunet\t%s, up %s\n", st.Version, up)
-	for _, q := range st.Link.Queues {
-		fmt.Fprintf(tw, "queue %d\t%s: %d frames, %s", q.Queue, strings.ReplaceAll(q.Direction, "_", " "), q.Frames, humanBytes(q.Bytes))
-		if q.Errors > 0 {
-			fmt.Fprintf(tw, ", %d errors", q.Errors)
-		}
-		if q.Backlog > 0 {
-			fmt.Fprintf(tw, ", %d waiting for buffers", q.Backlog)
-		}
-		if r := q.Ring; r != nil {
-			fmt.Fprintf(tw, "; ring %d: avail %d, next %d, used %d", r.Size, r.AvailIdx, r.NextAvail, r.UsedIdx)
-			if r.EventIdx {
-				fmt.Fprintf(tw, ", avail_event %d, used_event %d", r.AvailEvent, r.UsedEvent)
-			}
-		}
-		fmt.Fprintln(tw)
-	}
-	if d := nonZero(st.Link.Drops); d != "" {
-		fmt.Fprintf(tw, "link drops\t%s\n", d)
-	}
-	v := st.VHost
-	fmt.Fprintf(tw, "vhost\t%d sessions, %d messages, %d bad messages, %d map failures, %d bad fds\n",
-		v.Sessions, v.Messages, v.BadMessages, v.MapFailures, v.BadFDs)
-	fw := st.Forward
-	fmt.Fprintf(tw, "flows\ttcp %d (%d total), udp %d (%d total), icmp %d\n",
-		fw.TCPConns, fw.TCPConnsTotal, fw.UDPFlows, fw.UDPFlowsTotal, fw.PingFlows)
-	fmt.Fprintf(tw, "tcp dials\t%d refused, %d timed out, %d failed, %d over limits\n",
-		fw.TCPRefused, fw.TCPTimeouts, fw.TCPDialErrors, fw.TCPRejectedInFlight+fw.TCPRejectedConns)
-	fmt.Fprintf(tw, "port forwards\t%d active; %d tcp connections, %d udp flows accepted\n",
-		fw.PortForwards, fw.InboundTCPConns, fw.InboundUDPFlows)
-	if d := nonZero(fw.Drops); d != "" {
-		fmt.Fprintf(tw, "forward drops\t%s\n", d)
-	}
-	d := st.DHCP
-	fmt.Fprintf(tw, "dhcp\t%d of %d leases in use, %d packets, %d malformed\n", d.ActiveLeases, d.PoolSize, d.Received, d.Malformed)
-	for _, l := range d.Leases {
-		fmt.Fprintf(tw, "  lease\t%s %s until %s\n", l.MAC, l.Addr, l.Expiry.Local().Format(time.DateTime))
-	}
-	n := st.DNS
-	fmt.Fprintf(tw, "dns\t%d queries (%d tcp): %d static, %d upstream; %d upstream errors, %d malformed\n",
-		n.Queries, n.TCPQueries, n.Static, n.Forwarded, n.UpstreamErrors, n.Malformed)
-	if r := st.RA; r != nil {
-		fmt.Fprintf(tw, "ra\t%d sent, %d solicitations\n", r.Sent, r.Solicitations)
-	}
-	if d6 := st.DHCPv6; d6 != nil {
-		fmt.Fprintf(tw, "dhcpv6\t%d packets, %d replies, %d malformed\n", d6.Received, d6.Replies, d6.Malformed)
-	}
-	if t := st.TFTP; t != nil {
-		fmt.Fprintf(tw, "tftp\t%d requests, %d completed, %d failed, %s sent\n", t.Requests, t.Completed, t.Failed, humanBytes(t.BytesSent))
-	}
-	return tw.Flush()
-}
-
-// nonZero formats the non-zero entries of m as "a=1 b=2", sorted.
-func nonZero(m map[string]uint64) string {
-	var parts []string
-	for _, k := range slices.Sorted(maps.Keys(m)) {
-		if m[k] != 0 {
-			parts = append(parts, fmt.Sprintf("%s=%d", k, m[k]))
-		}
-	}
-	return strings.Join(parts, " ")
 }
 
 // humanBytes formats n with a binary unit.

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,17 +31,31 @@ type fakeAPI struct {
 func (f *fakeAPI) Health() api.Health { return api.Health{Status: "ok", Version: "fake"} }
 
 func (f *fakeAPI) Stats() api.Stats {
+	m := func(layer, name string, v int64, kv ...string) api.Metric {
+		labels := map[string]string{}
+		for i := 0; i+1 < len(kv); i += 2 {
+			labels[kv[i]] = kv[i+1]
+		}
+		kind := api.Gauge
+		if strings.HasSuffix(name, "_total") {
+			kind = api.Counter
+		}
+		return api.Metric{Layer: layer, Name: name, Kind: kind, Help: "h", Labels: labels, Value: v}
+	}
 	return api.Stats{
 		Version: "fake", UptimeSeconds: 3661,
-		Link: api.LinkStats{
-			Queues: []api.QueueStats{{Queue: 0, Direction: api.ToGuest, Frames: 5, Bytes: 3 << 20},
-				{Queue: 1, Direction: api.FromGuest, Frames: 7, Bytes: 700, Errors: 1}},
-			Drops: map[string]uint64{"tx_short": 2, "rx_too_big": 0},
+		Metrics: []api.Metric{
+			m("link", "vunet_link_frames_total", 5, "queue", "0", "direction", "to_guest"),
+			m("link", "vunet_link_bytes_total", 3<<20, "queue", "0", "direction", "to_guest"),
+			m("link", "vunet_link_drops_total", 2, "reason", "tx_short"),
+			m("virtqueue", "vunet_virtqueue_bad_chains_total", 1, "queue", "1", "direction", "from_guest"),
+			m("forward", "vunet_flows", 1, "proto", "tcp"),
+			m("forward", "vunet_port_forwards", 2),
+			m("dhcp", "vunet_dhcp_leases", 1),
+			m("dns", "vunet_dns_queries_total", 4, "transport", "udp"),
 		},
-		Forward: api.ForwardStats{TCPConns: 1, TCPConnsTotal: 9, Drops: map[string]uint64{}},
-		DHCP: api.DHCPStats{ActiveLeases: 1, PoolSize: 240,
-			Leases: []api.Lease{{MAC: "52:54:00:12:34:56", Addr: netip.MustParseAddr("10.0.2.15"), Expiry: time.Unix(1e9, 0)}}},
-		DNS: api.DNSStats{Queries: 4, TCPQueries: 1},
+		Rings:  []api.RingState{{Queue: 1, Direction: api.FromGuest, Size: 256, AvailIdx: 9, NextAvail: 8, UsedIdx: 8}},
+		Leases: []api.Lease{{MAC: "52:54:00:12:34:56", Addr: netip.MustParseAddr("10.0.2.15"), Expiry: time.Unix(1e9, 0)}},
 	}
 }
 
@@ -184,20 +199,20 @@ func TestStatsCommand(t *testing.T) {
 	if r.err != nil {
 		t.Fatal(r.line())
 	}
-	for _, w := range []string{"fake, up 1h1m1s", "to guest: 5 frames, 3.0 MiB", "from guest: 7 frames, 700 B, 1 errors",
-		"link drops", "tx_short=2", "tcp 1 (9 total)", "1 of 240 leases", "52:54:00:12:34:56 10.0.2.15", "4 queries (1 tcp)"} {
+	for _, w := range []string{"vunet fake, up 1h1m1s", "\nlink\n", "reason=tx_short", "\nvirtqueue\n",
+		"direction=from_guest queue=1  size 256: avail 9, next 8, used 8", "52:54:00:12:34:56 10.0.2.15", "port_forwards"} {
 		if !strings.Contains(r.stdout, w) {
 			t.Errorf("stats output lacks %q:\n%s", w, r.stdout)
 		}
 	}
-	if strings.Contains(r.stdout, "rx_too_big") || strings.Contains(r.stdout, "forward drops") {
-		t.Errorf("zero drops printed:\n%s", r.stdout)
-	}
 
 	r = runVunet(t, nil, "stats", "--api", sock, "--json")
 	var st api.Stats
-	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || st.Version != "fake" || st.Link.Queues[1].Errors != 1 {
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || st.Version != "fake" || len(st.Metrics) != 8 {
 		t.Errorf("stats --json: %v %+v", err, st)
+	}
+	if v, ok := st.Find("vunet_virtqueue_bad_chains_total", "queue", "1", "direction", "from_guest"); !ok || v != 1 {
+		t.Errorf("stats --json: bad_chains = %d, %v", v, ok)
 	}
 
 	r = runVunet(t, nil, "stats", "--api", sock, "--metrics")
@@ -283,7 +298,7 @@ func TestRunWithAPIAndNotify(t *testing.T) {
 	if out, err := cli("forward", "list", "--api", asock); err != nil || strings.Count(out, "\n") != 3 || !strings.Contains(out, spec) {
 		t.Errorf("forward list: %v\n%s", err, out)
 	}
-	if out, err := cli("stats", "--api", asock); err != nil || !strings.Contains(out, "port forwards  2 active") {
+	if out, err := cli("stats", "--api", asock); err != nil || !regexp.MustCompile(`\n  port_forwards +2\n`).MatchString(out) {
 		t.Errorf("stats: %v\n%s", err, out)
 	}
 	if out, err := cli("forward", "remove", "--api", asock, spec); err != nil || out != "removed "+spec+"\n" {

@@ -25,7 +25,7 @@ type HostAddrSet struct {
 	addrs atomic.Pointer[map[netip.Addr]struct{}]
 	read  func() ([]net.Addr, error) // net.InterfaceAddrs, replaced by tests
 
-	refreshes, failures atomic.Uint64
+	stats HostAddrStats
 
 	stop     chan struct{}
 	wg       sync.WaitGroup
@@ -48,6 +48,7 @@ func watchHostAddrs(log *slog.Logger, read func() ([]net.Addr, error), subscribe
 		log = slog.Default()
 	}
 	s := &HostAddrSet{log: log, read: read, stop: make(chan struct{})}
+	s.stats.Addresses = func() int64 { return int64(s.Len()) }
 	// Subscribe before the first read, so a change between the two is not
 	// missed.
 	changes, closeSub, subErr := subscribe()
@@ -92,7 +93,7 @@ func watchHostAddrs(log *slog.Logger, read func() ([]net.Addr, error), subscribe
 func (s *HostAddrSet) Refresh() error {
 	as, err := s.read()
 	if err != nil {
-		s.failures.Add(1)
+		s.stats.Failures.Add(1)
 		return err
 	}
 	m := make(map[netip.Addr]struct{}, len(as))
@@ -109,11 +110,11 @@ func (s *HostAddrSet) Refresh() error {
 		}
 	}
 	if len(m) == 0 {
-		s.failures.Add(1)
+		s.stats.Failures.Add(1)
 		return errors.New("the host reports no addresses")
 	}
 	s.addrs.Store(&m)
-	s.refreshes.Add(1)
+	s.stats.Refreshes.Add(1)
 	return nil
 }
 
@@ -135,11 +136,18 @@ func (s *HostAddrSet) Len() int {
 	return 0
 }
 
-// Refreshes counts successful re-reads; Failures counts failed ones.
-func (s *HostAddrSet) Refreshes() uint64 { return s.refreshes.Load() }
+// HostAddrStats are the host address set's counters, declared for the
+// metrics registry (internal/metrics).
+type HostAddrStats struct {
+	// Addresses is set by WatchHostAddrs: the set's size now.
+	Addresses func() int64  `metric:"egress_host_addresses" kind:"gauge" help:"Addresses the host owns, denied by --no-host-addresses."`
+	Refreshes atomic.Uint64 `metric:"egress_host_address_refreshes_total" help:"Times the host's address set was re-read."`
+	// Failures are re-reads that failed; the previous set was kept.
+	Failures atomic.Uint64 `metric:"egress_host_address_refresh_failures_total" help:"Re-reads of the host's addresses that failed (the previous set was kept)."`
+}
 
-// Failures counts re-reads that failed (the previous set was kept).
-func (s *HostAddrSet) Failures() uint64 { return s.failures.Load() }
+// Stats returns the live counters.
+func (s *HostAddrSet) Stats() *HostAddrStats { return &s.stats }
 
 // Close stops watching. The set keeps its last contents.
 func (s *HostAddrSet) Close() {

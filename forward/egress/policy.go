@@ -76,7 +76,7 @@ type entry struct {
 	index  int // 1-based position among the user rules; 0 for defaults
 	label  string
 	action Action
-	hits   atomic.Uint64
+	c      RuleCounters
 	denied atomic.Bool // a denial has been reported (logged) once
 }
 
@@ -144,7 +144,7 @@ type Verdict struct {
 }
 
 func (e *entry) verdict() Verdict {
-	e.hits.Add(1)
+	e.c.Hits.Add(1)
 	v := Verdict{Allowed: e.action == Allow, Rule: e.label}
 	if !v.Allowed && !e.denied.Load() {
 		v.FirstDenial = e.denied.CompareAndSwap(false, true)
@@ -249,7 +249,16 @@ func within(r, p netip.Prefix) bool {
 	return r.IsValid() && r.Bits() >= p.Bits() && p.Contains(r.Addr())
 }
 
-// RuleStats is one rule's counters.
+// RuleCounters are one rule's counters, declared for the metrics registry
+// (internal/metrics), which labels them with the rule (RuleStats).
+type RuleCounters struct {
+	// Hits counts the flows (TCP connection attempts, UDP datagrams that
+	// would start a flow, echo requests that would start a flow) the rule
+	// decided.
+	Hits atomic.Uint64 `metric:"egress_rule_hits_total" help:"Guest flows decided by each egress rule (index is the position among the user rules, or default)."`
+}
+
+// RuleStats is one rule and its counters.
 type RuleStats struct {
 	// Index is the rule's 1-based position among the user rules, 0 for a
 	// built-in default.
@@ -259,11 +268,8 @@ type RuleStats struct {
 	// "allow gateway", "deny any", "allow any").
 	Rule string
 	// Action is "allow" or "deny".
-	Action string
-	// Hits counts the flows (TCP connection attempts, UDP datagrams that
-	// would start a flow, echo requests that would start a flow) the rule
-	// decided.
-	Hits uint64
+	Action   string
+	Counters *RuleCounters
 }
 
 // Stats returns every rule's counters in evaluation order: user rules,
@@ -271,7 +277,7 @@ type RuleStats struct {
 func (p *Policy) Stats() []RuleStats {
 	out := make([]RuleStats, 0, len(p.user)+len(p.defaults))
 	add := func(e *entry) {
-		out = append(out, RuleStats{Index: e.index, Rule: e.label, Action: e.action.String(), Hits: e.hits.Load()})
+		out = append(out, RuleStats{Index: e.index, Rule: e.label, Action: e.action.String(), Counters: &e.c})
 	}
 	for _, u := range p.user {
 		add(u.e)

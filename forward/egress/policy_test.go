@@ -126,8 +126,8 @@ func TestPolicyCountsAndFirstDenial(t *testing.T) {
 		t.Fatalf("stats order %+v", st)
 	}
 	for _, s := range st {
-		if w, ok := want[s.Rule]; ok && s.Hits != w {
-			t.Errorf("%s: %d hits, want %d", s.Rule, s.Hits, w)
+		if w, ok := want[s.Rule]; ok && s.Counters.Hits.Load() != w {
+			t.Errorf("%s: %d hits, want %d", s.Rule, s.Counters.Hits.Load(), w)
 		}
 	}
 }
@@ -207,7 +207,7 @@ func TestHostAddrSetKeepsOldSetOnError(t *testing.T) {
 	}
 	defer s.Close()
 	fail = true
-	if s.Refresh() == nil || !s.Contains(netip.MustParseAddr("192.0.2.9")) || s.Failures() != 1 {
+	if s.Refresh() == nil || !s.Contains(netip.MustParseAddr("192.0.2.9")) || s.Stats().Failures.Load() != 1 {
 		t.Fatal("a failed refresh lost the previous set")
 	}
 }

@@ -54,10 +54,10 @@ type bucket struct {
 }
 
 type logState struct {
-	burst      float64
-	every      time.Duration
-	now        func() time.Time
-	suppressed atomic.Uint64
+	burst float64
+	every time.Duration
+	now   func() time.Time
+	stats Stats
 
 	mu      sync.Mutex
 	buckets map[logKey]*bucket
@@ -72,9 +72,18 @@ func NewHandler(next slog.Handler, burst int, every time.Duration) *Handler {
 	}}
 }
 
-// Suppressed returns how many records were dropped so far, by this handler
-// and every handler derived from it (WithAttrs, WithGroup).
-func (h *Handler) Suppressed() uint64 { return h.st.suppressed.Load() }
+// Stats are the handler's counters, shared by every handler derived from it
+// (WithAttrs, WithGroup), declared for the metrics registry
+// (internal/metrics).
+type Stats struct {
+	Suppressed atomic.Uint64 `metric:"log_suppressed_total" help:"Log records held back by the per-message rate limit."`
+}
+
+// Stats returns the live counters.
+func (h *Handler) Stats() *Stats { return &h.st.stats }
+
+// Suppressed returns how many records were dropped so far.
+func (h *Handler) Suppressed() uint64 { return h.st.stats.Suppressed.Load() }
 
 // Enabled implements slog.Handler.
 func (h *Handler) Enabled(ctx context.Context, l slog.Level) bool { return h.next.Enabled(ctx, l) }
@@ -135,7 +144,7 @@ func (s *logState) take(k logKey) (allow bool, held uint64, announce bool) {
 		return true, held, false
 	}
 	b.suppressed++
-	s.suppressed.Add(1)
+	s.stats.Suppressed.Add(1)
 	if !b.announced {
 		b.announced = true
 		return false, 0, true

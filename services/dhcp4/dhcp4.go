@@ -119,27 +119,26 @@ type Options struct {
 	Boot Boot
 }
 
-// Stats are the server's counters.
+// Stats are the server's counters, declared for the metrics registry
+// (internal/metrics).
 type Stats struct {
-	Received      uint64 // DHCP packets read
-	Malformed     uint64 // packets that were not valid BOOTREQUESTs
-	Discover      uint64
-	Request       uint64
-	Decline       uint64
-	Release       uint64
-	Inform        uint64
-	Offer         uint64
-	Ack           uint64
-	Nak           uint64
-	PoolExhausted uint64 // DISCOVERs that got no offer because the pool was full
-	SendErrors    uint64
-	ActiveLeases  int // bound, unexpired leases
-	PoolSize      int
-}
+	Received  atomic.Uint64 `metric:"dhcp_packets_total" help:"DHCP packets received."`
+	Malformed atomic.Uint64 `metric:"dhcp_malformed_total" help:"Packets that were not valid BOOTREQUESTs." hostile:"dhcp"`
+	// Messages by type, received and sent.
+	Discover atomic.Uint64 `metric:"dhcp_messages_total{type=discover}" help:"DHCP messages by type, received (discover, request, decline, release, inform) and sent (offer, ack, nak)."`
+	Request  atomic.Uint64 `metric:"dhcp_messages_total{type=request}"`
+	Decline  atomic.Uint64 `metric:"dhcp_messages_total{type=decline}"`
+	Release  atomic.Uint64 `metric:"dhcp_messages_total{type=release}"`
+	Inform   atomic.Uint64 `metric:"dhcp_messages_total{type=inform}"`
+	Offer    atomic.Uint64 `metric:"dhcp_messages_total{type=offer}"`
+	Ack      atomic.Uint64 `metric:"dhcp_messages_total{type=ack}"`
+	Nak      atomic.Uint64 `metric:"dhcp_messages_total{type=nak}"`
 
-type counters struct {
-	received, malformed, discover, request, decline, release, inform atomic.Uint64
-	offer, ack, nak, poolExhausted, sendErrors                       atomic.Uint64
+	PoolExhausted atomic.Uint64 `metric:"dhcp_pool_exhausted_total" help:"DISCOVERs left unanswered because the pool was full."`
+	SendErrors    atomic.Uint64 `metric:"dhcp_send_errors_total" help:"DHCP replies that could not be sent."`
+	// ActiveLeases and PoolSize are set by New.
+	ActiveLeases func() int64 `metric:"dhcp_leases" kind:"gauge" help:"Bound, unexpired DHCP leases."`
+	PoolSize     func() int64 `metric:"dhcp_pool_size" kind:"gauge" help:"Addresses in the DHCP pool."`
 }
 
 // Server is a DHCPv4 server. Create it with New, run it with Serve.
@@ -157,7 +156,7 @@ type Server struct {
 	mu     sync.Mutex
 	leases *leaseTable
 
-	stats     counters
+	stats     Stats
 	closeOnce sync.Once
 	closed    chan struct{}
 }
@@ -174,6 +173,12 @@ func New(opts Options) (*Server, error) {
 		leases: newLeaseTable(opts.PoolStart, opts.PoolSize),
 		closed: make(chan struct{}),
 	}
+	s.stats.ActiveLeases = func() int64 {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return int64(s.leases.expire(s.now()))
+	}
+	s.stats.PoolSize = func() int64 { return int64(s.opts.PoolSize) }
 	if opts.Stack == nil {
 		// Stackless servers are only built by tests and the fuzzer, which
 		// drive handle directly.
@@ -362,21 +367,8 @@ func (s *Server) Close() {
 	})
 }
 
-// Stats returns a snapshot of the counters.
-func (s *Server) Stats() Stats {
-	s.mu.Lock()
-	active := s.leases.expire(s.now())
-	s.mu.Unlock()
-	c := &s.stats
-	return Stats{
-		Received: c.received.Load(), Malformed: c.malformed.Load(),
-		Discover: c.discover.Load(), Request: c.request.Load(), Decline: c.decline.Load(),
-		Release: c.release.Load(), Inform: c.inform.Load(),
-		Offer: c.offer.Load(), Ack: c.ack.Load(), Nak: c.nak.Load(),
-		PoolExhausted: c.poolExhausted.Load(), SendErrors: c.sendErrors.Load(),
-		ActiveLeases: active, PoolSize: s.opts.PoolSize,
-	}
-}
+// Stats returns the live counters.
+func (s *Server) Stats() *Stats { return &s.stats }
 
 // Lease describes one bound lease.
 type Lease struct {

@@ -139,7 +139,7 @@ func TestDORA(t *testing.T) {
 	checkOptions(t, ack, "10.0.2.15")
 
 	st := s.Stats()
-	if st.ActiveLeases != 1 || st.Discover != 1 || st.Request != 1 || st.Offer != 1 || st.Ack != 1 {
+	if st.ActiveLeases() != 1 || st.Discover.Load() != 1 || st.Request.Load() != 1 || st.Offer.Load() != 1 || st.Ack.Load() != 1 {
 		t.Errorf("stats after DORA = %+v", st)
 	}
 	if l := s.Leases(); len(l) != 1 || l[0].Addr.String() != "10.0.2.15" || l[0].MAC != c.hw.String() {
@@ -179,7 +179,7 @@ func TestDORA(t *testing.T) {
 	// RELEASE frees the lease.
 	rel, _ := dhcpv4.NewReleaseFromACK(ack)
 	c.expectSilence(rel)
-	testnet.WaitFor(t, func() bool { return s.Stats().ActiveLeases == 0 })
+	testnet.WaitFor(t, func() bool { return s.Stats().ActiveLeases() == 0 })
 }
 
 func checkOptions(t *testing.T, r *dhcpv4.DHCPv4, yiaddr string) {
@@ -298,15 +298,15 @@ func TestPoolExhaustionAndExpiry(t *testing.T) {
 	if a := dora(3); a != nil {
 		t.Fatalf("third client got %s from a pool of 2", a.YourIPAddr)
 	}
-	if st := s.Stats(); st.PoolExhausted != 1 || st.ActiveLeases != 2 {
+	if st := s.Stats(); st.PoolExhausted.Load() != 1 || st.ActiveLeases() != 2 {
 		t.Errorf("stats = %+v", st)
 	}
 	now = now.Add(DefaultLeaseTime + time.Second)
 	if a := dora(3); a == nil || a.YourIPAddr.String() != "10.0.2.15" {
 		t.Fatalf("after expiry: %v", a)
 	}
-	if st := s.Stats(); st.ActiveLeases != 1 {
-		t.Errorf("active leases after expiry = %d", st.ActiveLeases)
+	if st := s.Stats(); st.ActiveLeases() != 1 {
+		t.Errorf("active leases after expiry = %d", st.ActiveLeases())
 	}
 }
 
@@ -391,8 +391,8 @@ func TestPoolExhaustedLogIsBounded(t *testing.T) {
 		s.handle(d)
 	}
 	exhausted := strings.Count(buf.String(), "pool exhausted")
-	if st := s.Stats(); st.PoolExhausted != flood {
-		t.Fatalf("PoolExhausted = %d, want %d", st.PoolExhausted, flood)
+	if st := s.Stats(); st.PoolExhausted.Load() != flood {
+		t.Fatalf("PoolExhausted = %d, want %d", st.PoolExhausted.Load(), flood)
 	}
 	// LogBurst warnings, plus the line announcing the suppression (which
 	// names the message).

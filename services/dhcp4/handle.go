@@ -22,16 +22,16 @@ const (
 // the appliance: the parser is a third-party one, so a recover guards it as
 // well as this package's own code.
 func (s *Server) handlePacket(b []byte, from string) {
-	s.stats.received.Add(1)
+	s.stats.Received.Add(1)
 	defer func() {
 		if r := recover(); r != nil {
-			s.stats.malformed.Add(1)
+			s.stats.Malformed.Add(1)
 			s.log.Warn("dhcp4: recovered from panic handling packet", "from", from, "panic", fmt.Sprint(r))
 		}
 	}()
 	req, err := dhcpv4.FromBytes(b)
 	if err != nil {
-		s.stats.malformed.Add(1)
+		s.stats.Malformed.Add(1)
 		s.log.Debug("dhcp4: malformed packet", "from", from, "err", err)
 		return
 	}
@@ -48,7 +48,7 @@ func (s *Server) send(reply *dhcpv4.DHCPv4, dst netip.AddrPort) {
 	}
 	_, err := s.srvConn.Conn.WriteTo(reply.ToBytes(), net.UDPAddrFromAddrPort(dst))
 	if err != nil {
-		s.stats.sendErrors.Add(1)
+		s.stats.SendErrors.Add(1)
 		s.log.Warn("dhcp4: send reply", "to", dst, "type", reply.MessageType(), "err", err)
 		return
 	}
@@ -59,7 +59,7 @@ func (s *Server) send(reply *dhcpv4.DHCPv4, dst netip.AddrPort) {
 // stay silent.
 func (s *Server) handle(req *dhcpv4.DHCPv4) (*dhcpv4.DHCPv4, netip.AddrPort) {
 	if req.OpCode != dhcpv4.OpcodeBootRequest || req.HWType != iana.HWTypeEthernet || len(req.ClientHWAddr) != 6 {
-		s.stats.malformed.Add(1)
+		s.stats.Malformed.Add(1)
 		s.log.Debug("dhcp4: ignoring non-ethernet or non-request packet", "op", req.OpCode, "htype", req.HWType)
 		return nil, netip.AddrPort{}
 	}
@@ -79,13 +79,13 @@ func (s *Server) handle(req *dhcpv4.DHCPv4) (*dhcpv4.DHCPv4, netip.AddrPort) {
 	defer s.mu.Unlock()
 	switch mt {
 	case dhcpv4.MessageTypeDiscover:
-		s.stats.discover.Add(1)
+		s.stats.Discover.Add(1)
 		addr, ok := s.leases.pick(m, ip4(req.RequestedIPAddress()), now)
 		if !ok {
 			addr, ok = s.reclaimOffer(now)
 		}
 		if !ok {
-			s.stats.poolExhausted.Add(1)
+			s.stats.PoolExhausted.Add(1)
 			s.log.Warn("dhcp4: pool exhausted, no offer", "mac", m, "pool_size", s.opts.PoolSize)
 			return nil, netip.AddrPort{}
 		}
@@ -95,15 +95,15 @@ func (s *Server) handle(req *dhcpv4.DHCPv4) (*dhcpv4.DHCPv4, netip.AddrPort) {
 		} else {
 			s.leases.set(m, addr, now.Add(offerHold), false)
 		}
-		s.stats.offer.Add(1)
+		s.stats.Offer.Add(1)
 		return s.reply(req, dhcpv4.MessageTypeOffer, addr), s.dest(req, false)
 
 	case dhcpv4.MessageTypeRequest:
-		s.stats.request.Add(1)
+		s.stats.Request.Add(1)
 		return s.handleRequest(req, m, now)
 
 	case dhcpv4.MessageTypeDecline:
-		s.stats.decline.Add(1)
+		s.stats.Decline.Add(1)
 		if !s.forUs(req) {
 			return nil, netip.AddrPort{}
 		}
@@ -115,7 +115,7 @@ func (s *Server) handle(req *dhcpv4.DHCPv4) (*dhcpv4.DHCPv4, netip.AddrPort) {
 		return nil, netip.AddrPort{}
 
 	case dhcpv4.MessageTypeRelease:
-		s.stats.release.Add(1)
+		s.stats.Release.Add(1)
 		if !s.forUs(req) {
 			return nil, netip.AddrPort{}
 		}
@@ -125,12 +125,12 @@ func (s *Server) handle(req *dhcpv4.DHCPv4) (*dhcpv4.DHCPv4, netip.AddrPort) {
 		return nil, netip.AddrPort{}
 
 	case dhcpv4.MessageTypeInform:
-		s.stats.inform.Add(1)
+		s.stats.Inform.Add(1)
 		ci := ip4(req.ClientIPAddr)
 		if !ci.IsValid() || ci.IsUnspecified() {
 			return nil, netip.AddrPort{}
 		}
-		s.stats.ack.Add(1)
+		s.stats.Ack.Add(1)
 		r := s.reply(req, dhcpv4.MessageTypeAck, netip.Addr{})
 		// RFC 2131 4.3.5: no lease time in an ACK to INFORM.
 		r.Options.Del(dhcpv4.OptionIPAddressLeaseTime)
@@ -138,7 +138,7 @@ func (s *Server) handle(req *dhcpv4.DHCPv4) (*dhcpv4.DHCPv4, netip.AddrPort) {
 		r.Options.Del(dhcpv4.OptionRebindingTimeValue)
 		return r, netip.AddrPortFrom(ci, ClientPort)
 	default:
-		s.stats.malformed.Add(1)
+		s.stats.Malformed.Add(1)
 		s.log.Debug("dhcp4: ignoring message", "type", mt, "mac", m)
 		return nil, netip.AddrPort{}
 	}
@@ -168,7 +168,7 @@ func (s *Server) handleRequest(req *dhcpv4.DHCPv4, m mac, now time.Time) (*dhcpv
 		want = ci
 	}
 	if !want.IsValid() || want.IsUnspecified() {
-		s.stats.nak.Add(1)
+		s.stats.Nak.Add(1)
 		return s.nak(req, "no address requested"), s.dest(req, true)
 	}
 	l := s.leases.lookup(m, now)
@@ -179,7 +179,7 @@ func (s *Server) handleRequest(req *dhcpv4.DHCPv4, m mac, now time.Time) (*dhcpv
 		// SELECTING our offer but asking for something else (or the offer
 		// expired and the address went to someone else).
 		if !s.leases.free(want, m, now) {
-			s.stats.nak.Add(1)
+			s.stats.Nak.Add(1)
 			return s.nak(req, "address not offered to you"), s.dest(req, true)
 		}
 	default:
@@ -187,7 +187,7 @@ func (s *Server) handleRequest(req *dhcpv4.DHCPv4, m mac, now time.Time) (*dhcpv
 		// restarted: keep the guest's address when it is free in our pool
 		// rather than forcing it to renumber.
 		if !s.leases.free(want, m, now) {
-			s.stats.nak.Add(1)
+			s.stats.Nak.Add(1)
 			return s.nak(req, "address not available"), s.dest(req, true)
 		}
 	}
@@ -196,7 +196,7 @@ func (s *Server) handleRequest(req *dhcpv4.DHCPv4, m mac, now time.Time) (*dhcpv
 	if isNew {
 		s.log.Info("dhcp4: lease bound", "mac", m, "addr", want, "hostname", req.HostName())
 	}
-	s.stats.ack.Add(1)
+	s.stats.Ack.Add(1)
 	return s.reply(req, dhcpv4.MessageTypeAck, want), s.dest(req, false)
 }
 

@@ -229,7 +229,7 @@ func TestForwarding(t *testing.T) {
 		}
 	}
 	st := e.srv.Stats()
-	if st.Forwarded != uint64(4*len(cases)) || st.TCPQueries != uint64(2*len(cases)) {
+	if st.Forwarded.Load() != uint64(4*len(cases)) || st.TCPQueries.Load() != uint64(2*len(cases)) {
 		t.Errorf("stats = %+v", st)
 	}
 }
@@ -252,7 +252,7 @@ func TestTruncationAndTCPFallback(t *testing.T) {
 		t.Errorf("big answer over EDNS UDP not truncated")
 	}
 	st := e.srv.Stats()
-	if st.TCPFallbacks < 2 || st.Truncated < 2 {
+	if st.TCPFallbacks.Load() < 2 || st.Truncated.Load() < 2 {
 		t.Errorf("stats = %+v: want upstream TCP fallbacks and guest truncation", st)
 	}
 }
@@ -315,7 +315,7 @@ func TestUpstreamTimeoutAndRetry(t *testing.T) {
 	if d := time.Since(start); d > 3*time.Second {
 		t.Errorf("SERVFAIL took %s", d)
 	}
-	if st := e.srv.Stats(); st.Timeouts < 3 || st.ServFail != 1 {
+	if st := e.srv.Stats(); st.Timeouts.Load() < 3 || st.ServFail.Load() != 1 {
 		t.Errorf("stats = %+v", st)
 	}
 }
@@ -342,7 +342,7 @@ func TestOverload(t *testing.T) {
 	if r := <-first; r.Rcode != mdns.RcodeServerFailure {
 		t.Errorf("first query: rcode %s", mdns.RcodeToString[r.Rcode])
 	}
-	if st := e.srv.Stats(); st.Overloaded != 1 {
+	if st := e.srv.Stats(); st.Overloaded.Load() != 1 {
 		t.Errorf("stats = %+v", st)
 	}
 }
@@ -446,7 +446,7 @@ func TestStaticDenied(t *testing.T) {
 	if r := e.query(testnet.DNS4, false, "mixed.internal.", mdns.TypeA, false); !slices.Equal(answers(r), []string{"192.0.2.1"}) {
 		t.Errorf("mixed A: answers %q, want only 192.0.2.1", answers(r))
 	}
-	if st := e.srv.Stats(); st.StaticDenied != 3 {
-		t.Errorf("StaticDenied = %d, want 3", st.StaticDenied)
+	if st := e.srv.Stats(); st.StaticDenied.Load() != 3 {
+		t.Errorf("StaticDenied = %d, want 3", st.StaticDenied.Load())
 	}
 }

@@ -35,9 +35,9 @@ func (s *Server) forward(ctx context.Context, q []byte, id uint16) ([]byte, erro
 		up := ups[i%len(ups)]
 		resp, err := s.exchange(ctx, up, q, id)
 		if err != nil {
-			s.stats.upstreamErrors.Add(1)
+			s.stats.UpstreamErrors.Add(1)
 			if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
-				s.stats.timeouts.Add(1)
+				s.stats.Timeouts.Add(1)
 			}
 			errs = append(errs, fmt.Errorf("upstream %s: %w", up, err))
 			if ctx.Err() != nil {
@@ -46,7 +46,7 @@ func (s *Server) forward(ctx context.Context, q []byte, id uint16) ([]byte, erro
 			continue
 		}
 		if rc := resp[3] & 0xf; rc == mdns.RcodeServerFailure || rc == mdns.RcodeRefused {
-			s.stats.upstreamErrors.Add(1)
+			s.stats.UpstreamErrors.Add(1)
 			fallback = resp
 			errs = append(errs, fmt.Errorf("upstream %s: %s", up, mdns.RcodeToString[int(rc)]))
 			continue
@@ -70,7 +70,7 @@ func (s *Server) exchange(ctx context.Context, up netip.AddrPort, q []byte, id u
 	if resp[2]&0x02 == 0 { // TC clear
 		return resp, nil
 	}
-	s.stats.tcpFallbacks.Add(1)
+	s.stats.TCPFallbacks.Add(1)
 	return s.exchangeTCP(ctx, up, q, id)
 }
 

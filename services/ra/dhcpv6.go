@@ -48,16 +48,17 @@ type DHCPv6Options struct {
 	RefreshTime time.Duration
 }
 
-// DHCPv6Stats are the DHCPv6 server's counters.
+// DHCPv6Stats are the DHCPv6 server's counters, declared for the metrics
+// registry (internal/metrics).
 type DHCPv6Stats struct {
-	Received           uint64
-	Malformed          uint64
-	InformationRequest uint64
-	Replies            uint64
+	Received           atomic.Uint64 `metric:"dhcpv6_packets_total" help:"DHCPv6 packets received."`
+	Malformed          atomic.Uint64 `metric:"dhcpv6_malformed_total" help:"Malformed DHCPv6 packets." hostile:"dhcpv6"`
+	InformationRequest atomic.Uint64 `metric:"dhcpv6_messages_total{type=information_request}" help:"DHCPv6 messages by type, received and sent."`
+	Replies            atomic.Uint64 `metric:"dhcpv6_messages_total{type=reply}"`
 	// Unsupported counts stateful messages (SOLICIT, REQUEST...): address
 	// assignment is done by SLAAC, so they are not answered.
-	Unsupported uint64
-	SendErrors  uint64
+	Unsupported atomic.Uint64 `metric:"dhcpv6_messages_total{type=unsupported}"`
+	SendErrors  atomic.Uint64 `metric:"dhcpv6_send_errors_total" help:"DHCPv6 replies that could not be sent."`
 }
 
 // DHCPv6 is a stateless DHCPv6 server (RFC 8415 section 6.1): it answers
@@ -68,7 +69,7 @@ type DHCPv6 struct {
 	serverID dhcpv6.DUID
 	conn     *gnet.UDP
 
-	received, malformed, infoReq, replies, unsupported, sendErrors atomic.Uint64
+	stats DHCPv6Stats
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -141,7 +142,7 @@ func (s *DHCPv6) Serve(ctx context.Context) error {
 		}
 	}()
 	err := s.conn.ReadLoop(1500, s.closed, func(b []byte, from *net.UDPAddr) {
-		s.received.Add(1)
+		s.stats.Received.Add(1)
 		if reply := s.handle(b); reply != nil {
 			s.send(reply, from.AddrPort())
 		}
@@ -157,7 +158,7 @@ func (s *DHCPv6) Serve(ctx context.Context) error {
 func (s *DHCPv6) handle(b []byte) (reply []byte) {
 	defer func() {
 		if r := recover(); r != nil {
-			s.malformed.Add(1)
+			s.stats.Malformed.Add(1)
 			s.log.Warn("dhcpv6: recovered from panic handling packet", "panic", fmt.Sprint(r))
 			reply = nil
 		}
@@ -170,25 +171,25 @@ func (s *DHCPv6) handle(b []byte) (reply []byte) {
 func (s *DHCPv6) reply(b []byte) []byte {
 	d, err := dhcpv6.FromBytes(b)
 	if err != nil {
-		s.malformed.Add(1)
+		s.stats.Malformed.Add(1)
 		s.log.Debug("dhcpv6: malformed packet", "err", err)
 		return nil
 	}
 	msg, ok := d.(*dhcpv6.Message)
 	if !ok {
-		s.malformed.Add(1) // relay messages do not occur on a VM link
+		s.stats.Malformed.Add(1) // relay messages do not occur on a VM link
 		return nil
 	}
 	switch msg.MessageType {
 	case dhcpv6.MessageTypeInformationRequest:
-		s.infoReq.Add(1)
+		s.stats.InformationRequest.Add(1)
 	case dhcpv6.MessageTypeSolicit, dhcpv6.MessageTypeRequest, dhcpv6.MessageTypeRenew,
 		dhcpv6.MessageTypeRebind, dhcpv6.MessageTypeConfirm, dhcpv6.MessageTypeRelease, dhcpv6.MessageTypeDecline:
-		s.unsupported.Add(1)
+		s.stats.Unsupported.Add(1)
 		s.log.Debug("dhcpv6: ignoring stateful message (addresses come from SLAAC)", "type", msg.MessageType)
 		return nil
 	default:
-		s.malformed.Add(1)
+		s.stats.Malformed.Add(1)
 		return nil
 	}
 	// RFC 8415 16.12: discard an Information-request naming another server
@@ -234,11 +235,11 @@ func (s *DHCPv6) send(reply []byte, to netip.AddrPort) {
 		},
 	}
 	if _, terr := s.conn.EP.Write(bytes.NewReader(reply), wopts); terr != nil {
-		s.sendErrors.Add(1)
+		s.stats.SendErrors.Add(1)
 		s.log.Warn("dhcpv6: send reply", "to", to, "err", terr)
 		return
 	}
-	s.replies.Add(1)
+	s.stats.Replies.Add(1)
 	s.log.Debug("dhcpv6: sent reply", "to", to)
 }
 
@@ -252,10 +253,5 @@ func (s *DHCPv6) Close() {
 	})
 }
 
-// Stats returns a snapshot of the counters.
-func (s *DHCPv6) Stats() DHCPv6Stats {
-	return DHCPv6Stats{
-		Received: s.received.Load(), Malformed: s.malformed.Load(), InformationRequest: s.infoReq.Load(),
-		Replies: s.replies.Load(), Unsupported: s.unsupported.Load(), SendErrors: s.sendErrors.Load(),
-	}
-}
+// Stats returns the live counters.
+func (s *DHCPv6) Stats() *DHCPv6Stats { return &s.stats }

@@ -82,11 +82,12 @@ type Options struct {
 	Managed bool
 }
 
-// Stats are the server's counters.
+// Stats are the server's counters, declared for the metrics registry
+// (internal/metrics).
 type Stats struct {
-	Sent          uint64 // advertisements sent
-	Solicitations uint64 // router solicitations received
-	SendErrors    uint64
+	Sent          atomic.Uint64 `metric:"ra_sent_total" help:"Router advertisements sent."`
+	Solicitations atomic.Uint64 `metric:"ra_solicitations_total" help:"Router solicitations received."`
+	SendErrors    atomic.Uint64 `metric:"ra_send_errors_total" help:"Router advertisements that could not be sent."`
 }
 
 // Server sends router advertisements. Create it with New, run it with Serve.
@@ -105,7 +106,7 @@ type Server struct {
 	lastRA time.Time
 	minGap time.Duration // minGap, shortened by tests
 
-	sent, solicit, sendErrors atomic.Uint64
+	stats Stats
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -274,14 +275,14 @@ func (s *Server) send(why string) {
 	pkt := ipv6Packet(s.opts.RouterAddr, allNodes, buildRA(&s.params))
 	dst := header.EthernetAddressFromMulticastIPv6Address(tcpip.AddrFrom16(allNodes.As16()))
 	if terr := s.opts.Stack.WritePacketToRemote(s.opts.NIC, dst, ipv6.ProtocolNumber, buffer.MakeWithData(pkt)); terr != nil {
-		s.sendErrors.Add(1)
+		s.stats.SendErrors.Add(1)
 		s.log.Warn("ra: send router advertisement", "err", terr)
 		return
 	}
 	s.mu.Lock()
 	s.lastRA = time.Now()
 	s.mu.Unlock()
-	s.sent.Add(1)
+	s.stats.Sent.Add(1)
 	s.log.Debug("ra: sent router advertisement", "why", why)
 }
 
@@ -314,7 +315,7 @@ func (s *Server) readLoop(solicited chan<- struct{}) error {
 			s.log.Debug("ra: ignoring invalid router solicitation", "from", res.RemoteAddr.Addr)
 			continue
 		}
-		s.solicit.Add(1)
+		s.stats.Solicitations.Add(1)
 		s.log.Debug("ra: router solicitation", "from", res.RemoteAddr.Addr)
 		select {
 		case solicited <- struct{}{}:
@@ -346,7 +347,5 @@ func (s *Server) Close() {
 	})
 }
 
-// Stats returns a snapshot of the counters.
-func (s *Server) Stats() Stats {
-	return Stats{Sent: s.sent.Load(), Solicitations: s.solicit.Load(), SendErrors: s.sendErrors.Load()}
-}
+// Stats returns the live counters.
+func (s *Server) Stats() *Stats { return &s.stats }

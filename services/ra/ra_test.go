@@ -195,9 +195,9 @@ func TestSolicitation(t *testing.T) {
 	}
 	s.minGap = 100 * time.Millisecond
 	testnet.Serve(t, s)
-	testnet.WaitFor(t, func() bool { return s.Stats().Sent >= 1 })
+	testnet.WaitFor(t, func() bool { return s.Stats().Sent.Load() >= 1 })
 	time.Sleep(200 * time.Millisecond)
-	sent := s.Stats().Sent
+	sent := s.Stats().Sent.Load()
 
 	// A router solicitation from the guest's link-local address.
 	var wq waiter.Queue
@@ -213,20 +213,20 @@ func TestSolicitation(t *testing.T) {
 		ControlMessages: tcpip.SendableControlMessages{HasHopLimit: true, HopLimit: 255}}); terr != nil {
 		t.Fatal(terr)
 	}
-	testnet.WaitFor(t, func() bool { st := s.Stats(); return st.Solicitations >= 1 && st.Sent > sent })
+	testnet.WaitFor(t, func() bool { st := s.Stats(); return st.Solicitations.Load() >= 1 && st.Sent.Load() > sent })
 
 	// A solicitation with a forged hop limit (routed from off-link) is
 	// ignored. The barrier is the server's own "ignoring" log record, so
 	// neither outcome rests on a sleep: the record must appear and the
 	// count must not move. (Mutation checked: validRS accepting any hop
 	// limit fails here.)
-	n := s.Stats().Solicitations
+	n := s.Stats().Solicitations.Load()
 	if _, terr := ep.Write(bytes.NewReader(rs), tcpip.WriteOptions{To: &to,
 		ControlMessages: tcpip.SendableControlMessages{HasHopLimit: true, HopLimit: 64}}); terr != nil {
 		t.Fatal(terr)
 	}
-	testnet.WaitFor(t, func() bool { return ignored.n.Load() >= 1 || s.Stats().Solicitations != n })
-	if got := s.Stats().Solicitations; got != n || ignored.n.Load() != 1 {
+	testnet.WaitFor(t, func() bool { return ignored.n.Load() >= 1 || s.Stats().Solicitations.Load() != n })
+	if got := s.Stats().Solicitations.Load(); got != n || ignored.n.Load() != 1 {
 		t.Errorf("solicitation with hop limit 64: solicitations %d -> %d, ignored %d (want unchanged, 1)", n, got, ignored.n.Load())
 	}
 }
@@ -401,7 +401,7 @@ func TestDHCPv6InformationRequest(t *testing.T) {
 	if _, _, err := c.Conn.ReadFrom(buf); err == nil {
 		t.Error("SOLICIT answered")
 	}
-	if st := srv.Stats(); st.InformationRequest != 1 || st.Replies != 1 || st.Unsupported != 1 {
+	if st := srv.Stats(); st.InformationRequest.Load() != 1 || st.Replies.Load() != 1 || st.Unsupported.Load() != 1 {
 		t.Errorf("stats = %+v", st)
 	}
 }

@@ -70,23 +70,19 @@ type Options struct {
 	MaxBlockSize int
 }
 
-// Stats are the server's counters.
+// Stats are the server's counters, declared for the metrics registry
+// (internal/metrics).
 type Stats struct {
-	Requests        uint64 // RRQ/WRQ received
-	Malformed       uint64
-	Completed       uint64 // transfers finished
-	Failed          uint64 // transfers abandoned (timeout, client error)
-	NotFound        uint64
-	Denied          uint64 // WRQ, path escapes, non-regular files
-	Busy            uint64 // refused because MaxTransfers were running
-	Retransmissions uint64
-	BytesSent       uint64 // file bytes acknowledged by clients
-	Active          int64
-}
-
-type counters struct {
-	requests, malformed, completed, failed, notFound, denied, busy, retrans, bytes atomic.Uint64
-	active                                                                         atomic.Int64
+	Requests        atomic.Uint64 `metric:"tftp_requests_total" help:"TFTP read and write requests received."`
+	Malformed       atomic.Uint64 `metric:"tftp_malformed_total" help:"Malformed TFTP packets." hostile:"tftp"`
+	Completed       atomic.Uint64 `metric:"tftp_transfers_total{result=completed}" help:"TFTP transfers by outcome."`
+	Failed          atomic.Uint64 `metric:"tftp_transfers_total{result=failed}"`    // abandoned: timeout, client error
+	NotFound        atomic.Uint64 `metric:"tftp_transfers_total{result=not_found}"` // no such file
+	Denied          atomic.Uint64 `metric:"tftp_transfers_total{result=denied}"`    // WRQ, path escapes, non-regular files
+	Busy            atomic.Uint64 `metric:"tftp_transfers_total{result=busy}"`      // MaxTransfers were running
+	Retransmissions atomic.Uint64 `metric:"tftp_retransmissions_total" help:"TFTP packets retransmitted."`
+	BytesSent       atomic.Uint64 `metric:"tftp_sent_bytes_total" help:"File bytes acknowledged by TFTP clients."`
+	Active          atomic.Int64  `metric:"tftp_active_transfers" kind:"gauge" help:"TFTP transfers under way."`
 }
 
 // Server is a read-only TFTP server. Create it with New, run it with Serve.
@@ -96,7 +92,7 @@ type Server struct {
 	root  *os.Root
 	conn  *gnet.UDP
 	sem   chan struct{}
-	stats counters
+	stats Stats
 
 	mu    sync.Mutex
 	conns map[*gnet.UDP]struct{} // per-transfer endpoints, closed by Close
@@ -188,23 +184,23 @@ func (s *Server) Serve(ctx context.Context) error {
 // started from its own endpoint.
 func (s *Server) request(b []byte, from *net.UDPAddr) {
 	client := from.AddrPort()
-	s.stats.requests.Add(1)
+	s.stats.Requests.Add(1)
 	req, err := parseRequest(b)
 	if err != nil {
-		s.stats.malformed.Add(1)
+		s.stats.Malformed.Add(1)
 		s.log.Debug("tftp: bad request", "from", client, "err", err)
 		s.conn.Conn.WriteTo(errorPacket(errIllegalOp, "malformed request"), from)
 		return
 	}
 	if req.op == opWRQ {
-		s.stats.denied.Add(1)
+		s.stats.Denied.Add(1)
 		s.conn.Conn.WriteTo(errorPacket(errAccess, "read-only server"), from)
 		return
 	}
 	select {
 	case s.sem <- struct{}{}:
 	default:
-		s.stats.busy.Add(1)
+		s.stats.Busy.Add(1)
 		s.conn.Conn.WriteTo(errorPacket(errUndefined, "server busy, try again"), from)
 		return
 	}
@@ -235,15 +231,8 @@ func (s *Server) Close() {
 	})
 }
 
-// Stats returns a snapshot of the counters.
-func (s *Server) Stats() Stats {
-	c := &s.stats
-	return Stats{
-		Requests: c.requests.Load(), Malformed: c.malformed.Load(), Completed: c.completed.Load(),
-		Failed: c.failed.Load(), NotFound: c.notFound.Load(), Denied: c.denied.Load(), Busy: c.busy.Load(),
-		Retransmissions: c.retrans.Load(), BytesSent: c.bytes.Load(), Active: c.active.Load(),
-	}
-}
+// Stats returns the live counters.
+func (s *Server) Stats() *Stats { return &s.stats }
 
 // cleanName maps a client's file name to a path relative to the root:
 // PXE ROMs variously send "/pxelinux.0" or DOS-style "boot\x64.efi".
@@ -277,13 +266,13 @@ func (s *Server) open(name string) (*os.File, int64, uint16, error) {
 // transfer sends one file to client from a fresh port (the server's
 // transfer identifier, RFC 1350).
 func (s *Server) transfer(req *request, client netip.AddrPort) {
-	s.stats.active.Add(1)
-	defer s.stats.active.Add(-1)
+	s.stats.Active.Add(1)
+	defer s.stats.Active.Add(-1)
 	log := s.log.With("client", client, "file", req.filename)
 
 	conn, err := gnet.ListenUDP(s.opts.Stack, s.opts.NIC, gnet.Proto(s.opts.Addr), netip.AddrPortFrom(s.opts.Addr, 0), gnet.UDPOptions{})
 	if err != nil {
-		s.stats.failed.Add(1)
+		s.stats.Failed.Add(1)
 		log.Warn("tftp: open transfer endpoint", "err", err)
 		return
 	}
@@ -308,10 +297,10 @@ func (s *Server) transfer(req *request, client netip.AddrPort) {
 	f, size, code, err := s.open(req.filename)
 	if err != nil {
 		if code == errNotFound {
-			s.stats.notFound.Add(1)
+			s.stats.NotFound.Add(1)
 			t.send(errorPacket(errNotFound, "file not found"))
 		} else {
-			s.stats.denied.Add(1)
+			s.stats.Denied.Add(1)
 			t.send(errorPacket(errAccess, "access violation"))
 		}
 		log.Info("tftp: request refused", "err", err)
@@ -340,7 +329,7 @@ func (s *Server) transfer(req *request, client netip.AddrPort) {
 	}
 	if len(oack) > 0 {
 		if err := t.sendAndWait(oackPacket(oack...), 0); err != nil {
-			s.stats.failed.Add(1)
+			s.stats.Failed.Add(1)
 			log.Info("tftp: transfer failed at option acknowledgement", "err", err)
 			return
 		}
@@ -350,23 +339,23 @@ func (s *Server) transfer(req *request, client netip.AddrPort) {
 	for block := uint16(1); ; block++ { // wraps to 0 after 65535, as most clients expect
 		n, err := io.ReadFull(r, buf)
 		if err != nil && err != io.EOF && err != io.ErrUnexpectedEOF {
-			s.stats.failed.Add(1)
+			s.stats.Failed.Add(1)
 			t.send(errorPacket(errUndefined, "read error"))
 			log.Warn("tftp: read file", "err", err)
 			return
 		}
 		if err := t.sendAndWait(dataPacket(block, buf[:n]), block); err != nil {
-			s.stats.failed.Add(1)
+			s.stats.Failed.Add(1)
 			log.Info("tftp: transfer failed", "block", block, "err", err)
 			return
 		}
 		sent += uint64(n)
-		s.stats.bytes.Add(uint64(n))
+		s.stats.BytesSent.Add(uint64(n))
 		if n < blksize {
 			break
 		}
 	}
-	s.stats.completed.Add(1)
+	s.stats.Completed.Add(1)
 	log.Info("tftp: transfer complete", "bytes", sent, "blksize", blksize)
 }
 
@@ -393,7 +382,7 @@ var errClientAbort = errors.New("client sent an error")
 func (t *xfer) sendAndWait(pkt []byte, block uint16) error {
 	for try := 0; try <= t.s.opts.Retries; try++ {
 		if try > 0 {
-			t.s.stats.retrans.Add(1)
+			t.s.stats.Retransmissions.Add(1)
 		}
 		if err := t.send(pkt); err != nil {
 			return fmt.Errorf("send: %w", err)

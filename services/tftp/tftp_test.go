@@ -202,8 +202,8 @@ func TestTransfer(t *testing.T) {
 		t.Errorf("netascii = %q", data)
 	}
 
-	testnet.WaitFor(t, func() bool { return e.srv.Stats().Completed == 4 && e.srv.Stats().Active == 0 })
-	if st := e.srv.Stats(); st.BytesSent != 5000*2+1024+7 {
+	testnet.WaitFor(t, func() bool { return e.srv.Stats().Completed.Load() == 4 && e.srv.Stats().Active.Load() == 0 })
+	if st := e.srv.Stats(); st.BytesSent.Load() != 5000*2+1024+7 {
 		t.Errorf("stats = %+v", st)
 	}
 }
@@ -232,7 +232,7 @@ func TestRefusals(t *testing.T) {
 			t.Errorf("%s: error %d (%s), want %d", tc.name, code, msg, tc.code)
 		}
 	}
-	if st := e.srv.Stats(); st.Completed != 0 || st.NotFound != 3 || st.Denied != 4 || st.Malformed != 2 {
+	if st := e.srv.Stats(); st.Completed.Load() != 0 || st.NotFound.Load() != 3 || st.Denied.Load() != 4 || st.Malformed.Load() != 2 {
 		t.Errorf("stats = %+v", st)
 	}
 }
@@ -264,8 +264,8 @@ func TestRetransmission(t *testing.T) {
 		}
 	}
 	// Never acknowledge block 2: the server gives up after its retries.
-	testnet.WaitFor(t, func() bool { return e.srv.Stats().Failed == 1 })
-	if st := e.srv.Stats(); st.Retransmissions < 3 || st.Active != 0 {
+	testnet.WaitFor(t, func() bool { return e.srv.Stats().Failed.Load() == 1 })
+	if st := e.srv.Stats(); st.Retransmissions.Load() < 3 || st.Active.Load() != 0 {
 		t.Errorf("stats = %+v", st)
 	}
 }
@@ -277,7 +277,7 @@ func TestBusy(t *testing.T) {
 	a.send(rrq("f", "octet"), server)
 	a.recv() // transfer running, not acknowledged
 	code, _ := b.getError(rrq("f", "octet"))
-	if code != errUndefined || e.srv.Stats().Busy != 1 {
+	if code != errUndefined || e.srv.Stats().Busy.Load() != 1 {
 		t.Errorf("second transfer: error %d, stats %+v", code, e.srv.Stats())
 	}
 }

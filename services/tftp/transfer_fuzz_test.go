@@ -220,7 +220,7 @@ func FuzzTransfer(f *testing.F) {
 		// The client goes silent: the server must give up (50 ms timeout,
 		// one retry) or have finished, and free the transfer.
 		deadline := time.Now().Add(5 * time.Second)
-		for s.Stats().Active != 0 {
+		for s.Stats().Active.Load() != 0 {
 			if time.Now().After(deadline) {
 				t.Fatalf("transfer still active 5 s after the client fell silent: %+v", s.Stats())
 			}

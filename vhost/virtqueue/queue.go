@@ -78,15 +78,16 @@ type Element struct {
 	In   [][]byte
 }
 
-// Stats are the queue's counters. They are updated atomically and may be
-// read at any time.
+// Stats are the queue's counters, declared for the metrics registry
+// (internal/metrics). They are updated atomically and may be read at any
+// time. The owner of the queue registers them with its queue's labels.
 type Stats struct {
-	Popped     atomic.Uint64 // elements handed to the owner
-	Used       atomic.Uint64 // elements returned to the guest
-	Notifies   atomic.Uint64 // interrupts sent
-	Suppressed atomic.Uint64 // interrupts the guest asked us to skip
-	BadChains  atomic.Uint64 // chains returned with length 0 as malformed
-	Broken     atomic.Uint64 // times the ring was marked broken
+	Popped     atomic.Uint64 `metric:"virtqueue_popped_total" help:"Descriptor chains taken from the available ring."`
+	Used       atomic.Uint64 `metric:"virtqueue_used_total" help:"Descriptor chains returned to the guest on the used ring."`
+	Notifies   atomic.Uint64 `metric:"virtqueue_notifies_total" help:"Interrupts sent to the guest."`
+	Suppressed atomic.Uint64 `metric:"virtqueue_notifies_suppressed_total" help:"Interrupts skipped because the guest asked not to be interrupted (EVENT_IDX or NO_INTERRUPT)."`
+	BadChains  atomic.Uint64 `metric:"virtqueue_bad_chains_total" help:"Malformed descriptor chains, returned with length 0 (hostile or buggy guest)." hostile:"virtqueue"`
+	Broken     atomic.Uint64 `metric:"virtqueue_broken_total" help:"Times the ring was marked unusable (a head index out of range, an impossible available index)." hostile:"virtqueue"`
 }
 
 // Config describes where a ring lives, as set by SET_VRING_NUM/ADDR/BASE.
@@ -135,7 +136,10 @@ type Queue struct {
 	onError func(error)
 
 	broken atomic.Bool
-	Stats  Stats
+	// Stats are the queue's counters; New allocates them, an owner that
+	// wants them to outlive the queue (one per index across sessions)
+	// points them elsewhere before the queue is used.
+	Stats *Stats
 }
 
 // New returns an unconfigured queue. notify is called to interrupt the
@@ -144,7 +148,7 @@ func New(notify func() error, onError func(error)) *Queue {
 	if onError == nil {
 		onError = func(error) {}
 	}
-	return &Queue{notify: notify, onError: onError}
+	return &Queue{notify: notify, onError: onError, Stats: new(Stats)}
 }
 
 // Lock takes the queue's lock: the data path holds it for each batch, the

@@ -1,0 +1,165 @@
+package main
+
+import (
+	"encoding/json"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/vunet/vunet/api"
+	"github.com/vunet/vunet/appliance"
+	"github.com/vunet/vunet/config"
+	"github.com/vunet/vunet/endpoint"
+	"github.com/vunet/vunet/forward"
+	"github.com/vunet/vunet/forward/egress"
+	"github.com/vunet/vunet/internal/ratelimit"
+	"github.com/vunet/vunet/services/dhcp4"
+	"github.com/vunet/vunet/services/dns"
+	"github.com/vunet/vunet/services/ra"
+	"github.com/vunet/vunet/services/tftp"
+	"github.com/vunet/vunet/vhost"
+	"github.com/vunet/vunet/vhost/virtqueue"
+)
+
+// declared walks the metric tags of every layer's counter struct, the
+// way internal/metrics does, independently of it: the counters a real
+// appliance (IPv6, TFTP and --no-host-addresses on, one queue pair) must
+// export. A new counter
+// struct is added here once; a new field of one of these needs nothing.
+func declared(t *testing.T, a *appliance.Appliance) int {
+	t.Helper()
+	n := 0
+	count := func(v any, times int) {
+		typ := reflect.TypeOf(v)
+		for i := range typ.NumField() {
+			if tag, ok := typ.Field(i).Tag.Lookup("metric"); ok && tag != "-" {
+				n += times
+			}
+		}
+	}
+	count(endpoint.Stats{}, 1)
+	count(virtqueue.Stats{}, 2)
+	count(vhost.Stats{}, 1)
+	count(forward.Stats{}, 1)
+	count(dhcp4.Stats{}, 1)
+	count(dns.Stats{}, 1)
+	count(ra.Stats{}, 1)
+	count(ra.DHCPv6Stats{}, 1)
+	count(tftp.Stats{}, 1)
+	count(egress.RuleCounters{}, len(a.Forward.EgressRules()))
+	count(egress.HostAddrStats{}, 1)
+	count(ratelimit.Stats{}, 1)
+	return n
+}
+
+// TestEveryCounterInEveryOutput: every series the layers declare appears
+// in GET /v1/stats (vunet stats --json), GET /metrics (--metrics) and the
+// human `vunet stats`, served by a real appliance.
+func TestEveryCounterInEveryOutput(t *testing.T) {
+	dir := t.TempDir()
+	cfg := config.Default()
+	cfg.Socket = filepath.Join(dir, "vhost.sock")
+	cfg.DNSUpstream = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:1")}
+	cfg.IPv6.Enable = true
+	cfg.Boot.TFTPRoot = dir
+	cfg.Egress.HostAddresses = false
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	a, err := appliance.New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	sock := fakeServer(t, a)
+
+	want := a.Stats().Metrics
+	if n := declared(t, a); len(want) != n {
+		t.Fatalf("the appliance exports %d series, the layers declare %d", len(want), n)
+	}
+
+	r := runVunet(t, nil, "stats", "--api", sock, "--json")
+	var st api.Stats
+	if err := json.Unmarshal([]byte(r.stdout), &st); r.err != nil || err != nil {
+		t.Fatalf("stats --json: %v %v", r.err, err)
+	}
+	metrics := runVunet(t, nil, "stats", "--api", sock, "--metrics")
+	human := runVunet(t, nil, "stats", "--api", sock)
+	if metrics.err != nil || human.err != nil {
+		t.Fatalf("stats: %v %v", metrics.err, human.err)
+	}
+	for _, m := range want {
+		labels := []string{}
+		for k, v := range m.Labels {
+			labels = append(labels, k, v)
+		}
+		if _, ok := st.Find(m.Name, labels...); !ok {
+			t.Errorf("stats --json lacks %s %v", m.Name, m.Labels)
+		}
+		if line := exposition(m); !strings.Contains(metrics.stdout, "\n"+line) {
+			t.Errorf("stats --metrics lacks %q", line)
+		}
+		if !humanHas(human.stdout, m) {
+			t.Errorf("stats lacks %s %v in section %s", shortName(m), m.Labels, m.Layer)
+		}
+	}
+	// Each of the counters that once never left their layer.
+	for _, name := range []string{
+		"vunet_link_arp_ignored_total", "vunet_link_guest_memory_faults_total", "vunet_link_rx_backlog",
+		"vunet_virtqueue_popped_total", "vunet_virtqueue_used_total", "vunet_virtqueue_notifies_total",
+		"vunet_virtqueue_notifies_suppressed_total", "vunet_virtqueue_bad_chains_total", "vunet_virtqueue_broken_total",
+	} {
+		if !strings.Contains(metrics.stdout, "\n"+name) {
+			t.Errorf("metrics lack %s", name)
+		}
+	}
+	if _, ok := st.Find("vunet_link_drops_total", "reason", "rx_segment_no_buffer"); !ok {
+		t.Error("stats lack the RX segment drops")
+	}
+	// And every family is documented.
+	doc, err := os.ReadFile("../../docs/api.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range want {
+		if !strings.Contains(string(doc), "`"+m.Name+"`") {
+			t.Errorf("docs/api.md does not list %s", m.Name)
+			doc = append(doc, "`"+m.Name+"`"...) // once per family
+		}
+	}
+}
+
+// exposition is the start of m's line in the Prometheus text:
+// name{label="value",...} (labels sorted), then a space.
+func exposition(m api.Metric) string {
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(m.Labels)) {
+		parts = append(parts, k+`="`+m.Labels[k]+`"`)
+	}
+	if len(parts) == 0 {
+		return m.Name + " "
+	}
+	return m.Name + "{" + strings.Join(parts, ",") + "} "
+}
+
+// humanHas reports whether the human output has m's line in its section.
+func humanHas(out string, m api.Metric) bool {
+	_, sec, ok := strings.Cut(out, "\n"+m.Layer+"\n")
+	if !ok {
+		return false
+	}
+	sec, _, _ = strings.Cut(sec, "\n\n")
+	for _, line := range strings.Split(sec, "\n") {
+		f := strings.Fields(line)
+		if len(f) > 0 && f[0] == shortName(m) && strings.Contains(line, labelText(m.Labels)) {
+			return true
+		}
+	}
+	return false
+}
