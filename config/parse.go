@@ -3,8 +3,10 @@ package config
 import (
 	"errors"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -104,4 +106,46 @@ func formatDuration(d time.Duration) string {
 		s = s[:len(s)-2]
 	}
 	return s
+}
+
+// sizeUnits are the suffixes ParseSize accepts, longest first; K, M and G
+// are binary, like the kernel's and QEMU's sizes.
+var sizeUnits = []struct {
+	suffix string
+	shift  uint
+}{
+	{"KiB", 10}, {"MiB", 20}, {"GiB", 30}, {"TiB", 40},
+	{"K", 10}, {"M", 20}, {"G", 30}, {"T", 40}, {"B", 0},
+}
+
+// ParseSize parses a byte count: a number with an optional unit, such as
+// 268435456, 512KiB, 256MiB, 256M or 1G (units are powers of 1024).
+func ParseSize(s string) (int64, error) {
+	bad := errors.New("expected a size like 256MiB, 1GiB or a number of bytes")
+	t := strings.TrimSpace(s)
+	shift := uint(0)
+	for _, u := range sizeUnits {
+		if len(t) > len(u.suffix) && strings.EqualFold(t[len(t)-len(u.suffix):], u.suffix) {
+			t, shift = strings.TrimSpace(t[:len(t)-len(u.suffix)]), u.shift
+			break
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n < 0 || n > math.MaxInt64>>shift {
+		return 0, bad
+	}
+	return n << shift, nil
+}
+
+// FormatSize is the inverse of ParseSize, in the largest exact unit.
+func FormatSize(n int64) string {
+	for _, u := range []struct {
+		suffix string
+		shift  uint
+	}{{"TiB", 40}, {"GiB", 30}, {"MiB", 20}, {"KiB", 10}} {
+		if n != 0 && n%(1<<u.shift) == 0 {
+			return strconv.FormatInt(n>>u.shift, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(n, 10)
 }
