@@ -403,3 +403,87 @@ func (s Step) Field(key string) string {
 	}
 	return ""
 }
+
+// StepFetch fetches url and passes if the body is want (the egress tests'
+// "this destination is reachable").
+func StepFetch(name, url, want string) string {
+	return fmt.Sprintf(`begin
+if o=$(timeout 20 wget -q -O - %[2]s 2>&1) && [ "$o" = %[3]q ]; then
+	pass %[1]s "GET %[2]s: $o"
+else
+	fail %[1]s "GET %[2]s: got: $o (want %[3]s)"
+fi
+`, name, url, want)
+}
+
+// StepFetchDenied passes if fetching url fails at once (within 5 s) with
+// the error a Linux guest reports for an ICMP "administratively
+// prohibited" answer to its SYN: "No route to host" (ICMPv4 type 3 code
+// 13) or "Permission denied" (ICMPv6 type 1 code 1). A timeout, a refusal
+// or a body fails it.
+func StepFetchDenied(name, url string) string {
+	return fmt.Sprintf(`begin
+o=$(timeout 20 wget -q -O - %[2]s 2>&1)
+took=$(el)
+if echo "$o" | grep -qiE "no route to host|permission denied" && awk -v t="${took%%s}" 'BEGIN { exit !(t < 5) }'; then
+	pass %[1]s "GET %[2]s: $o ($took)"
+else
+	fail %[1]s "GET %[2]s after $took: got: $o (want no route to host / permission denied at once)"
+fi
+`, name, url)
+}
+
+// icmpUnreachCount is a shell command printing the guest kernel's count of
+// ICMP (or ICMPv6 if v6) destination unreachable messages received.
+func icmpUnreachCount(v6 bool) string {
+	if v6 {
+		return `awk '$1 == "Icmp6InDestUnreachs" { print $2 }' /proc/net/snmp6`
+	}
+	return `awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "InDestUnreachs") c = i; h = 1 } else print $c }' /proc/net/snmp`
+}
+
+// StepPingTo pings addr once. With reply it passes on an echo reply;
+// without, it passes if no reply came and the guest kernel received a
+// destination unreachable (busybox ping does not print ICMP errors).
+func StepPingTo(name, addr string, reply bool) string {
+	ping := "ping"
+	if strings.Contains(addr, ":") {
+		ping = "ping6"
+	}
+	want := "1"
+	if !reply {
+		want = ""
+	}
+	return fmt.Sprintf(`begin
+u0=$(%[4]s)
+timeout 20 %[3]s -c 1 -W 3 %[2]s >/tmp/ping.out 2>&1; rc=$?
+u1=$(%[4]s)
+if [ -n "%[5]s" ]; then
+	if [ $rc = 0 ]; then pass %[1]s "echo reply from %[2]s"; else fail %[1]s "no reply from %[2]s: $(tr '\n' ' ' </tmp/ping.out)"; fi
+elif [ $rc != 0 ] && [ "$u1" -gt "$u0" ]; then
+	pass %[1]s "no reply; destination unreachable received ($u0 -> $u1)"
+else
+	fail %[1]s "rc=$rc unreachable $u0 -> $u1: $(tr '\n' ' ' </tmp/ping.out)"
+fi
+`, name, addr, ping, icmpUnreachCount(strings.Contains(addr, ":")), want)
+}
+
+// StepLookup resolves qname over UDP at server ("" for the resolver from
+// the lease, vunet's) and passes if the answer contains want. With want ""
+// it passes if there is no answer and the guest kernel received a
+// destination unreachable (the query was refused on the way).
+func StepLookup(name, server, qname, want string) string {
+	v6 := strings.Contains(server, ":")
+	return fmt.Sprintf(`begin
+u0=$(%[5]s)
+o=$(timeout 20 nslookup -type=a %[3]s %[2]s 2>&1)
+u1=$(%[5]s)
+if [ -n %[4]q ]; then
+	if echo "$o" | grep -qF -- %[4]q; then pass %[1]s "%[3]s via %[2]s: %[4]s"; else fail %[1]s "%[3]s via %[2]s: $(echo "$o" | tr '\n' ' ')"; fi
+elif ! echo "$o" | grep -qE "^Address( 1)?:[[:space:]]+[0-9.]+$" && [ "$u1" -gt "$u0" ]; then
+	pass %[1]s "no answer via %[2]s; destination unreachable received ($u0 -> $u1)"
+else
+	fail %[1]s "unreachable $u0 -> $u1: $(echo "$o" | tr '\n' ' ')"
+fi
+`, name, server, qname, want, icmpUnreachCount(v6))
+}
