@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vunet/vunet/internal/unixsock"
 )
 
 // fakeBackend is an in-memory Backend.
@@ -356,9 +358,9 @@ func TestListenPermissions(t *testing.T) {
 func TestListenLongPath(t *testing.T) {
 	// A path that fits sockaddr_un but not with the temporary directory.
 	dir := t.TempDir()
-	name := strings.Repeat("x", maxUnixPath-len(dir)-2-1)
+	name := strings.Repeat("x", unixsock.MaxPath-len(dir)-2-1)
 	path := filepath.Join(dir, name)
-	if len(path) >= maxUnixPath {
+	if len(path) >= unixsock.MaxPath {
 		t.Skip("temporary directory too long")
 	}
 	l, err := Listen(path)

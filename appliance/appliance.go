@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/user"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -18,13 +20,13 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
-	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/forward"
 	"github.com/vunet/vunet/forward/egress"
 	"github.com/vunet/vunet/internal/metrics"
 	"github.com/vunet/vunet/internal/ratelimit"
+	"github.com/vunet/vunet/internal/unixsock"
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/services/dhcp4"
@@ -50,15 +52,11 @@ type Appliance struct {
 	DHCPv6  *ra.DHCPv6
 	TFTP    *tftp.Server
 	VHost   *vhost.Server
-	// Memory is the byte budget (cfg.MaxMemory) that the forwarder and
-	// the link take what the guest makes them hold from.
-	Memory *budget.Budget
 
 	// VHostListener, if set before Run, is used instead of creating
 	// cfg.Socket: a socket inherited through systemd socket activation. Its
 	// file belongs to the service manager and is not removed on exit.
 	VHostListener *net.UnixListener
-	linkMem       *budget.Budget // Memory's share for the RX backlog
 	// Notify, if set, is told about readiness ("READY=1") and shutdown
 	// ("STOPPING=1"), in sd_notify's format.
 	Notify func(state string)
@@ -67,6 +65,7 @@ type Appliance struct {
 	egress    *egress.Policy
 	hostAddrs *egress.HostAddrSet // nil unless cfg.Egress.HostAddresses is off
 	started   time.Time
+	socketGID int // group of the vhost-user socket, or -1
 	metrics   *metrics.Registry
 	pcapFile  *os.File
 	closers   []func()
@@ -82,8 +81,7 @@ type Appliance struct {
 func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	lim := ratelimit.NewHandler(log.Handler(), ratelimit.LogBurst, ratelimit.LogEvery)
 	log = slog.New(lim)
-	a = &Appliance{cfg: cfg, log: log, logLimit: lim, started: time.Now(),
-		Memory: budget.New(cfg.MaxMemory)}
+	a = &Appliance{cfg: cfg, log: log, logLimit: lim, started: time.Now()}
 	defer func() {
 		if err != nil {
 			a.Close()
@@ -100,11 +98,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 			return nil, fmt.Errorf("pcap: %w", err)
 		}
 	}
-	// Frames waiting for guest RX buffers may take an eighth of the
-	// budget; TCP and UDP buffers are the forwarder's (its shares).
-	a.linkMem = a.Memory.Share(cfg.MaxMemory / 8)
 	a.Link, err = endpoint.New(endpoint.Options{
-		Memory:      a.linkMem,
 		MTU:         uint32(cfg.MTU),
 		LinkAddress: tcpip.LinkAddress(cfg.GatewayMAC),
 		GuestMAC:    tcpip.LinkAddress(cfg.MAC),
@@ -171,9 +165,6 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		DialTimeout:          cfg.DialTimeout,
 		MaxInFlightDials:     unlimitedIfZero(cfg.MaxInflightDials),
 		MaxConns:             unlimitedIfZero(cfg.MaxConnections),
-		MaxInboundConns:      unlimitedIfZero(cfg.MaxInboundConnections),
-		MaxUDPFlowsPerSource: unlimitedIfZero(cfg.MaxUDPFlowsPerSource),
-		Memory:               a.Memory,
 		UDPIdleTimeout:       cfg.UDPIdleTimeout,
 		UDPStreamIdleTimeout: cfg.UDPStreamTimeout,
 		Logger:               log.With("layer", "forward"),
@@ -195,7 +186,15 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		log.Info("port forward", "forward", pf.String())
 	}
 
-	if a.VHost, err = vhost.NewServer(vhost.Options{Backend: a.Link, Logger: log.With("layer", "vhost")}); err != nil {
+	peers := vhost.PeerPolicy{UIDs: []uint32{uint32(os.Geteuid())}}
+	if a.socketGID, err = lookupGroup(cfg.SocketGroup); err != nil {
+		return nil, err
+	}
+	if a.socketGID >= 0 {
+		peers.GIDs = []uint32{uint32(a.socketGID)}
+	}
+	if a.VHost, err = vhost.NewServer(vhost.Options{Backend: a.Link, Logger: log.With("layer", "vhost"),
+		SetupTimeout: cfg.SetupTimeout, Peers: peers}); err != nil {
 		return nil, err
 	}
 	if a.metrics, err = a.registerMetrics(); err != nil {
@@ -334,7 +333,7 @@ func (a *Appliance) Run(ctx context.Context) error {
 	} else {
 		l := a.VHostListener
 		if l == nil {
-			l, err = listen(cfg.Socket)
+			l, err = unixsock.Listen(cfg.Socket, unixsock.Options{Name: "vhost-user socket", Mode: cfg.SocketMode, GID: a.socketGID})
 			if err == nil {
 				defer os.Remove(cfg.Socket)
 			}
@@ -388,26 +387,20 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	return a.Run(ctx)
 }
 
-// listen creates the vhost-user socket, replacing a stale socket file left
-// by a previous run (but never a live one or a non-socket file).
-func listen(path string) (*net.UnixListener, error) {
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("socket %s: exists and is not a socket", path)
-		}
-		if c, err := net.Dial("unix", path); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("socket %s: another process is serving it", path)
-		}
-		os.Remove(path)
+// lookupGroup resolves --socket-group (a name or a number); -1 without.
+// It runs at start-up, before any sandbox hides /etc/group.
+func lookupGroup(name string) (int, error) {
+	if name == "" {
+		return -1, nil
 	}
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if gid, err := strconv.Atoi(name); err == nil && gid >= 0 {
+		return gid, nil
+	}
+	g, err := user.LookupGroup(name)
 	if err != nil {
-		return nil, err
+		return -1, fmt.Errorf("socket group: %w", err)
 	}
-	// We remove the file ourselves on exit (after a clean close too).
-	l.SetUnlinkOnClose(false)
-	return l, nil
+	return strconv.Atoi(g.Gid)
 }
 
 func mode(cfg *config.Config) string {

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/vunet/vunet/forward/egress"
@@ -39,14 +40,6 @@ const (
 	MaxMTU = 65520
 )
 
-// DefaultMaxMemory is the default memory budget: fits a laptop, and is
-// enough for a few fast connections plus the minimum share of thousands
-// of stalled ones. MinMaxMemory is the least vunet runs with.
-const (
-	DefaultMaxMemory = 256 << 20
-	MinMaxMemory     = 8 << 20
-)
-
 // Config is the complete vunet configuration. The zero value is not useful;
 // start from Default.
 type Config struct {
@@ -56,6 +49,16 @@ type Config struct {
 	// Connect is the vhost-user socket path of a QEMU that listens
 	// (chardev server=on); vunet connects to it as the client.
 	Connect string
+	// SocketMode is the permission bits of the Socket file (0600 by
+	// default, whatever the umask).
+	SocketMode os.FileMode
+	// SocketGroup, if set, is the group (name or number) that owns the
+	// Socket file; frontends running with it as their group may connect
+	// (with a SocketMode that gives the group rw, e.g. 0660).
+	SocketGroup string
+	// SetupTimeout bounds a frontend's vhost-user handshake (until
+	// SET_OWNER); 0 disables it.
+	SetupTimeout time.Duration
 	// Once makes vunet exit when the first frontend disconnects instead of
 	// waiting for the next one.
 	Once bool
@@ -69,6 +72,9 @@ type Config struct {
 	LogFormat LogFormat
 	// PCAP, if set, is a file that receives every guest frame in pcap format.
 	PCAP string
+	// PCAPMaxSize caps the pcap file in bytes; capture stops there. 0 is
+	// unlimited.
+	PCAPMaxSize int64
 
 	// MTU is the link MTU offered to the guest.
 	MTU int
@@ -111,17 +117,6 @@ type Config struct {
 	// MaxInflightDials caps concurrent outbound connection attempts, so a
 	// guest port scan cannot exhaust host file descriptors; 0 is unlimited.
 	MaxInflightDials int
-	// MaxInboundConnections caps connections accepted by TCP port
-	// forwards, separately from MaxConnections; 0 is unlimited.
-	MaxInboundConnections int
-	// MaxUDPFlowsPerSource caps the flows one remote address may hold on
-	// one UDP port forward; 0 is unlimited.
-	MaxUDPFlowsPerSource int
-	// MaxMemory is the byte budget for everything the guest (and clients
-	// of port forwards) can make vunet hold: TCP buffers, UDP flow
-	// buffers, frames waiting for guest RX buffers. The Go runtime's soft
-	// memory limit is derived from it.
-	MaxMemory int64
 
 	// Boot holds DHCP lease and network boot settings.
 	Boot Boot
@@ -202,11 +197,13 @@ type Boot struct {
 // validate on its own: Socket or Connect must still be set.
 func Default() *Config {
 	return &Config{
-		LogLevel:   slog.LevelInfo,
-		LogFormat:  LogText,
-		MTU:        1500,
-		MAC:        net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}, // QEMU's default guest MAC
-		GatewayMAC: net.HardwareAddr{0x52, 0x55, 0x0a, 0x00, 0x02, 0x02}, // locally administered, embeds 10.0.2.2 like slirp
+		SocketMode:   0o600,
+		SetupTimeout: 10 * time.Second,
+		LogLevel:     slog.LevelInfo,
+		LogFormat:    LogText,
+		MTU:          1500,
+		MAC:          net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}, // QEMU's default guest MAC
+		GatewayMAC:   net.HardwareAddr{0x52, 0x55, 0x0a, 0x00, 0x02, 0x02}, // locally administered, embeds 10.0.2.2 like slirp
 		IPv4: IPv4{
 			Subnet:  netip.MustParsePrefix("10.0.2.0/24"),
 			Gateway: netip.MustParseAddr("10.0.2.2"),
@@ -226,11 +223,6 @@ func Default() *Config {
 		DialTimeout:      10 * time.Second,
 		MaxConnections:   4096,
 		MaxInflightDials: 128,
-		// Inbound forwards are for an administrator's few sessions
-		// (ssh, a web UI), not a public server.
-		MaxInboundConnections: 256,
-		MaxUDPFlowsPerSource:  64,
-		MaxMemory:             DefaultMaxMemory,
 		Boot: Boot{
 			DHCPLeaseTime: time.Hour,
 		},

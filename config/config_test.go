@@ -496,24 +496,28 @@ rules = ["allow 10.0.0.0/8", "permit any", "deny 10.0.0.1/8"]
 	}
 }
 
-func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{
-		"0": 0, "4096": 4096, "512KiB": 512 << 10, "256MiB": 256 << 20, "256m": 256 << 20,
-		"1G": 1 << 30, "2 GiB": 2 << 30, "1TiB": 1 << 40, "100B": 100,
-	} {
-		got, err := ParseSize(in)
-		if err != nil || got != want {
+func TestParseSizeAndMode(t *testing.T) {
+	for in, want := range map[string]int64{"0": 0, "4096": 4096, "500M": 500 << 20, "2G": 2 << 30, "2GiB": 2 << 30, "64k": 64 << 10, "10MB": 10 << 20} {
+		if got, err := ParseSize(in); err != nil || got != want {
 			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
 		}
-		if err == nil {
-			if back, err := ParseSize(FormatSize(got)); err != nil || back != got {
-				t.Errorf("FormatSize(%d) = %q does not parse back", got, FormatSize(got))
-			}
+		if got, err := ParseSize(FormatSize(want)); err != nil || got != want {
+			t.Errorf("round trip of %d: %d, %v", want, got, err)
 		}
 	}
-	for _, in := range []string{"", "MiB", "-1", "1.5GiB", "12XB", "99999999999TiB"} {
-		if _, err := ParseSize(in); err == nil {
-			t.Errorf("ParseSize(%q) accepted", in)
+	for _, bad := range []string{"", "-1", "1.5G", "12Q", "G", "99999999999G"} {
+		if _, err := ParseSize(bad); err == nil {
+			t.Errorf("ParseSize(%q) accepted", bad)
+		}
+	}
+	for in, want := range map[string]uint32{"0600": 0o600, "660": 0o660, "0o640": 0o640} {
+		if got, err := ParseSocketMode(in); err != nil || uint32(got) != want {
+			t.Errorf("ParseSocketMode(%q) = %o, %v", in, got, err)
+		}
+	}
+	for _, bad := range []string{"", "1000", "0689", "rw-"} {
+		if _, err := ParseSocketMode(bad); err == nil {
+			t.Errorf("ParseSocketMode(%q) accepted", bad)
 		}
 	}
 }

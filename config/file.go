@@ -22,12 +22,16 @@ import (
 type fileConfig struct {
 	Socket           string            `toml:"socket,omitempty"`
 	Connect          string            `toml:"connect,omitempty"`
+	SocketMode       string            `toml:"socket_mode"`
+	SocketGroup      string            `toml:"socket_group,omitempty"`
+	SetupTimeout     string            `toml:"setup_timeout"`
 	Once             bool              `toml:"once"`
 	PIDFile          string            `toml:"pid_file,omitempty"`
 	API              string            `toml:"api,omitempty"`
 	LogLevel         string            `toml:"log_level"`
 	LogFormat        string            `toml:"log_format"`
 	PCAP             string            `toml:"pcap,omitempty"`
+	PCAPMaxSize      string            `toml:"pcap_max_size"`
 	MTU              int               `toml:"mtu"`
 	MAC              string            `toml:"mac"`
 	GatewayMAC       string            `toml:"gateway_mac"`
@@ -40,9 +44,6 @@ type fileConfig struct {
 	DialTimeout      string            `toml:"dial_timeout"`
 	MaxConnections   int               `toml:"max_connections"`
 	MaxInflightDials int               `toml:"max_inflight_dials"`
-	MaxInboundConns  int               `toml:"max_inbound_connections"`
-	MaxUDPPerSource  int               `toml:"max_udp_flows_per_source"`
-	MaxMemory        string            `toml:"max_memory"`
 	Hosts            map[string]string `toml:"hosts,omitempty"`
 	IPv4             fileIPv4          `toml:"ipv4"`
 	IPv6             fileIPv6          `toml:"ipv6"`
@@ -198,6 +199,9 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	}
 	setPath(&c.Socket, f.Socket, "socket")
 	setPath(&c.Connect, f.Connect, "connect")
+	str([]string{"socket_mode"}, f.SocketMode, func(s string) (err error) { c.SocketMode, err = ParseSocketMode(s); return })
+	str([]string{"socket_group"}, f.SocketGroup, func(s string) error { c.SocketGroup = s; return nil })
+	dur([]string{"setup_timeout"}, &c.SetupTimeout, f.SetupTimeout)
 	if has("once") {
 		c.Once = f.Once
 	}
@@ -206,6 +210,7 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	str([]string{"log_level"}, f.LogLevel, func(s string) (err error) { c.LogLevel, err = ParseLogLevel(s); return })
 	str([]string{"log_format"}, f.LogFormat, func(s string) (err error) { c.LogFormat, err = ParseLogFormat(s); return })
 	setPath(&c.PCAP, f.PCAP, "pcap")
+	str([]string{"pcap_max_size"}, f.PCAPMaxSize, func(s string) (err error) { c.PCAPMaxSize, err = ParseSize(s); return })
 	if has("mtu") {
 		c.MTU = f.MTU
 	}
@@ -275,13 +280,6 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	if has("max_inflight_dials") {
 		c.MaxInflightDials = f.MaxInflightDials
 	}
-	if has("max_inbound_connections") {
-		c.MaxInboundConnections = f.MaxInboundConns
-	}
-	if has("max_udp_flows_per_source") {
-		c.MaxUDPFlowsPerSource = f.MaxUDPPerSource
-	}
-	str([]string{"max_memory"}, f.MaxMemory, func(s string) (err error) { c.MaxMemory, err = ParseSize(s); return })
 
 	setPath(&c.Boot.TFTPRoot, f.Boot.TFTPRoot, "boot", "tftp_root")
 	str([]string{"boot", "boot_file"}, f.Boot.BootFile, func(s string) error { c.Boot.BootFile = s; return nil })
@@ -319,12 +317,16 @@ func (c *Config) WriteTOML(w io.Writer) error {
 	f := fileConfig{
 		Socket:           c.Socket,
 		Connect:          c.Connect,
+		SocketMode:       FormatSocketMode(c.SocketMode),
+		SocketGroup:      c.SocketGroup,
+		SetupTimeout:     formatDuration(c.SetupTimeout),
 		Once:             c.Once,
 		PIDFile:          c.PIDFile,
 		API:              c.API,
 		LogLevel:         levelName(c.LogLevel),
 		LogFormat:        string(c.LogFormat),
 		PCAP:             c.PCAP,
+		PCAPMaxSize:      FormatSize(c.PCAPMaxSize),
 		MTU:              c.MTU,
 		MAC:              c.MAC.String(),
 		GatewayMAC:       c.GatewayMAC.String(),
@@ -335,9 +337,6 @@ func (c *Config) WriteTOML(w io.Writer) error {
 		DialTimeout:      formatDuration(c.DialTimeout),
 		MaxConnections:   c.MaxConnections,
 		MaxInflightDials: c.MaxInflightDials,
-		MaxInboundConns:  c.MaxInboundConnections,
-		MaxUDPPerSource:  c.MaxUDPFlowsPerSource,
-		MaxMemory:        FormatSize(c.MaxMemory),
 		IPv4: fileIPv4{
 			Subnet:  c.IPv4.Subnet.String(),
 			Gateway: c.IPv4.Gateway.String(),

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"os"
 	"path"
 	"slices"
 	"strings"
@@ -98,15 +99,6 @@ func (c *Config) Validate() error {
 	if c.MaxInflightDials < 0 {
 		es.add("max_inflight_dials", "%d is negative; use 0 for unlimited", c.MaxInflightDials)
 	}
-	if c.MaxInboundConnections < 0 {
-		es.add("max_inbound_connections", "%d is negative; use 0 for unlimited", c.MaxInboundConnections)
-	}
-	if c.MaxUDPFlowsPerSource < 0 {
-		es.add("max_udp_flows_per_source", "%d is negative; use 0 for unlimited", c.MaxUDPFlowsPerSource)
-	}
-	if c.MaxMemory < MinMaxMemory {
-		es.add("max_memory", "%s is below the minimum %s", FormatSize(c.MaxMemory), FormatSize(MinMaxMemory))
-	}
 	c.validateBoot(&es)
 	return es.err()
 }
@@ -118,6 +110,7 @@ func (c *Config) validateEndpoints(es *Errors) {
 	case c.Socket != "" && c.Connect != "":
 		es.add("connect", "socket and connect are mutually exclusive; set only one")
 	}
+	c.validateSocketAccess(es)
 	// Unix socket paths have a hard length limit; other paths are only
 	// checked for the NUL byte no system call accepts.
 	type pathKey struct {
@@ -462,4 +455,26 @@ func familyName(is4 bool) string {
 		return "IPv4"
 	}
 	return "IPv6"
+}
+
+// validateSocketAccess checks the vhost-user socket's mode and group.
+func (c *Config) validateSocketAccess(es *Errors) {
+	if c.SocketMode&^os.ModePerm != 0 {
+		es.add("socket_mode", "%v is not permission bits", c.SocketMode)
+	}
+	if c.Connect != "" && (c.SocketGroup != "" || c.SocketMode != Default().SocketMode) {
+		es.add("socket_mode", "socket_mode and socket_group apply to a socket vunet creates (socket), not to connect")
+	}
+	if c.SocketGroup != "" && c.SocketMode&0o060 != 0o060 {
+		es.add("socket_group", "group %s cannot connect with socket_mode %s: use 0660", c.SocketGroup, FormatSocketMode(c.SocketMode))
+	}
+	if c.SetupTimeout < 0 {
+		es.add("setup_timeout", "%s is negative; use 0 to disable", formatDuration(c.SetupTimeout))
+	}
+	if c.PCAPMaxSize < 0 {
+		es.add("pcap_max_size", "%d is negative; use 0 for unlimited", c.PCAPMaxSize)
+	}
+	if c.PCAPMaxSize > 0 && c.PCAP == "" {
+		es.add("pcap_max_size", "is set but pcap is not")
+	}
 }

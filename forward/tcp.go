@@ -93,14 +93,7 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	r.Complete(false)
 	setGuestKeepalive(ep)
 	log.Debug("tcp connection established", "target", target)
-	sp, err := f.newSplice(ep, &wq, hc, f.memOut, src.String()+"->"+target.String())
-	if err != nil {
-		log.Debug("tcp splice failed", "err", err)
-		ep.Abort()
-		_ = hc.Close()
-		return
-	}
-	sp.run()
+	f.newSplice(ep, &wq, hc, src.String()+"->"+target.String()).run()
 }
 
 func tcpNetwork(a netip.Addr) string {

@@ -21,6 +21,8 @@ type sinkBackend struct {
 	kicks   map[int]*virtqueue.EventFD
 	resets  int
 	acked   uint64
+	// stopDelay makes StopQueue slow, like a worker finishing a batch.
+	stopDelay time.Duration
 }
 
 var _ vhost.Backend = (*sinkBackend)(nil)
@@ -68,6 +70,7 @@ func (b *sinkBackend) StartQueue(idx int, q *virtqueue.Queue, kick *virtqueue.Ev
 }
 
 func (b *sinkBackend) StopQueue(idx int) {
+	time.Sleep(b.stopDelay)
 	b.mu.Lock()
 	kick, done := b.kicks[idx], b.workers[idx]
 	b.mu.Unlock()

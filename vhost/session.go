@@ -47,6 +47,12 @@ type Stats struct {
 	// sessions, so a reconnecting frontend does not reset them. The owner
 	// registers each with its queue's labels.
 	Queues [maxQueues]virtqueue.Stats `metric:"-"`
+	// Session admission (Server.Serve).
+	ActiveSessions  atomic.Int64  `metric:"vhost_active_sessions" kind:"gauge" help:"vhost-user frontends being served now."`
+	SessionsRefused atomic.Uint64 `metric:"vhost_frontends_refused_total{reason=busy}" help:"vhost-user frontends refused or dropped: busy (already serving the maximum number), peer (its user or group is not allowed), setup_timeout (no SET_OWNER within the set-up timeout)."`
+	PeersRefused    atomic.Uint64 `metric:"vhost_frontends_refused_total{reason=peer}"`
+	SetupTimeouts   atomic.Uint64 `metric:"vhost_frontends_refused_total{reason=setup_timeout}"`
+	AcceptErrors    atomic.Uint64 `metric:"vhost_accept_errors_total" help:"Failed accepts on the vhost-user socket (EMFILE, ENFILE, ...), retried after a backoff."`
 }
 
 // vring is the control-plane view of one queue.

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
@@ -48,7 +47,6 @@ const (
 	flagBootFile          = "boot-file"
 	flagBootFileEFI       = "boot-file-efi"
 	flagIPXEScriptURL     = "ipxe-script-url"
-	flagMaxMemory         = "max-memory"
 	flagPrintConfig       = "print-config"
 )
 
@@ -69,8 +67,6 @@ func flagForKey(key string) string {
 		return flagDNS
 	case "forwards":
 		return flagForward
-	case "max_memory":
-		return flagMaxMemory
 	case "dns_upstream":
 		return flagDNSUpstream
 	case "boot.tftp_root":
@@ -81,6 +77,14 @@ func flagForKey(key string) string {
 		return flagBootFileEFI
 	case "boot.ipxe_script_url":
 		return flagIPXEScriptURL
+	case "socket_mode":
+		return flagSocketMode
+	case "socket_group":
+		return flagSocketGroup
+	case "setup_timeout":
+		return flagSetupTimeout
+	case "pcap_max_size":
+		return flagPCAPMaxSize
 	case "egress.mode":
 		return flagEgress
 	case "egress.allow_metadata":
@@ -149,7 +153,6 @@ func runFlags() []cli.Flag {
 		str(flagBootFileEFI, catBoot, "boot file `NAME` for UEFI PXE clients, instead of --boot-file (relative to --tftp-root)", ""),
 		str(flagIPXEScriptURL, catBoot, "boot file `URL` (http, https or tftp) for clients that identify as iPXE, e.g. an iPXE script", ""),
 
-		str(flagMaxMemory, catOps, "memory budget `SIZE` for what the guest can make vunet hold (TCP and UDP buffers, queued frames), e.g. 256MiB or 1GiB; the Go runtime's soft memory limit follows it", config.FormatSize(d.MaxMemory)),
 		path(flagAPI, catOps, "serve the control API on unix socket `PATH`"),
 		path(flagPCAP, catOps, "write every guest frame to pcap `FILE`"),
 		path(flagPIDFile, catOps, "write the process id to `FILE` while running"),
@@ -159,6 +162,7 @@ func runFlags() []cli.Flag {
 		// in a shell would silently stop every later run from starting.
 		&cli.BoolFlag{Name: flagPrintConfig, Category: catOps, Usage: "validate the configuration, print it as TOML and exit"},
 	}
+	flags = append(flags, socketFlags()...)
 	return append(flags, egressFlags()...)
 }
 
@@ -281,9 +285,6 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 	if err := parseFlag(c, flagLogFormat, config.ParseLogFormat, &cfg.LogFormat); err != nil {
 		return err
 	}
-	if err := parseFlag(c, flagMaxMemory, config.ParseSize, &cfg.MaxMemory); err != nil {
-		return err
-	}
 
 	// Subnets before addresses: SetSubnet moves the gateway, DNS and guest
 	// addresses into the new subnet, and explicit --gateway/--dns must win.
@@ -321,6 +322,9 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 		}
 	}
 	if err := applyEgressFlags(c, cfg); err != nil {
+		return err
+	}
+	if err := applySocketFlags(c, cfg); err != nil {
 		return err
 	}
 	if c.IsSet(flagDNSUpstream) {
@@ -481,20 +485,4 @@ func writePIDFile(path string) error {
 		return fmt.Errorf("pid file: %w", err)
 	}
 	return nil
-}
-
-// setMemoryLimit sets the Go runtime's soft memory limit from the memory
-// budget, unless GOMEMLIMIT chose one: the budget plus half again for what
-// it does not account (per-connection structures, goroutine stacks, gVisor's
-// bookkeeping, garbage not yet collected) plus a fixed 64 MiB for the
-// runtime and the rest of vunet. Near the limit the collector works harder
-// instead of letting garbage pile up; it is soft, so vunet never fails
-// because of it.
-func setMemoryLimit(budget int64) (int64, bool) {
-	if os.Getenv("GOMEMLIMIT") != "" || budget <= 0 {
-		return 0, false
-	}
-	limit := budget + budget/2 + 64<<20
-	debug.SetMemoryLimit(limit)
-	return limit, true
 }

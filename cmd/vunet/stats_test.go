@@ -14,7 +14,6 @@ import (
 
 	"github.com/vunet/vunet/api"
 	"github.com/vunet/vunet/appliance"
-	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/forward"
@@ -56,7 +55,6 @@ func declared(t *testing.T, a *appliance.Appliance) int {
 	count(egress.RuleCounters{}, len(a.Forward.EgressRules()))
 	count(egress.HostAddrStats{}, 1)
 	count(ratelimit.Stats{}, 1)
-	count(budget.Counters{}, 4) // total, outbound, inbound, link
 	return n
 }
 
