@@ -101,10 +101,10 @@ type Options struct {
 // the metrics registry (internal/metrics). tx is guest → host, rx host →
 // guest; vunet serves one queue pair, receiveq 0 and transmitq 1.
 type Stats struct {
-	TXFrames atomic.Uint64 `metric:"link_frames_total{queue=1,direction=from_guest}" help:"Ethernet frames carried, by virtqueue and direction (to_guest, from_guest)."`
-	TXBytes  atomic.Uint64 `metric:"link_bytes_total{queue=1,direction=from_guest}" help:"Ethernet bytes carried, by virtqueue and direction (to_guest, from_guest)."`
-	RXFrames atomic.Uint64 `metric:"link_frames_total{queue=0,direction=to_guest}"`
-	RXBytes  atomic.Uint64 `metric:"link_bytes_total{queue=0,direction=to_guest}"`
+	RXFrames atomic.Uint64 `metric:"link_frames_total{queue=0,direction=to_guest}" help:"Ethernet frames carried, by virtqueue and direction (to_guest, from_guest)."`
+	TXFrames atomic.Uint64 `metric:"link_frames_total{queue=1,direction=from_guest}"`
+	RXBytes  atomic.Uint64 `metric:"link_bytes_total{queue=0,direction=to_guest}" help:"Ethernet bytes carried, by virtqueue and direction (to_guest, from_guest)."`
+	TXBytes  atomic.Uint64 `metric:"link_bytes_total{queue=1,direction=from_guest}"`
 
 	// Drops by reason.
 	TXBadHeader    atomic.Uint64 `metric:"link_drops_total{reason=tx_bad_header}" help:"Frames dropped by the virtio-net endpoint, by reason." hostile:"link"`

@@ -183,52 +183,6 @@ func forwardListAction(c *cli.Context) error {
 }
 
 // statsCommand prints the counters of a running vunet.
-func statsCommand() *cli.Command {
-	return &cli.Command{
-		Name:      "stats",
-		Usage:     "print the counters of a running vunet (over its --api socket)",
-		UsageText: "vunet stats --api PATH [--json | --metrics]",
-		Flags: []cli.Flag{
-			apiFlag(),
-			&cli.BoolFlag{Name: "json", Usage: "print the full JSON snapshot (docs/api.md)"},
-			&cli.BoolFlag{Name: "metrics", Usage: "print the Prometheus metrics text"},
-		},
-		Action:          statsAction,
-		HideHelpCommand: true,
-		OnUsageError:    onUsageError,
-	}
-}
-
-func statsAction(c *cli.Context) error {
-	if c.NArg() > 0 {
-		return usagef("stats: unexpected argument %q", c.Args().First())
-	}
-	if c.Bool("json") && c.Bool("metrics") {
-		return usagef("stats: --json and --metrics are mutually exclusive")
-	}
-	cl, err := apiClient(c, "stats")
-	if err != nil {
-		return err
-	}
-	defer cl.Close()
-	if c.Bool("metrics") {
-		m, err := cl.Metrics(c.Context)
-		if err != nil {
-			return err
-		}
-		_, err = io.WriteString(c.App.Writer, m)
-		return err
-	}
-	st, err := cl.Stats(c.Context)
-	if err != nil {
-		return err
-	}
-	if c.Bool("json") {
-		return writeJSON(c.App.Writer, st)
-	}
-	return writeStats(c.App.Writer, st)
-}
-
 func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

@@ -180,6 +180,11 @@ func TestForwardUsageErrors(t *testing.T) {
 		{[]string{"forward", "frob"}, `forward: unknown command "frob"`},
 		{[]string{"stats"}, "stats: --api PATH is required"},
 		{[]string{"stats", "--api", sock, "--json", "--metrics"}, "mutually exclusive"},
+		{[]string{"stats", "--api", sock, "--watch", "--metrics"}, "--watch and --metrics are mutually exclusive"},
+		{[]string{"stats", "--api", sock, "--watch", "fast"}, `--watch "fast": want a duration`},
+		{[]string{"stats", "--api", sock, "--watch", "10ms"}, "at least 100ms"},
+		{[]string{"stats", "--api", sock, "5s"}, `unexpected argument "5s"`},
+		{[]string{"stats", "--api", sock, "--watch", "1s", "2s"}, `unexpected argument "1s"`},
 		{[]string{"stats", "--api", sock, "--bogus"}, "flag provided but not defined: -bogus"},
 	}
 	for _, tt := range tests {
@@ -199,8 +204,10 @@ func TestStatsCommand(t *testing.T) {
 	if r.err != nil {
 		t.Fatal(r.line())
 	}
-	for _, w := range []string{"vunet fake, up 1h1m1s", "\nlink\n", "reason=tx_short", "\nvirtqueue\n",
-		"direction=from_guest queue=1  size 256: avail 9, next 8, used 8", "52:54:00:12:34:56 10.0.2.15", "port_forwards"} {
+	for _, w := range []string{"vunet fake, up 1h1m1s\n\nlink\n", "  frames   0 to_guest 5\n", "  bytes    0 to_guest 3.0 MiB\n",
+		"  drops    tx_short 2\n", "\n\nvirtqueue\n  bad_chains   1 from_guest 1\n",
+		"  ring         1 from_guest: size 256, avail 9, next 8, used 8\n",
+		"  lease    52:54:00:12:34:56 10.0.2.15 until ", "  port_forwards   2\n"} {
 		if !strings.Contains(r.stdout, w) {
 			t.Errorf("stats output lacks %q:\n%s", w, r.stdout)
 		}

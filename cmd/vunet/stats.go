@@ -1,56 +1,273 @@
 package main
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"maps"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
-	"text/tabwriter"
 	"time"
+
+	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/vunet/vunet/api"
 )
 
-// writeStats prints the snapshot for people: one section per layer, in
-// the order the appliance registered them, one aligned line per series.
-// Series come from the registry, so every declared counter is printed.
-func writeStats(w io.Writer, st api.Stats) error {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	up := time.Duration(st.UptimeSeconds * float64(time.Second)).Round(time.Second)
-	fmt.Fprintf(tw, "vunet %s, up %s\n", st.Version, up)
-	layer := ""
-	for _, m := range st.Metrics {
-		if m.Layer != layer {
-			if layer != "" {
-				extras(tw, layer, st)
-			}
-			layer = m.Layer
-			fmt.Fprintf(tw, "\n%s\n", layer)
+// defaultWatch is the interval of `vunet stats --watch` without one.
+const defaultWatch = 2 * time.Second
+
+func statsCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "stats",
+		Usage: "print the counters of a running vunet (over its --api socket)",
+		UsageText: "vunet stats --api PATH [--json | --metrics]\n" +
+			"vunet stats --api PATH --watch [INTERVAL] [--json]",
+		Description: "Prints every counter, grouped by layer. --watch repeats every INTERVAL (default 2s; " +
+			"\"5s\", \"500ms\" or seconds) and shows per-second rates of the counters that moved; with --json it " +
+			"prints one JSON snapshot per line.",
+		Flags: []cli.Flag{
+			apiFlag(),
+			&cli.BoolFlag{Name: "json", Usage: "print the full JSON snapshot (docs/api.md)"},
+			&cli.BoolFlag{Name: "metrics", Usage: "print the Prometheus metrics text"},
+			&cli.BoolFlag{Name: "watch", Usage: "repeat every INTERVAL (the argument; default 2s) with rates, until interrupted"},
+		},
+		Action:          statsAction,
+		HideHelpCommand: true,
+		OnUsageError:    onUsageError,
+	}
+}
+
+func statsAction(c *cli.Context) error {
+	watch := c.Bool("watch")
+	interval := defaultWatch
+	switch {
+	case watch && c.NArg() == 1:
+		d, err := parseInterval(c.Args().First())
+		if err != nil {
+			return usagef("stats: --watch %q: %v", c.Args().First(), err)
 		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\n", shortName(m), labelText(m.Labels), valueText(m))
+		interval = d
+	case c.NArg() > 0:
+		return usagef("stats: unexpected argument %q", c.Args().First())
 	}
-	if layer != "" {
-		extras(tw, layer, st)
+	if c.Bool("json") && c.Bool("metrics") {
+		return usagef("stats: --json and --metrics are mutually exclusive")
 	}
-	return tw.Flush()
+	if watch && c.Bool("metrics") {
+		return usagef("stats: --watch and --metrics are mutually exclusive (a scraper polls /metrics itself)")
+	}
+	cl, err := apiClient(c, "stats")
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	w := c.App.Writer
+	if c.Bool("metrics") {
+		m, err := cl.Metrics(c.Context)
+		if err != nil {
+			return err
+		}
+		_, err = io.WriteString(w, m)
+		return err
+	}
+	if watch {
+		return watchStats(c.Context, w, cl.Stats, interval, c.Bool("json"), isTerminal(w), -1)
+	}
+	st, err := cl.Stats(c.Context)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return writeJSON(w, st)
+	}
+	return writeStats(w, st, nil)
+}
+
+// parseInterval reads "5s", "500ms" or a number of seconds; at least 100ms.
+func parseInterval(s string) (time.Duration, error) {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		f, ferr := strconv.ParseFloat(s, 64)
+		if ferr != nil {
+			return 0, fmt.Errorf("want a duration (5s, 500ms) or seconds")
+		}
+		d = time.Duration(f * float64(time.Second))
+	}
+	if d < 100*time.Millisecond {
+		return 0, fmt.Errorf("want at least 100ms")
+	}
+	return d, nil
+}
+
+// isTerminal reports whether w is a terminal (the screen is redrawn then).
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// watchStats prints a snapshot every interval until ctx is done (or after
+// frames snapshots, for tests; -1 is no limit). Human frames after the
+// first carry per-second rates; on a terminal each frame replaces the
+// last. With asJSON every snapshot is one line of JSON.
+func watchStats(ctx context.Context, w io.Writer, fetch func(context.Context) (api.Stats, error),
+	interval time.Duration, asJSON, terminal bool, frames int) error {
+	var prev *api.Stats
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for n := 0; frames < 0 || n < frames; n++ {
+		if n > 0 {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-t.C:
+			}
+		}
+		st, err := fetch(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		switch {
+		case asJSON:
+			b, err := json.Marshal(st)
+			if err != nil {
+				return err
+			}
+			if _, err := w.Write(append(b, '\n')); err != nil {
+				return err
+			}
+		default:
+			if terminal {
+				io.WriteString(w, "\x1b[H\x1b[2J") // home, clear
+			} else if n > 0 {
+				io.WriteString(w, "\n")
+			}
+			if err := writeStats(w, st, prev); err != nil {
+				return err
+			}
+		}
+		prev = &st
+	}
+	return nil
+}
+
+// statsWidth is where a family's line wraps.
+const statsWidth = 100
+
+// writeStats prints the snapshot for people: one section per layer, in the
+// order the appliance registered them; one line per metric family, its
+// name aligned, then each series as "label-values value". With prev (an
+// earlier snapshot, --watch), counters that moved also show their rate per
+// second, "+12.5/s". Series come from the registry, so every declared
+// counter is printed.
+func writeStats(w io.Writer, st api.Stats, prev *api.Stats) error {
+	var b strings.Builder
+	up := time.Duration(st.UptimeSeconds * float64(time.Second)).Round(time.Second)
+	fmt.Fprintf(&b, "vunet %s, up %s", st.Version, up)
+	var elapsed float64
+	old := map[string]int64{}
+	if prev != nil {
+		elapsed = st.UptimeSeconds - prev.UptimeSeconds
+		fmt.Fprintf(&b, "; rates over %.1fs", elapsed)
+		for _, m := range prev.Metrics {
+			old[seriesKey(m)] = m.Value
+		}
+	}
+	b.WriteString("\n")
+
+	for _, layer := range layers(st.Metrics) {
+		fams := families(st.Metrics, layer)
+		width := 0
+		for _, f := range fams {
+			width = max(width, len(shortName(f[0])))
+		}
+		fmt.Fprintf(&b, "\n%s\n", layer)
+		for _, f := range fams {
+			cells := make([]string, len(f))
+			for i, m := range f {
+				cells[i] = cellText(m)
+				if v, ok := old[seriesKey(m)]; ok && m.Kind == api.Counter && m.Value != v && elapsed > 0 {
+					cells[i] += " (" + rateText(m, float64(m.Value-v)/elapsed) + ")"
+				}
+			}
+			writeLine(&b, fmt.Sprintf("  %-*s", width, shortName(f[0])), cells)
+		}
+		extras(&b, layer, st, width)
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// writeLine writes head and the cells separated by three spaces, wrapping
+// under the first cell past statsWidth.
+func writeLine(b *strings.Builder, head string, cells []string) {
+	line := head
+	for i, c := range cells {
+		if i > 0 && len(line)+3+len(c) > statsWidth {
+			b.WriteString(line + "\n")
+			line = strings.Repeat(" ", len(head))
+		}
+		line += "   " + c
+	}
+	b.WriteString(line + "\n")
+}
+
+// layers returns the layers of ms in order of appearance.
+func layers(ms []api.Metric) []string {
+	var out []string
+	for _, m := range ms {
+		if !slices.Contains(out, m.Layer) {
+			out = append(out, m.Layer)
+		}
+	}
+	return out
+}
+
+// families groups layer's series by name, in order of appearance.
+func families(ms []api.Metric, layer string) [][]api.Metric {
+	var out [][]api.Metric
+	idx := map[string]int{}
+	for _, m := range ms {
+		if m.Layer != layer {
+			continue
+		}
+		i, ok := idx[m.Name]
+		if !ok {
+			i = len(out)
+			idx[m.Name] = i
+			out = append(out, nil)
+		}
+		out[i] = append(out[i], m)
+	}
+	return out
 }
 
 // extras prints the state that is not a counter after its layer.
-func extras(tw io.Writer, layer string, st api.Stats) {
+func extras(b *strings.Builder, layer string, st api.Stats, width int) {
 	switch layer {
 	case "virtqueue":
 		for _, r := range st.Rings {
-			fmt.Fprintf(tw, "  ring\tdirection=%s queue=%d\tsize %d: avail %d, next %d, used %d", r.Direction, r.Queue, r.Size, r.AvailIdx, r.NextAvail, r.UsedIdx)
+			fmt.Fprintf(b, "  %-*s   %d %s: size %d, avail %d, next %d, used %d", width, "ring", r.Queue, r.Direction,
+				r.Size, r.AvailIdx, r.NextAvail, r.UsedIdx)
 			if r.EventIdx {
-				fmt.Fprintf(tw, ", avail_event %d, used_event %d", r.AvailEvent, r.UsedEvent)
+				fmt.Fprintf(b, ", avail_event %d, used_event %d", r.AvailEvent, r.UsedEvent)
 			}
-			fmt.Fprintln(tw)
+			b.WriteString("\n")
 		}
 	case "dhcp":
 		for _, l := range st.Leases {
-			fmt.Fprintf(tw, "  lease\t%s %s\tuntil %s\n", l.MAC, l.Addr, l.Expiry.Local().Format(time.DateTime))
+			fmt.Fprintf(b, "  %-*s   %s %s until %s\n", width, "lease", l.MAC, l.Addr, l.Expiry.Local().Format(time.DateTime))
 		}
 	}
 }
@@ -63,13 +280,75 @@ func shortName(m api.Metric) string {
 	return strings.TrimSuffix(n, "_total")
 }
 
-// labelText formats labels as "a=1 b=2", sorted by name.
-func labelText(l map[string]string) string {
-	parts := make([]string, 0, len(l))
-	for _, k := range slices.Sorted(maps.Keys(l)) {
-		parts = append(parts, k+"="+l[k])
+// cellText is one series: its label values (sorted by label name) and its
+// value, "0 to_guest 1234".
+func cellText(m api.Metric) string {
+	if l := labelValues(m.Labels); l != "" {
+		return l + " " + valueText(m)
+	}
+	return valueText(m)
+}
+
+// labelOrder puts the labels that say which instance first (guest, queue,
+// egress rule); the others follow by name.
+var labelOrder = []string{"guest", "queue", "index", "rule"}
+
+// labelValues joins the label values, in labelOrder.
+func labelValues(l map[string]string) string {
+	keys := slices.SortedFunc(maps.Keys(l), func(a, b string) int {
+		ia, ib := slices.Index(labelOrder, a), slices.Index(labelOrder, b)
+		if ia < 0 {
+			ia = len(labelOrder)
+		}
+		if ib < 0 {
+			ib = len(labelOrder)
+		}
+		if ia != ib {
+			return ia - ib
+		}
+		return strings.Compare(a, b)
+	})
+	var parts []string
+	for _, k := range keys {
+		// A value another label already says ("deny" beside the rule
+		// "deny 169.254.0.0/16") is left out.
+		if !slices.ContainsFunc(keys, func(o string) bool {
+			return o != k && slices.Contains(strings.Fields(l[o]), l[k]) && l[o] != l[k]
+		}) {
+			parts = append(parts, l[k])
+		}
 	}
 	return strings.Join(parts, " ")
+}
+
+// rateText formats a counter's rate per second: "+12/s", "+0.5/s",
+// "+3.2k/s", bytes with a binary unit.
+func rateText(m api.Metric, r float64) string {
+	if strings.HasSuffix(m.Name, "bytes_total") && r >= 0 {
+		return "+" + humanBytes(uint64(r)) + "/s"
+	}
+	sign := "+"
+	if r < 0 {
+		sign, r = "-", -r
+	}
+	switch {
+	case r >= 1e6:
+		return sign + strconv.FormatFloat(r/1e6, 'f', 1, 64) + "M/s"
+	case r >= 1e4:
+		return sign + strconv.FormatFloat(r/1e3, 'f', 1, 64) + "k/s"
+	case r >= 10:
+		return sign + strconv.FormatFloat(r, 'f', 0, 64) + "/s"
+	}
+	return sign + strconv.FormatFloat(r, 'g', 2, 64) + "/s"
+}
+
+// seriesKey identifies a series across snapshots.
+func seriesKey(m api.Metric) string {
+	k := m.Name
+	for _, l := range slices.Sorted(maps.Keys(m.Labels)) {
+		k += "," + l + "=" + m.Labels[l]
+	}
+	return k
 }
 
 // valueText formats m's value; byte counts get a binary unit.

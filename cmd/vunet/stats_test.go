@@ -106,7 +106,7 @@ func TestEveryCounterInEveryOutput(t *testing.T) {
 			t.Errorf("stats --metrics lacks %q", line)
 		}
 		if !humanHas(human.stdout, m) {
-			t.Errorf("stats lacks %s %v in section %s", shortName(m), m.Labels, m.Layer)
+			t.Errorf("stats lacks %s %q in section %s", shortName(m), cellText(m), m.Layer)
 		}
 	}
 	// Each of the counters that once never left their layer.
@@ -148,18 +148,29 @@ func exposition(m api.Metric) string {
 	return m.Name + "{" + strings.Join(parts, ",") + "} "
 }
 
-// humanHas reports whether the human output has m's line in its section.
+// humanHas reports whether the human output has m in its layer's
+// section: on its family's line (or that line's continuation), the cell
+// "label-values value".
 func humanHas(out string, m api.Metric) bool {
 	_, sec, ok := strings.Cut(out, "\n"+m.Layer+"\n")
 	if !ok {
 		return false
 	}
 	sec, _, _ = strings.Cut(sec, "\n\n")
-	for _, line := range strings.Split(sec, "\n") {
-		f := strings.Fields(line)
-		if len(f) > 0 && f[0] == shortName(m) && strings.Contains(line, labelText(m.Labels)) {
-			return true
+	lines := strings.Split(sec, "\n")
+	for i, line := range lines {
+		if f := strings.Fields(line); len(f) == 0 || f[0] != shortName(m) || !strings.HasPrefix(line, "  "+f[0]) {
+			continue
 		}
+		fam := line
+		for _, l := range lines[i+1:] {
+			if !strings.HasPrefix(l, "   ") {
+				break
+			}
+			fam += "\n" + l
+		}
+		cell := "   " + cellText(m)
+		return strings.Contains(fam+"\n", cell+"\n") || strings.Contains(fam, cell+"   ") || strings.Contains(fam, cell+" (")
 	}
 	return false
 }
