@@ -54,6 +54,9 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 	if a.hostAddrs != nil {
 		add("egress", a.hostAddrs.Stats())
 	}
+	if a.pcap != nil {
+		add("pcap", &a.pcap.Stats)
+	}
 	add("log", a.logLimit.Stats())
 	return r, errors.Join(errs...)
 }

@@ -67,6 +67,7 @@ type Appliance struct {
 	started   time.Time
 	socketGID int // group of the vhost-user socket, or -1
 	metrics   *metrics.Registry
+	pcap      *pcap.Writer // nil without cfg.PCAP
 	pcapFile  *os.File
 	closers   []func()
 }
@@ -97,6 +98,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		if pw, err = pcap.NewWriter(f); err != nil {
 			return nil, fmt.Errorf("pcap: %w", err)
 		}
+		a.pcap = pw
 	}
 	a.Link, err = endpoint.New(endpoint.Options{
 		MTU:         uint32(cfg.MTU),

@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -25,6 +26,20 @@ type Writer struct {
 	w   io.Writer
 	buf []byte
 	err error
+	// Stats counts the capture's records, declared for the metrics
+	// registry (internal/metrics).
+	Stats Stats
+}
+
+// Stats are a Writer's counters.
+type Stats struct {
+	Frames atomic.Uint64 `metric:"pcap_frames_total" help:"Frames recorded in the capture file."`
+	// Truncated frames were longer than SnapLen: recorded cut, with their
+	// original length.
+	Truncated atomic.Uint64 `metric:"pcap_truncated_total" help:"Frames recorded cut to the snap length (262144 bytes)."`
+	// Lost frames were not recorded because the file could not be
+	// written (disk full, ...); capture stops at the first error.
+	Lost atomic.Uint64 `metric:"pcap_lost_total" help:"Frames not recorded because writing the capture file failed."`
 }
 
 // NewWriter writes the file header to w and returns a Writer.
@@ -47,10 +62,17 @@ func NewWriter(w io.Writer) (*Writer, error) {
 func (p *Writer) Write(ts time.Time, segs [][]byte, off, length int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.err != nil || length < 0 {
+	if length < 0 {
+		return
+	}
+	if p.err != nil {
+		p.Stats.Lost.Add(1)
 		return
 	}
 	caplen := min(length, SnapLen)
+	if caplen < length {
+		p.Stats.Truncated.Add(1)
+	}
 	p.buf = p.buf[:0]
 	p.buf = binary.LittleEndian.AppendUint32(p.buf, uint32(ts.Unix()))
 	p.buf = binary.LittleEndian.AppendUint32(p.buf, uint32(ts.Nanosecond()/1000))
@@ -75,7 +97,11 @@ func (p *Writer) Write(ts time.Time, segs [][]byte, off, length int) {
 	for ; need > 0; need-- {
 		p.buf = append(p.buf, 0)
 	}
-	_, p.err = p.w.Write(p.buf)
+	if _, p.err = p.w.Write(p.buf); p.err != nil {
+		p.Stats.Lost.Add(1)
+		return
+	}
+	p.Stats.Frames.Add(1)
 }
 
 // Err returns the first write error, if any.

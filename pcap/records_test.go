@@ -121,6 +121,9 @@ func TestRecords(t *testing.T) {
 	if len(recs) != len(cases) {
 		t.Fatalf("%d records, want %d", len(recs), len(cases))
 	}
+	if n, cut, lost := w.Stats.Frames.Load(), w.Stats.Truncated.Load(), w.Stats.Lost.Load(); n != uint64(len(cases)) || cut != 1 || lost != 0 {
+		t.Errorf("counted %d frames, %d truncated, %d lost; want %d, 1, 0", n, cut, lost, len(cases))
+	}
 	for i, c := range cases {
 		r := recs[i]
 		wantIncl := min(len(c.f), pcap.SnapLen)
@@ -167,6 +170,10 @@ func TestWriteError(t *testing.T) {
 	flushWriter(t, w)
 	if err := w.Err(); !errors.Is(err, errDiskFull) {
 		t.Fatalf("Err() = %v, want the write error", err)
+	}
+	// Every frame after the failure is counted as lost, none as recorded.
+	if n, lost := w.Stats.Frames.Load(), w.Stats.Lost.Load(); n != 0 || lost != 10 {
+		t.Errorf("counted %d frames, %d lost; want 0, 10", n, lost)
 	}
 }
 

@@ -19,6 +19,7 @@ import (
 	"github.com/vunet/vunet/forward"
 	"github.com/vunet/vunet/forward/egress"
 	"github.com/vunet/vunet/internal/ratelimit"
+	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/services/dhcp4"
 	"github.com/vunet/vunet/services/dns"
 	"github.com/vunet/vunet/services/ra"
@@ -55,6 +56,7 @@ func declared(t *testing.T, a *appliance.Appliance) int {
 	count(egress.RuleCounters{}, len(a.Forward.EgressRules()))
 	count(egress.HostAddrStats{}, 1)
 	count(ratelimit.Stats{}, 1)
+	count(pcap.Stats{}, 1)
 	return n
 }
 
@@ -69,6 +71,7 @@ func TestEveryCounterInEveryOutput(t *testing.T) {
 	cfg.IPv6.Enable = true
 	cfg.Boot.TFTPRoot = dir
 	cfg.Egress.HostAddresses = false
+	cfg.PCAP = filepath.Join(dir, "capture.pcap")
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
