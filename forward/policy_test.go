@@ -51,8 +51,7 @@ func redirectDials(to netip.AddrPort, n *atomic.Int64) func(*Options) {
 func TestEgressTCP(t *testing.T) {
 	srv := tcpServer(t, netip.MustParseAddr("127.0.0.1"), echoHandler)
 	var dials atomic.Int64
-	var e *env
-	e = newEnv(t, func(o *Options) {
+	e := newEnv(t, func(o *Options) {
 		redirectDials(srv, &dials)(o)
 		o.Egress = policy(t, egress.Options{}, "deny tcp:192.0.2.0/24:80", "allow tcp:169.254.169.254:8080")
 	})
