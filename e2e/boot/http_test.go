@@ -1,11 +1,14 @@
 package boot
 
 import (
+	"bytes"
+	"encoding/hex"
 	"errors"
 	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -15,13 +18,39 @@ import (
 // deliberately not a multiple of any segment or block size.
 const payloadSize = 5<<20 + 1234
 
-// payload returns payloadSize deterministic pseudo-random bytes.
+// The markers the payload script prints.
+const (
+	payloadOK      = "VUNET-PAYLOAD-OK"
+	payloadCorrupt = "VUNET-PAYLOAD-CORRUPT"
+)
+
+// payload returns payloadSize deterministic bytes that check themselves:
+// an iPXE script (Debian's iPXE has no digest command) of lines
+// "iseq T T || goto bad" with T a pseudo-random 64-digit hex token, then
+// the OK marker. A changed byte in a token fails its iseq; one in the
+// syntax makes the script fail; either way iPXE does not print the OK
+// marker (only the unexecuted "goto bad" tails, about 9 % of the bytes,
+// and the final comment are not covered).
 func payload() []byte {
 	var seed [32]byte
 	copy(seed[:], "vunet boot-client payload seed!")
-	b := make([]byte, payloadSize)
-	rand.NewChaCha8(seed).Read(b)
-	return b
+	r := rand.NewChaCha8(seed)
+	tail := "echo " + payloadOK + "\ngoto end\n:bad\necho " + payloadCorrupt + "\niseq corrupt payload\n:end\n"
+	var b bytes.Buffer
+	b.Grow(payloadSize)
+	b.WriteString("#!ipxe\n")
+	tok := make([]byte, 32)
+	const lineLen = len("iseq  || goto bad\n") + 2*64
+	for b.Len()+lineLen+2+len(tail) <= payloadSize {
+		r.Read(tok)
+		h := hex.EncodeToString(tok)
+		b.WriteString("iseq " + h + " " + h + " || goto bad\n")
+	}
+	// A comment pads the script to the exact size.
+	pad := payloadSize - b.Len() - len(tail)
+	b.WriteString("#" + strings.Repeat("-", pad-2) + "\n")
+	b.WriteString(tail)
+	return b.Bytes()
 }
 
 // fileServer serves one file at /NAME on 127.0.0.1 (reached by the guest as

@@ -21,16 +21,40 @@ const (
 
 // ipxeCommands is what iPXE runs in both tests: DHCP, then an HTTP download
 // through the NAT (10.0.2.2 is the host's 127.0.0.1), imgstat to print the
-// size iPXE received. Settings expand only when iPXE runs the line, so the
-// markers cannot match the console echo of a typed command.
+// size iPXE received, then the download runs as a script that checks its
+// own content (see payload). Settings expand only when iPXE runs the line,
+// so the markers cannot match the console echo of a typed command. The
+// caller adds the end marker: scriptCommands or typedCommands.
 func ipxeCommands(port int) []string {
 	return []string{
 		"dhcp",
 		"echo VUNET-ADDR ${net0/ip} ${net0/netmask} ${net0/gateway} ${net0/dns} file=${net0/filename}",
 		fmt.Sprintf("imgfetch http://10.0.2.2:%d/big.bin", port),
 		"imgstat",
-		"echo VUNET-${net0/mac}-DONE",
+		"imgexec big.bin",
 	}
+}
+
+// scriptCommands is cmds as script lines: the first failure jumps to the
+// FAILED marker, and the DONE marker follows the last command.
+func scriptCommands(cmds []string) string {
+	var b strings.Builder
+	for _, c := range cmds {
+		b.WriteString(c + " || goto failed\n")
+	}
+	b.WriteString("echo VUNET-${net0/mac}-DONE\n")
+	return b.String()
+}
+
+// typedCommands is cmds for iPXE's prompt, one line per prompt: each
+// failure is remembered, and the last line prints DONE only if none failed
+// (a failed command does not stop the commands typed after it).
+func typedCommands(cmds []string) []string {
+	var out []string
+	for _, c := range cmds {
+		out = append(out, c+" || set vunet-failed 1")
+	}
+	return append(out, "isset ${vunet-failed} && echo VUNET-${net0/mac}-FAILED || echo VUNET-${net0/mac}-DONE")
 }
 
 var (
@@ -50,6 +74,13 @@ func checkIPXEOutput(t *testing.T, out, wantFile string) {
 	t.Logf("iPXE said: %q", lines)
 	if m := reIPXEEnd.FindStringSubmatch(out); m == nil || m[1] != "DONE" {
 		t.Errorf("iPXE: the commands did not all succeed")
+	}
+	// The content check: the downloaded script verified every line of
+	// itself (see payload). A payload of the right size with one byte
+	// changed prints the CORRUPT marker or no OK marker.
+	if !strings.Contains(out, payloadOK) || strings.Contains(out, payloadCorrupt) {
+		t.Errorf("iPXE: the downloaded payload did not verify its own content (%q printed: %v, %q printed: %v)",
+			payloadOK, strings.Contains(out, payloadOK), payloadCorrupt, strings.Contains(out, payloadCorrupt))
 	}
 	if m := reIPXEAddr.FindStringSubmatch(out); m == nil {
 		t.Errorf("iPXE: no address line (DHCP failed?)")
@@ -84,11 +115,7 @@ func TestIPXE(t *testing.T) {
 	// Without boot options iPXE's DHCP reports no filename.
 	in := vunettest.Start(t, "--pcap", pcapFile)
 
-	script := "#!ipxe\n"
-	for _, c := range ipxeCommands(fs.Port) {
-		script += c + " || goto failed\n"
-	}
-	script += "exit\n:failed\necho VUNET-${net0/mac}-FAILED\n"
+	script := "#!ipxe\n" + scriptCommands(ipxeCommands(fs.Port)) + "exit\n:failed\necho VUNET-${net0/mac}-FAILED\n"
 	scriptFile := filepath.Join(dir, "script.ipxe")
 	if err := os.WriteFile(scriptFile, []byte(script), 0o644); err != nil {
 		t.Fatal(err)

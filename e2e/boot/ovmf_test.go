@@ -134,7 +134,7 @@ func testOVMFPXE(t *testing.T, deviceOpts string, version1, script bool) {
 		cmdStart := from
 		// One command per prompt: keys typed while a command runs are read
 		// (and lost) by its Ctrl-C check.
-		for _, c := range append([]string{"ifstat"}, ipxeCommands(fs.Port)...) {
+		for _, c := range typedCommands(append([]string{"ifstat"}, ipxeCommands(fs.Port)...)) {
 			v.send(t, c+"\r")
 			_, from = v.waitFor(t, from, promptRe, 4*time.Minute)
 		}
@@ -177,16 +177,8 @@ func testOVMFPXE(t *testing.T, deviceOpts string, version1, script bool) {
 // filename is what the VUNET-ADDR line must show). The script ends in
 // iPXE's shell either way, which keeps the VM running for QMP.
 func ovmfScript(port int) string {
-	var b strings.Builder
-	b.WriteString("#!ipxe\n")
-	for _, c := range append([]string{"ifstat"}, ipxeCommands(port)...) {
-		if c == "dhcp" {
-			continue
-		}
-		b.WriteString(c + " || goto failed\n")
-	}
-	b.WriteString("shell\n:failed\necho VUNET-${net0/mac}-FAILED\nshell\n")
-	return b.String()
+	cmds := slices.DeleteFunc(append([]string{"ifstat"}, ipxeCommands(port)...), func(c string) bool { return c == "dhcp" })
+	return "#!ipxe\n" + scriptCommands(cmds) + "shell\n:failed\necho VUNET-${net0/mac}-FAILED\nshell\n"
 }
 
 // scriptServer serves an iPXE script at /boot.ipxe on 127.0.0.1, which the
