@@ -30,7 +30,7 @@ func rxPacket(ep *Endpoint, n int, fill byte) *stack.PacketBuffer {
 // bad chain fails it too.
 func FuzzRX(f *testing.F) {
 	f.Add(uint8(0), []byte{0x3f, 0x3f, 0x3f}, []byte{0, 100, 5, 220})
-	f.Add(uint8(0), []byte{0x02, 0x80, 0x02, 0x02}, []byte{30, 0})          // bad chain between small good ones
+	f.Add(uint8(0), []byte{0x02, 0x80, 0x02, 0x02}, []byte{30, 0})           // bad chain between small good ones
 	f.Add(uint8(1), []byte{0x3f, 0x80, 0x3f, 0x40, 0xff}, []byte{40, 0, 40}) // no mergeable buffers
 	f.Add(uint8(0), []byte{0xc1, 0x41, 0x00, 0x80, 0xc0}, []byte{255, 255, 1})
 	f.Fuzz(func(t *testing.T, feat uint8, layout []byte, frames []byte) {
