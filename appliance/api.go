@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/vunet/vunet/api"
+	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/forward"
 	"github.com/vunet/vunet/internal/metrics"
 	"github.com/vunet/vunet/internal/version"
@@ -58,6 +59,13 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 		add("pcap", &a.pcap.Stats)
 	}
 	add("log", a.logLimit.Stats())
+	memOut, memIn := a.Forward.MemoryShares()
+	for _, m := range []struct {
+		share string
+		b     *budget.Budget
+	}{{"total", a.Memory}, {"outbound", memOut}, {"inbound", memIn}, {"link", a.linkMem}} {
+		add("memory", m.b.Counters(), "share", m.share)
+	}
 	return r, errors.Join(errs...)
 }
 

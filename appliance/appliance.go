@@ -20,6 +20,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/forward"
@@ -52,11 +53,15 @@ type Appliance struct {
 	DHCPv6  *ra.DHCPv6
 	TFTP    *tftp.Server
 	VHost   *vhost.Server
+	// Memory is the byte budget (cfg.MaxMemory) that the forwarder and
+	// the link take what the guest makes them hold from.
+	Memory *budget.Budget
 
 	// VHostListener, if set before Run, is used instead of creating
 	// cfg.Socket: a socket inherited through systemd socket activation. Its
 	// file belongs to the service manager and is not removed on exit.
 	VHostListener *net.UnixListener
+	linkMem       *budget.Budget // Memory's share for the RX backlog
 	// Notify, if set, is told about readiness ("READY=1") and shutdown
 	// ("STOPPING=1"), in sd_notify's format.
 	Notify func(state string)
@@ -82,7 +87,8 @@ type Appliance struct {
 func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	lim := ratelimit.NewHandler(log.Handler(), ratelimit.LogBurst, ratelimit.LogEvery)
 	log = slog.New(lim)
-	a = &Appliance{cfg: cfg, log: log, logLimit: lim, started: time.Now()}
+	a = &Appliance{cfg: cfg, log: log, logLimit: lim, started: time.Now(),
+		Memory: budget.New(cfg.MaxMemory)}
 	defer func() {
 		if err != nil {
 			a.Close()
@@ -100,7 +106,11 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		}
 		a.pcap = pw
 	}
+	// Frames waiting for guest RX buffers may take an eighth of the
+	// budget; TCP and UDP buffers are the forwarder's (its shares).
+	a.linkMem = a.Memory.Share(cfg.MaxMemory / 8)
 	a.Link, err = endpoint.New(endpoint.Options{
+		Memory:      a.linkMem,
 		MTU:         uint32(cfg.MTU),
 		LinkAddress: tcpip.LinkAddress(cfg.GatewayMAC),
 		GuestMAC:    tcpip.LinkAddress(cfg.MAC),
@@ -167,6 +177,9 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		DialTimeout:          cfg.DialTimeout,
 		MaxInFlightDials:     unlimitedIfZero(cfg.MaxInflightDials),
 		MaxConns:             unlimitedIfZero(cfg.MaxConnections),
+		MaxInboundConns:      unlimitedIfZero(cfg.MaxInboundConnections),
+		MaxUDPFlowsPerSource: unlimitedIfZero(cfg.MaxUDPFlowsPerSource),
+		Memory:               a.Memory,
 		UDPIdleTimeout:       cfg.UDPIdleTimeout,
 		UDPStreamIdleTimeout: cfg.UDPStreamTimeout,
 		Logger:               log.With("layer", "forward"),

@@ -40,6 +40,14 @@ const (
 	MaxMTU = 65520
 )
 
+// DefaultMaxMemory is the default memory budget: fits a laptop, and is
+// enough for a few fast connections plus the minimum share of thousands
+// of stalled ones. MinMaxMemory is the least vunet runs with.
+const (
+	DefaultMaxMemory = 256 << 20
+	MinMaxMemory     = 8 << 20
+)
+
 // Config is the complete vunet configuration. The zero value is not useful;
 // start from Default.
 type Config struct {
@@ -117,6 +125,17 @@ type Config struct {
 	// MaxInflightDials caps concurrent outbound connection attempts, so a
 	// guest port scan cannot exhaust host file descriptors; 0 is unlimited.
 	MaxInflightDials int
+	// MaxInboundConnections caps connections accepted by TCP port
+	// forwards, separately from MaxConnections; 0 is unlimited.
+	MaxInboundConnections int
+	// MaxUDPFlowsPerSource caps the flows one remote address may hold on
+	// one UDP port forward; 0 is unlimited.
+	MaxUDPFlowsPerSource int
+	// MaxMemory is the byte budget for everything the guest (and clients
+	// of port forwards) can make vunet hold: TCP buffers, UDP flow
+	// buffers, frames waiting for guest RX buffers. The Go runtime's soft
+	// memory limit is derived from it.
+	MaxMemory int64
 
 	// Boot holds DHCP lease and network boot settings.
 	Boot Boot
@@ -223,6 +242,11 @@ func Default() *Config {
 		DialTimeout:      10 * time.Second,
 		MaxConnections:   4096,
 		MaxInflightDials: 128,
+		// Inbound forwards are for an administrator's few sessions
+		// (ssh, a web UI), not a public server.
+		MaxInboundConnections: 256,
+		MaxUDPFlowsPerSource:  64,
+		MaxMemory:             DefaultMaxMemory,
 		Boot: Boot{
 			DHCPLeaseTime: time.Hour,
 		},

@@ -521,3 +521,25 @@ func TestParseSizeAndMode(t *testing.T) {
 		}
 	}
 }
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{
+		"0": 0, "4096": 4096, "512KiB": 512 << 10, "256MiB": 256 << 20, "256m": 256 << 20,
+		"1G": 1 << 30, "2 GiB": 2 << 30, "1TiB": 1 << 40, "100B": 100,
+	} {
+		got, err := ParseSize(in)
+		if err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+		if err == nil {
+			if back, err := ParseSize(FormatSize(got)); err != nil || back != got {
+				t.Errorf("FormatSize(%d) = %q does not parse back", got, FormatSize(got))
+			}
+		}
+	}
+	for _, in := range []string{"", "MiB", "-1", "1.5GiB", "12XB", "99999999999TiB"} {
+		if _, err := ParseSize(in); err == nil {
+			t.Errorf("ParseSize(%q) accepted", in)
+		}
+	}
+}

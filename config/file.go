@@ -44,6 +44,9 @@ type fileConfig struct {
 	DialTimeout      string            `toml:"dial_timeout"`
 	MaxConnections   int               `toml:"max_connections"`
 	MaxInflightDials int               `toml:"max_inflight_dials"`
+	MaxInboundConns  int               `toml:"max_inbound_connections"`
+	MaxUDPPerSource  int               `toml:"max_udp_flows_per_source"`
+	MaxMemory        string            `toml:"max_memory"`
 	Hosts            map[string]string `toml:"hosts,omitempty"`
 	IPv4             fileIPv4          `toml:"ipv4"`
 	IPv6             fileIPv6          `toml:"ipv6"`
@@ -280,6 +283,13 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	if has("max_inflight_dials") {
 		c.MaxInflightDials = f.MaxInflightDials
 	}
+	if has("max_inbound_connections") {
+		c.MaxInboundConnections = f.MaxInboundConns
+	}
+	if has("max_udp_flows_per_source") {
+		c.MaxUDPFlowsPerSource = f.MaxUDPPerSource
+	}
+	str([]string{"max_memory"}, f.MaxMemory, func(s string) (err error) { c.MaxMemory, err = ParseSize(s); return })
 
 	setPath(&c.Boot.TFTPRoot, f.Boot.TFTPRoot, "boot", "tftp_root")
 	str([]string{"boot", "boot_file"}, f.Boot.BootFile, func(s string) error { c.Boot.BootFile = s; return nil })
@@ -337,6 +347,9 @@ func (c *Config) WriteTOML(w io.Writer) error {
 		DialTimeout:      formatDuration(c.DialTimeout),
 		MaxConnections:   c.MaxConnections,
 		MaxInflightDials: c.MaxInflightDials,
+		MaxInboundConns:  c.MaxInboundConnections,
+		MaxUDPPerSource:  c.MaxUDPFlowsPerSource,
+		MaxMemory:        FormatSize(c.MaxMemory),
 		IPv4: fileIPv4{
 			Subnet:  c.IPv4.Subnet.String(),
 			Gateway: c.IPv4.Gateway.String(),

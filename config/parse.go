@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -122,36 +123,45 @@ func ParseSocketMode(s string) (os.FileMode, error) {
 // FormatSocketMode is the inverse of ParseSocketMode.
 func FormatSocketMode(m os.FileMode) string { return fmt.Sprintf("%04o", uint32(m.Perm())) }
 
-// sizeUnits are the suffixes ParseSize accepts (binary multiples, like
-// tcpdump's and most tools' "M").
+// sizeUnits are the suffixes ParseSize accepts, longest first; K, M and G
+// are binary, like the kernel's and QEMU's sizes.
 var sizeUnits = []struct {
 	suffix string
-	mult   int64
-}{{"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}, {"", 1}}
-
-// ParseSize parses a byte count with an optional K, M or G suffix (powers
-// of 1024; a trailing "B" or "iB" is allowed): "500M", "2GiB", "4096".
-func ParseSize(s string) (int64, error) {
-	t := strings.ToUpper(strings.TrimSpace(s))
-	t = strings.TrimSuffix(strings.TrimSuffix(t, "IB"), "B")
-	for _, u := range sizeUnits {
-		if u.suffix != "" && !strings.HasSuffix(t, u.suffix) {
-			continue
-		}
-		n, err := strconv.ParseInt(strings.TrimSuffix(t, u.suffix), 10, 64)
-		if err != nil || n < 0 || n > (1<<62)/u.mult {
-			return 0, fmt.Errorf("expected a size like 500M, 2G or 1048576")
-		}
-		return n * u.mult, nil
-	}
-	return 0, fmt.Errorf("expected a size like 500M, 2G or 1048576")
+	shift  uint
+}{
+	{"KiB", 10}, {"MiB", 20}, {"GiB", 30}, {"TiB", 40},
+	{"KB", 10}, {"MB", 20}, {"GB", 30}, {"TB", 40},
+	{"K", 10}, {"M", 20}, {"G", 30}, {"T", 40}, {"B", 0},
 }
 
-// FormatSize is the inverse of ParseSize, with the largest exact unit.
-func FormatSize(n int64) string {
+// ParseSize parses a byte count: a number with an optional unit, such as
+// 268435456, 512KiB, 256MiB, 256M or 1G. Every unit is a power of 1024:
+// KB and MB mean KiB and MiB, as they do in QEMU's and tcpdump's options.
+func ParseSize(s string) (int64, error) {
+	bad := errors.New("expected a size like 256MiB, 1GiB or a number of bytes")
+	t := strings.TrimSpace(s)
+	shift := uint(0)
 	for _, u := range sizeUnits {
-		if u.mult > 1 && n != 0 && n%u.mult == 0 {
-			return strconv.FormatInt(n/u.mult, 10) + u.suffix
+		if len(t) > len(u.suffix) && strings.EqualFold(t[len(t)-len(u.suffix):], u.suffix) {
+			t, shift = strings.TrimSpace(t[:len(t)-len(u.suffix)]), u.shift
+			break
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n < 0 || n > math.MaxInt64>>shift {
+		return 0, bad
+	}
+	return n << shift, nil
+}
+
+// FormatSize is the inverse of ParseSize, in the largest exact unit.
+func FormatSize(n int64) string {
+	for _, u := range []struct {
+		suffix string
+		shift  uint
+	}{{"TiB", 40}, {"GiB", 30}, {"MiB", 20}, {"KiB", 10}} {
+		if n != 0 && n%(1<<u.shift) == 0 {
+			return strconv.FormatInt(n>>u.shift, 10) + u.suffix
 		}
 	}
 	return strconv.FormatInt(n, 10)

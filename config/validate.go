@@ -99,6 +99,15 @@ func (c *Config) Validate() error {
 	if c.MaxInflightDials < 0 {
 		es.add("max_inflight_dials", "%d is negative; use 0 for unlimited", c.MaxInflightDials)
 	}
+	if c.MaxInboundConnections < 0 {
+		es.add("max_inbound_connections", "%d is negative; use 0 for unlimited", c.MaxInboundConnections)
+	}
+	if c.MaxUDPFlowsPerSource < 0 {
+		es.add("max_udp_flows_per_source", "%d is negative; use 0 for unlimited", c.MaxUDPFlowsPerSource)
+	}
+	if c.MaxMemory < MinMaxMemory {
+		es.add("max_memory", "%s is below the minimum %s", FormatSize(c.MaxMemory), FormatSize(MinMaxMemory))
+	}
 	c.validateBoot(&es)
 	return es.err()
 }

@@ -23,6 +23,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/vhost"
 	"github.com/vunet/vunet/vhost/virtqueue"
@@ -91,6 +92,10 @@ type Options struct {
 	// client probing for conflicts (udhcpc -a, iPXE) would decline every
 	// lease. Requests for other addresses are dropped. Empty: answer all.
 	ARPTargets []netip.Addr
+	// Memory, if set, accounts the packets waiting in the RX backlog; a
+	// packet it has no room for is dropped (RXBacklogMemory) as if the
+	// backlog were full. Nil: only RXBacklog bounds the backlog.
+	Memory *budget.Budget
 	// Pcap, if set, receives every frame in both directions.
 	Pcap *pcap.Writer
 	// Logger receives rate-limited warnings; nil discards.
@@ -113,6 +118,8 @@ type Stats struct {
 	TXBadGSO       atomic.Uint64 `metric:"link_drops_total{reason=tx_bad_gso}" hostile:"link"`
 	RXNotConnected atomic.Uint64 `metric:"link_drops_total{reason=rx_not_connected}"`
 	RXBacklogFull  atomic.Uint64 `metric:"link_drops_total{reason=rx_backlog_full}"`
+	// RXBacklogMem: the memory budget had no room to queue the frame.
+	RXBacklogMem   atomic.Uint64 `metric:"link_drops_total{reason=rx_backlog_memory}"`
 	RXTooBig       atomic.Uint64 `metric:"link_drops_total{reason=rx_too_big}"`
 	RXSegmentDrops atomic.Uint64 `metric:"link_drops_total{reason=rx_segment_no_buffer}"`
 
@@ -178,6 +185,7 @@ func New(opts Options) (*Endpoint, error) {
 	e.Stats.RXBacklog = func() int64 { return int64(e.RXBacklog()) }
 	e.hdrLen.Store(hdrLenLegacy)
 	e.rx.backlogMax = opts.RXBacklog
+	e.rx.mem = opts.Memory
 	return e, nil
 }
 

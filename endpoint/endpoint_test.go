@@ -14,6 +14,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/vhost/virtqueue"
 	vqt "github.com/vunet/vunet/vhost/virtqueue/virtqueuetest"
 )
@@ -337,6 +338,37 @@ func TestRXBacklog(t *testing.T) {
 		if frame[14] != byte(i) {
 			t.Fatalf("backlog order: packet %d has %d", i, frame[14])
 		}
+	}
+}
+
+// TestRXBacklogMemory: packets waiting for guest buffers are accounted in
+// the memory budget; beyond it they are dropped like a full backlog, and
+// draining (or dropping) the backlog gives the memory back.
+func TestRXBacklogMemory(t *testing.T) {
+	mem := budget.New(64 << 10)
+	r := newRig(t, v1, Options{RXBacklog: 1024, Memory: mem})
+	for i := 0; i < 16; i++ {
+		write(r.ep, make([]byte, 6000))
+	}
+	st := &r.ep.Stats
+	queued := st.RXBacklogged.Load()
+	if queued == 0 || queued >= 16 || st.RXBacklogMem.Load() != 16-queued {
+		t.Fatalf("backlogged %d, dropped for memory %d; want some of each", queued, st.RXBacklogMem.Load())
+	}
+	if u := mem.Used(); u == 0 || u > 64<<10 {
+		t.Fatalf("budget used %d with %d packets queued", u, queued)
+	}
+	for i := 0; i < 16; i++ {
+		r.rxd.Post(nil, nil, []int{6100}, false)
+	}
+	r.rxk.Signal()
+	waitUsed(t, r.rxd, int(queued))
+	deadline := time.Now().Add(10 * time.Second)
+	for mem.Used() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("budget used %d after the backlog drained", mem.Used())
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 

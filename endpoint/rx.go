@@ -8,6 +8,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/vhost/iov"
 	"github.com/vunet/vunet/vhost/virtqueue"
 )
@@ -22,6 +23,7 @@ type rxState struct {
 	done       chan struct{}
 	backlog    []*stack.PacketBuffer
 	backlogMax int
+	mem        *budget.Budget // accounts each backlogged packet's MemSize
 	// Scratch for collecting one frame's elements; owned by whoever holds mu.
 	elems []virtqueue.Element
 	iovs  [][]byte
@@ -56,6 +58,7 @@ func (r *rxState) dropBacklog() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for i, p := range r.backlog {
+		r.mem.Release(int64(p.MemSize()))
 		p.DecRef()
 		r.backlog[i] = nil
 	}
@@ -107,6 +110,7 @@ func (r *rxState) drain(e *Endpoint, q *virtqueue.Queue) {
 		if !ok && retry {
 			break
 		}
+		r.mem.Release(int64(r.backlog[sent].MemSize()))
 		r.backlog[sent].DecRef()
 		r.backlog[sent] = nil
 		sent++
@@ -160,6 +164,10 @@ func (r *rxState) writeList(e *Endpoint, list []*stack.PacketBuffer) {
 		}
 		if len(r.backlog) >= r.backlogMax {
 			e.Stats.RXBacklogFull.Add(1)
+			continue
+		}
+		if !r.mem.Take(int64(pkt.MemSize())) {
+			e.Stats.RXBacklogMem.Add(1)
 			continue
 		}
 		e.Stats.RXBacklogged.Add(1)

@@ -30,6 +30,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
+	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/forward/egress"
 )
 
@@ -38,7 +39,10 @@ const (
 	DefaultDialTimeout          = 15 * time.Second
 	DefaultMaxInFlightDials     = 512
 	DefaultMaxConns             = 16384
+	DefaultMaxInboundConns      = 256
 	DefaultMaxUDPFlows          = 4096
+	DefaultMaxInboundUDPFlows   = 1024
+	DefaultMaxUDPFlowsPerSource = 64
 	DefaultMaxPingFlows         = 256
 	DefaultUDPIdleTimeout       = 30 * time.Second
 	DefaultUDPStreamIdleTimeout = 180 * time.Second
@@ -77,12 +81,25 @@ type Options struct {
 	// it are answered with RST. Zero means DefaultMaxInFlightDials,
 	// negative means unlimited (as do the other Max fields).
 	MaxInFlightDials int
-	// MaxConns bounds spliced TCP connections (outbound and inbound
-	// together, including those still dialing). Zero means DefaultMaxConns.
+	// MaxConns bounds outbound TCP connections (the guest's, including
+	// those still dialing). Zero means DefaultMaxConns.
 	MaxConns int
-	// MaxUDPFlows bounds UDP flows (outbound and inbound together). Zero
-	// means DefaultMaxUDPFlows.
+	// MaxInboundConns bounds connections accepted by TCP port forwards,
+	// separately from MaxConns: a guest holding all its outbound
+	// connections cannot lock the administrator out of --forward
+	// tcp:2222:22. Zero means DefaultMaxInboundConns.
+	MaxInboundConns int
+	// MaxUDPFlows bounds the guest's outbound UDP flows. Zero means
+	// DefaultMaxUDPFlows.
 	MaxUDPFlows int
+	// MaxInboundUDPFlows bounds flows created by UDP port forwards,
+	// separately from MaxUDPFlows, so remote clients cannot use up the
+	// guest's flows. Zero means DefaultMaxInboundUDPFlows.
+	MaxInboundUDPFlows int
+	// MaxUDPFlowsPerSource bounds the flows one remote address may have on
+	// one UDP port forward, so one client cannot take them all. Zero means
+	// DefaultMaxUDPFlowsPerSource.
+	MaxUDPFlowsPerSource int
 	// MaxPingFlows bounds ICMP echo flows (host ping sockets). Zero means
 	// DefaultMaxPingFlows.
 	MaxPingFlows int
@@ -94,6 +111,14 @@ type Options struct {
 	// at least StreamThreshold datagrams in each direction (a "stream", in
 	// conntrack's terms). Zero means DefaultUDPStreamIdleTimeout.
 	UDPStreamIdleTimeout time.Duration
+
+	// Memory is the byte budget that TCP buffers and UDP flow buffers
+	// are taken from (see package budget). Nil means unlimited.
+	Memory *budget.Budget
+	// InboundMemory is the part of Memory only inbound port forwards may
+	// use; outbound traffic is limited to the rest. Zero means an eighth of
+	// Memory's limit.
+	InboundMemory int64
 
 	// Logger receives forwarding messages; per-connection noise is logged
 	// at Debug. Nil means slog.Default().
@@ -107,6 +132,9 @@ type Options struct {
 	// openPing replaces the host ping socket factory (tests use it because
 	// ping sockets are often forbidden by net.ipv4.ping_group_range).
 	openPing func(v6 bool) (net.PacketConn, error)
+	// listenTCP replaces the port-forward listener factory (tests inject
+	// accept errors such as EMFILE).
+	listenTCP func(addr netip.AddrPort) (net.Listener, error)
 }
 
 // StreamThreshold is how many datagrams a UDP flow must have carried in each
@@ -131,7 +159,10 @@ type Forwarder struct {
 	syns  *synTable // guest SYNs being dialed, for ICMP errors
 	epoch time.Time // monotonic base for flow activity stamps
 	c     Stats
-	bufs  sync.Pool // *[]byte of spliceBufSize, shared by TCP splices
+	bufs  sync.Pool // *[]byte of maxDatagram, borrowed by UDP relays per datagram
+
+	// Budget shares: outbound traffic cannot take memIn's reserve.
+	memOut, memIn *budget.Budget
 
 	mu     sync.Mutex
 	closed bool
@@ -164,7 +195,10 @@ func New(opts Options) (*Forwarder, error) {
 	setDefault(&opts.DialTimeout, DefaultDialTimeout)
 	setLimit(&opts.MaxInFlightDials, DefaultMaxInFlightDials)
 	setLimit(&opts.MaxConns, DefaultMaxConns)
+	setLimit(&opts.MaxInboundConns, DefaultMaxInboundConns)
 	setLimit(&opts.MaxUDPFlows, DefaultMaxUDPFlows)
+	setLimit(&opts.MaxInboundUDPFlows, DefaultMaxInboundUDPFlows)
+	setLimit(&opts.MaxUDPFlowsPerSource, DefaultMaxUDPFlowsPerSource)
 	setLimit(&opts.MaxPingFlows, DefaultMaxPingFlows)
 	setDefault(&opts.UDPIdleTimeout, DefaultUDPIdleTimeout)
 	setDefault(&opts.UDPStreamIdleTimeout, DefaultUDPStreamIdleTimeout)
@@ -185,6 +219,14 @@ func New(opts Options) (*Forwarder, error) {
 	}
 	if opts.openPing == nil {
 		opts.openPing = openPingSocket
+	}
+	if opts.listenTCP == nil {
+		opts.listenTCP = func(a netip.AddrPort) (net.Listener, error) {
+			return net.ListenTCP("tcp", net.TCPAddrFromAddrPort(a))
+		}
+	}
+	if opts.InboundMemory <= 0 {
+		opts.InboundMemory = opts.Memory.Limit() / 8
 	}
 
 	ctx, stop := context.WithCancel(context.Background())
@@ -210,7 +252,9 @@ func New(opts Options) (*Forwarder, error) {
 		defer f.mu.Unlock()
 		return int64(len(f.pfwds))
 	}
-	f.bufs.New = func() any { b := make([]byte, spliceBufSize); return &b }
+	f.bufs.New = func() any { b := make([]byte, maxDatagram); return &b }
+	f.memOut = opts.Memory.Share(opts.Memory.Limit() - opts.InboundMemory)
+	f.memIn = opts.Memory.Share(opts.Memory.Limit())
 	f.ping = newPinger(f)
 	f.syns = newSYNTable(max(4*opts.MaxInFlightDials, 1024))
 

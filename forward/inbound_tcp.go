@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -18,45 +19,73 @@ func (p *portForward) isClosed() bool {
 	return p.closed
 }
 
-// acceptLoop accepts host connections until the listener is closed.
+// Accept backoff: after an accept error that may clear (out of file
+// descriptors, kernel memory), the listener waits acceptBackoffMin, doubling
+// up to acceptBackoffMax while the errors last, and tries again; the
+// pending connections wait in the kernel's accept queue meanwhile.
+const (
+	acceptBackoffMin = 5 * time.Millisecond
+	acceptBackoffMax = time.Second
+)
+
+// acceptLoop accepts host connections until the listener is closed. Errors
+// other than closing (EMFILE, ENFILE, ENOBUFS, ...) never stop the forward:
+// they are counted, logged (at the logger's bounded rate), and retried
+// with backoff.
 func (p *portForward) acceptLoop() {
 	f := p.f
+	backoff := time.Duration(0)
 	for {
 		c, err := p.ln.Accept()
 		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				f.log.Warn("port forward accept failed; forward stopped", "forward", p.spec.String(), "err", err)
+			if errors.Is(err, net.ErrClosed) {
+				return
 			}
-			return
+			f.c.AcceptErrors.Add(1)
+			backoff = min(max(2*backoff, acceptBackoffMin), acceptBackoffMax)
+			// The logger's rate limit keeps an EMFILE storm to a few lines.
+			f.log.Warn("port forward accept failed; retrying", "forward", p.spec.String(), "err", err, "backoff", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-f.ctx.Done():
+				return
+			case <-p.done:
+				return
+			}
+			continue
 		}
+		backoff = 0
 		if !f.enter() {
 			_ = c.Close()
 			return
 		}
 		go func() {
 			defer f.wg.Done()
-			p.serveTCP(c.(*net.TCPConn))
+			p.serveTCP(c)
 		}()
 	}
 }
 
 // serveTCP connects an accepted host connection into the guest, from the
 // client's own address when the guest can route to it (see guestSource).
-func (p *portForward) serveTCP(c *net.TCPConn) {
+func (p *portForward) serveTCP(c net.Conn) {
 	f := p.f
 	f.c.InboundTCPConns.Add(1)
 	client := addrPortOf(c.RemoteAddr())
+	tc, _ := c.(*net.TCPConn)
 	reject := func() {
-		_ = c.SetLinger(0) // RST: the client learns at once
+		if tc != nil {
+			_ = tc.SetLinger(0) // RST: the client learns at once
+		}
 		_ = c.Close()
 	}
-	if !reserve(&f.c.TCPConns, f.opts.MaxConns) {
-		f.c.TCPRejectedConns.Add(1)
-		f.log.Debug("inbound tcp rejected: connection limit", "client", client)
+	if !reserve(&f.c.InboundTCPOpen, f.opts.MaxInboundConns) {
+		f.c.TCPRejectedInbound.Add(1)
+		f.log.Debug("inbound tcp rejected: inbound connection limit", "client", client, "max", f.opts.MaxInboundConns)
 		reject()
 		return
 	}
-	defer f.c.TCPConns.Add(-1)
+	defer f.c.InboundTCPOpen.Add(-1)
 	src, ok := f.guestSource(client, p.spec.Guest.Addr())
 	if !ok {
 		f.log.Debug("inbound tcp: no gateway address for the guest's family", "client", client)
@@ -71,8 +100,15 @@ func (p *portForward) serveTCP(c *net.TCPConn) {
 		reject()
 		return
 	}
-	_ = c.SetKeepAliveConfig(hostKeepAlive())
-	sp := f.newSplice(ep, wq, c, client.String()+"->"+p.spec.Guest.String())
+	if tc != nil {
+		_ = tc.SetKeepAliveConfig(hostKeepAlive())
+	}
+	sp, err := f.newSplice(ep, wq, c, f.memIn, client.String()+"->"+p.spec.Guest.String())
+	if err != nil {
+		ep.Abort()
+		reject()
+		return
+	}
 	sp.owner = p
 	f.log.Debug("inbound tcp connection", "client", client, "as", src, "guest", p.spec.Guest)
 	sp.run()

@@ -59,38 +59,56 @@ func (p *portForward) flow(client netip.AddrPort) *udpFlow {
 		f.c.DropUnroutable.Add(1)
 		return nil
 	}
-	if !reserve(&f.c.UDPFlows, f.opts.MaxUDPFlows) {
-		f.c.DropUDPFlowLimit.Add(1)
+	// Per source address first, so one client hitting its own limit does
+	// not also count against everyone's.
+	if !p.takeSource(client.Addr()) {
+		f.c.DropUDPSourceLimit.Add(1)
 		return nil
 	}
-	gc, err := f.dialGuestUDP(src, p.spec.Guest)
+	if !reserve(&f.c.InboundUDPOpen, f.opts.MaxInboundUDPFlows) {
+		p.giveSource(client.Addr())
+		f.c.DropUDPInboundLimit.Add(1)
+		return nil
+	}
+	fail := func() {
+		f.c.InboundUDPOpen.Add(-1)
+		p.giveSource(client.Addr())
+	}
+	ep, wq, err := f.dialGuestUDP(src, p.spec.Guest)
 	if err != nil {
-		f.c.UDPFlows.Add(-1)
+		fail()
 		f.c.DropSendErrors.Add(1)
 		f.log.Debug("inbound udp: guest socket failed", "client", client, "err", err)
 		return nil
 	}
 	fl := &udpFlow{
 		f:     f,
-		guest: gc,
+		guest: gonet.NewUDPConn(wq, ep),
 		sendHost: func(b []byte) error {
 			_, err := p.pc.WriteToUDPAddrPort(b, client)
 			return err
 		},
-		desc: client.String() + "->" + p.spec.Guest.String(),
+		desc:  client.String() + "->" + p.spec.Guest.String(),
+		gauge: &f.c.InboundUDPOpen,
+	}
+	if !fl.attachGuest(ep, wq, f.memIn) {
+		ep.Close()
+		fail()
+		f.c.DropUDPMemory.Add(1)
+		return nil
 	}
 	fl.onClose = func() {
 		p.mu.Lock()
 		if p.flows[client] == fl {
 			delete(p.flows, client)
 		}
+		p.giveSourceLocked(client.Addr())
 		p.mu.Unlock()
 	}
 	fl.touch()
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
-		fl.onClose = nil
 		fl.close()
 		return nil
 	}
@@ -102,15 +120,41 @@ func (p *portForward) flow(client netip.AddrPort) *udpFlow {
 	return fl
 }
 
+// takeSource counts one more flow for a client address, unless it has
+// MaxUDPFlowsPerSource already.
+func (p *portForward) takeSource(a netip.Addr) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.sources[a] >= p.f.opts.MaxUDPFlowsPerSource {
+		return false
+	}
+	p.sources[a]++
+	return true
+}
+
+func (p *portForward) giveSource(a netip.Addr) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.giveSourceLocked(a)
+}
+
+func (p *portForward) giveSourceLocked(a netip.Addr) {
+	if p.sources[a] <= 1 {
+		delete(p.sources, a)
+		return
+	}
+	p.sources[a]--
+}
+
 // dialGuestUDP creates a gVisor UDP socket bound to src (spoofed, like
 // dialGuestTCP) and connected to dst.
-func (f *Forwarder) dialGuestUDP(src, dst netip.AddrPort) (*gonet.UDPConn, error) {
+func (f *Forwarder) dialGuestUDP(src, dst netip.AddrPort) (tcpip.Endpoint, *waiter.Queue, error) {
 	var lastErr tcpip.Error
 	for _, port := range []uint16{src.Port(), 0} {
 		wq := new(waiter.Queue)
 		ep, terr := f.s.NewEndpoint(udp.ProtocolNumber, netProto(dst.Addr()), wq)
 		if terr != nil {
-			return nil, fmt.Errorf("new endpoint: %s", terr)
+			return nil, nil, fmt.Errorf("new endpoint: %s", terr)
 		}
 		if terr := ep.Bind(f.full(netip.AddrPortFrom(src.Addr(), port))); terr != nil {
 			ep.Close()
@@ -119,13 +163,9 @@ func (f *Forwarder) dialGuestUDP(src, dst netip.AddrPort) (*gonet.UDPConn, error
 		}
 		if terr := ep.Connect(f.full(dst)); terr != nil {
 			ep.Close()
-			return nil, fmt.Errorf("connect %s: %s", dst, terr)
+			return nil, nil, fmt.Errorf("connect %s: %s", dst, terr)
 		}
-		ep.SocketOptions().SetSendBufferSize(hostUDPBuffer, true)
-		// The default receive buffer (tens of KiB) overflows when the host
-		// side is briefly slower than a guest sending at tens of Mbit/s.
-		ep.SocketOptions().SetReceiveBufferSize(hostUDPBuffer, true)
-		return gonet.NewUDPConn(wq, ep), nil
+		return ep, wq, nil
 	}
-	return nil, fmt.Errorf("bind %s: %s", src, lastErr)
+	return nil, nil, fmt.Errorf("bind %s: %s", src, lastErr)
 }

@@ -42,9 +42,12 @@ type portForward struct {
 	ln   net.Listener // tcp
 	pc   *net.UDPConn // udp
 
-	mu     sync.Mutex
-	closed bool
-	flows  map[netip.AddrPort]*udpFlow // udp, by client
+	done chan struct{} // closed by close
+
+	mu      sync.Mutex
+	closed  bool
+	flows   map[netip.AddrPort]*udpFlow // udp, by client
+	sources map[netip.Addr]int          // udp, flows per client address
 }
 
 // normalize validates pf and fills in the default host address.
@@ -81,10 +84,11 @@ func (f *Forwarder) AddPortForward(pf PortForward) (PortForward, error) {
 			return pf, fmt.Errorf("forward: port forward %s: already exists", pf)
 		}
 	}
-	p := &portForward{f: f, flows: make(map[netip.AddrPort]*udpFlow)}
+	p := &portForward{f: f, done: make(chan struct{}), flows: make(map[netip.AddrPort]*udpFlow),
+		sources: make(map[netip.Addr]int)}
 	switch pf.Proto {
 	case "tcp":
-		ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(pf.Host))
+		ln, err := f.opts.listenTCP(pf.Host)
 		if err != nil {
 			return pf, fmt.Errorf("forward: port forward %s: %w", pf, err)
 		}
@@ -180,6 +184,9 @@ func (p *portForward) closeSocket() {
 // close stops the listener and ends everything that came through it.
 func (p *portForward) close() {
 	p.mu.Lock()
+	if !p.closed {
+		close(p.done)
+	}
 	p.closed = true
 	flows := make([]*udpFlow, 0, len(p.flows))
 	for _, fl := range p.flows {

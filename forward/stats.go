@@ -3,17 +3,24 @@ package forward
 import (
 	"sync/atomic"
 
+	"github.com/vunet/vunet/budget"
+
 	"github.com/vunet/vunet/forward/egress"
 )
 
 // Stats are the Forwarder's counters, updated atomically and declared for
 // the metrics registry (internal/metrics). Gauges are current values.
 type Stats struct {
-	// Open flows (gauges): spliced TCP connections and UDP flows, outbound
-	// and inbound, and host ping sockets.
-	TCPConns  atomic.Int64 `metric:"flows{proto=tcp}" kind:"gauge" help:"Open NAT flows by protocol: spliced TCP connections, UDP flows, ICMP echo sockets."`
+	// Open flows (gauges): the guest's own (outbound) spliced TCP
+	// connections and UDP flows, and host ping sockets; port forwards'
+	// are InboundTCPOpen and InboundUDPOpen.
+	TCPConns  atomic.Int64 `metric:"flows{proto=tcp}" kind:"gauge" help:"Open outbound NAT flows by protocol: spliced TCP connections, UDP flows, ICMP echo sockets (port forwards: vunet_forward_inbound_flows)."`
 	UDPFlows  atomic.Int64 `metric:"flows{proto=udp}" kind:"gauge"`
 	PingFlows atomic.Int64 `metric:"flows{proto=icmp}" kind:"gauge"`
+	// Open connections and flows of port forwards (gauges), limited by
+	// MaxInboundConns and MaxInboundUDPFlows apart from the guest's.
+	InboundTCPOpen atomic.Int64 `metric:"forward_inbound_flows{proto=tcp}" kind:"gauge" help:"Open connections (tcp) and flows (udp) of port forwards."`
+	InboundUDPOpen atomic.Int64 `metric:"forward_inbound_flows{proto=udp}" kind:"gauge"`
 	// PortForwards is set by New: the number of active port forwards.
 	PortForwards func() int64 `metric:"port_forwards" kind:"gauge" help:"Active port forwards."`
 
@@ -30,8 +37,20 @@ type Stats struct {
 	TCPDialErrors atomic.Uint64 `metric:"forward_tcp_dial_failures_total{reason=error}"`
 	// SYNs refused because MaxInFlightDials connects were under way, and
 	// connections refused because MaxConns were open.
-	TCPRejectedInFlight atomic.Uint64 `metric:"forward_tcp_rejected_total{limit=max_inflight_dials}" help:"Guest connections refused by a limit, by limit."`
+	TCPRejectedInFlight atomic.Uint64 `metric:"forward_tcp_rejected_total{limit=max_inflight_dials}" help:"Connections refused by a limit, by limit."`
 	TCPRejectedConns    atomic.Uint64 `metric:"forward_tcp_rejected_total{limit=max_connections}"`
+	// Port-forward connections refused because MaxInboundConns were open.
+	TCPRejectedInbound atomic.Uint64 `metric:"forward_tcp_rejected_total{limit=max_inbound_connections}"`
+	// TCPBudgetFloor counts connection directions that got no minimum
+	// share because the memory budget was used up: they move data through
+	// gVisor's smallest window until memory is released.
+	TCPBudgetFloor atomic.Uint64 `metric:"forward_tcp_budget_floor_total" help:"TCP connection directions started at the smallest window because the memory budget was used up."`
+	// TCPLostReads counts connections aborted because a host socket
+	// returned less than it announced (should never happen).
+	TCPLostReads atomic.Uint64 `metric:"forward_tcp_lost_reads_total" help:"TCP connections aborted because a host socket returned less than it announced."`
+	// AcceptErrors counts failed accepts of TCP port-forward listeners
+	// (EMFILE, ENFILE, ...), each retried after a backoff.
+	AcceptErrors atomic.Uint64 `metric:"forward_accept_errors_total" help:"Failed accepts on TCP port-forward listeners (EMFILE, ENFILE, ...), each retried after a backoff."`
 
 	UDPFlowsExpired atomic.Uint64 `metric:"forward_udp_flows_expired_total" help:"UDP flows closed by an idle timeout."`
 	PingRequests    atomic.Uint64 `metric:"forward_ping_requests_total" help:"ICMP echo requests sent to the host."`
@@ -42,11 +61,18 @@ type Stats struct {
 	ICMPErrorsLimited atomic.Uint64 `metric:"forward_icmp_errors_total{outcome=rate_limited}"`
 
 	// Drops by reason; see docs/forwarding.md.
-	DropBroadcast       atomic.Uint64 `metric:"forward_drops_total{reason=broadcast}" help:"Packets and connections the forwarder refused, by reason."`
-	DropDNSAddress      atomic.Uint64 `metric:"forward_drops_total{reason=dns_address}"`
-	DropGateway         atomic.Uint64 `metric:"forward_drops_total{reason=gateway}"`
-	DropUnroutable      atomic.Uint64 `metric:"forward_drops_total{reason=unroutable}"`
-	DropUDPFlowLimit    atomic.Uint64 `metric:"forward_drops_total{reason=udp_flow_limit}"`
+	DropBroadcast    atomic.Uint64 `metric:"forward_drops_total{reason=broadcast}" help:"Packets and connections the forwarder refused, by reason."`
+	DropDNSAddress   atomic.Uint64 `metric:"forward_drops_total{reason=dns_address}"`
+	DropGateway      atomic.Uint64 `metric:"forward_drops_total{reason=gateway}"`
+	DropUnroutable   atomic.Uint64 `metric:"forward_drops_total{reason=unroutable}"`
+	DropUDPFlowLimit atomic.Uint64 `metric:"forward_drops_total{reason=udp_flow_limit}"`
+	// Client datagrams of UDP port forwards dropped: MaxInboundUDPFlows
+	// flows were open, or their source address had MaxUDPFlowsPerSource.
+	DropUDPInboundLimit atomic.Uint64 `metric:"forward_drops_total{reason=udp_inbound_limit}"`
+	DropUDPSourceLimit  atomic.Uint64 `metric:"forward_drops_total{reason=udp_source_limit}"`
+	// DropUDPMemory counts datagrams whose new flow found no room in the
+	// memory budget for its receive buffer.
+	DropUDPMemory       atomic.Uint64 `metric:"forward_drops_total{reason=udp_memory}"`
 	DropPingFlowLimit   atomic.Uint64 `metric:"forward_drops_total{reason=ping_flow_limit}"`
 	DropPingUnavailable atomic.Uint64 `metric:"forward_drops_total{reason=ping_unavailable}"`
 	DropInvalid         atomic.Uint64 `metric:"forward_drops_total{reason=invalid}" hostile:"forward"`
@@ -89,4 +115,10 @@ func reserve(g *atomic.Int64, max int) bool {
 			return true
 		}
 	}
+}
+
+// MemoryShares returns the budget shares of outbound traffic and of
+// inbound port forwards (nil without a budget).
+func (f *Forwarder) MemoryShares() (outbound, inbound *budget.Budget) {
+	return f.memOut, f.memIn
 }

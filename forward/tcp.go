@@ -93,7 +93,14 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	r.Complete(false)
 	setGuestKeepalive(ep)
 	log.Debug("tcp connection established", "target", target)
-	f.newSplice(ep, &wq, hc, src.String()+"->"+target.String()).run()
+	sp, err := f.newSplice(ep, &wq, hc, f.memOut, src.String()+"->"+target.String())
+	if err != nil {
+		log.Debug("tcp splice failed", "err", err)
+		ep.Abort()
+		_ = hc.Close()
+		return
+	}
+	sp.run()
 }
 
 func tcpNetwork(a netip.Addr) string {

@@ -52,15 +52,19 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 	}
 	_ = hc.SetReadBuffer(hostUDPBuffer)
 	_ = hc.SetWriteBuffer(hostUDPBuffer)
-	var out *udpOut
-	if rc, err := hc.SyscallConn(); err == nil {
-		// The gateway is the host itself, the destination; anything else
-		// is reached through vunet as the guest's first router.
-		hop := dst.Addr() != f.opts.Gateway4 && dst.Addr() != f.opts.Gateway6
-		out = &udpOut{rc: rc, src: src, dst: dst, target: to, hop: hop}
-		if err := enableRecvErr(rc, to.Is6()); err != nil {
-			f.log.Debug("udp host socket: no IP_RECVERR", "err", err)
-		}
+	rc, err := hc.SyscallConn()
+	if err != nil {
+		_ = hc.Close()
+		f.c.UDPFlows.Add(-1)
+		f.c.DropSendErrors.Add(1)
+		return true
+	}
+	// The gateway is the host itself, the destination; anything else is
+	// reached through vunet as the guest's first router.
+	hop := dst.Addr() != f.opts.Gateway4 && dst.Addr() != f.opts.Gateway6
+	out := &udpOut{rc: rc, src: src, dst: dst, target: to, hop: hop}
+	if err := enableRecvErr(rc, to.Is6()); err != nil {
+		f.log.Debug("udp host socket: no IP_RECVERR", "err", err)
 	}
 
 	var wq waiter.Queue
@@ -74,13 +78,6 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 		f.log.Debug("udp guest endpoint failed", "src", src, "dst", dst, "err", terr)
 		return true
 	}
-	ep.SocketOptions().SetSendBufferSize(hostUDPBuffer, true)
-	// The default receive buffer (tens of KiB) overflows when the host
-	// side is briefly slower than a guest sending at tens of Mbit/s.
-	ep.SocketOptions().SetReceiveBufferSize(hostUDPBuffer, true)
-	if out != nil {
-		out.attach(ep, &wq)
-	}
 	fl := &udpFlow{
 		f:         f,
 		guest:     gonet.NewUDPConn(&wq, ep),
@@ -88,10 +85,18 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 		closeHost: func() { _ = hc.Close() },
 		desc:      src.String() + "->" + target.String(),
 		out:       out,
+		gauge:     &f.c.UDPFlows,
+	}
+	if !fl.attachGuest(ep, &wq, f.memOut) {
+		ep.Close()
+		_ = hc.Close()
+		f.c.UDPFlows.Add(-1)
+		f.c.DropUDPMemory.Add(1)
+		return true
 	}
 	fl.touch()
 	f.log.Debug("udp flow created", "flow", fl.desc)
-	f.addUDPFlow(fl, fl.guestLoop, func() { fl.hostLoop(hc) })
+	f.addUDPFlow(fl, fl.guestLoop, func() { fl.hostLoop(rc) })
 	return true
 }
 

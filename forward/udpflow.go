@@ -3,7 +3,6 @@ package forward
 import (
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -16,6 +15,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/vunet/vunet/budget"
 )
 
 // maxDatagram is the largest UDP payload over IPv4 (65535 - 20 - 8); IPv6
@@ -30,11 +31,27 @@ const maxDatagram = 65535
 // a connected socket while inbound flows share the port-forward listener.
 type udpFlow struct {
 	f         *Forwarder
-	guest     *gonet.UDPConn
+	guest     *gonet.UDPConn // for writes to the guest
 	sendHost  func([]byte) error
 	closeHost func()
 	onClose   func() // removes the flow from its table
 	desc      string
+	gauge     *atomic.Int64 // the open-flows gauge it counts in
+
+	// The guest endpoint, read by guestLoop only, with TTLs, into a
+	// buffer borrowed per datagram.
+	ep    tcpip.Endpoint
+	wq    *waiter.Queue
+	entry waiter.Entry
+	ready chan struct{}
+	timer *time.Timer
+	stop  chan struct{} // closed by close
+
+	// The receive buffer's budget (reserved at creation, grown when
+	// gVisor had to drop datagrams for lack of room).
+	mem       *budget.Budget
+	rcvSize   int64
+	overflows uint64 // gVisor's ReceiveBufferOverflow when last grown
 
 	// out is set for outbound flows, which own their host socket: their
 	// ICMP errors and hop limits are translated for the guest.
@@ -65,7 +82,6 @@ func (fl *udpFlow) idleTimeout() time.Duration {
 // goroutine is needed per flow.
 func (fl *udpFlow) guestLoop() {
 	defer fl.close()
-	buf := make([]byte, maxDatagram)
 	for {
 		deadline := fl.f.epoch.Add(time.Duration(fl.last.Load()) + fl.idleTimeout())
 		if !time.Now().Before(deadline) {
@@ -73,51 +89,128 @@ func (fl *udpFlow) guestLoop() {
 			fl.f.log.Debug("udp flow expired", "flow", fl.desc)
 			return
 		}
-		n, ttl, err := fl.readGuest(buf, deadline)
+		bp, n, ttl, err := fl.readGuest(deadline)
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
 				continue // re-check: the host side may have been active
 			}
 			return
 		}
-		fl.touch()
-		fl.fromGuest.Add(1)
-		if out := fl.out; out != nil {
-			out.lastLen.Store(int32(n))
-			if out.hop && ttl != 0 {
-				if ttl == 1 {
-					// Its last hop was vunet: it expires here, as at a router.
-					fl.f.sendICMPError(fl.f.gateway(out.src.Addr().Is6()), kindTTL,
-						udpInvoking(out.src, out.dst, n, buf[:n]))
-					continue
-				}
-				out.setHops(ttl - 1)
+		fl.relayToHost((*bp)[:n], ttl)
+		fl.f.bufs.Put(bp)
+		fl.maybeGrow()
+	}
+}
+
+// relayToHost sends one guest datagram on to the host.
+func (fl *udpFlow) relayToHost(buf []byte, ttl uint8) {
+	n := len(buf)
+	fl.touch()
+	fl.fromGuest.Add(1)
+	if out := fl.out; out != nil {
+		out.lastLen.Store(int32(n))
+		if out.hop && ttl != 0 {
+			if ttl == 1 {
+				// Its last hop was vunet: it expires here, as at a router.
+				fl.f.sendICMPError(fl.f.gateway(out.src.Addr().Is6()), kindTTL,
+					udpInvoking(out.src, out.dst, n, buf))
+				return
 			}
+			out.setHops(ttl - 1)
 		}
-		err = fl.sendHost(buf[:n])
-		if err != nil && fl.hostErrors(err) {
-			// The socket reported an ICMP error for an earlier datagram
-			// instead of sending this one; the guest has been told, and
-			// this datagram deserves its chance.
-			err = fl.sendHost(buf[:n])
+	}
+	err := fl.sendHost(buf)
+	if err != nil && fl.hostErrors(err) {
+		// The socket reported an ICMP error for an earlier datagram
+		// instead of sending this one; the guest has been told, and
+		// this datagram deserves its chance.
+		err = fl.sendHost(buf)
+	}
+	if err != nil {
+		fl.f.c.DropSendErrors.Add(1)
+		fl.f.log.Debug("udp send to host failed", "flow", fl.desc, "err", err)
+	}
+}
+
+// readGuest waits until deadline for the guest's next datagram and reads
+// it, with its TTL (hop limit) when known, into a buffer borrowed from the
+// Forwarder's pool: an idle flow holds no buffer. The caller returns it.
+func (fl *udpFlow) readGuest(deadline time.Time) (*[]byte, int, uint8, error) {
+	fl.timer.Reset(time.Until(deadline))
+	defer fl.timer.Stop()
+	for {
+		bp := fl.f.bufs.Get().(*[]byte)
+		w := tcpip.SliceWriter(*bp)
+		res, terr := fl.ep.Read(&w, tcpip.ReadOptions{})
+		if terr == nil {
+			cm := res.ControlMessages
+			switch {
+			case cm.HasTTL:
+				return bp, res.Count, cm.TTL, nil
+			case cm.HasHopLimit:
+				return bp, res.Count, uint8(cm.HopLimit), nil
+			}
+			return bp, res.Count, 0, nil
 		}
-		if err != nil {
-			fl.f.c.DropSendErrors.Add(1)
-			fl.f.log.Debug("udp send to host failed", "flow", fl.desc, "err", err)
+		fl.f.bufs.Put(bp)
+		if _, ok := terr.(*tcpip.ErrWouldBlock); !ok {
+			return nil, 0, 0, fmt.Errorf("guest endpoint: %s", terr)
+		}
+		select {
+		case <-fl.ready:
+		case <-fl.timer.C:
+			return nil, 0, 0, os.ErrDeadlineExceeded
+		case <-fl.stop:
+			return nil, 0, 0, net.ErrClosed
 		}
 	}
 }
 
-// readGuest reads the guest's next datagram into buf, waiting until
-// deadline, and returns its TTL (hop limit) when known.
-func (fl *udpFlow) readGuest(buf []byte, deadline time.Time) (int, uint8, error) {
-	if fl.out != nil && fl.out.ep != nil {
-		return fl.out.read(buf, deadline)
+// UDP receive buffers (guest → host datagrams not yet relayed): every flow
+// reserves udpMinRecv from the budget at creation and doubles, up to
+// udpMaxRecv, each time gVisor had to drop a datagram for lack of room
+// (the host side was briefly slower than a fast guest).
+const (
+	udpMinRecv = 64 << 10
+	udpMaxRecv = hostUDPBuffer
+)
+
+// attachGuest prepares reading ep (with TTLs) and reserves its receive
+// buffer; false if the budget has no room for a new flow.
+func (fl *udpFlow) attachGuest(ep tcpip.Endpoint, wq *waiter.Queue, mem *budget.Budget) bool {
+	if !mem.Take(udpMinRecv) {
+		return false
 	}
-	_ = fl.guest.SetReadDeadline(deadline)
-	n, err := fl.guest.Read(buf)
-	return n, 0, err
+	fl.mem, fl.rcvSize = mem, udpMinRecv
+	ep.SocketOptions().SetReceiveBufferSize(udpMinRecv, true)
+	// Datagrams to the guest wait in the link's backlog, which the budget
+	// accounts; this only bounds how many one flow may have in flight.
+	ep.SocketOptions().SetSendBufferSize(hostUDPBuffer, true)
+	ep.SocketOptions().SetReceiveTTL(true)
+	ep.SocketOptions().SetReceiveHopLimit(true)
+	fl.ep, fl.wq = ep, wq
+	fl.entry, fl.ready = waiter.NewChannelEntry(waiter.ReadableEvents)
+	wq.EventRegister(&fl.entry)
+	fl.timer = time.NewTimer(time.Hour)
+	fl.timer.Stop()
+	fl.stop = make(chan struct{})
+	return true
+}
+
+// maybeGrow doubles the receive buffer after gVisor dropped datagrams.
+func (fl *udpFlow) maybeGrow() {
+	st, ok := fl.ep.Stats().(*tcpip.TransportEndpointStats)
+	if !ok || fl.rcvSize >= udpMaxRecv {
+		return
+	}
+	if o := st.ReceiveErrors.ReceiveBufferOverflow.Value(); o != fl.overflows {
+		fl.overflows = o
+		n := min(2*fl.rcvSize, udpMaxRecv)
+		if fl.mem.Grow(n - fl.rcvSize) {
+			fl.rcvSize = n
+			fl.ep.SocketOptions().SetReceiveBufferSize(n, true)
+		}
+	}
 }
 
 // deliver sends a host datagram to the guest.
@@ -131,14 +224,38 @@ func (fl *udpFlow) deliver(b []byte) {
 }
 
 // hostLoop relays datagrams from a connected host socket to the guest until
-// the socket is closed.
-func (fl *udpFlow) hostLoop(hc net.Conn) {
+// the socket is closed. It waits for the socket without a buffer and
+// borrows one per datagram.
+func (fl *udpFlow) hostLoop(rc syscall.RawConn) {
 	defer fl.close()
-	buf := make([]byte, maxDatagram)
+	var (
+		bp   *[]byte
+		n    int
+		rerr error
+	)
+	recv := func(fd uintptr) bool {
+		bp = fl.f.bufs.Get().(*[]byte)
+		for {
+			n, rerr = unix.Read(int(fd), *bp)
+			if rerr != unix.EINTR {
+				break
+			}
+		}
+		if rerr == unix.EAGAIN {
+			fl.f.bufs.Put(bp)
+			bp = nil
+			return false
+		}
+		return true
+	}
 	for {
-		n, err := hc.Read(buf)
+		err := rc.Read(recv)
+		if err == nil && rerr != nil {
+			fl.f.bufs.Put(bp)
+			err = rerr
+		}
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) {
+			if errors.Is(err, net.ErrClosed) {
 				return
 			}
 			// ECONNREFUSED and friends report an ICMP error for an earlier
@@ -149,7 +266,8 @@ func (fl *udpFlow) hostLoop(hc net.Conn) {
 			fl.f.log.Debug("udp host socket failed", "flow", fl.desc, "err", err)
 			return
 		}
-		fl.deliver(buf[:n])
+		fl.deliver((*bp)[:max(n, 0)])
+		fl.f.bufs.Put(bp)
 	}
 }
 
@@ -163,57 +281,6 @@ type udpOut struct {
 	hop      bool           // vunet is a router on the way (dst is not the gateway)
 	lastLen  atomic.Int32   // payload size of the latest guest datagram
 	hops     uint8          // hop limit set on the host socket; 0: the default
-
-	// The guest endpoint, read by guestLoop only.
-	ep    tcpip.Endpoint
-	wq    *waiter.Queue
-	entry waiter.Entry
-	ready chan struct{}
-	timer *time.Timer
-	stop  chan struct{} // closed by close
-}
-
-// attach sets up reading ep with TTLs; call it before the flow's loops
-// start.
-func (o *udpOut) attach(ep tcpip.Endpoint, wq *waiter.Queue) {
-	ep.SocketOptions().SetReceiveTTL(true)
-	ep.SocketOptions().SetReceiveHopLimit(true)
-	o.ep, o.wq = ep, wq
-	o.entry, o.ready = waiter.NewChannelEntry(waiter.ReadableEvents)
-	wq.EventRegister(&o.entry)
-	o.timer = time.NewTimer(time.Hour)
-	o.timer.Stop()
-	o.stop = make(chan struct{})
-}
-
-// read is gonet's Read plus the control messages.
-func (o *udpOut) read(buf []byte, deadline time.Time) (int, uint8, error) {
-	o.timer.Reset(time.Until(deadline))
-	defer o.timer.Stop()
-	for {
-		w := tcpip.SliceWriter(buf)
-		res, terr := o.ep.Read(&w, tcpip.ReadOptions{})
-		if terr == nil {
-			cm := res.ControlMessages
-			switch {
-			case cm.HasTTL:
-				return res.Count, cm.TTL, nil
-			case cm.HasHopLimit:
-				return res.Count, uint8(cm.HopLimit), nil
-			}
-			return res.Count, 0, nil
-		}
-		if _, ok := terr.(*tcpip.ErrWouldBlock); !ok {
-			return 0, 0, fmt.Errorf("guest endpoint: %s", terr)
-		}
-		select {
-		case <-o.ready:
-		case <-o.timer.C:
-			return 0, 0, os.ErrDeadlineExceeded
-		case <-o.stop:
-			return 0, 0, net.ErrClosed
-		}
-	}
 }
 
 // setHops sets the host socket's TTL (hop limit) if it differs from the
@@ -233,15 +300,6 @@ func (o *udpOut) setHops(h uint8) {
 	if serr == nil {
 		o.hops = h
 	}
-}
-
-// detach undoes attach; close calls it.
-func (o *udpOut) detach() {
-	if o.ep == nil {
-		return
-	}
-	close(o.stop)
-	o.wq.EventUnregister(&o.entry)
 }
 
 // hostErrors handles err from the flow's host socket. If it is the report
@@ -274,14 +332,16 @@ func (fl *udpFlow) close() {
 	fl.closeOnce.Do(func() {
 		// A past deadline makes a blocked guest Read return at once.
 		_ = fl.guest.SetReadDeadline(time.Unix(1, 0))
-		if fl.out != nil {
-			fl.out.detach()
+		if fl.stop != nil {
+			close(fl.stop)
+			fl.wq.EventUnregister(&fl.entry)
 		}
 		_ = fl.guest.Close()
+		fl.mem.Release(fl.rcvSize)
 		if fl.closeHost != nil {
 			fl.closeHost()
 		}
-		fl.f.c.UDPFlows.Add(-1)
+		fl.gauge.Add(-1)
 		if fl.onClose != nil {
 			fl.onClose()
 		}

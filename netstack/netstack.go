@@ -29,6 +29,21 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 )
 
+// TCP buffer sizes. Endpoints start at InitialTCPBuffer per direction;
+// whoever owns them (the NAT's splices) sets their sizes explicitly from the
+// memory budget, which also turns gVisor's own buffer auto-tuning off, so
+// gVisor never grows a buffer nobody accounted. The window scale of a
+// handshake is still derived from the maximum (gVisor does so while
+// auto-tuning is on), so a grown buffer can be used in full.
+const (
+	// InitialTCPBuffer is the send and receive buffer a new endpoint has;
+	// it also bounds the window offered in a SYN-ACK.
+	InitialTCPBuffer = 16 << 10
+	// DefaultTCPBuffer is the default maximum: enough window for a fast
+	// local pipe.
+	DefaultTCPBuffer = 4 << 20
+)
+
 // NICID is the identifier of the single NIC created by New.
 const NICID tcpip.NICID = 1
 
@@ -54,7 +69,7 @@ type Options struct {
 	DNS6 netip.Addr
 
 	// TCPBuffer bounds the TCP send and receive buffers (bytes). Zero means
-	// 4 MiB, which lets window scaling keep a fast pipe full.
+	// DefaultTCPBuffer.
 	TCPBuffer int
 
 	// Logger receives stack-level messages. Nil means slog.Default().
@@ -205,16 +220,16 @@ func (ns *Stack) configure() error {
 func (ns *Stack) setTCPOptions() error {
 	buf := ns.opts.TCPBuffer
 	if buf <= 0 {
-		buf = 4 << 20
+		buf = DefaultTCPBuffer
 	}
 	opts := []tcpip.SettableTransportProtocolOption{
 		// SACK matters on a lossy guest virtio queue more than anywhere.
 		ptr(tcpip.TCPSACKEnabled(true)),
-		// Large buffers make gVisor advertise a scaled window; the
-		// moderation then grows the receive window with the flow instead of
-		// committing the maximum to every idle connection.
-		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: buf},
-		&tcpip.TCPSendBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: buf},
+		// Small initial buffers, a large maximum: with moderation on at
+		// handshake time gVisor scales the window for the maximum, and
+		// nothing is committed to a connection until it moves data.
+		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4096, Default: InitialTCPBuffer, Max: buf},
+		&tcpip.TCPSendBufferSizeRangeOption{Min: 4096, Default: InitialTCPBuffer, Max: buf},
 		ptr(tcpip.TCPModerateReceiveBufferOption(true)),
 	}
 	for _, o := range opts {

@@ -347,13 +347,38 @@ ipxe_script_url = "tftp://10.0.2.2/file.ipxe"
 	}
 }
 
+// TestMaxMemory: --max-memory, its environment variable and its config key
+// set the budget in any unit; nonsense and too small budgets are refused,
+// naming the flag.
+func TestMaxMemory(t *testing.T) {
+	if r := runVunet(t, nil, "--socket", "/run/v.sock"); r.err != nil || r.cfg.MaxMemory != config.DefaultMaxMemory {
+		t.Fatalf("default: %v, %+v", r.err, r.cfg)
+	}
+	if r := runVunet(t, nil, "--socket", "/run/v.sock", "--max-memory", "1GiB"); r.err != nil || r.cfg.MaxMemory != 1<<30 {
+		t.Fatalf("--max-memory 1GiB: %s", r.line())
+	}
+	if r := runVunet(t, map[string]string{"VUNET_MAX_MEMORY": "64M"}, "--socket", "/run/v.sock"); r.err != nil || r.cfg.MaxMemory != 64<<20 {
+		t.Fatalf("VUNET_MAX_MEMORY=64M: %s", r.line())
+	}
+	file := writeFile(t, "v.toml", "socket = \"/run/v.sock\"\nmax_memory = \"512MiB\"\n")
+	if r := runVunet(t, nil, "--config", file); r.err != nil || r.cfg.MaxMemory != 512<<20 {
+		t.Fatalf("max_memory in the file: %s", r.line())
+	}
+	for _, bad := range []string{"lots", "-5MiB", "1MiB"} {
+		r := runVunet(t, nil, "--socket", "/run/v.sock", "--max-memory", bad)
+		if r.err == nil || !strings.Contains(r.err.Error(), "--max-memory") {
+			t.Errorf("--max-memory %s: err %v, want one naming the flag", bad, r.err)
+		}
+	}
+}
+
 // TestEveryFlagHasEnvAndKey guards the convention documented in docs/cli.md.
 func TestEveryFlagHasEnvAndKey(t *testing.T) {
 	noKey := map[string]bool{flagConfig: true, flagPrintConfig: true}
 	keyed := map[string]bool{flagOnce: true, flagLogLevel: true, flagLogFormat: true, flagNoIPv6: true, flagNoMapHostLoopback: true,
 		flagDeny: true} // --deny shares egress.rules with --allow
 	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url",
-		"egress.mode", "egress.allow_metadata", "egress.host_addresses", "egress.rules",
+		"egress.mode", "egress.allow_metadata", "egress.host_addresses", "egress.rules", "max_memory",
 		"socket_mode", "socket_group", "setup_timeout", "pcap_max_size"} {
 		keyed[flagForKey(key)] = true
 	}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
@@ -47,6 +48,7 @@ const (
 	flagBootFile          = "boot-file"
 	flagBootFileEFI       = "boot-file-efi"
 	flagIPXEScriptURL     = "ipxe-script-url"
+	flagMaxMemory         = "max-memory"
 	flagPrintConfig       = "print-config"
 )
 
@@ -67,6 +69,8 @@ func flagForKey(key string) string {
 		return flagDNS
 	case "forwards":
 		return flagForward
+	case "max_memory":
+		return flagMaxMemory
 	case "dns_upstream":
 		return flagDNSUpstream
 	case "boot.tftp_root":
@@ -153,6 +157,7 @@ func runFlags() []cli.Flag {
 		str(flagBootFileEFI, catBoot, "boot file `NAME` for UEFI PXE clients, instead of --boot-file (relative to --tftp-root)", ""),
 		str(flagIPXEScriptURL, catBoot, "boot file `URL` (http, https or tftp) for clients that identify as iPXE, e.g. an iPXE script", ""),
 
+		str(flagMaxMemory, catOps, "memory budget `SIZE` for what the guest can make vunet hold (TCP and UDP buffers, queued frames), e.g. 256MiB or 1GiB; the Go runtime's soft memory limit follows it", config.FormatSize(d.MaxMemory)),
 		path(flagAPI, catOps, "serve the control API on unix socket `PATH`"),
 		path(flagPCAP, catOps, "write every guest frame to pcap `FILE`"),
 		path(flagPIDFile, catOps, "write the process id to `FILE` while running"),
@@ -283,6 +288,9 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 		return err
 	}
 	if err := parseFlag(c, flagLogFormat, config.ParseLogFormat, &cfg.LogFormat); err != nil {
+		return err
+	}
+	if err := parseFlag(c, flagMaxMemory, config.ParseSize, &cfg.MaxMemory); err != nil {
 		return err
 	}
 
@@ -485,4 +493,20 @@ func writePIDFile(path string) error {
 		return fmt.Errorf("pid file: %w", err)
 	}
 	return nil
+}
+
+// setMemoryLimit sets the Go runtime's soft memory limit from the memory
+// budget, unless GOMEMLIMIT chose one: the budget plus half again for what
+// it does not account (per-connection structures, goroutine stacks, gVisor's
+// bookkeeping, garbage not yet collected) plus a fixed 64 MiB for the
+// runtime and the rest of vunet. Near the limit the collector works harder
+// instead of letting garbage pile up; it is soft, so vunet never fails
+// because of it.
+func setMemoryLimit(budget int64) (int64, bool) {
+	if os.Getenv("GOMEMLIMIT") != "" || budget <= 0 {
+		return 0, false
+	}
+	limit := budget + budget/2 + 64<<20
+	debug.SetMemoryLimit(limit)
+	return limit, true
 }

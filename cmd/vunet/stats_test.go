@@ -14,6 +14,7 @@ import (
 
 	"github.com/vunet/vunet/api"
 	"github.com/vunet/vunet/appliance"
+	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/forward"
@@ -57,6 +58,7 @@ func declared(t *testing.T, a *appliance.Appliance) int {
 	count(egress.HostAddrStats{}, 1)
 	count(ratelimit.Stats{}, 1)
 	count(pcap.Stats{}, 1)
+	count(budget.Counters{}, 4) // total, outbound, inbound, link
 	return n
 }
 

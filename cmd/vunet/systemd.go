@@ -14,6 +14,9 @@ import (
 // integration, which tests of the command line must not pick up from
 // their environment.
 func runAppliance(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+	if limit, ok := setMemoryLimit(cfg.MaxMemory); ok {
+		log.Debug("go runtime soft memory limit", "bytes", limit)
+	}
 	a, err := appliance.New(cfg, log)
 	if err != nil {
 		return err
