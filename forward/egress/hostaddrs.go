@@ -36,14 +36,14 @@ type HostAddrSet struct {
 // WatchHostAddrs reads the host's addresses and keeps them current until
 // Close.
 func WatchHostAddrs(log *slog.Logger) (*HostAddrSet, error) {
-	return watchHostAddrs(log, net.InterfaceAddrs, subscribeAddrChanges)
+	return watchHostAddrs(log, net.InterfaceAddrs, subscribeAddrChanges, PollInterval)
 }
 
 // subscription delivers a value on changes; close stops it. A nil
 // subscription means "poll".
 type subscribeFunc func() (changes <-chan struct{}, close func() error, err error)
 
-func watchHostAddrs(log *slog.Logger, read func() ([]net.Addr, error), subscribe subscribeFunc) (*HostAddrSet, error) {
+func watchHostAddrs(log *slog.Logger, read func() ([]net.Addr, error), subscribe subscribeFunc, poll time.Duration) (*HostAddrSet, error) {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -58,26 +58,39 @@ func watchHostAddrs(log *slog.Logger, read func() ([]net.Addr, error), subscribe
 		}
 		return nil, err
 	}
-	var tick <-chan time.Time
 	if subErr != nil {
-		log.Warn("host address changes are polled: no netlink notifications", "interval", PollInterval, "err", subErr)
-		t := time.NewTicker(PollInterval)
-		tick = t.C
-		s.closeSub = func() error { t.Stop(); return nil }
-	} else {
-		s.closeSub = closeSub
+		log.Warn("host address changes are polled: no netlink notifications", "interval", poll, "err", subErr)
+		changes = nil
 	}
+	s.closeSub = closeSub
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		// Polling replaces the subscription when there is none, and when
+		// it ends while vunet still runs (the socket failed): the set must
+		// not go stale silently.
+		var tick <-chan time.Time
+		if changes == nil {
+			t := time.NewTicker(poll)
+			defer t.Stop()
+			tick = t.C
+		}
 		for {
 			select {
 			case <-s.stop:
 				return
 			case _, ok := <-changes:
 				if !ok {
+					select {
+					case <-s.stop:
+						return // closed by Close
+					default:
+					}
 					changes = nil
-					continue
+					s.log.Warn("host address notifications stopped; polling instead", "interval", poll)
+					t := time.NewTicker(poll)
+					defer t.Stop()
+					tick = t.C
 				}
 			case <-tick:
 			}

@@ -14,8 +14,8 @@ import (
 // or changed) and every overflow (ENOBUFS: notifications were lost) is one
 // signal on the channel; the receiver re-reads the whole list, so lost or
 // coalesced notifications cannot leave the set stale. The socket is
-// non-blocking and read through the Go netpoller, so Close interrupts the
-// reader.
+// non-blocking and read through the Go netpoller, so closing it interrupts
+// the reader, and the close function waits for it.
 func subscribeAddrChanges() (<-chan struct{}, func() error, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
 	if err != nil {
@@ -28,7 +28,9 @@ func subscribeAddrChanges() (<-chan struct{}, func() error, error) {
 	}
 	f := os.NewFile(uintptr(fd), "netlink-route")
 	ch := make(chan struct{}, 1)
+	done := make(chan struct{})
 	go func() {
+		defer close(done)
 		defer close(ch)
 		buf := make([]byte, 64<<10)
 		for {
@@ -42,5 +44,12 @@ func subscribeAddrChanges() (<-chan struct{}, func() error, error) {
 			}
 		}
 	}()
-	return ch, f.Close, nil
+	// Closing the file interrupts the reader; wait for it, so nothing is
+	// left running after Close.
+	stop := func() error {
+		err := f.Close()
+		<-done
+		return err
+	}
+	return ch, stop, nil
 }

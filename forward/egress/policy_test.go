@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 )
@@ -170,7 +171,7 @@ func TestHostAddrSetFollowsChanges(t *testing.T) {
 	closed := false
 	s, err := watchHostAddrs(nil, read, func() (<-chan struct{}, func() error, error) {
 		return changes, func() error { closed = true; return nil }, nil
-	})
+	}, PollInterval)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -201,7 +202,7 @@ func TestHostAddrSetKeepsOldSetOnError(t *testing.T) {
 			return nil, errors.New("boom")
 		}
 		return []net.Addr{&net.IPAddr{IP: net.ParseIP("192.0.2.9")}}, nil
-	}, func() (<-chan struct{}, func() error, error) { return nil, nil, errors.New("no netlink") })
+	}, func() (<-chan struct{}, func() error, error) { return nil, nil, errors.New("no netlink") }, PollInterval)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,5 +222,43 @@ func TestWatchHostAddrsReal(t *testing.T) {
 	defer s.Close()
 	if !s.Contains(netip.MustParseAddr("127.0.0.1")) {
 		t.Fatalf("127.0.0.1 not among the host's %d addresses", s.Len())
+	}
+}
+
+// TestHostAddrSetPollsWhenNotificationsStop: a subscription that ends while
+// the set is in use (the netlink socket failed) is replaced by polling.
+func TestHostAddrSetPollsWhenNotificationsStop(t *testing.T) {
+	var mu sync.Mutex
+	cur, reads := "192.0.2.1", 0
+	read := func() ([]net.Addr, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		reads++
+		return []net.Addr{&net.IPAddr{IP: net.ParseIP(cur)}}, nil
+	}
+	readsNow := func() int { mu.Lock(); defer mu.Unlock(); return reads }
+	changes := make(chan struct{})
+	s, err := watchHostAddrs(nil, read, func() (<-chan struct{}, func() error, error) {
+		return changes, func() error { return nil }, nil
+	}, 10*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	close(changes)
+	// The end of the subscription itself triggers one re-read; change the
+	// set only after it, so only polling can find the change.
+	for readsNow() < 2 {
+		time.Sleep(time.Millisecond)
+	}
+	mu.Lock()
+	cur = "192.0.2.2"
+	mu.Unlock()
+	deadline := time.Now().Add(10 * time.Second)
+	for !s.Contains(netip.MustParseAddr("192.0.2.2")) {
+		if time.Now().After(deadline) {
+			t.Fatal("the set went stale after its notifications stopped")
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
