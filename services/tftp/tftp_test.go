@@ -3,16 +3,21 @@ package tftp
 import (
 	"bytes"
 	"encoding/binary"
+	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 
+	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/services/internal/gnet"
 	"github.com/vunet/vunet/services/internal/testnet"
 )
@@ -298,4 +303,41 @@ func TestOptionsValidation(t *testing.T) {
 			t.Logf("case %d: %v", i, err)
 		}
 	}
+}
+
+// TestRefusalLogIsBounded floods the server with requests for a missing
+// file, each of which logs a refusal: through the appliance's log limiter
+// the lines stay bounded while the refusals are all counted.
+func TestRefusalLogIsBounded(t *testing.T) {
+	var mu sync.Mutex
+	var buf bytes.Buffer
+	lim := ratelimit.NewHandler(slog.NewTextHandler(lockedWriter{&mu, &buf}, nil), ratelimit.LogBurst, time.Hour)
+	e := setup(t, func(o *Options) { o.Logger = slog.New(lim) })
+	c := e.client()
+	const flood = 300
+	for range flood {
+		if code, _ := c.getError(rrq("nope.bin", "octet")); code != errNotFound {
+			t.Fatalf("error %d, want not found", code)
+		}
+	}
+	testnet.WaitFor(t, func() bool { return e.srv.Stats().NotFound.Load() == flood })
+	mu.Lock()
+	refused := strings.Count(buf.String(), "tftp: request refused")
+	mu.Unlock()
+	// LogBurst lines, plus the one announcing the suppression (which names
+	// the message).
+	if refused != ratelimit.LogBurst+1 || lim.Suppressed() < flood-ratelimit.LogBurst {
+		t.Fatalf("%d refusal lines, %d suppressed for %d requests", refused, lim.Suppressed(), flood)
+	}
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
 }
