@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"strconv"
 	"syscall"
 	"time"
@@ -183,11 +182,7 @@ func (a *Appliance) listenAPI() (*net.UnixListener, error) {
 // serveAPI serves the API on l until ctx is done and then removes the
 // socket file.
 func (a *Appliance) serveAPI(ctx context.Context, l *net.UnixListener) error {
-	defer func() {
-		if err := os.Remove(a.cfg.API); err != nil && !errors.Is(err, os.ErrNotExist) {
-			a.log.Warn("removing API socket", "path", a.cfg.API, "err", err)
-		}
-	}()
+	defer a.removeSocket(a.cfg.API)
 	a.log.Info("control API listening", "socket", a.cfg.API)
 	if err := api.NewServer(a, a.log.With("layer", "api")).Serve(ctx, l); err != nil {
 		return fmt.Errorf("serving %s: %w", a.cfg.API, err)

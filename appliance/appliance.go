@@ -65,6 +65,15 @@ type Appliance struct {
 	// Notify, if set, is told about readiness ("READY=1") and shutdown
 	// ("STOPPING=1"), in sd_notify's format.
 	Notify func(state string)
+	// Confine, if set, is called by Run once every socket is bound and
+	// before anything is served (the sandbox); an error stops Run. Once
+	// Confine ran, Run leaves socket files in place at exit: a
+	// confined process may not remove them, and the next start replaces a
+	// stale socket.
+	Confine func() error
+
+	// confined is set once Confine ran.
+	confined bool
 
 	logLimit  *ratelimit.Handler // bounds every log line, see New
 	egress    *egress.Policy
@@ -306,11 +315,36 @@ func (a *Appliance) buildEgress() error {
 // Run serves until ctx is done (or, with cfg.Once, until the frontend
 // disconnects), then closes everything.
 func (a *Appliance) Run(ctx context.Context) error {
-	// The API socket first: failing to create it must stop the appliance
-	// before anything is served.
+	// The sockets first: failing to create one must stop the appliance
+	// before anything is served, and the sandbox comes after them.
 	apiL, err := a.listenAPI()
 	if err != nil {
 		return err
+	}
+	cfg := a.cfg
+	l := a.VHostListener
+	if cfg.Connect == "" && l == nil {
+		if l, err = unixsock.Listen(cfg.Socket, unixsock.Options{Name: "vhost-user socket", Mode: cfg.SocketMode, GID: a.socketGID}); err != nil {
+			if apiL != nil {
+				apiL.Close()
+				a.removeSocket(cfg.API)
+			}
+			return err
+		}
+		defer a.removeSocket(cfg.Socket)
+	}
+	if a.Confine != nil {
+		// Even a failed Confine may have confined the process in part.
+		a.confined = true
+		if err := a.Confine(); err != nil {
+			if l != nil {
+				l.Close()
+			}
+			if apiL != nil {
+				apiL.Close()
+			}
+			return err
+		}
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -338,7 +372,6 @@ func (a *Appliance) Run(ctx context.Context) error {
 		serve("api", func(ctx context.Context) error { return a.serveAPI(ctx, apiL) })
 	}
 
-	cfg := a.cfg
 	a.log.Info("vunet ready", "socket", firstNonEmpty(cfg.Socket, cfg.Connect), "mode", mode(cfg),
 		"guest", netip.PrefixFrom(cfg.IPv4.Guest, cfg.IPv4.Subnet.Bits()).String(), "gateway", cfg.IPv4.Gateway.String(),
 		"dns", cfg.IPv4.DNS.String(), "ipv6", ipv6Summary(cfg), "mtu", cfg.MTU)
@@ -346,17 +379,8 @@ func (a *Appliance) Run(ctx context.Context) error {
 		a.notify(systemdReady)
 		err = a.VHost.Connect(ctx, cfg.Connect, time.Second)
 	} else {
-		l := a.VHostListener
-		if l == nil {
-			l, err = unixsock.Listen(cfg.Socket, unixsock.Options{Name: "vhost-user socket", Mode: cfg.SocketMode, GID: a.socketGID})
-			if err == nil {
-				defer os.Remove(cfg.Socket)
-			}
-		}
-		if err == nil {
-			a.notify(systemdReady)
-			err = a.VHost.Serve(ctx, l, cfg.Once)
-		}
+		a.notify(systemdReady)
+		err = a.VHost.Serve(ctx, l, cfg.Once)
 	}
 	a.notify(systemdStopping)
 	cancel()
@@ -366,6 +390,18 @@ func (a *Appliance) Run(ctx context.Context) error {
 		err = errors.Join(err, e)
 	}
 	return err
+}
+
+// removeSocket removes a socket file vunet created, unless the process is
+// confined (see Confine).
+func (a *Appliance) removeSocket(path string) {
+	if a.confined {
+		a.log.Debug("leaving socket file in place (sandboxed)", "path", path)
+		return
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		a.log.Warn("removing socket", "path", path, "err", err)
+	}
 }
 
 // sd_notify states sent through Notify.

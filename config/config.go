@@ -32,6 +32,25 @@ const (
 	LogJSON LogFormat = "json" // slog.JSONHandler: one JSON object per line
 )
 
+// Sandbox says how vunet confines itself once its sockets and files are
+// open (see docs/security.md).
+type Sandbox string
+
+// The sandbox modes.
+const (
+	// SandboxOn: no_new_privs, the switch to RunAs when started as root,
+	// Landlock, and a seccomp allow-list that fails other calls with EPERM.
+	SandboxOn Sandbox = "on"
+	// SandboxLog: the same, but calls outside the allow-list are allowed
+	// and logged by the kernel (for finding what a new code path needs).
+	SandboxLog Sandbox = "log"
+	// SandboxOff: no confinement at all, the escape hatch.
+	SandboxOff Sandbox = "off"
+)
+
+// DefaultRunAs is the user vunet switches to when started as root.
+const DefaultRunAs = "nobody"
+
 // MTU limits. 68 is the IPv4 minimum (RFC 791). 65520 is the largest
 // payload that keeps an Ethernet frame, with its 14-byte header, within the
 // 16-bit lengths used along the path, rounded down to a multiple of 4.
@@ -83,6 +102,12 @@ type Config struct {
 	// PCAPMaxSize caps the pcap file in bytes; capture stops there. 0 is
 	// unlimited.
 	PCAPMaxSize int64
+	// Sandbox is SandboxOn, SandboxLog or SandboxOff.
+	Sandbox Sandbox
+	// RunAs is the user (USER or UID, optionally :GROUP or :GID) vunet
+	// switches to, when started as root, once its sockets are bound. Not
+	// used when not started as root, or with SandboxOff.
+	RunAs string
 
 	// MTU is the link MTU offered to the guest.
 	MTU int
@@ -220,6 +245,8 @@ func Default() *Config {
 		SetupTimeout: 10 * time.Second,
 		LogLevel:     slog.LevelInfo,
 		LogFormat:    LogText,
+		Sandbox:      SandboxOn,
+		RunAs:        DefaultRunAs,
 		MTU:          1500,
 		MAC:          net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}, // QEMU's default guest MAC
 		GatewayMAC:   net.HardwareAddr{0x52, 0x55, 0x0a, 0x00, 0x02, 0x02}, // locally administered, embeds 10.0.2.2 like slirp

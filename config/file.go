@@ -32,6 +32,8 @@ type fileConfig struct {
 	LogFormat        string            `toml:"log_format"`
 	PCAP             string            `toml:"pcap,omitempty"`
 	PCAPMaxSize      string            `toml:"pcap_max_size"`
+	Sandbox          string            `toml:"sandbox"`
+	RunAs            string            `toml:"runas"`
 	MTU              int               `toml:"mtu"`
 	MAC              string            `toml:"mac"`
 	GatewayMAC       string            `toml:"gateway_mac"`
@@ -214,6 +216,8 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	str([]string{"log_format"}, f.LogFormat, func(s string) (err error) { c.LogFormat, err = ParseLogFormat(s); return })
 	setPath(&c.PCAP, f.PCAP, "pcap")
 	str([]string{"pcap_max_size"}, f.PCAPMaxSize, func(s string) (err error) { c.PCAPMaxSize, err = ParseSize(s); return })
+	str([]string{"sandbox"}, f.Sandbox, func(s string) (err error) { c.Sandbox, err = ParseSandbox(s); return })
+	str([]string{"runas"}, f.RunAs, func(s string) (err error) { c.RunAs, err = ParseRunAs(s); return })
 	if has("mtu") {
 		c.MTU = f.MTU
 	}
@@ -337,6 +341,8 @@ func (c *Config) WriteTOML(w io.Writer) error {
 		LogFormat:        string(c.LogFormat),
 		PCAP:             c.PCAP,
 		PCAPMaxSize:      FormatSize(c.PCAPMaxSize),
+		Sandbox:          string(c.Sandbox),
+		RunAs:            c.RunAs,
 		MTU:              c.MTU,
 		MAC:              c.MAC.String(),
 		GatewayMAC:       c.GatewayMAC.String(),

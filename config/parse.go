@@ -57,6 +57,25 @@ func ParseLogFormat(s string) (LogFormat, error) {
 	return "", errors.New("expected text or json")
 }
 
+// ParseSandbox parses on, off or log.
+func ParseSandbox(s string) (Sandbox, error) {
+	switch m := Sandbox(strings.ToLower(s)); m {
+	case SandboxOn, SandboxLog, SandboxOff:
+		return m, nil
+	}
+	return "", errors.New("expected on, off or log")
+}
+
+// ParseRunAs checks the form USER[:GROUP] (names or numeric ids); the
+// names are looked up when the sandbox switches to them.
+func ParseRunAs(s string) (string, error) {
+	user, group, hasGroup := strings.Cut(s, ":")
+	if user == "" || (hasGroup && group == "") || strings.ContainsAny(s, " \t\n\x00") || strings.Count(s, ":") > 1 {
+		return "", errors.New("expected USER[:GROUP], names or numeric ids")
+	}
+	return s, nil
+}
+
 // ParseDNSUpstream parses an upstream resolver: an IP address with an
 // optional port (default 53); IPv6 with a port needs brackets.
 func ParseDNSUpstream(s string) (netip.AddrPort, error) {

@@ -163,6 +163,12 @@ func (c *Config) validateLogging(es *Errors) {
 	if c.LogFormat != LogText && c.LogFormat != LogJSON {
 		es.add("log_format", "%q is not one of text or json", c.LogFormat)
 	}
+	if _, err := ParseSandbox(string(c.Sandbox)); err != nil {
+		es.add("sandbox", "%q: %v", c.Sandbox, err)
+	}
+	if _, err := ParseRunAs(c.RunAs); err != nil {
+		es.add("runas", "%q: %v", c.RunAs, err)
+	}
 }
 
 func validateMAC(es *Errors, key string, mac net.HardwareAddr) {

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -320,7 +321,9 @@ func (s *Server) Connect(ctx context.Context, path string, retry time.Duration) 
 		if err == nil {
 			return s.ServeConn(ctx, c.(*net.UnixConn))
 		}
-		if retry <= 0 {
+		// Waiting helps when the frontend has not created its socket
+		// yet, not when vunet may not reach it.
+		if retry <= 0 || errors.Is(err, fs.ErrPermission) {
 			return fmt.Errorf("vhost: connect %s: %w", path, err)
 		}
 		select {

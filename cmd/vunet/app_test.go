@@ -150,6 +150,35 @@ func TestFlags(t *testing.T) {
 	}
 }
 
+// TestSandboxSettings: on by default, and each layer can change the mode
+// and the user.
+func TestSandboxSettings(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "v.toml")
+	if err := os.WriteFile(file, []byte("socket = \"/run/v.sock\"\nsandbox = \"log\"\nrunas = \"65534:65534\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		env   map[string]string
+		args  []string
+		mode  config.Sandbox
+		runas string
+	}{
+		{nil, []string{"--socket", "/run/v.sock"}, config.SandboxOn, "nobody"},
+		{nil, []string{"--config", file}, config.SandboxLog, "65534:65534"},
+		{map[string]string{"VUNET_SANDBOX": "off"}, []string{"--config", file}, config.SandboxOff, "65534:65534"},
+		{map[string]string{"VUNET_SANDBOX": "off"}, []string{"--config", file, "--sandbox", "ON", "--runas", "daemon"}, config.SandboxOn, "daemon"},
+	}
+	for _, tt := range tests {
+		r := runVunet(t, tt.env, tt.args...)
+		if r.err != nil {
+			t.Fatal(r.line())
+		}
+		if r.cfg.Sandbox != tt.mode || r.cfg.RunAs != tt.runas {
+			t.Errorf("%v %v: sandbox %q runas %q, want %q %q", tt.env, tt.args, r.cfg.Sandbox, r.cfg.RunAs, tt.mode, tt.runas)
+		}
+	}
+}
+
 func TestConnectMode(t *testing.T) {
 	r := runVunet(t, nil, "--connect", "/run/qemu.sock")
 	if r.err != nil || r.cfg.Connect != "/run/qemu.sock" || r.cfg.Socket != "" {
@@ -198,6 +227,9 @@ func TestBadInvocations(t *testing.T) {
 		{append(sock, "--ipxe-script-url", "ftp://h/boot.ipxe"), nil, `vunet: --ipxe-script-url: "ftp://h/boot.ipxe" is not an http://, https:// or tftp:// URL`},
 		{sock, map[string]string{"VUNET_IPXE_SCRIPT_URL": "boot.ipxe"}, `vunet: --ipxe-script-url: "boot.ipxe" is not an http://, https:// or tftp:// URL`},
 		{append(sock, "--ipxe-script-url", ""), nil, `vunet: --ipxe-script-url "": must not be empty`},
+		{append(sock, "--sandbox", "strict"), nil, `vunet: --sandbox "strict": expected on, off or log`},
+		{sock, map[string]string{"VUNET_RUNAS": "a:b:c"}, `vunet: --runas "a:b:c": expected USER[:GROUP], names or numeric ids`},
+		{append(sock, "--runas", "nobody:"), nil, `vunet: --runas "nobody:": expected USER[:GROUP], names or numeric ids`},
 	}
 	for _, tt := range tests {
 		r := runVunet(t, tt.env, tt.args...)
@@ -379,7 +411,7 @@ func TestEveryFlagHasEnvAndKey(t *testing.T) {
 		flagDeny: true} // --deny shares egress.rules with --allow
 	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url",
 		"egress.mode", "egress.allow_metadata", "egress.host_addresses", "egress.rules", "max_memory",
-		"socket_mode", "socket_group", "setup_timeout", "pcap_max_size"} {
+		"socket_mode", "socket_group", "setup_timeout", "pcap_max_size", "sandbox", "runas"} {
 		keyed[flagForKey(key)] = true
 	}
 	for _, f := range runFlags() {

@@ -19,6 +19,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/vunet/vunet/config"
+	"github.com/vunet/vunet/internal/sandbox"
 	"github.com/vunet/vunet/internal/systemd"
 )
 
@@ -50,6 +51,8 @@ const (
 	flagIPXEScriptURL     = "ipxe-script-url"
 	flagMaxMemory         = "max-memory"
 	flagPrintConfig       = "print-config"
+	flagSandbox           = "sandbox"
+	flagRunAs             = "runas"
 )
 
 // flagForKey returns the flag that sets a config key (as named in
@@ -57,7 +60,7 @@ const (
 // under the flag the user typed; "" when no flag sets the key.
 func flagForKey(key string) string {
 	switch key {
-	case "socket", "connect", "api", "pcap", "mtu", "mac":
+	case "socket", "connect", "api", "pcap", "mtu", "mac", "sandbox", "runas":
 		return key
 	case "pid_file":
 		return flagPIDFile
@@ -113,6 +116,7 @@ const (
 	catForward  = "Forwarding and DNS"
 	catBoot     = "Network boot"
 	catOps      = "Operation"
+	catSecurity = "Security"
 )
 
 // runFlags returns the flags of the appliance (the root command). Typed
@@ -163,6 +167,9 @@ func runFlags() []cli.Flag {
 		path(flagPIDFile, catOps, "write the process id to `FILE` while running"),
 		str(flagLogLevel, catOps, "log `LEVEL`: debug, info, warn or error", "info"),
 		str(flagLogFormat, catOps, "log `FORMAT`: text or json", "text"),
+
+		str(flagSandbox, catSecurity, "confine vunet once started: `MODE` on (no_new_privs, Landlock, seccomp allow-list, switch from root to --runas), log (the same, but system calls outside the list are only logged by the kernel) or off", string(d.Sandbox)),
+		str(flagRunAs, catSecurity, "when started as root, switch to `USER[:GROUP]` once the sockets are bound", d.RunAs),
 		// An action, not a setting: no environment variable, which left set
 		// in a shell would silently stop every later run from starting.
 		&cli.BoolFlag{Name: flagPrintConfig, Category: catOps, Usage: "validate the configuration, print it as TOML and exit"},
@@ -291,6 +298,12 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 		return err
 	}
 	if err := parseFlag(c, flagMaxMemory, config.ParseSize, &cfg.MaxMemory); err != nil {
+		return err
+	}
+	if err := parseFlag(c, flagSandbox, config.ParseSandbox, &cfg.Sandbox); err != nil {
+		return err
+	}
+	if err := parseFlag(c, flagRunAs, config.ParseRunAs, &cfg.RunAs); err != nil {
 		return err
 	}
 
@@ -422,6 +435,12 @@ func runAction(c *cli.Context, run runFunc) error {
 			return err
 		}
 		defer func() {
+			if sandbox.Confined() {
+				// A confined vunet may not remove files; the next start
+				// replaces the pid file (see docs/security.md).
+				log.Debug("leaving pid file in place (sandboxed)", "path", cfg.PIDFile)
+				return
+			}
 			if err := os.Remove(cfg.PIDFile); err != nil && !errors.Is(err, os.ErrNotExist) {
 				log.Warn("removing pid file", "path", cfg.PIDFile, "err", err)
 			}

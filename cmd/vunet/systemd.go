@@ -25,6 +25,7 @@ func runAppliance(ctx context.Context, cfg *config.Config, log *slog.Logger) err
 	if err := adoptSystemd(a, cfg, log); err != nil {
 		return err
 	}
+	a.Confine = confine(a, cfg, log)
 	return a.Run(ctx)
 }
 

@@ -66,7 +66,12 @@ func testOVMFPXE(t *testing.T, deviceOpts string, version1, script bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// vunet, started as root, serves TFTP as nobody (the sandbox): the
+	// root must be readable for others, as for dnsmasq's TFTP server.
 	root := t.TempDir()
+	if err := os.Chmod(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(filepath.Join(root, "ipxe.efi"), efi, 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"sync"
 	"syscall"
 )
 
@@ -22,6 +23,12 @@ const (
 // Notifier sends state notifications to the service manager.
 type Notifier struct {
 	addr *net.UnixAddr
+	// conn is connected when the notifier is made, before vunet confines
+	// itself: a sandboxed process may not be allowed to reach the socket
+	// afterwards (Landlock scopes abstract sockets, and ABI 9 restricts
+	// connecting to pathname sockets).
+	mu   sync.Mutex
+	conn *net.UnixConn
 }
 
 // NewNotifier returns a notifier for $NOTIFY_SOCKET, or nil when it is not
@@ -39,26 +46,53 @@ func notifierFor(path string) (*Notifier, error) {
 		// vsock: addresses (systemd in a VM) are not supported.
 		return nil, fmt.Errorf("NOTIFY_SOCKET %q: only unix socket paths are supported", path)
 	}
-	return &Notifier{addr: &net.UnixAddr{Name: path, Net: "unixgram"}}, nil
+	n := &Notifier{addr: &net.UnixAddr{Name: path, Net: "unixgram"}}
+	// A failed dial now is not fatal: Notify dials again.
+	n.conn, _ = net.DialUnix("unixgram", nil, n.addr)
+	return n, nil
 }
 
 // Notify sends state, one or more newline-separated VAR=value assignments
 // such as Ready, Stopping or "STATUS=serving". A nil Notifier does nothing.
-// Each call uses a fresh unbound socket: notifications are rare, and this
-// needs no state shared between callers.
+// It writes on the socket connected by NewNotifier and, if that fails (the
+// service manager was restarted), dials once more.
 func (n *Notifier) Notify(state string) error {
 	if n == nil {
 		return nil
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.conn != nil {
+		if _, err := n.conn.Write([]byte(state)); err == nil {
+			return nil
+		}
+		n.conn.Close()
+		n.conn = nil
 	}
 	c, err := net.DialUnix("unixgram", nil, n.addr)
 	if err != nil {
 		return fmt.Errorf("sd_notify: %w", err)
 	}
-	defer c.Close()
+	n.conn = c
 	if _, err := c.Write([]byte(state)); err != nil {
 		return fmt.Errorf("sd_notify: %w", err)
 	}
 	return nil
+}
+
+// Close releases the notifier's socket.
+func (n *Notifier) Close() error {
+	if n == nil {
+		return nil
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.conn == nil {
+		return nil
+	}
+	err := n.conn.Close()
+	n.conn = nil
+	return err
 }
 
 // listenFDsStart is the first inherited descriptor (SD_LISTEN_FDS_START).

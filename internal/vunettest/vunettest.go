@@ -154,6 +154,9 @@ func StartAt(t testing.TB, sock string, args ...string) *Instance {
 		// A probe connection would become a frontend session; waiting for
 		// the socket file and the ready line avoids that.
 		if _, err := os.Stat(sock); err == nil && strings.Contains(in.Log(), "vunet ready") {
+			if err := checkSandbox(in.cmd.Process.Pid, args); err != nil {
+				t.Fatalf("vunettest: %v\n%s", err, in.Log())
+			}
 			return in
 		}
 		select {
@@ -166,6 +169,57 @@ func StartAt(t testing.TB, sock string, args ...string) *Instance {
 		}
 	}
 }
+
+// checkSandbox makes sure the vunet under test is confined the way it is by
+// default, so that every real-client test exercises the sandbox: its
+// /proc/PID/status must show no_new_privs and a seccomp filter, and, started
+// as root, the switch to nobody. vunet applies the sandbox before it says
+// "vunet ready". Tests that turn the sandbox off say so in args.
+func checkSandbox(pid int, args []string) error {
+	mode := os.Getenv("VUNET_SANDBOX")
+	runas := "nobody"
+	for i, a := range args {
+		next := func() string {
+			if i+1 < len(args) {
+				return args[i+1]
+			}
+			return ""
+		}
+		switch {
+		case a == "--sandbox":
+			mode = next()
+		case strings.HasPrefix(a, "--sandbox="):
+			mode = strings.TrimPrefix(a, "--sandbox=")
+		case a == "--runas":
+			runas = next()
+		case strings.HasPrefix(a, "--runas="):
+			runas = strings.TrimPrefix(a, "--runas=")
+		}
+	}
+	if mode == "off" {
+		return nil
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return fmt.Errorf("sandbox check: %v", err)
+	}
+	fields := map[string]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok {
+			fields[k] = strings.Join(strings.Fields(v), " ")
+		}
+	}
+	if fields["NoNewPrivs"] != "1" || fields["Seccomp"] != "2" {
+		return fmt.Errorf("vunet is not sandboxed: NoNewPrivs %q, Seccomp %q (want 1 and 2)", fields["NoNewPrivs"], fields["Seccomp"])
+	}
+	if os.Geteuid() == 0 && runas == "nobody" && !strings.HasPrefix(fields["Uid"], "65534 65534 65534 65534") {
+		return fmt.Errorf("vunet started as root did not switch to nobody: Uid %q", fields["Uid"])
+	}
+	return nil
+}
+
+// Pid is vunet's process id.
+func (in *Instance) Pid() int { return in.cmd.Process.Pid }
 
 // Log returns everything vunet printed so far.
 func (in *Instance) Log() string { return in.log.String() }

@@ -159,6 +159,29 @@ func New(opts Options) (*Server, error) {
 	return s, nil
 }
 
+// CheckAccess reports whether the process, with its current credentials,
+// can still search the root directory and read the named files in it. A
+// vunet that switched from root to an unprivileged user calls it at
+// start-up, so that a root only root may read fails there, with the reason,
+// instead of every transfer failing later. Files that do not exist are not
+// an error (they may be created later).
+func (s *Server) CheckAccess(names ...string) error {
+	if _, err := s.root.Stat("."); err != nil {
+		return fmt.Errorf("tftp: root %s: %w", s.opts.Root, err)
+	}
+	for _, name := range names {
+		f, err := s.root.Open(name)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("tftp: %s in root %s: %w", name, s.opts.Root, err)
+		}
+		f.Close()
+	}
+	return nil
+}
+
 // Serve answers requests until ctx is done or Close is called; it returns
 // nil on such a shutdown, after the running transfers stopped.
 func (s *Server) Serve(ctx context.Context) error {

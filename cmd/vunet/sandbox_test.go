@@ -1,0 +1,94 @@
+package main
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vunet/vunet/internal/vunettest"
+)
+
+// procStatus returns the fields of /proc/PID/status.
+func procStatus(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fields := map[string]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok {
+			fields[k] = strings.Join(strings.Fields(v), " ")
+		}
+	}
+	return fields
+}
+
+// TestSandboxBinary: the real binary, started with the defaults, is
+// confined once it says "vunet ready" (vunettest.Start checks NoNewPrivs,
+// Seccomp and the switch to nobody), has no capabilities left, and says
+// what it applied; with --sandbox=off it is not confined.
+func TestSandboxBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the vunet binary")
+	}
+	in := vunettest.Start(t)
+	st := procStatus(t, in.Pid())
+	if st["NoNewPrivs"] != "1" || st["Seccomp"] != "2" || st["Seccomp_filters"] != "2" {
+		t.Errorf("status: NoNewPrivs %q Seccomp %q Seccomp_filters %q", st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"])
+	}
+	if os.Geteuid() == 0 {
+		if st["CapEff"] != "0000000000000000" || st["CapPrm"] != "0000000000000000" {
+			t.Errorf("capabilities after switching from root: CapEff %s CapPrm %s", st["CapEff"], st["CapPrm"])
+		}
+		self, _ := os.Readlink("/proc/self/ns/ipc")
+		theirs, _ := os.Readlink("/proc/" + strconv.Itoa(in.Pid()) + "/ns/ipc")
+		if self == theirs {
+			t.Errorf("vunet shares the IPC namespace %s", self)
+		}
+	}
+	if log := in.Log(); !strings.Contains(log, `msg="sandbox applied" mode=on`) {
+		t.Errorf("no sandbox line in the log:\n%s", log)
+	}
+
+	off := vunettest.Start(t, "--sandbox=off")
+	if st := procStatus(t, off.Pid()); st["Seccomp"] != "0" {
+		t.Errorf("--sandbox=off: Seccomp %q, want 0", st["Seccomp"])
+	}
+}
+
+// TestSandboxTFTPRootUnreadable: started as root with a TFTP root only
+// root may read, vunet refuses to start and says why (instead of failing
+// every transfer later).
+func TestSandboxTFTPRootUnreadable(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the vunet binary")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the TFTP root check matters after switching from root")
+	}
+	root := filepath.Join(t.TempDir(), "tftp")
+	if err := os.Mkdir(root, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "v.sock")
+	cmd := exec.Command(vunettest.Binary(t), "--socket", sock, "--tftp-root", root)
+	done := make(chan struct{})
+	var out []byte
+	var err error
+	go func() { out, err = cmd.CombinedOutput(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("vunet started with an unreadable TFTP root")
+	}
+	want := "vunet: tftp: root " + root + ": statat .: permission denied: vunet switched from root to nobody (uid 65534), which may not reach it"
+	if err == nil || !strings.Contains(string(out), want) {
+		t.Fatalf("exit %v, output:\n%s\nwant %q", err, out, want)
+	}
+}

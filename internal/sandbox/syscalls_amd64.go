@@ -1,0 +1,17 @@
+package sandbox
+
+import "golang.org/x/sys/unix"
+
+// auditArch is the architecture the filter accepts calls from.
+const auditArch = unix.AUDIT_ARCH_X86_64
+
+// archSupported: this architecture has a policy.
+const archSupported = true
+
+// archRules are the calls amd64 has beside the generic table (Go's syscall
+// package uses some of the older ones there).
+func archRules() []rule {
+	return []rule{
+		{name: "renameat", nr: unix.SYS_RENAMEAT},
+	}
+}
