@@ -274,7 +274,9 @@ func TestRunWithAPIAndNotify(t *testing.T) {
 	app.Writer, app.ErrWriter = &logs, &logs
 	done := make(chan error, 1)
 	go func() {
-		done <- app.Run([]string{"vunet", "--socket", vsock, "--api", asock, "--dns-upstream", "127.0.0.1:1",
+		// In-process: the sandbox would confine the test binary itself
+		// (TestSandboxBinary covers the real binary under it).
+		done <- app.Run([]string{"vunet", "--sandbox=off", "--socket", vsock, "--api", asock, "--dns-upstream", "127.0.0.1:1",
 			"--forward", "tcp:127.0.0.1:" + strconv.Itoa(freePort(t)) + ":22"})
 	}()
 	select {

@@ -15,19 +15,15 @@ import (
 	"github.com/vunet/vunet/internal/sandbox"
 )
 
-// confine returns the appliance's Confine hook: apply the sandbox cfg asks
-// for, then check that what vunet still needs from the filesystem is
+// confine returns the appliance's Confine hook (not used with the sandbox
+// off): apply the sandbox cfg asks for, then check that what vunet still needs from the filesystem is
 // reachable with the credentials it now has, so that a TFTP root or a
 // --connect socket only root may reach fails at start-up with the reason
 // rather than at the first transfer or dial.
 func confine(a *appliance.Appliance, cfg *config.Config, log *slog.Logger) func() error {
 	return func() error {
 		mode := sandbox.On
-		switch cfg.Sandbox {
-		case config.SandboxOff:
-			log.Warn("sandbox off: vunet runs with the full authority of its user (--sandbox=off)")
-			return nil
-		case config.SandboxLog:
+		if cfg.Sandbox == config.SandboxLog {
 			mode = sandbox.Log
 		}
 		opts := sandbox.Options{Mode: mode, RunAs: cfg.RunAs}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,7 +37,31 @@ func TestSandboxBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the vunet binary")
 	}
+	// systemd's notification socket in a directory only root may enter:
+	// vunet connects to it before the sandbox, so STOPPING=1 still
+	// arrives from the confined process.
+	notify := filepath.Join(t.TempDir(), "notify")
+	pc, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	t.Setenv("NOTIFY_SOCKET", notify)
+	recv := func() string {
+		t.Helper()
+		pc.SetReadDeadline(time.Now().Add(20 * time.Second))
+		buf := make([]byte, 256)
+		n, err := pc.Read(buf)
+		if err != nil {
+			t.Fatalf("waiting for sd_notify: %v", err)
+		}
+		return string(buf[:n])
+	}
+
 	in := vunettest.Start(t)
+	if got := recv(); got != "READY=1" {
+		t.Errorf("first notification %q, want READY=1", got)
+	}
 	st := procStatus(t, in.Pid())
 	if st["NoNewPrivs"] != "1" || st["Seccomp"] != "2" || st["Seccomp_filters"] != "2" {
 		t.Errorf("status: NoNewPrivs %q Seccomp %q Seccomp_filters %q", st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"])
@@ -54,6 +79,13 @@ func TestSandboxBinary(t *testing.T) {
 	if log := in.Log(); !strings.Contains(log, `msg="sandbox applied" mode=on`) {
 		t.Errorf("no sandbox line in the log:\n%s", log)
 	}
+	if err := in.Stop(); err != nil {
+		t.Errorf("vunet exit: %v\n%s", err, in.Log())
+	}
+	if got := recv(); got != "STOPPING=1" {
+		t.Errorf("notification at exit %q, want STOPPING=1", got)
+	}
+	t.Setenv("NOTIFY_SOCKET", "")
 
 	off := vunettest.Start(t, "--sandbox=off")
 	if st := procStatus(t, off.Pid()); st["Seccomp"] != "0" {

@@ -25,7 +25,11 @@ func runAppliance(ctx context.Context, cfg *config.Config, log *slog.Logger) err
 	if err := adoptSystemd(a, cfg, log); err != nil {
 		return err
 	}
-	a.Confine = confine(a, cfg, log)
+	if cfg.Sandbox == config.SandboxOff {
+		log.Warn("sandbox off: vunet runs with the full authority of its user (--sandbox=off)")
+	} else {
+		a.Confine = confine(a, cfg, log)
+	}
 	return a.Run(ctx)
 }
 
