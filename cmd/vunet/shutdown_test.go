@@ -13,7 +13,7 @@ import (
 
 // TestSignalEndsVunetPromptly runs the real binary with a frontend in
 // each hostile state we know and checks that SIGTERM and SIGINT end it
-// within 2 s with status 0 and the socket removed. A frontend that handed
+// within 2 s with status 0, leaving a socket file the next vunet replaces. A frontend that handed
 // over /dev/zero as its kick used to make vunet spin and ignore SIGTERM.
 func TestSignalEndsVunetPromptly(t *testing.T) {
 	if testing.Short() {
@@ -70,9 +70,12 @@ func TestSignalEndsVunetPromptly(t *testing.T) {
 			if err := in.ExitErr(); err != nil {
 				t.Errorf("exit: %v", err)
 			}
-			if _, err := os.Stat(in.Socket); !os.IsNotExist(err) {
-				t.Errorf("socket left behind: %v", err)
+			// Sandboxed (the default), vunet may not remove its socket
+			// file; the next vunet on the path replaces the stale one.
+			if _, err := os.Stat(in.Socket); err != nil {
+				t.Errorf("socket file: %v (a sandboxed vunet leaves it)", err)
 			}
+			vunettest.StartAt(t, in.Socket).Stop()
 		})
 	}
 }
