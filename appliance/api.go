@@ -58,6 +58,7 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 		add("pcap", &a.pcap.Stats)
 	}
 	add("log", a.logLimit.Stats())
+	add("sandbox", &a.Sandbox)
 	memOut, memIn := a.Forward.MemoryShares()
 	for _, m := range []struct {
 		share string

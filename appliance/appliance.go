@@ -27,6 +27,7 @@ import (
 	"github.com/vunet/vunet/forward/egress"
 	"github.com/vunet/vunet/internal/metrics"
 	"github.com/vunet/vunet/internal/ratelimit"
+	"github.com/vunet/vunet/internal/sandbox"
 	"github.com/vunet/vunet/internal/unixsock"
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/pcap"
@@ -71,6 +72,10 @@ type Appliance struct {
 	// confined process may not remove them, and the next start replaces a
 	// stale socket.
 	Confine func() error
+
+	// Sandbox shows what Confine enforced (set by the Confine hook); zero
+	// values mean not confined.
+	Sandbox sandbox.Gauges
 
 	// confined is set once Confine ran.
 	confined bool

@@ -34,6 +34,7 @@ func confine(a *appliance.Appliance, cfg *config.Config, log *slog.Logger) func(
 			opts.ConnectSockets = append(opts.ConnectSockets, cfg.Connect)
 		}
 		st, err := sandbox.Apply(opts)
+		a.Sandbox.Set(st)
 		if err != nil {
 			return err
 		}

@@ -1,7 +1,10 @@
 package main
 
 import (
+	"context"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vunet/vunet/internal/sandbox"
 	"github.com/vunet/vunet/internal/vunettest"
 )
 
@@ -58,7 +62,8 @@ func TestSandboxBinary(t *testing.T) {
 		return string(buf[:n])
 	}
 
-	in := vunettest.Start(t)
+	apiSock := filepath.Join(t.TempDir(), "api.sock")
+	in := vunettest.Start(t, "--api", apiSock)
 	if got := recv(); got != "READY=1" {
 		t.Errorf("first notification %q, want READY=1", got)
 	}
@@ -79,6 +84,19 @@ func TestSandboxBinary(t *testing.T) {
 	if log := in.Log(); !strings.Contains(log, `msg="sandbox applied" mode=on`) {
 		t.Errorf("no sandbox line in the log:\n%s", log)
 	}
+	// What was enforced is in the metrics.
+	metrics := httpGet(t, apiSock, "/metrics")
+	wantUID := os.Getuid()
+	if wantUID == 0 {
+		wantUID = 65534
+	}
+	for _, want := range []string{"vunet_sandbox_no_new_privs 1\n", "vunet_sandbox_seccomp_enforcing 1\n",
+		"vunet_sandbox_seccomp_syscalls " + strconv.Itoa(sandbox.AllowedSyscalls()) + "\n",
+		"vunet_sandbox_uid " + strconv.Itoa(wantUID) + "\n"} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
 	if err := in.Stop(); err != nil {
 		t.Errorf("vunet exit: %v\n%s", err, in.Log())
 	}
@@ -91,6 +109,25 @@ func TestSandboxBinary(t *testing.T) {
 	if st := procStatus(t, off.Pid()); st["Seccomp"] != "0" {
 		t.Errorf("--sandbox=off: Seccomp %q, want 0", st["Seccomp"])
 	}
+}
+
+// httpGet fetches path from the API socket.
+func httpGet(t *testing.T, sock, path string) string {
+	t.Helper()
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	}}, Timeout: 10 * time.Second}
+	resp, err := c.Get("http://vunet" + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
 
 // TestSandboxTFTPRootUnreadable: started as root with a TFTP root only

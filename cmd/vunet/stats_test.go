@@ -20,6 +20,7 @@ import (
 	"github.com/vunet/vunet/forward"
 	"github.com/vunet/vunet/forward/egress"
 	"github.com/vunet/vunet/internal/ratelimit"
+	"github.com/vunet/vunet/internal/sandbox"
 	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/services/dhcp4"
 	"github.com/vunet/vunet/services/dns"
@@ -58,6 +59,7 @@ func declared(t *testing.T, a *appliance.Appliance) int {
 	count(egress.HostAddrStats{}, 1)
 	count(ratelimit.Stats{}, 1)
 	count(pcap.Stats{}, 1)
+	count(sandbox.Gauges{}, 1)
 	count(budget.Counters{}, 4) // total, outbound, inbound, link
 	return n
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"log/slog"
+	"os"
 	"path/filepath"
 
 	"github.com/vunet/vunet/appliance"
@@ -27,6 +28,7 @@ func runAppliance(ctx context.Context, cfg *config.Config, log *slog.Logger) err
 	}
 	if cfg.Sandbox == config.SandboxOff {
 		log.Warn("sandbox off: vunet runs with the full authority of its user (--sandbox=off)")
+		a.Sandbox.UID.Store(int64(os.Getuid()))
 	} else {
 		a.Confine = confine(a, cfg, log)
 	}
