@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vunet/vunet/internal/sandbox"
+	"github.com/vunet/vunet/internal/testutil"
 	"github.com/vunet/vunet/internal/vunettest"
 )
 
@@ -159,5 +161,110 @@ func TestSandboxTFTPRootUnreadable(t *testing.T) {
 	want := "vunet: tftp: root " + root + ": statat .: permission denied: vunet switched from root to nobody (uid 65534), which may not reach it"
 	if err == nil || !strings.Contains(string(out), want) {
 		t.Fatalf("exit %v, output:\n%s\nwant %q", err, out, want)
+	}
+}
+
+// startConnect runs the real binary in --connect mode and returns its
+// combined output once it has logged want or exited.
+func startConnect(t *testing.T, sock, want string) (out string, exited bool) {
+	t.Helper()
+	var buf testutil.Buffer
+	cmd := exec.Command(vunettest.Binary(t), "--connect", sock, "--log-level", "debug")
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	defer func() {
+		cmd.Process.Signal(os.Interrupt)
+		<-done
+	}()
+	deadline := time.After(20 * time.Second)
+	for !strings.Contains(buf.String(), want) {
+		select {
+		case <-done:
+			return buf.String(), true
+		case <-deadline:
+			t.Fatalf("vunet --connect never logged %q:\n%s", want, buf.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return buf.String(), false
+}
+
+// TestSandboxConnect: in --connect mode vunet dials QEMU's socket after
+// the sandbox, so it must still be allowed to (Landlock restricts connect
+// to pathname sockets from ABI 9 on; vunet's rule covers the socket's
+// directory); and, started as root, a socket only root may reach is a
+// start-up error naming the user, not a silent retry loop.
+func TestSandboxConnect(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the vunet binary")
+	}
+	// A directory the switched-to user can walk to (t.TempDir's parent
+	// is private to root).
+	dir, err := os.MkdirTemp("", "vu-connect")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "qemu.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := os.Chmod(sock, 0o777); err != nil { // QEMU's socket, open to vunet's user
+		t.Fatal(err)
+	}
+	accepted := make(chan struct{})
+	go func() {
+		if c, err := l.Accept(); err == nil {
+			close(accepted)
+			defer c.Close()
+			io.Copy(io.Discard, c)
+		}
+	}()
+	if out, exited := startConnect(t, sock, "frontend connected"); exited {
+		t.Fatalf("vunet --connect exited:\n%s", out)
+	}
+	select {
+	case <-accepted:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the listener never accepted vunet")
+	}
+
+	if os.Geteuid() != 0 {
+		return
+	}
+	private := filepath.Join(t.TempDir(), "qemu.sock") // in a 0700 directory
+	pl, err := net.Listen("unix", private)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pl.Close()
+	out, exited := startConnect(t, private, "frontend connected")
+	want := "vunet: --connect " + private + ": search " + filepath.Dir(private) + ": permission denied: vunet switched from root to nobody"
+	if !exited || !strings.Contains(out, want) {
+		t.Fatalf("exited %v, output:\n%s\nwant %q", exited, out, want)
+	}
+}
+
+// TestLogSandboxWithoutLandlock: on a kernel without Landlock the sandbox
+// is best effort, and the log says what is missing.
+func TestLogSandboxWithoutLandlock(t *testing.T) {
+	var buf testutil.Buffer
+	logSandbox(slog.New(slog.NewTextHandler(&buf, nil)), sandbox.Status{Mode: sandbox.On, NoNewPrivs: true, Seccomp: true, Syscalls: 80})
+	if !strings.Contains(buf.String(), "Landlock is not available on this kernel: the filesystem is not restricted") {
+		t.Errorf("log:\n%s", buf.String())
+	}
+	buf = testutil.Buffer{}
+	logSandbox(slog.New(slog.NewTextHandler(&buf, nil)), sandbox.Status{Mode: sandbox.On, Landlock: true, LandlockABI: 7})
+	if strings.Contains(buf.String(), "Landlock is not available") {
+		t.Errorf("warning with Landlock in force:\n%s", buf.String())
 	}
 }

@@ -85,6 +85,10 @@ func allowList(pid int) []rule {
 		{name: "fstat", nr: unix.SYS_FSTAT},
 		{name: "newfstatat", nr: unix.SYS_NEWFSTATAT},
 		{name: "statx", nr: unix.SYS_STATX},
+		// access(2): the start-up checks of what the switched-to user may
+		// reach (--connect); like stat, it only reads metadata.
+		{name: "faccessat", nr: unix.SYS_FACCESSAT},
+		{name: "faccessat2", nr: unix.SYS_FACCESSAT2},
 		{name: "lseek", nr: unix.SYS_LSEEK},
 		{name: "openat", nr: unix.SYS_OPENAT}, // confined by Landlock
 		{name: "getdents64", nr: unix.SYS_GETDENTS64},
