@@ -51,6 +51,7 @@ func TestLinuxGuest(t *testing.T) {
 			harness.StepDHCP(1500),
 			harness.StepDNS(),
 			harness.StepPing(),
+			harness.StepPingHost("ping-host", harness.HostPingAddr),
 			harness.StepDownload("download", e.http.Port4, e.http.BlobSHA256),
 			harness.StepUpload("upload", e.http.Port4),
 			harness.StepIperfUDP("udp-up", up, false),
@@ -83,7 +84,7 @@ func TestLinuxGuest(t *testing.T) {
 		}
 	}
 
-	steps := finish(t, inst, "dhcp", "dns", "ping", "download", "upload", "udp-up", "udp-down",
+	steps := finish(t, inst, "dhcp", "dns", "ping", "ping-host", "download", "upload", "udp-up", "udp-down",
 		"forward", "ipv6-slaac", "ping6", "dns6", "http6", "traceroute")
 	t.Logf("full scenario wall time: %v", time.Since(start).Round(10*time.Millisecond))
 	e.checkUpload(t, steps, "upload")
@@ -287,6 +288,30 @@ func TestLinuxStaticPcap(t *testing.T) {
 		t.Errorf("capture: %d echo replies, %d TCP frames to the host, %d to the guest carrying %d bytes (want all, and >= %d bytes)",
 			pings, toHost, toGuest, bytes, harness.BlobSize)
 	}
-	t.Logf("pcap: %d echo replies, TCP %d frames guest->host, %d host->guest with %d payload bytes; no malformed frames",
-		pings, toHost, toGuest, bytes)
+	// Every record holds its whole frame: captured length = frame length,
+	// and an IPv4 frame is at least its IP total length plus the Ethernet
+	// header. tcp.len above comes from the IP header, so truncated records
+	// would still add up; this does not. (Mutations checked: capping the
+	// captured length in pcap, or recording length-1, fail here.)
+	records, short := 0, 0
+	for _, line := range strings.Split(harness.Tshark(t, file, "-T", "fields", "-E", "separator=,", "-e", "frame.cap_len", "-e", "frame.len", "-e", "ip.len"), "\n") {
+		f := strings.Split(line, ",")
+		if len(f) != 3 {
+			continue
+		}
+		capLen, _ := strconv.Atoi(f[0])
+		frameLen, _ := strconv.Atoi(f[1])
+		records++
+		ipLen, err := strconv.Atoi(f[2])
+		if capLen != frameLen || err == nil && frameLen < ipLen+14 {
+			if short++; short <= 5 {
+				t.Errorf("pcap record %d: captured %d of %d bytes, IP total length %s", records, capLen, frameLen, f[2])
+			}
+		}
+	}
+	if records == 0 || short > 0 {
+		t.Errorf("pcap: %d of %d records do not hold their whole frame", short, records)
+	}
+	t.Logf("pcap: %d records, %d not whole; %d echo replies, TCP %d frames guest->host, %d host->guest with %d payload bytes",
+		records, short, pings, toHost, toGuest, bytes)
 }

@@ -119,6 +119,24 @@ fi
 `
 }
 
+// HostPingAddr is an address the e2e namespace holds on its loopback (see
+// e2e's TestMain): vunet does not answer for it, so a reply to a guest's
+// ping can only come through a host ping socket.
+const HostPingAddr = "203.0.113.7"
+
+// StepPingHost pings addr, which vunet must relay through a host ping
+// socket (it answers only for its own gateway and DNS addresses itself).
+func StepPingHost(name, addr string) string {
+	return fmt.Sprintf(`begin
+if o=$(ping -c 3 -i 0.2 -W 5 %[2]s 2>&1); then
+	pass %[1]s "$(echo "$o" | tail -n2 | tr '\n' ' ')"
+else
+	echo "$o"
+	fail %[1]s "no reply from %[2]s"
+fi
+`, name, addr)
+}
+
 // StepDownload fetches /blob from the HTTP server (via the gateway) and
 // checks its sha256. name labels the step.
 func StepDownload(name string, port int, sha string) string {
