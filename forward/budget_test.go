@@ -248,3 +248,45 @@ func TestMemoryPinningBench(t *testing.T) {
 		mib(int64(r.heapBefore)), mib(int64(r.heapDuring)), mib(int64(r.heapAfter)),
 		mib(r.used), mib(r.peak), r.floored, r.fresh, r.inbound)
 }
+
+// TestUDPFlowMemory: every UDP flow reserves its receive buffer from the
+// budget; flows beyond it are not created (counted), and closed flows give
+// their memory back. Relay buffers are borrowed per
+// datagram, so idle flows hold none.
+func TestUDPFlowMemory(t *testing.T) {
+	const limit = 4 << 20 // outbound share 3.5 MiB: 56 flows of 64 KiB
+	mem := budget.New(limit)
+	e := newEnv(t, func(o *Options) {
+		o.Memory = mem
+		o.UDPIdleTimeout = time.Minute // outlives the loop below
+		o.UDPStreamIdleTimeout = time.Minute
+	})
+	srv := udpEchoServer(t, netip.MustParseAddr("127.0.0.1"))
+	dst := netip.AddrPortFrom(gw4, srv.Port())
+	served := 0
+	for i := 0; i < 80; i++ {
+		c, err := netstacktest.DialUDP(e.p.Guest, dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_, _ = c.Write([]byte("x"))
+		_ = c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		var b [8]byte
+		if _, err := c.Read(b[:]); err == nil {
+			served++
+		}
+	}
+	want := int((limit - limit/8) / udpMinRecv)
+	dropped := e.f.Stats().DropUDPMemory.Load()
+	if served != want || int(dropped) != 80-want {
+		t.Fatalf("served %d flows, %d dropped for memory; want %d and %d", served, dropped, want, 80-want)
+	}
+	if u := mem.Used(); u > limit {
+		t.Fatalf("budget used %d over its limit", u)
+	}
+	_ = e.f.Close()
+	if u := mem.Used(); u != 0 {
+		t.Fatalf("closed flows left %d bytes in the budget", u)
+	}
+}
