@@ -194,6 +194,9 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		MaxInboundConns:      unlimitedIfZero(cfg.MaxInboundConnections),
 		MaxUDPFlowsPerSource: unlimitedIfZero(cfg.MaxUDPFlowsPerSource),
 		Memory:               a.Memory,
+		// The guest's traffic may take three quarters; with the link's
+		// eighth, the last eighth is kept for port forwards.
+		OutboundMemory:       cfg.MaxMemory - cfg.MaxMemory/8 - cfg.MaxMemory/8,
 		UDPIdleTimeout:       cfg.UDPIdleTimeout,
 		UDPStreamIdleTimeout: cfg.UDPStreamTimeout,
 		Logger:               log.With("layer", "forward"),

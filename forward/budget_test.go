@@ -96,6 +96,7 @@ func pinning(t *testing.T, conns int, limit int64) pinResult {
 	mem := budget.New(limit)
 	e := newEnv(t, func(o *Options) {
 		o.Memory = mem
+		o.OutboundMemory = limit - limit/4       // as the appliance splits it
 		o.Logger = slog.New(slog.DiscardHandler) // thousands of debug lines otherwise
 		o.MaxConns = conns + 16
 	})

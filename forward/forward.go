@@ -115,10 +115,11 @@ type Options struct {
 	// Memory is the byte budget that TCP buffers and UDP flow buffers
 	// are taken from (see package budget). Nil means unlimited.
 	Memory *budget.Budget
-	// InboundMemory is the part of Memory only inbound port forwards may
-	// use; outbound traffic is limited to the rest. Zero means an eighth of
-	// Memory's limit.
-	InboundMemory int64
+	// OutboundMemory is the part of Memory the guest's own traffic may use;
+	// inbound port forwards may use all of Memory, so what the guest and
+	// other users of Memory (the link's backlog) cannot take is theirs.
+	// Zero means seven eighths of Memory's limit.
+	OutboundMemory int64
 
 	// Logger receives forwarding messages; per-connection noise is logged
 	// at Debug. Nil means slog.Default().
@@ -225,8 +226,8 @@ func New(opts Options) (*Forwarder, error) {
 			return net.ListenTCP("tcp", net.TCPAddrFromAddrPort(a))
 		}
 	}
-	if opts.InboundMemory <= 0 {
-		opts.InboundMemory = opts.Memory.Limit() / 8
+	if opts.OutboundMemory <= 0 {
+		opts.OutboundMemory = opts.Memory.Limit() - opts.Memory.Limit()/8
 	}
 
 	ctx, stop := context.WithCancel(context.Background())
@@ -253,7 +254,7 @@ func New(opts Options) (*Forwarder, error) {
 		return int64(len(f.pfwds))
 	}
 	f.bufs.New = func() any { b := make([]byte, maxDatagram); return &b }
-	f.memOut = opts.Memory.Share(opts.Memory.Limit() - opts.InboundMemory)
+	f.memOut = opts.Memory.Share(opts.OutboundMemory)
 	f.memIn = opts.Memory.Share(opts.Memory.Limit())
 	f.ping = newPinger(f)
 	f.syns = newSYNTable(max(4*opts.MaxInFlightDials, 1024))
