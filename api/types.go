@@ -116,7 +116,8 @@ type Stats struct {
 	Metrics []Metric `json:"metrics"`
 	// Rings has the indexes of each virtqueue a frontend drives.
 	Rings []RingState `json:"rings"`
-	// Leases are the bound DHCP leases.
+	// Leases are the bound DHCP leases: DHCPv4, then DHCPv6 (stateful
+	// mode; an IPv6 Addr and a DUID).
 	Leases []Lease `json:"leases"`
 }
 
@@ -188,9 +189,15 @@ type RingState struct {
 
 // Lease is one bound DHCP lease.
 type Lease struct {
+	// MAC is the client's MAC address; for a DHCPv6 lease, the one in its
+	// DUID, "" when the DUID has none.
 	MAC    string     `json:"mac"`
 	Addr   netip.Addr `json:"addr"`
 	Expiry time.Time  `json:"expiry"`
+	// DUID (hex) and IAID identify a DHCPv6 lease (stateful DHCPv6 only);
+	// both are absent from DHCPv4 leases.
+	DUID string `json:"duid,omitempty"`
+	IAID uint32 `json:"iaid,omitempty"`
 }
 
 // validate checks a forward request before it reaches the Backend. A

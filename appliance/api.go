@@ -99,6 +99,11 @@ func (a *Appliance) Stats() api.Stats {
 	for _, l := range a.DHCP.Leases() {
 		st.Leases = append(st.Leases, api.Lease{MAC: l.MAC, Addr: l.Addr, Expiry: l.Expiry})
 	}
+	if a.DHCPv6 != nil {
+		for _, l := range a.DHCPv6.Leases() {
+			st.Leases = append(st.Leases, api.Lease{MAC: l.MAC, Addr: l.Addr, Expiry: l.Expiry, DUID: l.DUID, IAID: l.IAID})
+		}
+	}
 	return st
 }
 

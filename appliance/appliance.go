@@ -241,17 +241,22 @@ func (a *Appliance) startIPv6Services(s *stack.Stack, nic tcpip.NICID) error {
 		return nil
 	}
 	var err error
-	if a.RA, err = ra.New(ra.Options{Stack: s, NIC: nic, Logger: a.log,
-		Prefix: cfg.IPv6.Subnet, DNS: []netip.Addr{cfg.IPv6.DNS},
-		DomainSearch: cfg.DNSSearch, MTU: cfg.MTU}); err != nil {
-		return err
-	}
-	a.closers = append(a.closers, a.RA.Close)
+	stateful := cfg.IPv6.DHCPv6 == config.DHCPv6Stateful
+	// The DHCPv6 server goes first: its pool is checked against the
+	// gateway and DNS addresses before the M flag promises it to guests.
 	if a.DHCPv6, err = ra.NewDHCPv6(ra.DHCPv6Options{Stack: s, NIC: nic, Logger: a.log,
-		DNS: []netip.Addr{cfg.IPv6.DNS}, DomainSearch: cfg.DNSSearch}); err != nil {
+		DNS: []netip.Addr{cfg.IPv6.DNS}, DomainSearch: cfg.DNSSearch,
+		Stateful: stateful, Prefix: cfg.IPv6.Subnet, Reserved: []netip.Addr{cfg.IPv6.Gateway},
+		LeaseTime: cfg.Boot.DHCPLeaseTime}); err != nil {
 		return err
 	}
 	a.closers = append(a.closers, a.DHCPv6.Close)
+	if a.RA, err = ra.New(ra.Options{Stack: s, NIC: nic, Logger: a.log,
+		Prefix: cfg.IPv6.Subnet, DNS: []netip.Addr{cfg.IPv6.DNS},
+		DomainSearch: cfg.DNSSearch, MTU: cfg.MTU, Managed: stateful}); err != nil {
+		return err
+	}
+	a.closers = append(a.closers, a.RA.Close)
 	return nil
 }
 

@@ -208,7 +208,22 @@ type IPv6 struct {
 	Gateway netip.Addr
 	// DNS is the address of the appliance's DNS forwarder.
 	DNS netip.Addr
+	// DHCPv6 is DHCPv6Stateless (addresses from SLAAC, DHCPv6 only for DNS)
+	// or DHCPv6Stateful (also leases addresses, and sets the RA's M flag).
+	DHCPv6 DHCPv6Mode
 }
+
+// DHCPv6Mode says whether the DHCPv6 server assigns addresses.
+type DHCPv6Mode string
+
+// The DHCPv6 modes.
+const (
+	// DHCPv6Stateless answers INFORMATION-REQUEST only (RFC 8415 6.1).
+	DHCPv6Stateless DHCPv6Mode = "stateless"
+	// DHCPv6Stateful also leases addresses (IA_NA) from a pool in the
+	// guest prefix, by default ::100 to ::1ff.
+	DHCPv6Stateful DHCPv6Mode = "stateful"
+)
 
 // Boot holds the DHCP lease and network boot (PXE/TFTP, UEFI HTTP boot)
 // settings.
@@ -261,6 +276,7 @@ func Default() *Config {
 			Subnet:  netip.MustParsePrefix("fd00::/64"),
 			Gateway: netip.MustParseAddr("fd00::2"),
 			DNS:     netip.MustParseAddr("fd00::3"),
+			DHCPv6:  DHCPv6Stateless,
 		},
 		MapHostLoopback:  true,
 		Hosts:            map[string]netip.Addr{},

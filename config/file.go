@@ -75,6 +75,7 @@ type fileIPv6 struct {
 	Subnet  string `toml:"subnet"`
 	Gateway string `toml:"gateway"`
 	DNS     string `toml:"dns"`
+	DHCPv6  string `toml:"dhcpv6"`
 }
 
 type fileBoot struct {
@@ -236,6 +237,7 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	subnet([]string{"ipv6", "subnet"}, f.IPv6.Subnet, false)
 	addr([]string{"ipv6", "gateway"}, &c.IPv6.Gateway, f.IPv6.Gateway, false)
 	addr([]string{"ipv6", "dns"}, &c.IPv6.DNS, f.IPv6.DNS, false)
+	str([]string{"ipv6", "dhcpv6"}, f.IPv6.DHCPv6, func(s string) (err error) { c.IPv6.DHCPv6, err = ParseDHCPv6Mode(s); return })
 
 	if has("map_host_loopback") {
 		c.MapHostLoopback = f.MapHostLoopback
@@ -367,6 +369,7 @@ func (c *Config) WriteTOML(w io.Writer) error {
 			Subnet:  c.IPv6.Subnet.String(),
 			Gateway: c.IPv6.Gateway.String(),
 			DNS:     c.IPv6.DNS.String(),
+			DHCPv6:  string(c.IPv6.DHCPv6),
 		},
 		Boot: fileBoot{
 			TFTPRoot:      c.Boot.TFTPRoot,

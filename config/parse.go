@@ -66,6 +66,15 @@ func ParseSandbox(s string) (Sandbox, error) {
 	return "", errors.New("expected on, off or log")
 }
 
+// ParseDHCPv6Mode parses stateless or stateful.
+func ParseDHCPv6Mode(s string) (DHCPv6Mode, error) {
+	switch m := DHCPv6Mode(strings.ToLower(s)); m {
+	case DHCPv6Stateless, DHCPv6Stateful:
+		return m, nil
+	}
+	return "", errors.New("expected stateless or stateful")
+}
+
 // ParseRunAs checks the form USER[:GROUP] (names or numeric ids); the
 // names are looked up when the sandbox switches to them.
 func ParseRunAs(s string) (string, error) {

@@ -270,6 +270,9 @@ func (c *Config) validateIPv6(es *Errors) {
 	if !v.Enable {
 		return // the addresses are unused, so wrong ones do no harm
 	}
+	if _, err := ParseDHCPv6Mode(string(v.DHCPv6)); err != nil {
+		es.add("ipv6.dhcpv6", "%q: %v", v.DHCPv6, err)
+	}
 	if !validateSubnet(es, "ipv6.subnet", v.Subnet, false) {
 		return
 	}

@@ -101,6 +101,7 @@ func TestFlags(t *testing.T) {
 		"--gateway", "192.168.77.1",
 		"--dns", "fd77::53",
 		"--no-ipv6",
+		"--dhcpv6", "Stateful",
 		"--no-map-host-loopback",
 		"--forward", "tcp:2222:22", "--forward", "udp:[::1]:5353-5354:53-54",
 		"--dns-upstream", "9.9.9.9", "--dns-upstream", "[2620:fe::fe]:5353",
@@ -133,6 +134,7 @@ func TestFlags(t *testing.T) {
 		Subnet:  netip.MustParsePrefix("fd77::/64"),
 		Gateway: netip.MustParseAddr("fd77::2"),
 		DNS:     netip.MustParseAddr("fd77::53"),
+		DHCPv6:  config.DHCPv6Stateful,
 	}
 	want.MapHostLoopback = false
 	want.Forwards = []config.Forward{
@@ -228,6 +230,7 @@ func TestBadInvocations(t *testing.T) {
 		{sock, map[string]string{"VUNET_IPXE_SCRIPT_URL": "boot.ipxe"}, `vunet: --ipxe-script-url: "boot.ipxe" is not an http://, https:// or tftp:// URL`},
 		{append(sock, "--ipxe-script-url", ""), nil, `vunet: --ipxe-script-url "": must not be empty`},
 		{append(sock, "--sandbox", "strict"), nil, `vunet: --sandbox "strict": expected on, off or log`},
+		{append(sock, "--dhcpv6", "dhcp"), nil, `vunet: --dhcpv6 "dhcp": expected stateless or stateful`},
 		{sock, map[string]string{"VUNET_RUNAS": "a:b:c"}, `vunet: --runas "a:b:c": expected USER[:GROUP], names or numeric ids`},
 		{append(sock, "--runas", "nobody:"), nil, `vunet: --runas "nobody:": expected USER[:GROUP], names or numeric ids`},
 	}
@@ -411,7 +414,7 @@ func TestEveryFlagHasEnvAndKey(t *testing.T) {
 		flagDeny: true} // --deny shares egress.rules with --allow
 	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url",
 		"egress.mode", "egress.allow_metadata", "egress.host_addresses", "egress.rules", "max_memory",
-		"socket_mode", "socket_group", "setup_timeout", "pcap_max_size", "sandbox", "runas"} {
+		"socket_mode", "socket_group", "setup_timeout", "pcap_max_size", "sandbox", "runas", "ipv6.dhcpv6"} {
 		keyed[flagForKey(key)] = true
 	}
 	for _, f := range runFlags() {

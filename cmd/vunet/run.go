@@ -42,6 +42,7 @@ const (
 	flagGateway           = "gateway"
 	flagDNS               = "dns"
 	flagNoIPv6            = "no-ipv6"
+	flagDHCPv6            = "dhcpv6"
 	flagNoMapHostLoopback = "no-map-host-loopback"
 	flagForward           = "forward"
 	flagDNSUpstream       = "dns-upstream"
@@ -92,6 +93,8 @@ func flagForKey(key string) string {
 		return flagSetupTimeout
 	case "pcap_max_size":
 		return flagPCAPMaxSize
+	case "ipv6.dhcpv6":
+		return flagDHCPv6
 	case "egress.mode":
 		return flagEgress
 	case "egress.allow_metadata":
@@ -151,6 +154,7 @@ func runFlags() []cli.Flag {
 		list(flagGateway, catNetwork, "gateway `ADDR`, IPv4 or IPv6 (repeatable: once per family)", d.IPv4.Gateway.String()+", "+d.IPv6.Gateway.String()),
 		list(flagDNS, catNetwork, "built-in DNS server `ADDR`, IPv4 or IPv6 (repeatable: once per family)", d.IPv4.DNS.String()+", "+d.IPv6.DNS.String()),
 		boolean(flagNoIPv6, catNetwork, "disable IPv6 for the guest"),
+		str(flagDHCPv6, catNetwork, "DHCPv6 `MODE`: stateless (addresses from SLAAC; DHCPv6 gives DNS only) or stateful (also leases addresses from the guest prefix's ::100-::1ff and sets the M flag in router advertisements)", string(d.IPv6.DHCPv6)),
 		boolean(flagNoMapHostLoopback, catNetwork, "do not map the gateway address to the host's loopback"),
 
 		list(flagForward, catForward, "forward a host port to the guest; `SPEC` is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, HOSTADDR defaults to 127.0.0.1, ports may be ranges like 8000-8010:8000-8010 (repeatable)", ""),
@@ -298,6 +302,9 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 		return err
 	}
 	if err := parseFlag(c, flagMaxMemory, config.ParseSize, &cfg.MaxMemory); err != nil {
+		return err
+	}
+	if err := parseFlag(c, flagDHCPv6, config.ParseDHCPv6Mode, &cfg.IPv6.DHCPv6); err != nil {
 		return err
 	}
 	if err := parseFlag(c, flagSandbox, config.ParseSandbox, &cfg.Sandbox); err != nil {

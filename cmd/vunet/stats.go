@@ -267,7 +267,15 @@ func extras(b *strings.Builder, layer string, st api.Stats, width int) {
 		}
 	case "dhcp":
 		for _, l := range st.Leases {
-			fmt.Fprintf(b, "  %-*s   %s %s until %s\n", width, "lease", l.MAC, l.Addr, l.Expiry.Local().Format(time.DateTime))
+			if l.DUID == "" {
+				fmt.Fprintf(b, "  %-*s   %s %s until %s\n", width, "lease", l.MAC, l.Addr, l.Expiry.Local().Format(time.DateTime))
+			}
+		}
+	case "dhcpv6":
+		for _, l := range st.Leases {
+			if l.DUID != "" {
+				fmt.Fprintf(b, "  %-*s   duid %s iaid %d %s until %s\n", width, "lease", l.DUID, l.IAID, l.Addr, l.Expiry.Local().Format(time.DateTime))
+			}
 		}
 	}
 }

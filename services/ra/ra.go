@@ -2,8 +2,9 @@
 // ICMPv6 router advertisements on the guest link (periodically and in answer
 // to router solicitations) carrying the SLAAC prefix (fd00::/64 by default),
 // the MTU, the DNS server (RDNSS, fd00::3) and search list (DNSSL), with the
-// O flag set; and it runs a stateless DHCPv6 server (see DHCPv6) for guests
-// that ask for the same information over DHCPv6.
+// O flag set (and the M flag when DHCPv6 is stateful); and it runs a DHCPv6
+// server (see DHCPv6): stateless by default, for guests that ask for the
+// same information over DHCPv6, or stateful, leasing addresses (IA_NA).
 package ra
 
 import (
@@ -77,8 +78,10 @@ type Options struct {
 	// RouterLifetime is the default route lifetime (default 30m, at most
 	// 9000s).
 	RouterLifetime time.Duration
-	// Managed sets the M flag, telling guests to use stateful DHCPv6. Only
-	// set it if a stateful DHCPv6 server runs: DHCPv6 here is stateless.
+	// Managed sets the M flag, telling guests to get an address over
+	// stateful DHCPv6. Only set it if DHCPv6 runs with Stateful. The
+	// prefix keeps its A flag, so guests without a DHCPv6 client still
+	// configure a SLAAC address.
 	Managed bool
 }
 
