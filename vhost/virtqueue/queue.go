@@ -158,8 +158,26 @@ func (q *Queue) Lock() { q.mu.Lock() }
 // Unlock releases the queue's lock.
 func (q *Queue) Unlock() { q.mu.Unlock() }
 
-// SetNotify replaces the interrupt function (the call eventfd changed).
-func (q *Queue) SetNotify(notify func() error) { q.notify = notify }
+// SetNotify replaces the interrupt function (the call eventfd changed)
+// and, on a running queue, interrupts the guest once through the new one.
+//
+// QEMU replaces a ring's call eventfd while the queue runs (right after it
+// starts, and when interrupts are masked or unmasked). An interrupt sent
+// to the old descriptor in that window may never reach the guest, and
+// with EVENT_IDX a lost interrupt is never sent again: the guest's
+// used_event stays where it was, so every later used entry looks like one
+// it asked not to be told about, and the guest's RX stalls for good (seen
+// as a guest that never receives its DHCP offer). So the reference point
+// for suppression is forgotten and the new descriptor is signalled; a
+// spurious interrupt costs the guest one look at the used ring.
+func (q *Queue) SetNotify(notify func() error) {
+	q.notify = notify
+	q.signalledValid = false
+	if q.ready && notify != nil {
+		q.Stats.Notifies.Add(1)
+		notify()
+	}
+}
 
 // Setup validates cfg against mem and makes the queue ready. The used index
 // is taken from the ring itself so that a ring handed over from a previous

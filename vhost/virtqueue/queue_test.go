@@ -532,3 +532,49 @@ func TestBadChainFlood(t *testing.T) {
 		t.Fatalf("Pop skipped %d chains before giving up, want about the queue size (16)", republished)
 	}
 }
+
+// TestNewCallFDAfterLostInterrupt: QEMU replaces a running ring's call
+// eventfd; an interrupt that went to the old descriptor is lost. With
+// EVENT_IDX the guest then never moves used_event, so without a fresh
+// interrupt on the new descriptor every later entry is suppressed and the
+// guest's RX stalls for good. (Mutation checked: SetNotify that only
+// stores the function fails both checks below.)
+func TestNewCallFDAfterLostInterrupt(t *testing.T) {
+	d := vqt.New(1<<20, 16, true)
+	lost := 0
+	q := d.Queue(func() error { lost++; return nil })
+	var e virtqueue.Element
+	round := func() {
+		t.Helper()
+		d.Post(nil, nil, []int{10}, false)
+		if err := q.Pop(&e); err != nil {
+			t.Fatal(err)
+		}
+		q.Push(e.Head, 1)
+		q.Flush()
+		q.Notify()
+	}
+	round() // interrupt sent to the old descriptor, never seen: used_event stays 0
+	round() // suppressed: the guest "already knows"
+	if lost != 1 {
+		t.Fatalf("old descriptor: %d interrupts, want 1", lost)
+	}
+	got := 0
+	q.Lock()
+	q.SetNotify(func() error { got++; return nil })
+	q.Unlock()
+	if got != 1 {
+		t.Fatalf("new call descriptor on a running queue: %d interrupts, want 1", got)
+	}
+	round() // the guest has still not moved used_event: it must hear of this one too
+	if got != 2 {
+		t.Fatalf("after the swap: %d interrupts, want 2", got)
+	}
+	q.Stop()
+	q.Lock()
+	q.SetNotify(func() error { got++; return nil })
+	q.Unlock()
+	if got != 2 {
+		t.Fatalf("stopped queue signalled on a new descriptor")
+	}
+}
