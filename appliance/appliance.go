@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/vunet/vunet/budget"
@@ -203,6 +204,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	}
 	if cfg.IPv6.Enable {
 		fo.Gateway6, fo.DNS6 = cfg.IPv6.Gateway, cfg.IPv6.DNS
+		fo.GuestIPv6 = a.guestIPv6
 	}
 	if a.Forward, err = forward.New(fo); err != nil {
 		return nil, err
@@ -258,6 +260,63 @@ func (a *Appliance) startIPv6Services(s *stack.Stack, nic tcpip.NICID) error {
 	}
 	a.closers = append(a.closers, a.RA.Close)
 	return nil
+}
+
+// guestIPv6 is the guest's IPv6 address for port forwards on IPv6 host
+// addresses, or invalid when it has none: its DHCPv6 lease (stateful mode;
+// the one expiring last, vunet serving one guest), else a global address
+// of the guest's MAC that the stack has seen in neighbour discovery (the
+// guest sends neighbour solicitations from it as soon as it talks IPv6),
+// the SLAAC EUI-64 address of the MAC first.
+func (a *Appliance) guestIPv6() netip.Addr {
+	var best netip.Addr
+	if a.DHCPv6 != nil {
+		var exp time.Time
+		for _, l := range a.DHCPv6.Leases() {
+			if l.Expiry.After(exp) {
+				best, exp = l.Addr, l.Expiry
+			}
+		}
+		if best.IsValid() {
+			return best
+		}
+	}
+	ns, terr := a.Stack.Stack().Neighbors(a.Stack.NIC(), ipv6.ProtocolNumber)
+	if terr != nil {
+		return netip.Addr{}
+	}
+	mac := tcpip.LinkAddress(a.cfg.MAC)
+	slaac := eui64(a.cfg.IPv6.Subnet, a.cfg.MAC)
+	for _, n := range ns {
+		addr, ok := netip.AddrFromSlice(n.Addr.AsSlice())
+		if !ok || n.LinkAddr != mac || !a.cfg.IPv6.Subnet.Contains(addr) {
+			continue
+		}
+		switch n.State {
+		case stack.Reachable, stack.Stale, stack.Delay, stack.Probe, stack.Static:
+		default:
+			continue
+		}
+		if addr == slaac {
+			return addr
+		}
+		if !best.IsValid() {
+			best = addr
+		}
+	}
+	return best
+}
+
+// eui64 is the SLAAC address of mac in the /64 prefix p (RFC 4291 appendix A).
+func eui64(p netip.Prefix, mac net.HardwareAddr) netip.Addr {
+	if len(mac) != 6 {
+		return netip.Addr{}
+	}
+	b := p.Masked().Addr().As16()
+	b[8], b[9], b[10] = mac[0]^0x02, mac[1], mac[2]
+	b[11], b[12] = 0xff, 0xfe
+	b[13], b[14], b[15] = mac[3], mac[4], mac[5]
+	return netip.AddrFrom16(b)
 }
 
 func (a *Appliance) startDNS(s *stack.Stack, nic tcpip.NICID) error {

@@ -21,6 +21,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/vunet/vunet/config"
@@ -40,6 +41,7 @@ import (
 func TestStatefulDHCPv6Guest(t *testing.T) {
 	cfg := testConfig(t, t.TempDir())
 	cfg.IPv6.DHCPv6 = config.DHCPv6Stateful
+	cfg.Forwards = []config.Forward{{Proto: "tcp", Host: netip.MustParseAddrPort("[::1]:0"), GuestPort: 22}}
 	a, err := New(cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
@@ -127,6 +129,11 @@ func TestStatefulDHCPv6Guest(t *testing.T) {
 	// Through the leased address to the host: fd00::2 is the host's
 	// loopback (map_host_loopback).
 	addAddr(t, g, leased, 128)
+	// The forward on [::1] reaches the guest at its leased address, known
+	// from the lease alone (the guest has not sent from it yet).
+	if got := forwardLandsOn(t, a, guestListener(t, g)); got != leased {
+		t.Errorf("forward on [::1] reached the guest at %s, want %s", got, leased)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	port := uint16(ln.Addr().(*net.TCPAddr).Port)
@@ -170,6 +177,144 @@ func TestStatefulDHCPv6Guest(t *testing.T) {
 		if l.Addr.Is6() {
 			t.Errorf("lease left after RELEASE: %+v", l)
 		}
+	}
+}
+
+// TestForwardToGuestIPv6: a forward on an IPv6 host address reaches the
+// guest over IPv4 while vunet knows no IPv6 address of it, and over IPv6
+// at its SLAAC (EUI-64) address once the guest has used it.
+func TestForwardToGuestIPv6(t *testing.T) {
+	cfg := testConfig(t, t.TempDir())
+	cfg.Forwards = []config.Forward{{Proto: "tcp", Host: netip.MustParseAddrPort("[::1]:0"), GuestPort: 22},
+		{Proto: "tcp", Host: netip.MustParseAddrPort("127.0.0.1:0"), GuestPort: 22}}
+	a, err := New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start(t, a)
+	if _, err := net.Listen("tcp", "[::1]:0"); err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	g := guestOn(t, cfg.Socket)
+	ln := guestListener(t, g)
+	if got := forwardLandsOn(t, a, ln); got != netstacktest.Guest4 {
+		t.Errorf("before any IPv6 traffic the forward reached %s, want %s", got, netstacktest.Guest4)
+	}
+	slaac := netip.MustParseAddr("fd00::5054:ff:fe12:3456")
+	addAddr(t, g, slaac, 128)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// Pings from the guest's static fd00::15 and its SLAAC address: the
+	// guest's neighbour solicitations for the gateway, from each, tell
+	// vunet about both, and the SLAAC one is preferred.
+	for _, src := range []netip.Addr{netstacktest.Guest6, slaac} {
+		if _, err := pingFrom(ctx, g, src, netip.MustParseAddr("fd00::2")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := forwardLandsOn(t, a, ln); got != slaac {
+		t.Errorf("forward on [::1] reached %s, want the SLAAC address %s", got, slaac)
+	}
+}
+
+// guestOn attaches a gVisor guest to the appliance's vhost-user socket.
+func guestOn(t *testing.T, sock string) *stack.Stack {
+	t.Helper()
+	f, err := vhosttest.Dial(sock, vhosttest.Options{MemSize: 32 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.Setup(^uint64(0)); err != nil {
+		t.Fatal(err)
+	}
+	gl := endpointtest.New(f, netstacktest.GuestMAC, 1500, 1526)
+	t.Cleanup(gl.Stop)
+	g, err := netstacktest.NewGuest(gl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Destroy)
+	return g
+}
+
+// forwardLandsOn connects to the appliance's forward on [::1] (guest port
+// 22; the IPv4 forward, if any, must still land on the IPv4 address) and
+// returns the guest address the connection arrived at.
+func forwardLandsOn(t *testing.T, a *Appliance, ln *gonet.TCPListener) netip.Addr {
+	t.Helper()
+	var got netip.Addr
+	for _, f := range a.Forwards() {
+		c, err := net.DialTimeout("tcp", f.Host.String(), 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		gc, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		at := netstacktest.AddrOf(gc.LocalAddr()).Addr().Unmap()
+		gc.Close()
+		c.Close()
+		if f.Host.Addr().Is4() {
+			if at != netstacktest.Guest4 {
+				t.Errorf("forward on %s reached %s, want %s", f.Host, at, netstacktest.Guest4)
+			}
+			continue
+		}
+		got = at
+	}
+	return got
+}
+
+// guestListener is the guest's dual-stack listener on port 22; one per
+// guest, as the port stays taken while accepted connections wind down.
+func guestListener(t *testing.T, g *stack.Stack) *gonet.TCPListener {
+	t.Helper()
+	ln, err := gonet.ListenTCP(g, tcpip.FullAddress{NIC: netstacktest.GuestNIC, Port: 22}, ipv6.ProtocolNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// pingFrom sends one ICMPv6 echo from src to dst on the guest.
+func pingFrom(ctx context.Context, g *stack.Stack, src, dst netip.Addr) (netip.Addr, error) {
+	var wq waiter.Queue
+	ep, terr := g.NewEndpoint(icmp.ProtocolNumber6, ipv6.ProtocolNumber, &wq)
+	if terr != nil {
+		return netip.Addr{}, fmt.Errorf("icmp endpoint: %s", terr)
+	}
+	defer ep.Close()
+	if terr := ep.Bind(tcpip.FullAddress{NIC: netstacktest.GuestNIC, Addr: tcpip.AddrFrom16(src.As16())}); terr != nil {
+		return netip.Addr{}, fmt.Errorf("bind %s: %s", src, terr)
+	}
+	we, ch := waiter.NewChannelEntry(waiter.ReadableEvents)
+	wq.EventRegister(&we)
+	defer wq.EventUnregister(&we)
+	msg := make([]byte, 8)
+	msg[0] = byte(header.ICMPv6EchoRequest)
+	to := tcpip.FullAddress{NIC: netstacktest.GuestNIC, Addr: tcpip.AddrFrom16(dst.As16())}
+	if _, terr := ep.Write(bytes.NewReader(msg), tcpip.WriteOptions{To: &to}); terr != nil {
+		return netip.Addr{}, fmt.Errorf("icmp write: %s", terr)
+	}
+	for {
+		var b bytes.Buffer
+		res, terr := ep.Read(&b, tcpip.ReadOptions{NeedRemoteAddr: true})
+		if _, ok := terr.(*tcpip.ErrWouldBlock); ok {
+			select {
+			case <-ch:
+				continue
+			case <-ctx.Done():
+				return netip.Addr{}, ctx.Err()
+			}
+		}
+		if terr != nil {
+			return netip.Addr{}, fmt.Errorf("icmp read: %s", terr)
+		}
+		a, _ := netip.AddrFromSlice(res.RemoteAddr.Addr.AsSlice())
+		return a, nil
 	}
 }
 

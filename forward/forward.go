@@ -60,6 +60,11 @@ type Options struct {
 	// 10.0.2.2, fd00::2). They identify the host when MapHostLoopback is
 	// set and stand in for loopback clients of inbound port forwards.
 	Gateway4, Gateway6 netip.Addr
+	// GuestIPv6, if set, returns the guest's current IPv6 address, or an
+	// invalid one when it has none. A port forward listening on an IPv6
+	// host address and aimed at an IPv4 guest address then reaches the
+	// guest over IPv6 whenever it has an address (see PortForward.target).
+	GuestIPv6 func() netip.Addr
 	// DNS4 and DNS6 are the in-stack DNS service addresses. Traffic to them
 	// is never forwarded to the host.
 	DNS4, DNS6 netip.Addr

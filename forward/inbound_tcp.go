@@ -86,31 +86,32 @@ func (p *portForward) serveTCP(c net.Conn) {
 		return
 	}
 	defer f.c.InboundTCPOpen.Add(-1)
-	src, ok := f.guestSource(client, p.spec.Guest.Addr())
+	guest := p.target()
+	src, ok := f.guestSource(client, guest.Addr())
 	if !ok {
 		f.log.Debug("inbound tcp: no gateway address for the guest's family", "client", client)
 		reject()
 		return
 	}
 	ctx, cancel := context.WithTimeout(f.ctx, f.opts.DialTimeout)
-	ep, wq, err := f.dialGuestTCP(ctx, src, p.spec.Guest)
+	ep, wq, err := f.dialGuestTCP(ctx, src, guest)
 	cancel()
 	if err != nil {
-		f.log.Debug("inbound tcp: guest connect failed", "client", client, "guest", p.spec.Guest, "err", err)
+		f.log.Debug("inbound tcp: guest connect failed", "client", client, "guest", guest, "err", err)
 		reject()
 		return
 	}
 	if tc != nil {
 		_ = tc.SetKeepAliveConfig(hostKeepAlive())
 	}
-	sp, err := f.newSplice(ep, wq, c, f.memIn, client.String()+"->"+p.spec.Guest.String())
+	sp, err := f.newSplice(ep, wq, c, f.memIn, client.String()+"->"+guest.String())
 	if err != nil {
 		ep.Abort()
 		reject()
 		return
 	}
 	sp.owner = p
-	f.log.Debug("inbound tcp connection", "client", client, "as", src, "guest", p.spec.Guest)
+	f.log.Debug("inbound tcp connection", "client", client, "as", src, "guest", guest)
 	sp.run()
 }
 

@@ -54,7 +54,8 @@ func (p *portForward) flow(client netip.AddrPort) *udpFlow {
 	// held while the flow is set up, and must not be: closing a flow
 	// takes it.
 	p.mu.Unlock()
-	src, ok := f.guestSource(client, p.spec.Guest.Addr())
+	guest := p.target()
+	src, ok := f.guestSource(client, guest.Addr())
 	if !ok {
 		f.c.DropUnroutable.Add(1)
 		return nil
@@ -74,7 +75,7 @@ func (p *portForward) flow(client netip.AddrPort) *udpFlow {
 		f.c.InboundUDPOpen.Add(-1)
 		p.giveSource(client.Addr())
 	}
-	ep, wq, err := f.dialGuestUDP(src, p.spec.Guest)
+	ep, wq, err := f.dialGuestUDP(src, guest)
 	if err != nil {
 		fail()
 		f.c.DropSendErrors.Add(1)
@@ -88,7 +89,7 @@ func (p *portForward) flow(client netip.AddrPort) *udpFlow {
 			_, err := p.pc.WriteToUDPAddrPort(b, client)
 			return err
 		},
-		desc:  client.String() + "->" + p.spec.Guest.String(),
+		desc:  client.String() + "->" + guest.String(),
 		gauge: &f.c.InboundUDPOpen,
 	}
 	if !fl.attachGuest(ep, wq, f.memIn) {
@@ -115,7 +116,7 @@ func (p *portForward) flow(client netip.AddrPort) *udpFlow {
 	p.flows[client] = fl
 	p.mu.Unlock()
 	f.c.InboundUDPFlows.Add(1)
-	f.log.Debug("inbound udp flow", "client", client, "as", src, "guest", p.spec.Guest)
+	f.log.Debug("inbound udp flow", "client", client, "as", src, "guest", guest)
 	f.addUDPFlow(fl, fl.guestLoop)
 	return fl
 }

@@ -29,6 +29,22 @@ func (pf PortForward) String() string {
 	return fmt.Sprintf("%s %s->%s", pf.Proto, pf.Host, pf.Guest)
 }
 
+// target is where a new connection or flow of the forward goes: Guest,
+// except that a forward listening on an IPv6 host address (such as
+// tcp:[::1]:2222:22) reaches the guest's IPv6 address when it has one
+// (Options.GuestIPv6), so the connection stays IPv6 end to end; over IPv4
+// otherwise. Forwards on IPv4 host addresses always use Guest.
+func (p *portForward) target() netip.AddrPort {
+	g := p.spec.Guest
+	if p.f.opts.GuestIPv6 == nil || !g.Addr().Is4() || !p.spec.Host.Addr().Is6() {
+		return g
+	}
+	if a := p.f.opts.GuestIPv6(); a.IsValid() && a.Is6() && !a.Is4In6() {
+		return netip.AddrPortFrom(a, g.Port())
+	}
+	return g
+}
+
 // pfKey identifies a forward: one host socket.
 type pfKey struct {
 	proto string

@@ -157,7 +157,7 @@ func runFlags() []cli.Flag {
 		str(flagDHCPv6, catNetwork, "DHCPv6 `MODE`: stateless (addresses from SLAAC; DHCPv6 gives DNS only) or stateful (also leases addresses from the guest prefix's ::100-::1ff and sets the M flag in router advertisements)", string(d.IPv6.DHCPv6)),
 		boolean(flagNoMapHostLoopback, catNetwork, "do not map the gateway address to the host's loopback"),
 
-		list(flagForward, catForward, "forward a host port to the guest; `SPEC` is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, HOSTADDR defaults to 127.0.0.1, ports may be ranges like 8000-8010:8000-8010 (repeatable)", ""),
+		list(flagForward, catForward, "forward a host port to the guest; `SPEC` is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, HOSTADDR defaults to 127.0.0.1, ports may be ranges like 8000-8010:8000-8010; an IPv6 HOSTADDR reaches the guest over IPv6 when its address is known (DHCPv6 lease or SLAAC), else over IPv4 (repeatable)", ""),
 		list(flagDNSUpstream, catForward, "upstream resolver `ADDR`, IP[:PORT] (repeatable)", "from /etc/resolv.conf"),
 
 		path(flagTFTPRoot, catBoot, "serve `DIR` over TFTP"),
