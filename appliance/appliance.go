@@ -109,17 +109,15 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 			a.Close()
 		}
 	}()
-	var pw *pcap.Writer
 	if cfg.PCAP != "" {
 		f, err := os.OpenFile(cfg.PCAP, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 		if err != nil {
 			return nil, fmt.Errorf("pcap: %w", err)
 		}
 		a.pcapFile = f
-		if pw, err = pcap.NewWriter(f); err != nil {
+		if a.pcap, err = pcap.New(f, pcap.Options{MaxSize: cfg.PCAPMaxSize, Logger: log.With("layer", "pcap", "file", cfg.PCAP)}); err != nil {
 			return nil, fmt.Errorf("pcap: %w", err)
 		}
-		a.pcap = pw
 	}
 	// Frames waiting for guest RX buffers may take an eighth of the
 	// budget; TCP and UDP buffers are the forwarder's (its shares).
@@ -130,7 +128,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		LinkAddress: tcpip.LinkAddress(cfg.GatewayMAC),
 		GuestMAC:    tcpip.LinkAddress(cfg.MAC),
 		ARPTargets:  []netip.Addr{cfg.IPv4.Gateway, cfg.IPv4.DNS},
-		Pcap:        pw,
+		Pcap:        a.pcap,
 		Logger:      log.With("layer", "endpoint"),
 	})
 	if err != nil {
@@ -494,6 +492,12 @@ func (a *Appliance) Close() {
 		a.closers[i]()
 	}
 	a.closers = nil
+	if a.pcap != nil {
+		// The endpoint has stopped writing (the closers above); what is
+		// buffered reaches the file before it is closed.
+		a.pcap.Close()
+		a.pcap = nil
+	}
 	if a.pcapFile != nil {
 		a.pcapFile.Close()
 		a.pcapFile = nil
