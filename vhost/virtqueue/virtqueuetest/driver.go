@@ -287,3 +287,86 @@ func (d *Driver) AvailEvent() uint16 {
 func (d *Driver) UsedFlags() uint16 {
 	return ringatomic.Load16(d.Mem, int(d.usedAddr-d.Base))
 }
+
+// The methods below are an allocation-free driver for a frontend that owns
+// a fixed buffer per descriptor (e2e/tapfront): it writes descriptors with
+// WriteDesc once or per frame, publishes heads with PublishRaw and takes
+// used entries one by one. They do not touch Chains or the buffer pools,
+// so they must not be mixed with Post and Reap on the same ring.
+
+// Reserve carves n bytes of guest memory for the rest of the driver's life
+// (never recycled) and returns their guest address and slice.
+func (d *Driver) Reserve(n int) (uint64, []byte, error) {
+	addr := d.heap
+	end := align(addr+uint64(n), 16)
+	if end-d.Base > uint64(len(d.Mem)) {
+		return 0, nil, fmt.Errorf("virtqueuetest: %d bytes do not fit in the %d bytes of ring memory", n, len(d.Mem))
+	}
+	d.heap = end
+	off := addr - d.Base
+	return addr, d.Mem[off : off+uint64(n) : off+uint64(n)], nil
+}
+
+// AvailIdx is the driver's available index (what PublishRaw last stored).
+func (d *Driver) AvailIdx() uint16 { return d.availIdx }
+
+// LastUsed is the index of the next used entry the driver will take.
+func (d *Driver) LastUsed() uint16 { return d.lastUsed }
+
+// UsedPending is how many used entries the device published that the
+// driver has not taken yet. A device that moves the used index more than
+// the ring size ahead is broken; the count is reported as is and the
+// caller must check it against Size.
+func (d *Driver) UsedPending() uint16 {
+	return ringatomic.Load16(d.Mem, int(d.usedAddr-d.Base+2)) - d.lastUsed
+}
+
+// PeekUsed returns the i-th pending used entry (0 is the next) without
+// taking it. The caller checks i < UsedPending().
+func (d *Driver) PeekUsed(i uint16) (head uint16, length uint32) {
+	e := d.Mem[d.usedAddr-d.Base+4+8*uint64((d.lastUsed+i)%d.Size):]
+	return uint16(binary.LittleEndian.Uint32(e)), binary.LittleEndian.Uint32(e[4:])
+}
+
+// TakeUsed consumes n pending used entries.
+func (d *Driver) TakeUsed(n uint16) { d.lastUsed += n }
+
+// NeedKick reports whether the device asked to be notified of the buffers
+// published since the available index was old: with EVENT_IDX, when the
+// index crossed avail_event (virtio 1.2, 2.7.10); otherwise unless the
+// device set VRING_USED_F_NO_NOTIFY. It must be called after PublishRaw
+// (whose atomic store orders the index before this load).
+func (d *Driver) NeedKick(old uint16) bool {
+	if d.EventIdx {
+		return NeedEvent(d.AvailEvent(), d.availIdx, old)
+	}
+	return d.UsedFlags()&1 == 0
+}
+
+// NeedEvent is vring_need_event: whether moving an index from old to new
+// crosses event.
+func NeedEvent(event, new, old uint16) bool { return new-event-1 < new-old }
+
+// EnableInterrupts asks the device to interrupt once n (≥ 1) entries past
+// LastUsed are used (used_event = LastUsed+n-1 with EVENT_IDX; without it,
+// NO_INTERRUPT is cleared and every flush interrupts). The caller must look
+// at UsedPending again afterwards before it sleeps: an entry used before
+// the request took effect sends nothing.
+func (d *Driver) EnableInterrupts(n uint16) {
+	if d.EventIdx {
+		d.SetUsedEvent(d.lastUsed + n - 1)
+		return
+	}
+	d.SetNoInterrupt(false)
+}
+
+// DisableInterrupts tells the device the driver is polling. With EVENT_IDX
+// it leaves used_event behind (the device interrupts only when the used
+// index crosses it again, 65536 entries on).
+func (d *Driver) DisableInterrupts() {
+	if d.EventIdx {
+		d.SetUsedEvent(d.lastUsed - 1)
+		return
+	}
+	d.SetNoInterrupt(true)
+}
