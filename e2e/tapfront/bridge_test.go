@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"math/rand"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -28,6 +29,9 @@ type echoDevice struct {
 	kicks   [2]*virtqueue.EventFD
 	done    chan struct{}
 	corrupt func(n int, first uint32) uint32
+	// badHead, if set, may change the head of the n-th frame's i-th
+	// receive buffer (first is the head of its first).
+	badHead func(n, i int, head, first uint16) uint16
 }
 
 func (d *echoDevice) Features() uint64 {
@@ -110,10 +114,14 @@ func (d *echoDevice) run(rx, tx *virtqueue.Queue, rxKick, txKick *virtqueue.Even
 				c := min(iov.Size(els[i].In), rem)
 				iov.CopyFrom(els[i].In, 0, frame[l-rem:l-rem+c])
 				used := uint32(c)
+				head := els[i].Head
 				if i == 0 && d.corrupt != nil {
 					used = d.corrupt(n, used)
 				}
-				rx.Push(els[i].Head, used)
+				if d.badHead != nil {
+					head = d.badHead(n, i, head, els[0].Head)
+				}
+				rx.Push(head, used)
 				rem -= c
 			}
 			rx.Flush()
@@ -126,7 +134,7 @@ func (d *echoDevice) run(rx, tx *virtqueue.Queue, rxKick, txKick *virtqueue.Even
 
 // start runs a bridge to an echo device; the returned file is the
 // "kernel" end of the tap (a SOCK_SEQPACKET pair keeps frame boundaries).
-func start(t *testing.T, dev *echoDevice, opts Options) (*Bridge, *os.File, <-chan error) {
+func start(t *testing.T, dev *echoDevice, opts Options) (*Bridge, *os.File, *runResult) {
 	t.Helper()
 	_, sock := vhosttest.StartServer(t, dev)
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
@@ -147,20 +155,27 @@ func start(t *testing.T, dev *echoDevice, opts Options) (*Bridge, *os.File, <-ch
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- b.Run(ctx) }()
+	res := &runResult{done: make(chan struct{})}
+	go func() { res.err = b.Run(ctx); close(res.done) }()
 	t.Cleanup(func() {
 		cancel()
 		select {
-		case err := <-errc:
-			if err != nil {
-				t.Errorf("Run: %v", err)
+		case <-res.done:
+			if res.err != nil && !res.wantErr {
+				t.Errorf("Run: %v", res.err)
 			}
 		case <-time.After(10 * time.Second):
 			t.Errorf("Run did not return after cancel")
 		}
 	})
-	return b, kernel, errc
+	return b, kernel, res
+}
+
+// runResult is Run's outcome: err is valid once done is closed.
+type runResult struct {
+	done    chan struct{}
+	err     error
+	wantErr bool // the test expects Run to fail
 }
 
 // frame builds a header and an Ethernet frame of n bytes (pattern seeded).
@@ -314,6 +329,59 @@ func TestHostileUsedLength(t *testing.T) {
 	}
 	if st := snapshot(b); st.RXBad != 10 || st.RXFrames != 10 {
 		t.Errorf("want 10 bad and 10 good frames: %+v", st)
+	}
+}
+
+// TestHostileHead: a receive used entry naming a buffer the frontend did
+// not post (out of the ring, or one it already holds for this frame) means
+// the device lost track of the ring: Run stops with an error instead of
+// using a buffer twice, and does not panic.
+func TestHostileHead(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		head func(i int, h, first uint16) uint16
+	}{
+		{"out of range", func(i int, h, _ uint16) uint16 {
+			if i == 0 {
+				return 200
+			}
+			return h
+		}},
+		{"same buffer twice in one frame", func(i int, h, first uint16) uint16 {
+			if i == 1 {
+				return first
+			}
+			return h
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dev := &echoDevice{badHead: func(n, i int, h, first uint16) uint16 {
+				if n == 3 {
+					return tc.head(i, h, first)
+				}
+				return h
+			}}
+			_, kernel, res := start(t, dev, Options{RingSize: 8, RXBufSize: 2048})
+			res.wantErr = true
+			got := make([]byte, SlotSize)
+			for i := 0; i < 6; i++ {
+				unix.Write(int(kernel.Fd()), frame(3000, int64(i), [10]byte{})) // two buffers each
+				for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); {
+					if _, err := unix.Read(int(kernel.Fd()), got); err != unix.EAGAIN {
+						break
+					}
+					time.Sleep(100 * time.Microsecond)
+				}
+			}
+			select {
+			case <-res.done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("Run did not stop on a bad used head")
+			}
+			if res.err == nil || !strings.Contains(res.err.Error(), "not posted") {
+				t.Fatalf("Run returned %v, want a used-head error", res.err)
+			}
+		})
 	}
 }
 
