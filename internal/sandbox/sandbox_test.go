@@ -317,6 +317,12 @@ func unixListenTCP() (int, error) {
 // runChild re-executes the test binary in scenario mode.
 func runChild(t *testing.T, mode Mode) report {
 	t.Helper()
+	return runChildBin(t, os.Args[0], mode)
+}
+
+// runChildBin runs scenario mode in the test binary bin.
+func runChildBin(t *testing.T, bin string, mode Mode) report {
+	t.Helper()
 	dir := t.TempDir()
 	// The sandbox may switch to nobody: the files must be reachable for
 	// it, the way docs/security.md asks of a TFTP root.
@@ -332,7 +338,7 @@ func runChild(t *testing.T, mode Mode) report {
 		}
 		os.Chmod(f, 0o666)
 	}
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+mode.String(), childEnv+"_DIR="+dir)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
@@ -503,5 +509,37 @@ func TestLookupRunAs(t *testing.T) {
 	}
 	if _, err := lookupRunAs(""); !errors.Is(err, errNoRunAs) {
 		t.Errorf("empty --runas as root: %v", err)
+	}
+}
+
+// TestSandboxOnWithoutCgo: a static build (CGO_ENABLED=0) reaches every
+// thread through the runtime's AllThreadsSyscall instead of libpsx, and
+// its threads start with clone directly; it is confined the same way.
+func TestSandboxOnWithoutCgo(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the test binary again")
+	}
+	bin := filepath.Join(t.TempDir(), "sandbox.test")
+	build := exec.Command("go", "test", "-c", "-o", bin, ".")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go test -c: %v\n%s", err, out)
+	}
+	if err := os.Chmod(filepath.Dir(bin), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := runChildBin(t, bin, On)
+	eperm := unix.EPERM.Error()
+	if statusField(r.ProcStatus, "Seccomp") != "2" || statusField(r.ProcStatus, "NoNewPrivs") != "1" {
+		t.Errorf("status:\n%s", r.ProcStatus)
+	}
+	if r.Sysinfo != eperm || r.SysinfoOldThread != eperm || r.Exec != eperm {
+		t.Errorf("sysinfo %q, on an old thread %q, execve %q; want %q", r.Sysinfo, r.SysinfoOldThread, r.Exec, eperm)
+	}
+	if landlockABI() > 0 && (r.ReadAllowed != "" || !strings.Contains(r.ReadOutside, "permission denied")) {
+		t.Errorf("Landlock: allowed %q, outside %q", r.ReadAllowed, r.ReadOutside)
+	}
+	if os.Geteuid() == 0 && statusField(r.ProcStatus, "Uid") != "65534\t65534\t65534\t65534" {
+		t.Errorf("Uid %q", statusField(r.ProcStatus, "Uid"))
 	}
 }
