@@ -11,11 +11,6 @@ import (
 // Landlock access rights per kind of path.
 const (
 	readDirRights landlock.AccessFSSet = ll.AccessFSReadFile | ll.AccessFSReadDir
-	// A rotating capture creates, writes, truncates, renames and removes
-	// files in its directory (renames within one directory need no
-	// "refer" right).
-	writeDirRights landlock.AccessFSSet = ll.AccessFSReadDir | ll.AccessFSReadFile | ll.AccessFSWriteFile |
-		ll.AccessFSTruncate | ll.AccessFSMakeReg | ll.AccessFSRemoveFile
 	// connect(2) to a pathname socket (ABI 9). The rule goes on the
 	// socket's directory: the frontend may re-create the socket (a new
 	// inode) between two connects.
@@ -36,9 +31,6 @@ func restrictFS(opts Options) (abi int, enforced bool, err error) {
 	var rules []landlock.Rule
 	if len(opts.ReadDirs) > 0 {
 		rules = append(rules, landlock.PathAccess(readDirRights, opts.ReadDirs...))
-	}
-	if len(opts.WriteDirs) > 0 {
-		rules = append(rules, landlock.PathAccess(writeDirRights, opts.WriteDirs...))
 	}
 	var sockDirs []string
 	for _, p := range opts.ConnectSockets {

@@ -56,9 +56,6 @@ type Options struct {
 	RunAs string
 	// ReadDirs are directory trees that stay readable (the TFTP root).
 	ReadDirs []string
-	// WriteDirs are directories in which files may be created, written,
-	// renamed and removed (where a rotating capture writes).
-	WriteDirs []string
 	// ConnectSockets are Unix socket paths the process dials after
 	// confinement (--connect). Landlock ABI 9 restricts connecting to
 	// pathname sockets; on older kernels they need no rule.

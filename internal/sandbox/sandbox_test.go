@@ -151,7 +151,8 @@ func TestAllowListShape(t *testing.T) {
 		unix.SYS_SETRESUID, unix.SYS_CAPSET, unix.SYS_UNSHARE, unix.SYS_SETNS, unix.SYS_MOUNT, unix.SYS_CHROOT,
 		unix.SYS_PIVOT_ROOT, unix.SYS_BPF, unix.SYS_PERF_EVENT_OPEN, unix.SYS_KEYCTL, unix.SYS_USERFAULTFD,
 		unix.SYS_IO_URING_SETUP, unix.SYS_PROCESS_VM_WRITEV, unix.SYS_OPEN_BY_HANDLE_AT, unix.SYS_MEMFD_CREATE,
-		unix.SYS_SECCOMP, unix.SYS_LANDLOCK_CREATE_RULESET, unix.SYS_WAIT4} {
+		unix.SYS_SECCOMP, unix.SYS_LANDLOCK_CREATE_RULESET, unix.SYS_WAIT4,
+		unix.SYS_UNLINKAT, unix.SYS_RENAMEAT2, unix.SYS_MKDIRAT, unix.SYS_FCHMODAT, unix.SYS_FCHOWNAT, unix.SYS_LINKAT, unix.SYS_SYMLINKAT} {
 		if name, ok := seen[nr]; ok {
 			t.Errorf("%s (%d) is on the allow-list", name, nr)
 		}
