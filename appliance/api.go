@@ -32,6 +32,7 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 		add("virtqueue", &a.VHost.Stats.Queues[i], "queue", strconv.Itoa(i), "direction", direction(i))
 	}
 	add("vhost", &a.VHost.Stats)
+	add("vhost", &a.dialStats)
 	add("forward", a.Forward.Stats())
 	add("dhcp", a.DHCP.Stats())
 	add("dns", a.DNS.Stats())

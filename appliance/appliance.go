@@ -87,7 +87,8 @@ type Appliance struct {
 	started   time.Time
 	socketGID int // group of the vhost-user socket, or -1
 	metrics   *metrics.Registry
-	pcap      *pcap.Writer // nil without cfg.PCAP
+	dialStats vhost.DialStats // --connect's dials and re-dials
+	pcap      *pcap.Writer    // nil without cfg.PCAP
 	pcapFile  *os.File
 	closers   []func()
 }
@@ -447,7 +448,7 @@ func (a *Appliance) Run(ctx context.Context) error {
 		"dns", cfg.IPv4.DNS.String(), "ipv6", ipv6Summary(cfg), "mtu", cfg.MTU)
 	if cfg.Connect != "" {
 		a.notify(systemdReady)
-		err = a.VHost.Connect(ctx, cfg.Connect, time.Second)
+		err = a.VHost.DialLoop(ctx, cfg.Connect, vhost.DialOptions{Once: cfg.Once, Stats: &a.dialStats})
 	} else {
 		a.notify(systemdReady)
 		err = a.VHost.Serve(ctx, l, cfg.Once)

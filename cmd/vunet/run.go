@@ -145,8 +145,8 @@ func runFlags() []cli.Flag {
 	flags := []cli.Flag{
 		path(flagConfig, catOps, "read settings from this TOML `FILE` (see docs/configuration.md)"),
 		path(flagSocket, catEndpoint, "listen on vhost-user socket `PATH`; QEMU connects to it"),
-		path(flagConnect, catEndpoint, "connect to QEMU's vhost-user socket `PATH` (chardev server=on)"),
-		boolean(flagOnce, catEndpoint, "exit when the first VM disconnects"),
+		path(flagConnect, catEndpoint, "connect to QEMU's vhost-user socket `PATH` (chardev server=on, libvirt mode='server'), and dial it again whenever the VM goes away"),
+		boolean(flagOnce, catEndpoint, "exit when the first VM disconnects (with --connect: instead of dialling again)"),
 
 		str(flagMTU, catNetwork, "link `MTU` ("+strconv.Itoa(config.MinMTU)+".."+strconv.Itoa(config.MaxMTU)+")", strconv.Itoa(d.MTU)),
 		str(flagMAC, catNetwork, "guest `MAC` address", d.MAC.String()),

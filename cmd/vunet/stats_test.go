@@ -49,6 +49,7 @@ func declared(t *testing.T, a *appliance.Appliance) int {
 	count(endpoint.Stats{}, 1)
 	count(virtqueue.Stats{}, 2)
 	count(vhost.Stats{}, 1)
+	count(vhost.DialStats{}, 1)
 	count(forward.Stats{}, 1)
 	count(dhcp4.Stats{}, 1)
 	count(dns.Stats{}, 1)

@@ -131,9 +131,24 @@ func Start(t testing.TB, args ...string) *Instance {
 // vunet on the same path).
 func StartAt(t testing.TB, sock string, args ...string) *Instance {
 	t.Helper()
+	return start(t, sock, true, append([]string{"--socket", sock}, args...))
+}
+
+// StartConnect runs vunet --connect sock plus args (the frontend listens
+// on sock) and returns once vunet says it is ready; it may still be
+// dialling.
+func StartConnect(t testing.TB, sock string, args ...string) *Instance {
+	t.Helper()
+	return start(t, sock, false, append([]string{"--connect", sock}, args...))
+}
+
+// start runs vunet with args; with listens, it waits for the socket file
+// too.
+func start(t testing.TB, sock string, listens bool, args []string) *Instance {
+	t.Helper()
 	bin := Binary(t)
 	in := &Instance{Socket: sock, log: &testutil.Buffer{}, done: make(chan struct{})}
-	in.cmd = exec.Command(bin, append([]string{"--socket", sock, "--log-level", "debug"}, args...)...)
+	in.cmd = exec.Command(bin, append([]string{"--log-level", "debug"}, args...)...)
 	in.cmd.Stdout, in.cmd.Stderr = in.log, in.log
 	in.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := in.cmd.Start(); err != nil {
@@ -153,7 +168,7 @@ func StartAt(t testing.TB, sock string, args ...string) *Instance {
 	for {
 		// A probe connection would become a frontend session; waiting for
 		// the socket file and the ready line avoids that.
-		if _, err := os.Stat(sock); err == nil && strings.Contains(in.Log(), "vunet ready") {
+		if _, err := os.Stat(sock); (err == nil || !listens) && strings.Contains(in.Log(), "vunet ready") {
 			if err := checkSandbox(in.cmd.Process.Pid, args); err != nil {
 				t.Fatalf("vunettest: %v\n%s", err, in.Log())
 			}
