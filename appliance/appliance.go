@@ -73,6 +73,9 @@ type Appliance struct {
 	// confined process may not remove them, and the next start replaces a
 	// stale socket.
 	Confine func() error
+	// OnReady, if set, is called once vunet serves: its vhost-user socket
+	// listens, or (--connect) it starts dialling.
+	OnReady func()
 
 	// Sandbox shows what Confine enforced (set by the Confine hook); zero
 	// values mean not confined.
@@ -446,6 +449,9 @@ func (a *Appliance) Run(ctx context.Context) error {
 	a.log.Info("vunet ready", "socket", firstNonEmpty(cfg.Socket, cfg.Connect), "mode", mode(cfg),
 		"guest", netip.PrefixFrom(cfg.IPv4.Guest, cfg.IPv4.Subnet.Bits()).String(), "gateway", cfg.IPv4.Gateway.String(),
 		"dns", cfg.IPv4.DNS.String(), "ipv6", ipv6Summary(cfg), "mtu", cfg.MTU)
+	if a.OnReady != nil {
+		a.OnReady()
+	}
 	if cfg.Connect != "" {
 		a.notify(systemdReady)
 		err = a.VHost.DialLoop(ctx, cfg.Connect, vhost.DialOptions{Once: cfg.Once, Stats: &a.dialStats})

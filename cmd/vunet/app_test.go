@@ -213,7 +213,6 @@ func TestBadInvocations(t *testing.T) {
 		{append(sock, "--pid-file", ""), nil, `vunet: --pid-file "": must not be empty`},
 		{[]string{"--socket", ""}, nil, `vunet: --socket "": must not be empty`},
 		{append(sock, "--config", ""), nil, `vunet: --config "": expected a file name`},
-		{nil, nil, "vunet: one of --socket PATH or --connect PATH is required (or socket/connect in the --config file)"},
 		{append(sock, "--frobnicate"), nil, "vunet: flag provided but not defined: -frobnicate (see 'vunet --help')"},
 		{append(sock, "--once=maybe"), nil, `vunet: invalid boolean value "maybe" for -once: parse error (see 'vunet --help')`},
 		{append(sock, "qemuargs"), nil, `vunet: unknown command "qemuargs" (see 'vunet --help')`},
@@ -588,7 +587,6 @@ func TestQEMUArgsErrors(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"qemu-args"}, "vunet: qemu-args: --socket PATH is required (the socket vunet listens on)"},
 		{[]string{"qemu-args", "--socket", "/s", "--mem", "lots"}, `vunet: --mem "lots": expected a size like 512M or 4G`},
 		{[]string{"qemu-args", "--socket", "/s", "--mem", "512MM"}, `vunet: --mem "512MM": expected a size like 512M or 4G`},
 		{[]string{"qemu-args", "--socket", "/s", "--mac", "zz"}, `vunet: --mac "zz": expected a MAC address like 52:54:00:12:34:56`},

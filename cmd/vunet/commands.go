@@ -10,6 +10,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/vunet/vunet/config"
+	"github.com/vunet/vunet/internal/unixsock"
 	"github.com/vunet/vunet/internal/version"
 )
 
@@ -28,13 +29,13 @@ func qemuArgsCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "qemu-args",
 		Usage:     "print the QEMU arguments and libvirt XML that attach a VM to vunet",
-		UsageText: "vunet qemu-args --socket PATH [--mem 512M] [--mac MAC] [--plain]",
+		UsageText: "vunet qemu-args [--socket PATH | --connect PATH] [--mem 512M] [--mac MAC] [--plain]",
 		Description: "The memory size must equal the guest's -m: vhost-user needs the guest RAM in a\n" +
 			"shared memory backend so vunet can access the virtqueues. With --plain only the\n" +
 			"arguments are printed, one per line, for `mapfile -t args < <(vunet qemu-args --plain ...)`.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: flagConfig, Usage: "take socket, connect and mac from this TOML `FILE`", EnvVars: envVar(flagConfig), TakesFile: true},
-			&cli.StringFlag{Name: flagSocket, Usage: "the vhost-user socket `PATH` vunet listens on", EnvVars: envVar(flagSocket), TakesFile: true},
+			&cli.StringFlag{Name: flagSocket, Usage: "the vhost-user socket `PATH` vunet listens on (default: the one vunet picks without --socket)", EnvVars: envVar(flagSocket), TakesFile: true},
 			&cli.StringFlag{Name: flagConnect, Usage: "the socket `PATH` QEMU listens on (vunet --connect)", EnvVars: envVar(flagConnect), TakesFile: true},
 			&cli.StringFlag{Name: flagMAC, Usage: "guest `MAC` address", EnvVars: envVar(flagMAC), DefaultText: config.Default().MAC.String()},
 			&cli.StringFlag{Name: "mem", Usage: "guest RAM `SIZE`; must equal -m", EnvVars: envVar("mem"), Value: "512M"},
@@ -64,7 +65,8 @@ func qemuArgsAction(c *cli.Context) error {
 	}
 	switch {
 	case cfg.Socket == "" && cfg.Connect == "":
-		return usagef("qemu-args: --socket PATH is required (the socket vunet listens on)")
+		// The socket vunet listens on when it is given none.
+		cfg.Socket = unixsock.DefaultPath()
 	case cfg.Socket != "" && cfg.Connect != "":
 		return usagef("qemu-args: --socket and --connect are mutually exclusive")
 	}
@@ -90,10 +92,10 @@ func qemuArgsAction(c *cli.Context) error {
 // qemuArg is one QEMU option with its value and the reason it is needed.
 type qemuArg struct{ opt, val, why string }
 
-// writeQEMUArgs prints the arguments for cfg. In listen mode (--socket)
-// QEMU is the vhost-user client; in connect mode it must be the server.
-func writeQEMUArgs(w io.Writer, cfg *config.Config, mem string, plain bool) error {
-	sock, qemuServer := cfg.Socket, false
+// qemuArgs returns the arguments that attach a VM with mem of RAM to the
+// vunet cfg describes, and the socket path and whether QEMU listens on it.
+func qemuArgs(cfg *config.Config, mem string) (args []qemuArg, sock string, qemuServer bool) {
+	sock, qemuServer = cfg.Socket, false
 	if cfg.Connect != "" {
 		sock, qemuServer = cfg.Connect, true
 	}
@@ -104,7 +106,7 @@ func writeQEMUArgs(w io.Writer, cfg *config.Config, mem string, plain bool) erro
 		chardev += ",server=on,wait=off"
 		chardevWhy = "the vhost-user control socket; QEMU listens on it and vunet --connect attaches"
 	}
-	args := []qemuArg{
+	args = []qemuArg{
 		{"-object", "memory-backend-memfd,id=mem0,share=on,size=" + mem,
 			"guest RAM as shared memory, so vunet can reach the virtqueues (size must equal -m)"},
 		{"-machine", "memory-backend=mem0", "use that shared backend as the machine's RAM"},
@@ -113,6 +115,14 @@ func writeQEMUArgs(w io.Writer, cfg *config.Config, mem string, plain bool) erro
 		{"-device", "virtio-net-pci,netdev=net0,mac=" + mac,
 			"the guest NIC; the MAC matches vunet's (DHCP hands it " + cfg.IPv4.Guest.String() + ")"},
 	}
+	return args, sock, qemuServer
+}
+
+// writeQEMUArgs prints the arguments for cfg. In listen mode (--socket)
+// QEMU is the vhost-user client; in connect mode it must be the server.
+func writeQEMUArgs(w io.Writer, cfg *config.Config, mem string, plain bool) error {
+	args, sock, qemuServer := qemuArgs(cfg, mem)
+	mac := cfg.MAC.String()
 
 	var b strings.Builder
 	if plain {
@@ -137,6 +147,31 @@ func writeQEMUArgs(w io.Writer, cfg *config.Config, mem string, plain bool) erro
 		xmlAttr(mac), xmlAttr(sock), mode)
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// writeStartupHint tells a user who gave no socket where vunet listens and
+// how to attach QEMU to it, as one shell-ready line (passt does the same).
+func writeStartupHint(w io.Writer, cfg *config.Config) error {
+	const mem = "512M"
+	args, sock, _ := qemuArgs(cfg, mem)
+	var b strings.Builder
+	fmt.Fprintf(&b, "vunet listens on the default socket %s (no --socket or --connect given); attach a VM with\n", sock)
+	fmt.Fprintf(&b, "  qemu-system-x86_64 -m %s ...", mem)
+	for _, a := range args {
+		fmt.Fprintf(&b, " %s %s", a.opt, shellQuote(a.val))
+	}
+	b.WriteString("\n(size= must equal -m; under TCG add vectors=0 to the device; libvirt XML: vunet qemu-args)\n")
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// shellQuote quotes s for a POSIX shell when it holds anything but
+// characters that are safe unquoted.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,._+:@%/=-") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 // qemuEscape escapes a value for QEMU's comma-separated option syntax, where

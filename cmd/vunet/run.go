@@ -21,6 +21,7 @@ import (
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/internal/sandbox"
 	"github.com/vunet/vunet/internal/systemd"
+	"github.com/vunet/vunet/internal/unixsock"
 )
 
 // Flag names. Each is also an environment variable VUNET_<NAME> (upper
@@ -144,7 +145,7 @@ func runFlags() []cli.Flag {
 	}
 	flags := []cli.Flag{
 		path(flagConfig, catOps, "read settings from this TOML `FILE` (see docs/configuration.md)"),
-		path(flagSocket, catEndpoint, "listen on vhost-user socket `PATH`; QEMU connects to it"),
+		path(flagSocket, catEndpoint, "listen on vhost-user socket `PATH`; QEMU connects to it (without --socket or --connect: $XDG_RUNTIME_DIR/vunet/vunet.sock, else vunet-UID/vunet.sock in the temporary directory)"),
 		path(flagConnect, catEndpoint, "connect to QEMU's vhost-user socket `PATH` (chardev server=on, libvirt mode='server'), and dial it again whenever the VM goes away"),
 		boolean(flagOnce, catEndpoint, "exit when the first VM disconnects (with --connect: instead of dialling again)"),
 
@@ -213,7 +214,14 @@ func resolveConfig(c *cli.Context) (*config.Config, error) {
 		cfg.Socket = systemd.ActivatedPath()
 	}
 	if cfg.Socket == "" && cfg.Connect == "" {
-		return nil, usagef("one of --socket PATH or --connect PATH is required (or socket/connect in the --config file)")
+		// Like passt: pick a per-user socket and say how to use it
+		// (runAppliance prints the QEMU arguments once it listens).
+		cfg.Socket = unixsock.DefaultPath()
+		if !c.Bool(flagPrintConfig) {
+			if err := unixsock.PrivateDir(filepath.Dir(cfg.Socket)); err != nil {
+				return nil, err
+			}
+		}
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, renameKeys(c, err)

@@ -9,6 +9,7 @@ import (
 	"github.com/vunet/vunet/appliance"
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/internal/systemd"
+	"github.com/vunet/vunet/internal/unixsock"
 )
 
 // runAppliance is the production runFunc: appliance.Run plus the systemd
@@ -25,6 +26,9 @@ func runAppliance(ctx context.Context, cfg *config.Config, log *slog.Logger) err
 	defer a.Close()
 	if err := adoptSystemd(a, cfg, log); err != nil {
 		return err
+	}
+	if cfg.Connect == "" && a.VHostListener == nil && cfg.Socket == unixsock.DefaultPath() {
+		a.OnReady = func() { writeStartupHint(os.Stderr, cfg) }
 	}
 	if cfg.Sandbox == config.SandboxOff {
 		log.Warn("sandbox off: vunet runs with the full authority of its user (--sandbox=off)")
