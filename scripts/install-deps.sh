@@ -3,7 +3,8 @@
 # Idempotent: packages already present are skipped quickly by apt.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(qemu-system-x86 ipxe ovmf busybox-static iperf3 socat cpio kmod iproute2 tshark dpdk-dev util-linux)
+# libvirt-daemon-system: e2e TestLibvirt runs its own libvirtd and virtlogd.
+pkgs=(qemu-system-x86 ipxe ovmf busybox-static iperf3 socat cpio kmod iproute2 tshark dpdk-dev util-linux libvirt-daemon-system)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -545,6 +545,7 @@ func TestQEMUArgsGolden(t *testing.T) {
 		{"qemu-args.golden", []string{"qemu-args", "--socket", "/run/user/1000/vunet.sock"}},
 		{"qemu-args-connect.golden", []string{"qemu-args", "--connect", "/tmp/a,b'<c>.sock", "--mem", "4G", "--mac", "52:54:00:00:00:01"}},
 		{"qemu-args-plain.golden", []string{"qemu-args", "--socket", "/run/vunet.sock", "--plain"}},
+		{"qemu-args-tcg.golden", []string{"qemu-args", "--connect", "/var/lib/vunet/vm1.sock", "--accel", "tcg", "--mem", "1G"}},
 	}
 	update := os.Getenv("VUNET_UPDATE_GOLDEN") == "1"
 	for _, tt := range tests {
@@ -593,6 +594,7 @@ func TestQEMUArgsErrors(t *testing.T) {
 		{[]string{"qemu-args", "--socket", "/s", "--mac", "01:00:00:00:00:01"}, "vunet: qemu-args: mac: 01:00:00:00:00:01 is a multicast address; the first octet must be even"},
 		{[]string{"qemu-args", "--socket", "/s", "--connect", "/c"}, "vunet: qemu-args: --socket and --connect are mutually exclusive"},
 		{[]string{"qemu-args", "--socket", "/s", "extra"}, `vunet: qemu-args: unexpected argument "extra"`},
+		{[]string{"qemu-args", "--socket", "/s", "--accel", "hvf"}, `vunet: --accel "hvf": expected kvm or tcg`},
 		{[]string{"qemu-args", "--bogus"}, "vunet: flag provided but not defined: -bogus (see 'vunet qemu-args --help')"},
 	}
 	for _, tt := range tests {

@@ -29,7 +29,7 @@ func qemuArgsCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "qemu-args",
 		Usage:     "print the QEMU arguments and libvirt XML that attach a VM to vunet",
-		UsageText: "vunet qemu-args [--socket PATH | --connect PATH] [--mem 512M] [--mac MAC] [--plain]",
+		UsageText: "vunet qemu-args [--socket PATH | --connect PATH] [--mem 512M] [--mac MAC] [--accel kvm|tcg] [--plain]",
 		Description: "The memory size must equal the guest's -m: vhost-user needs the guest RAM in a\n" +
 			"shared memory backend so vunet can access the virtqueues. With --plain only the\n" +
 			"arguments are printed, one per line, for `mapfile -t args < <(vunet qemu-args --plain ...)`.",
@@ -39,6 +39,7 @@ func qemuArgsCommand() *cli.Command {
 			&cli.StringFlag{Name: flagConnect, Usage: "the socket `PATH` QEMU listens on (vunet --connect)", EnvVars: envVar(flagConnect), TakesFile: true},
 			&cli.StringFlag{Name: flagMAC, Usage: "guest `MAC` address", EnvVars: envVar(flagMAC), DefaultText: config.Default().MAC.String()},
 			&cli.StringFlag{Name: "mem", Usage: "guest RAM `SIZE`; must equal -m", EnvVars: envVar("mem"), Value: "512M"},
+			&cli.StringFlag{Name: "accel", Usage: "the VM's accelerator, `kvm` or tcg (libvirt domain type='qemu'): tcg adds the vectors=0 workaround QEMU 7.2 needs", EnvVars: envVar("accel"), Value: accelKVM},
 			&cli.BoolFlag{Name: "plain", Usage: "print only the arguments, one per line, without comments or XML"},
 		},
 		Action:          qemuArgsAction,
@@ -86,7 +87,11 @@ func qemuArgsAction(c *cli.Context) error {
 			}
 		}
 	}
-	return writeQEMUArgs(c.App.Writer, cfg, mem, c.Bool("plain"))
+	accel := c.String("accel")
+	if accel != accelKVM && accel != accelTCG {
+		return flagError("accel", accel, fmt.Errorf("expected %s or %s", accelKVM, accelTCG))
+	}
+	return writeQEMUArgs(c.App.Writer, cfg, mem, accel, c.Bool("plain"))
 }
 
 // qemuArg is one QEMU option with its value and the reason it is needed.
@@ -94,7 +99,7 @@ type qemuArg struct{ opt, val, why string }
 
 // qemuArgs returns the arguments that attach a VM with mem of RAM to the
 // vunet cfg describes, and the socket path and whether QEMU listens on it.
-func qemuArgs(cfg *config.Config, mem string) (args []qemuArg, sock string, qemuServer bool) {
+func qemuArgs(cfg *config.Config, mem, accel string) (args []qemuArg, sock string, qemuServer bool) {
 	sock, qemuServer = cfg.Socket, false
 	if cfg.Connect != "" {
 		sock, qemuServer = cfg.Connect, true
@@ -115,14 +120,17 @@ func qemuArgs(cfg *config.Config, mem string) (args []qemuArg, sock string, qemu
 		{"-device", "virtio-net-pci,netdev=net0,mac=" + mac,
 			"the guest NIC; the MAC matches vunet's (DHCP hands it " + cfg.IPv4.Guest.String() + ")"},
 	}
+	if accel == accelTCG {
+		args[len(args)-1].val += ",vectors=0"
+		args[len(args)-1].why += "; vectors=0 because QEMU 7.2 crashes with vhost-user and MSI-X under TCG"
+	}
 	return args, sock, qemuServer
 }
 
 // writeQEMUArgs prints the arguments for cfg. In listen mode (--socket)
 // QEMU is the vhost-user client; in connect mode it must be the server.
-func writeQEMUArgs(w io.Writer, cfg *config.Config, mem string, plain bool) error {
-	args, sock, qemuServer := qemuArgs(cfg, mem)
-	mac := cfg.MAC.String()
+func writeQEMUArgs(w io.Writer, cfg *config.Config, mem, accel string, plain bool) error {
+	args, sock, qemuServer := qemuArgs(cfg, mem, accel)
 
 	var b strings.Builder
 	if plain {
@@ -136,15 +144,7 @@ func writeQEMUArgs(w io.Writer, cfg *config.Config, mem string, plain bool) erro
 	for _, a := range args {
 		fmt.Fprintf(&b, "# %s\n%s %s\n", a.why, a.opt, a.val)
 	}
-	mode := "client"
-	if qemuServer {
-		mode = "server"
-	}
-	b.WriteString("\n<!-- libvirt: inside <domain>, shared memory for vhost-user -->\n")
-	b.WriteString("<memoryBacking>\n  <source type='memfd'/>\n  <access mode='shared'/>\n</memoryBacking>\n")
-	b.WriteString("<!-- libvirt: inside <devices> -->\n")
-	fmt.Fprintf(&b, "<interface type='vhostuser'>\n  <mac address='%s'/>\n  <source type='unix' path='%s' mode='%s'/>\n  <model type='virtio'/>\n</interface>\n",
-		xmlAttr(mac), xmlAttr(sock), mode)
+	writeLibvirtXML(&b, cfg, sock, qemuServer, mem, accel)
 	_, err := io.WriteString(w, b.String())
 	return err
 }
@@ -153,7 +153,7 @@ func writeQEMUArgs(w io.Writer, cfg *config.Config, mem string, plain bool) erro
 // how to attach QEMU to it, as one shell-ready line (passt does the same).
 func writeStartupHint(w io.Writer, cfg *config.Config) error {
 	const mem = "512M"
-	args, sock, _ := qemuArgs(cfg, mem)
+	args, sock, _ := qemuArgs(cfg, mem, accelKVM)
 	var b strings.Builder
 	fmt.Fprintf(&b, "vunet listens on the default socket %s (no --socket or --connect given); attach a VM with\n", sock)
 	fmt.Fprintf(&b, "  qemu-system-x86_64 -m %s ...", mem)
@@ -172,6 +172,58 @@ func shellQuote(s string) string {
 		return s
 	}
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// Accelerators qemu-args knows (--accel).
+const (
+	accelKVM = "kvm"
+	accelTCG = "tcg"
+)
+
+// libvirtAlias is the user alias of vunet's interface, which the TCG
+// override names; libvirt requires user aliases to start with "ua-".
+const libvirtAlias = "ua-vunet0"
+
+// writeLibvirtXML writes a libvirt <domain> fragment (libvirt 9.0, Debian
+// 12) for the same setup: shared memfd RAM, the vhostuser interface and,
+// under TCG, the vectors=0 override (libvirt ≥ 8.2).
+func writeLibvirtXML(b *strings.Builder, cfg *config.Config, sock string, qemuServer bool, mem, accel string) {
+	mode, who := "client", "vunet listens on the socket (vunet --socket); libvirt's QEMU (user libvirt-qemu on Debian) must be able to connect: --socket-group libvirt-qemu --socket-mode 0660, in a directory that user may enter"
+	if qemuServer {
+		mode, who = "server", "QEMU listens on the socket and vunet --connect dials it (again after every restart of the domain); libvirt starts QEMU with server=on and without wait=off, so the VM waits for vunet before it runs; vunet's user (--runas libvirt-qemu when started as root) must be able to connect"
+	}
+	domType, ns := "kvm", ""
+	if accel == accelTCG {
+		domType, ns = "qemu", " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'"
+	}
+	num, unit := libvirtSize(mem)
+	b.WriteString("\n# libvirt domain XML (libvirt 9.0 or later; docs/libvirt.md): merge into your <domain>.\n")
+	fmt.Fprintf(b, "# %s.\n", who)
+	fmt.Fprintf(b, "<domain type='%s'%s>\n", domType, ns)
+	fmt.Fprintf(b, "  <memory unit='%s'>%s</memory>\n", unit, num)
+	b.WriteString("  <!-- vhost-user needs all guest RAM shared with vunet -->\n")
+	b.WriteString("  <memoryBacking>\n    <source type='memfd'/>\n    <access mode='shared'/>\n  </memoryBacking>\n")
+	b.WriteString("  <devices>\n")
+	fmt.Fprintf(b, "    <interface type='vhostuser'>\n      <alias name='%s'/>\n      <mac address='%s'/>\n", libvirtAlias, xmlAttr(cfg.MAC.String()))
+	fmt.Fprintf(b, "      <source type='unix' path='%s' mode='%s'/>\n      <model type='virtio'/>\n    </interface>\n", xmlAttr(sock), mode)
+	b.WriteString("  </devices>\n")
+	if accel == accelTCG {
+		b.WriteString("  <!-- TCG only: QEMU 7.2 crashes with vhost-user and MSI-X, so the NIC gets vectors=0 (libvirt 8.2 or later) -->\n")
+		fmt.Fprintf(b, "  <qemu:override>\n    <qemu:device alias='%s'>\n      <qemu:frontend>\n", libvirtAlias)
+		b.WriteString("        <qemu:property name='vectors' type='unsigned' value='0'/>\n      </qemu:frontend>\n    </qemu:device>\n  </qemu:override>\n")
+	}
+	b.WriteString("</domain>\n")
+}
+
+// libvirtSize turns a --mem size (QEMU syntax, validated) into a libvirt
+// <memory> value and unit.
+func libvirtSize(mem string) (num, unit string) {
+	units := map[byte]string{'k': "KiB", 'm': "MiB", 'g': "GiB", 't': "TiB"}
+	last := mem[len(mem)-1] | 0x20 // lower case
+	if u, ok := units[last]; ok {
+		return mem[:len(mem)-1], u
+	}
+	return mem, "b"
 }
 
 // qemuEscape escapes a value for QEMU's comma-separated option syntax, where

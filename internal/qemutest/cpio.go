@@ -247,3 +247,10 @@ func writeTestInitrd(dst, base, script string, files map[string][]byte) (err err
 	}
 	return bw.Flush()
 }
+
+// WriteInitrd writes to dst the base initramfs plus script as
+// /test/run.sh and files, as Guest.Start does, for guests another program
+// boots (libvirt).
+func WriteInitrd(dst, base, script string, files map[string][]byte) error {
+	return writeTestInitrd(dst, base, script, files)
+}
