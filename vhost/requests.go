@@ -319,11 +319,15 @@ func (s *session) addMemReg(a memRegion) error {
 	if err != nil {
 		return err
 	}
+	reg.CountHits(&s.stats.HotMemBuffers)
 	paused := s.pauseAll()
 	if err := s.mem.Add(reg); err != nil {
 		reg.Release()
 		return errors.Join(err, s.resume(paused))
 	}
+	s.stats.MemRegionsAdded.Add(1)
+	s.log.Info("guest memory region added (hotplug)", "guest_addr", fmt.Sprintf("%#x", a.r.GuestAddr),
+		"size", a.r.Size, "regions", s.mem.Len())
 	for i := range s.vrings {
 		paused = append(paused, i)
 	}
@@ -333,6 +337,11 @@ func (s *session) addMemReg(a memRegion) error {
 func (s *session) remMemReg(a memRegion) error {
 	paused := s.pauseAll()
 	err := s.mem.Remove(a.r.GuestAddr, a.r.UserAddr, a.r.Size)
+	if err == nil {
+		s.stats.MemRegionsRemoved.Add(1)
+		s.log.Info("guest memory region removed (unplug)", "guest_addr", fmt.Sprintf("%#x", a.r.GuestAddr),
+			"size", a.r.Size, "regions", s.mem.Len())
+	}
 	return errors.Join(err, s.resume(paused))
 }
 

@@ -223,6 +223,9 @@ type Guest struct {
 
 	// MemMB is the guest RAM in MiB (default DefaultMemMB).
 	MemMB int
+	// MemOpts is appended to -m, e.g. "slots=2,maxmem=1G" for memory
+	// hotplug (a leading comma is optional).
+	MemOpts string
 	// Timeout bounds the run from QEMU start to exit (default
 	// DefaultTimeout); QEMU is killed when it expires.
 	Timeout time.Duration
@@ -396,6 +399,13 @@ func (g *Guest) args(kernel, initrd string) []string {
 		appendLine += " " + g.KernelArgs
 	}
 	args := MachineArgs(mem)
+	if opts := strings.TrimPrefix(g.MemOpts, ","); opts != "" {
+		for i := range args[:len(args)-1] {
+			if args[i] == "-m" {
+				args[i+1] += "," + opts
+			}
+		}
+	}
 	args = append(args, "-kernel", kernel, "-initrd", initrd, "-append", appendLine)
 	if g.NoNet {
 		args = append(args, "-nic", "none")

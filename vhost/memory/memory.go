@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"sync/atomic"
 )
 
 // MaxRegions bounds the region table. QEMU's SET_MEM_TABLE carries at most 8
@@ -40,7 +41,15 @@ type Region struct {
 	data []byte
 	// unmap releases the mapping; nil for regions over plain memory.
 	unmap func() error
+	// hits, if set (regions hot-added with ADD_MEM_REG, see
+	// CountHits), counts the descriptor buffers translated into the
+	// region: the proof that a guest's hot-plugged memory carries
+	// traffic. nil for the boot-time regions, which costs one branch.
+	hits *atomic.Uint64
 }
+
+// CountHits makes Translate count, in c, every buffer it finds in r.
+func (r *Region) CountHits(c *atomic.Uint64) { r.hits = c }
 
 // NewRegion returns a region over data, which the caller owns. It is used by
 // tests and by anything that already has the memory mapped.
@@ -158,6 +167,9 @@ func (t *Table) Translate(out [][]byte, addr, n uint64, maxIov int) ([][]byte, e
 		}
 		if added == maxIov {
 			return out, fmt.Errorf("%w: limit %d", ErrTooManyIov, maxIov)
+		}
+		if r.hits != nil {
+			r.hits.Add(1)
 		}
 		off := addr - r.GuestAddr
 		c := min(n, r.Size()-off)

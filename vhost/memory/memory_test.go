@@ -3,6 +3,7 @@ package memory
 import (
 	"bytes"
 	"errors"
+	"sync/atomic"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -130,5 +131,35 @@ func TestMapRegion(t *testing.T) {
 	}
 	if _, err := MapRegion(-1, 0, 0, 0x1000, 0); err == nil {
 		t.Fatal("bad fd mapped")
+	}
+}
+
+// TestCountHits: buffers translated into a region that counts hits (one
+// hot-added with ADD_MEM_REG) are counted once per slice; a boot-time
+// region counts nothing.
+func TestCountHits(t *testing.T) {
+	var hits atomic.Uint64
+	var tbl Table
+	boot := NewRegion(0, 0x10000, make([]byte, 4096))
+	hot := NewRegion(4096, 0x20000, make([]byte, 4096))
+	hot.CountHits(&hits)
+	if err := tbl.Add(boot); err != nil {
+		t.Fatal(err)
+	}
+	if err := tbl.Add(hot); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ addr, n, want uint64 }{
+		{0, 100, 0},     // boot region only
+		{5000, 100, 1},  // hot region
+		{4000, 200, 2},  // crosses into the hot region
+		{4096, 4096, 3}, // the whole hot region
+	} {
+		if _, err := tbl.Translate(nil, tc.addr, tc.n, 4); err != nil {
+			t.Fatal(err)
+		}
+		if got := hits.Load(); got != tc.want {
+			t.Errorf("after %#x+%d: %d hits, want %d", tc.addr, tc.n, got, tc.want)
+		}
 	}
 }
