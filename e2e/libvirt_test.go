@@ -223,6 +223,11 @@ func TestLibvirt(t *testing.T) {
 	// and checks the script's result.
 	boot := func(t *testing.T, name string, wantEnd bool) {
 		t.Helper()
+		// A fresh console file per boot: the ready line of the last
+		// boot must not count for this one.
+		if err := os.Remove(console); err != nil && !os.IsNotExist(err) {
+			t.Fatal(err)
+		}
 		start := time.Now()
 		lv.must(t, "start", name)
 		for !strings.Contains(readFile(console), harness.ReadyLine("booted")) {
