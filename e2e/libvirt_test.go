@@ -230,9 +230,15 @@ func TestLibvirt(t *testing.T) {
 		}
 		start := time.Now()
 		lv.must(t, "start", name)
-		for !strings.Contains(readFile(console), harness.ReadyLine("booted")) {
-			if ctx.Err() != nil || strings.Contains(readFile(console), "E2E-DONE") {
-				t.Fatalf("guest never got ready; console:\n%s", readFile(console))
+		deadline := time.Now().Add(3 * time.Minute)
+		for i := 0; !strings.Contains(readFile(console), harness.ReadyLine("booted")); i++ {
+			ended := false
+			if i%20 == 19 {
+				out, _ := lv.virsh(10*time.Second, "domstate", name)
+				ended = strings.TrimSpace(out) == "shut off"
+			}
+			if ctx.Err() != nil || ended || time.Now().After(deadline) {
+				t.Fatalf("%s: guest never got ready (domain ended: %v); console:\n%s", name, ended, readFile(console))
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
