@@ -76,6 +76,11 @@ func TestLinuxConnectRedial(t *testing.T) {
 		}
 	}
 	first.Kill()
+	// QEMU leaves its socket file behind when killed; the next QEMU
+	// replaces it. Removing it here lets openSocket wait for the new one.
+	if err := os.Remove(sock); err != nil {
+		t.Fatal(err)
+	}
 	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
 	err := vn.WaitLog(wctx, "frontend went away")
 	wcancel()

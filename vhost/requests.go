@@ -319,15 +319,24 @@ func (s *session) addMemReg(a memRegion) error {
 	if err != nil {
 		return err
 	}
-	reg.CountHits(&s.stats.HotMemBuffers)
 	paused := s.pauseAll()
+	// QEMU sends the boot-time memory with ADD_MEM_REG too, before it
+	// starts the rings; a region added while queues run is hot-plugged.
+	hot := len(paused) > 0
+	if hot {
+		reg.CountHits(&s.stats.HotMemBuffers)
+	}
 	if err := s.mem.Add(reg); err != nil {
 		reg.Release()
 		return errors.Join(err, s.resume(paused))
 	}
-	s.stats.MemRegionsAdded.Add(1)
-	s.log.Info("guest memory region added (hotplug)", "guest_addr", fmt.Sprintf("%#x", a.r.GuestAddr),
-		"size", a.r.Size, "regions", s.mem.Len())
+	if hot {
+		s.stats.MemRegionsAdded.Add(1)
+		s.log.Info("guest memory region added (hotplug)", "guest_addr", fmt.Sprintf("%#x", a.r.GuestAddr),
+			"size", a.r.Size, "regions", s.mem.Len())
+	} else {
+		s.log.Debug("memory region added", "guest_addr", fmt.Sprintf("%#x", a.r.GuestAddr), "size", a.r.Size, "regions", s.mem.Len())
+	}
 	for i := range s.vrings {
 		paused = append(paused, i)
 	}
@@ -337,7 +346,7 @@ func (s *session) addMemReg(a memRegion) error {
 func (s *session) remMemReg(a memRegion) error {
 	paused := s.pauseAll()
 	err := s.mem.Remove(a.r.GuestAddr, a.r.UserAddr, a.r.Size)
-	if err == nil {
+	if err == nil && len(paused) > 0 {
 		s.stats.MemRegionsRemoved.Add(1)
 		s.log.Info("guest memory region removed (unplug)", "guest_addr", fmt.Sprintf("%#x", a.r.GuestAddr),
 			"size", a.r.Size, "regions", s.mem.Len())

@@ -54,9 +54,11 @@ type Stats struct {
 	SetupTimeouts   atomic.Uint64 `metric:"vhost_frontends_refused_total{reason=setup_timeout}"`
 	AcceptErrors    atomic.Uint64 `metric:"vhost_accept_errors_total" help:"Failed accepts on the vhost-user socket (EMFILE, ENFILE, ...), retried after a backoff."`
 	// Memory hotplug (ADD_MEM_REG / REM_MEM_REG).
-	MemRegionsAdded   atomic.Uint64 `metric:"vhost_mem_regions_added_total" help:"Guest memory regions added at run time (ADD_MEM_REG, memory hotplug)."`
-	MemRegionsRemoved atomic.Uint64 `metric:"vhost_mem_regions_removed_total" help:"Guest memory regions removed at run time (REM_MEM_REG, memory unplug)."`
-	HotMemBuffers     atomic.Uint64 `metric:"vhost_hotplugged_memory_buffers_total" help:"Descriptor buffers found in guest memory added at run time (ADD_MEM_REG): traffic through hot-plugged memory."`
+	// "At run time" is while virtqueues run: QEMU also sends the
+	// boot-time memory with ADD_MEM_REG, before it starts them.
+	MemRegionsAdded   atomic.Uint64 `metric:"vhost_mem_regions_added_total" help:"Guest memory regions added while the virtqueues run (ADD_MEM_REG, memory hotplug)."`
+	MemRegionsRemoved atomic.Uint64 `metric:"vhost_mem_regions_removed_total" help:"Guest memory regions removed while the virtqueues run (REM_MEM_REG, memory unplug)."`
+	HotMemBuffers     atomic.Uint64 `metric:"vhost_hotplugged_memory_buffers_total" help:"Descriptor buffers found in guest memory added while the virtqueues run (memory hotplug)."`
 }
 
 // vring is the control-plane view of one queue.
