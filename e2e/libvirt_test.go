@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -42,6 +43,14 @@ func startLibvirt(t *testing.T, dir string) *libvirt {
 	}
 	if _, err := user.Lookup(libvirtQEMUUser); err != nil {
 		qemutest.Unavailable(t, "REAL-LIBVIRT TEST", "no user %s (Debian's libvirt-daemon-system creates it)", libvirtQEMUUser)
+	}
+	// The daemons share /run/libvirt (the QEMU driver's lock, virtlogd's
+	// socket) with a system libvirt: they cannot run next to one.
+	for _, sock := range []string{"/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock", "/run/libvirt/virtlogd-sock"} {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			qemutest.Unavailable(t, "REAL-LIBVIRT TEST", "a libvirt daemon is already running (%s answers); this test starts its own and cannot share /run/libvirt with it", sock)
+		}
 	}
 	sockDir := filepath.Join(dir, "libvirt")
 	if err := os.Mkdir(sockDir, 0o700); err != nil {
