@@ -41,15 +41,20 @@ func TestTapFrontOffloads(t *testing.T) {
 	nsRun := func(args ...string) string { return run(t, append([]string{"ip", "netns", "exec", ns}, args...)...) }
 	nsRun("ip", "link", "set", "lo", "up")
 
-	// The tap is created here and moved into the namespace; its file keeps
-	// working across the move.
+	// The tap is created here and moved into the namespace before any
+	// frame flows; its file keeps working across the move.
 	const dev = "vtf0"
 	tap, err := tapfront.OpenTap(dev)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if out, err := exec.Command("ip", "link", "set", dev, "netns", ns).CombinedOutput(); err != nil {
+		tap.Close()
+		t.Fatalf("ip link set %s netns %s: %v\n%s", dev, ns, err, out)
+	}
 	b, err := tapfront.Dial(in.Socket, tap, tapfront.Options{})
 	if err != nil {
+		tap.Close()
 		t.Fatal(err)
 	}
 	for _, bit := range []int{endpoint.FeatureCsum, endpoint.FeatureGuestCsum, endpoint.FeatureHostTSO4, endpoint.FeatureHostTSO6,
@@ -70,7 +75,6 @@ func TestTapFrontOffloads(t *testing.T) {
 			t.Errorf("tapfront: %v", err)
 		}
 	})
-	run(t, "ip", "link", "set", dev, "netns", ns)
 	nsRun("ip", "link", "set", dev, "address", "52:54:00:12:34:56")
 	nsRun("ip", "addr", "add", "10.0.2.15/24", "dev", dev)
 	nsRun("ip", "link", "set", dev, "up")

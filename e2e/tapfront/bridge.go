@@ -129,7 +129,8 @@ type Bridge struct {
 // Dial connects to the backend at socket, negotiates features, shares
 // memory and starts nothing yet (Run does). The tap must have a 12-byte
 // vnet header (OpenTap); call SetTapOffload before Run to let the kernel
-// hand over what was negotiated. The Bridge owns tap from now on. (Any
+// hand over what was negotiated. Once Dial succeeds the Bridge owns tap
+// (Run closes it); on error the caller still does. (Any
 // packet socket with a 12-byte header per message, such as one end of a
 // SOCK_SEQPACKET pair in tests, works in place of a tap.)
 func Dial(socket string, tap *os.File, opts Options) (*Bridge, error) {
