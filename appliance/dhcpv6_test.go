@@ -30,9 +30,9 @@ import (
 	"github.com/vunet/vunet/vhost/vhosttest"
 )
 
-// TestStatefulDHCPv6Guest is the real-client test of --dhcpv6 stateful,
-// in-process: the test guest's busybox (Debian's busybox-static 1.35) has
-// no udhcpc6 applet, so the client here is a gVisor guest stack attached
+// TestStatefulDHCPv6Guest tests --dhcpv6 stateful end to end
+// in-process (the QEMU guest runs dhcpcd in e2e.TestLinuxGuestDHCPv6;
+// busybox has no udhcpc6): the client is a gVisor guest stack attached
 // to the appliance through the vhost-user socket, rings and endpoint as a
 // virtio driver. The guest sees the M flag in a solicited RA, gets an
 // address with SOLICIT/ADVERTISE/REQUEST/REPLY, reaches an HTTP server on

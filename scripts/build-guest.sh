@@ -28,6 +28,9 @@ src=$root/testdata/guest
 out=${1:-$root/build/guest}
 busybox=/bin/busybox
 iperf3=/usr/bin/iperf3
+# dhcpcd (Debian's dhcpcd-base) is the guest's DHCPv6 client, as busybox-static
+# has no udhcpc6; optional: without it the DHCPv6 e2e test fails its step.
+dhcpcd=/usr/sbin/dhcpcd
 
 mkdir -p "$out" || die "cannot create $out"
 out=$(cd "$out" && pwd)
@@ -36,6 +39,7 @@ out=$(cd "$out" && pwd)
 # build. Anything newer than it means the build is stale.
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.gz" ]; then
 	inputs=("$self" "$src" "$busybox" "$iperf3")
+	[ -x "$dhcpcd" ] && inputs+=("$dhcpcd")
 	[ -n "${VUNET_GUEST_KERNEL_DEB:-}" ] && inputs+=("$VUNET_GUEST_KERNEL_DEB")
 	if [ -z "$(find -L "${inputs[@]}" -newer "$out/initrd.gz" -print -quit 2>/dev/null)" ]; then
 		echo "build-guest: up to date: $out"
@@ -120,14 +124,19 @@ while read -r applet; do
 done < <("$busybox" --list-full)
 [ -L "$rootfs/bin/sh" ] || die "busybox has no sh applet"
 
-# iperf3 is dynamically linked: copy the binary, every library ldd reports
-# and the dynamic loader, each at the path the binary expects.
-cp "$iperf3" "$rootfs/usr/bin/iperf3"
-libs=$(ldd "$iperf3" | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}' | sort -u)
-[ -n "$libs" ] || die "ldd found no libraries for $iperf3"
-for lib in $libs; do
-	mkdir -p "$rootfs$(dirname "$lib")"
-	cp -L "$lib" "$rootfs$lib" || die "cannot copy $lib"
+# iperf3 (and dhcpcd) are dynamically linked: copy the binary, every library
+# ldd reports and the dynamic loader, each at the path the binary expects.
+bins=("$iperf3")
+[ -x "$dhcpcd" ] && bins+=("$dhcpcd")
+for bin in "${bins[@]}"; do
+	mkdir -p "$rootfs$(dirname "$bin")"
+	cp "$bin" "$rootfs$bin"
+	libs=$(ldd "$bin" | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}' | sort -u)
+	[ -n "$libs" ] || die "ldd found no libraries for $bin"
+	for lib in $libs; do
+		mkdir -p "$rootfs$(dirname "$lib")"
+		cp -L "$lib" "$rootfs$lib" || die "cannot copy $lib"
+	done
 done
 
 # Modules, flattened into lib/modules/$kver/NAME.ko in the order /init loads

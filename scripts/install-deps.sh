@@ -4,7 +4,8 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 # libvirt-daemon-system: e2e TestLibvirt runs its own libvirtd and virtlogd.
-pkgs=(qemu-system-x86 ipxe ovmf busybox-static iperf3 socat cpio kmod iproute2 tshark dpdk-dev util-linux libvirt-daemon-system)
+# dhcpcd-base: the test guest's DHCPv6 client (busybox-static has no udhcpc6).
+pkgs=(qemu-system-x86 ipxe ovmf busybox-static iperf3 dhcpcd-base socat cpio kmod iproute2 tshark dpdk-dev util-linux libvirt-daemon-system)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -294,6 +294,36 @@ fi
 `, Gateway6, DNS6, port6, strings.TrimSuffix(HelloText, "\n"))
 }
 
+// StepDHCPv6 gets a stateful DHCPv6 address (IA_NA) with dhcpcd (Debian's
+// dhcpcd-base, copied into the guest by scripts/build-guest.sh; busybox has
+// no udhcpc6), with the kernel's and dhcpcd's SLAAC off so the leased
+// address is the guest's only global one, and then POSTs the address to
+// the host's [::1] through the gateway fd00::2, as upload NAME.
+func StepDHCPv6(name string, port6 int) string {
+	return fmt.Sprintf(`begin
+if ! command -v dhcpcd >/dev/null; then
+	fail %[1]s "no dhcpcd in the guest (install dhcpcd-base and rebuild it: make guest)"
+else
+	echo 0 >/proc/sys/net/ipv6/conf/eth0/autoconf
+	ip -6 addr flush dev eth0 scope global
+	mkdir -p /var/lib/dhcpcd /run/dhcpcd /var/run
+	printf 'ipv6only\nipv6ra_noautoconf\nia_na 1\nnoipv4ll\n' >/etc/dhcpcd.conf
+	dhcpcd -f /etc/dhcpcd.conf -c /bin/true -1 -w -t 30 eth0 >/tmp/dhcpcd.log 2>&1
+	a6=$(ip -6 addr show dev eth0 scope global | sed -n 's/.*inet6 \(fd00::1[0-9a-f][0-9a-f]\)\/128.*/\1/p' | head -n1)
+	if [ -z "$a6" ]; then
+		cat /tmp/dhcpcd.log
+		ip -6 addr show dev eth0
+		fail %[1]s "no address from fd00::100-fd00::1ff"
+	elif o=$(wget -q -O - --post-data "dhcpv6 $a6" http://[%[2]s]:%[3]d/upload/%[1]s 2>&1); then
+		pass %[1]s "addr=$a6 $(ip -6 addr show dev eth0 scope global | grep -c inet6) global address(es); upload: $o"
+	else
+		cat /tmp/dhcpcd.log
+		fail %[1]s "addr=$a6, POST to [%[2]s]:%[3]d failed: $o"
+	fi
+fi
+`, name, Gateway6, port6)
+}
+
 // StepTraceroute traces the route to the gateway with UDP probes to port,
 // a port nothing listens on at the host's loopback, over IPv4 and (after
 // StepIPv6) IPv6. The host kernel answers the probes that vunet relays with
