@@ -52,10 +52,12 @@ func (f *fakeAPI) Stats() api.Stats {
 			m("forward", "vunet_flows", 1, "proto", "tcp"),
 			m("forward", "vunet_port_forwards", 2),
 			m("dhcp", "vunet_dhcp_leases", 1),
+			m("dhcpv6", "vunet_dhcpv6_leases", 1),
 			m("dns", "vunet_dns_queries_total", 4, "transport", "udp"),
 		},
 		Rings:  []api.RingState{{Queue: 1, Direction: api.FromGuest, Size: 256, AvailIdx: 9, NextAvail: 8, UsedIdx: 8}},
-		Leases: []api.Lease{{MAC: "52:54:00:12:34:56", Addr: netip.MustParseAddr("10.0.2.15"), Expiry: time.Unix(1e9, 0)}},
+		Leases: []api.Lease{{MAC: "52:54:00:12:34:56", Addr: netip.MustParseAddr("10.0.2.15"), Expiry: time.Unix(1e9, 0)},
+			{MAC: "52:54:00:12:34:56", Addr: netip.MustParseAddr("fd00::100"), Expiry: time.Unix(1e9, 0), DUID: "00030001525400123456", IAID: 7}},
 	}
 }
 
@@ -207,15 +209,19 @@ func TestStatsCommand(t *testing.T) {
 	for _, w := range []string{"vunet fake, up 1h1m1s\n\nlink\n", "  frames   0 to_guest 5\n", "  bytes    0 to_guest 3.0 MiB\n",
 		"  drops    tx_short 2\n", "\n\nvirtqueue\n  bad_chains   1 from_guest 1\n",
 		"  ring         1 from_guest: size 256, avail 9, next 8, used 8\n",
-		"  lease    52:54:00:12:34:56 10.0.2.15 until ", "  port_forwards   2\n"} {
+		"  lease    52:54:00:12:34:56 10.0.2.15 until ", "  port_forwards   2\n",
+		"\n\ndhcpv6\n  leases   1\n  lease    duid 00030001525400123456 iaid 7 fd00::100 until "} {
 		if !strings.Contains(r.stdout, w) {
 			t.Errorf("stats output lacks %q:\n%s", w, r.stdout)
 		}
 	}
+	if strings.Contains(r.stdout, "52:54:00:12:34:56 fd00::100") {
+		t.Errorf("the DHCPv6 lease is also listed under dhcp:\n%s", r.stdout)
+	}
 
 	r = runVunet(t, nil, "stats", "--api", sock, "--json")
 	var st api.Stats
-	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || st.Version != "fake" || len(st.Metrics) != 8 {
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || st.Version != "fake" || len(st.Metrics) != 9 {
 		t.Errorf("stats --json: %v %+v", err, st)
 	}
 	if v, ok := st.Find("vunet_virtqueue_bad_chains_total", "queue", "1", "direction", "from_guest"); !ok || v != 1 {
