@@ -55,7 +55,7 @@ func (f *fakeAPI) Stats() api.Stats {
 			m("dhcpv6", "vunet_dhcpv6_leases", 1),
 			m("dns", "vunet_dns_queries_total", 4, "transport", "udp"),
 		},
-		Rings:  []api.RingState{{Queue: 1, Direction: api.FromGuest, Size: 256, AvailIdx: 9, NextAvail: 8, UsedIdx: 8}},
+		Rings: []api.RingState{{Queue: 1, Direction: api.FromGuest, Size: 256, AvailIdx: 9, NextAvail: 8, UsedIdx: 8}},
 		Leases: []api.Lease{{MAC: "52:54:00:12:34:56", Addr: netip.MustParseAddr("10.0.2.15"), Expiry: time.Unix(1e9, 0)},
 			{MAC: "52:54:00:12:34:56", Addr: netip.MustParseAddr("fd00::100"), Expiry: time.Unix(1e9, 0), DUID: "00030001525400123456", IAID: 7}},
 	}
