@@ -180,13 +180,14 @@ func TestStatefulDHCPv6Guest(t *testing.T) {
 	}
 }
 
-// TestForwardToGuestIPv6: a forward on an IPv6 host address reaches the
+// TestForwardToGuestIPv6: a TCP or UDP forward on an IPv6 host address reaches the
 // guest over IPv4 while vunet knows no IPv6 address of it, and over IPv6
 // at its SLAAC (EUI-64) address once the guest has used it.
 func TestForwardToGuestIPv6(t *testing.T) {
 	cfg := testConfig(t, t.TempDir())
 	cfg.Forwards = []config.Forward{{Proto: "tcp", Host: netip.MustParseAddrPort("[::1]:0"), GuestPort: 22},
-		{Proto: "tcp", Host: netip.MustParseAddrPort("127.0.0.1:0"), GuestPort: 22}}
+		{Proto: "tcp", Host: netip.MustParseAddrPort("127.0.0.1:0"), GuestPort: 22},
+		{Proto: "udp", Host: netip.MustParseAddrPort("[::1]:0"), GuestPort: 5353}}
 	a, err := New(cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
@@ -200,6 +201,7 @@ func TestForwardToGuestIPv6(t *testing.T) {
 	if got := forwardLandsOn(t, a, ln); got != netstacktest.Guest4 {
 		t.Errorf("before any IPv6 traffic the forward reached %s, want %s", got, netstacktest.Guest4)
 	}
+	udpLandsOn(t, a, g, netstacktest.Guest4)
 	slaac := netip.MustParseAddr("fd00::5054:ff:fe12:3456")
 	addAddr(t, g, slaac, 128)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -215,6 +217,42 @@ func TestForwardToGuestIPv6(t *testing.T) {
 	if got := forwardLandsOn(t, a, ln); got != slaac {
 		t.Errorf("forward on [::1] reached %s, want the SLAAC address %s", got, slaac)
 	}
+	// UDP flows are new per client: a new client socket gets a new flow.
+	udpLandsOn(t, a, g, slaac)
+}
+
+// udpLandsOn sends a datagram to the UDP forward on [::1] from a new
+// client socket and checks it arrives at a guest socket bound to at:5353
+// (one bound elsewhere would not receive it).
+func udpLandsOn(t *testing.T, a *Appliance, g *stack.Stack, at netip.Addr) {
+	t.Helper()
+	gc, err := netstacktest.ListenUDP(g, netip.AddrPortFrom(at, 5353))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	var host netip.AddrPort
+	for _, f := range a.Forwards() {
+		if f.Proto == "udp" {
+			host = f.Host
+		}
+	}
+	c, err := net.Dial("udp", host.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 64)
+	for try := 0; try < 20; try++ {
+		if _, err := c.Write([]byte("probe")); err != nil {
+			t.Fatal(err)
+		}
+		gc.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
+		if n, _, err := gc.ReadFrom(buf); err == nil && string(buf[:n]) == "probe" {
+			return
+		}
+	}
+	t.Errorf("no datagram from the udp forward on %s at %s:5353", host, at)
 }
 
 // guestOn attaches a gVisor guest to the appliance's vhost-user socket.
@@ -245,6 +283,9 @@ func forwardLandsOn(t *testing.T, a *Appliance, ln *gonet.TCPListener) netip.Add
 	t.Helper()
 	var got netip.Addr
 	for _, f := range a.Forwards() {
+		if f.Proto != "tcp" {
+			continue
+		}
 		c, err := net.DialTimeout("tcp", f.Host.String(), 10*time.Second)
 		if err != nil {
 			t.Fatal(err)
