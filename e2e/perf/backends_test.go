@@ -33,7 +33,7 @@ const (
 
 // backendSpec is one column of the comparison: a backend and its options.
 type backendSpec struct {
-	Kind string // vunet, passt or gvproxy
+	Kind string // vunet, passt, passt-vhost or gvproxy
 	MTU  int    // 0: the backend's default
 }
 
@@ -45,7 +45,7 @@ func (b backendSpec) String() string {
 }
 
 // parseBackends reads a comma-separated list such as
-// "vunet,passt,gvproxy,vunet:mtu=65520".
+// "vunet,passt-vhost,passt,gvproxy,vunet:mtu=65520".
 func parseBackends(s string) ([]backendSpec, error) {
 	var out []backendSpec
 	for _, f := range strings.Split(s, ",") {
@@ -55,9 +55,9 @@ func parseBackends(s string) ([]backendSpec, error) {
 		}
 		kind, opts, _ := strings.Cut(f, ":")
 		switch kind {
-		case "vunet", "passt", "gvproxy":
+		case "vunet", "passt", "passt-vhost", "gvproxy":
 		default:
-			return nil, fmt.Errorf("unknown backend %q (want vunet, passt or gvproxy)", kind)
+			return nil, fmt.Errorf("unknown backend %q (want vunet, passt, passt-vhost or gvproxy)", kind)
 		}
 		spec := backendSpec{Kind: kind}
 		if opts != "" {
@@ -78,14 +78,17 @@ func parseBackends(s string) ([]backendSpec, error) {
 
 // binaries are the backend executables, resolved once.
 type binaries struct {
-	vunet, passt, gvproxy string
-	missing               map[string]string // kind -> why unavailable
+	vunet, passt, passtVhost, gvproxy string
+	missing                           map[string]string // kind -> why unavailable
 }
 
-// findBinaries locates the three backends. vunet is built from this tree
+// findBinaries locates the backends. vunet is built from this tree
 // (vunettest.Binary) unless VUNET_PERF_VUNET names a binary; passt comes from
-// VUNET_PERF_PASST or PATH; gvproxy from VUNET_PERF_GVPROXY, build/perf/gvproxy
-// (where scripts/bench-compare.sh builds it) or PATH.
+// VUNET_PERF_PASST or PATH; passt-vhost (passt --vhost-user) from
+// VUNET_PERF_PASST_VHOST, else the same binary as passt (one passt binary
+// serves both modes if it is new enough: --vhost-user arrived in 2024; an
+// older one fails to start and is reported unavailable); gvproxy from
+// VUNET_PERF_GVPROXY, build/perf/gvproxy or PATH.
 func findBinaries(t *testing.T, root string) *binaries {
 	b := &binaries{missing: map[string]string{}}
 	if p := os.Getenv("VUNET_PERF_VUNET"); p != "" {
@@ -113,6 +116,17 @@ func findBinaries(t *testing.T, root string) *binaries {
 		return ""
 	}
 	b.passt = look("passt", "VUNET_PERF_PASST")
+	if p := os.Getenv("VUNET_PERF_PASST_VHOST"); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			b.missing["passt-vhost"] = fmt.Sprintf("VUNET_PERF_PASST_VHOST=%s: %v", p, err)
+		} else {
+			b.passtVhost = p
+		}
+	} else if b.passt != "" {
+		b.passtVhost = b.passt
+	} else {
+		b.missing["passt-vhost"] = "passt not found (set VUNET_PERF_PASST_VHOST or VUNET_PERF_PASST, or put it in PATH)"
+	}
 	b.gvproxy = look("gvproxy", "VUNET_PERF_GVPROXY", filepath.Join(root, "build", "perf", "gvproxy"))
 	return b
 }
@@ -156,8 +170,9 @@ type backend struct {
 	api    string     // vunet's --api socket, for `vunet stats` after a failure
 }
 
-// guest returns the QEMU guest wired to this backend. vunet is attached with
-// vhost-user (qemutest's default); passt and gvproxy speak QEMU's stream
+// guest returns the QEMU guest wired to this backend. vunet and passt-vhost
+// are attached with vhost-user (qemutest's default: shared memfd guest RAM,
+// -chardev socket + -netdev vhost-user); passt and gvproxy speak QEMU's stream
 // netdev (4-byte length-prefixed frames over a unix socket). The device is
 // the same virtio-net-pci (vectors=0, no ROM) in every case.
 func (b *backend) guest(script string, memMB int, timeout time.Duration) *qemutest.Guest {
@@ -165,7 +180,7 @@ func (b *backend) guest(script string, memMB int, timeout time.Duration) *qemute
 		// Names QEMU's threads ("CPU 0/TCG"), so vcpuTime can find them.
 		ExtraArgs: []string{"-name", "perf,debug-threads=on"}}
 	switch b.spec.Kind {
-	case "vunet":
+	case "vunet", "passt-vhost":
 		g.Socket = b.socket
 	default:
 		dev := "virtio-net-pci,netdev=n0,romfile=,vectors=0"
@@ -207,11 +222,14 @@ func startBackend(ctx context.Context, bins *binaries, spec backendSpec, dir str
 			args = append(args, "--mtu", strconv.Itoa(spec.MTU))
 		}
 		ready = func(p *proc) bool { return sockExists(p) && strings.Contains(p.Output(), "vunet ready") }
-	case "passt":
+	case "passt", "passt-vhost":
 		if err := setupFakeUplink(); err != nil {
 			return nil, err
 		}
 		bin = bins.passt
+		if spec.Kind == "passt-vhost" {
+			bin = bins.passtVhost
+		}
 		b.target = passtTarget
 		// passt (run as root) switches to "nobody" before it binds its
 		// socket, so the socket's directory must be writable by anyone.
@@ -231,6 +249,11 @@ func startBackend(ctx context.Context, bins *binaries, spec backendSpec, dir str
 		// "nobody" before writing it and cannot create it in dir (with
 		// -f it does not fork, so its pid is the one we started).
 		args = []string{"-f", "-e", "-4", "-1", "-s", sock}
+		if spec.Kind == "passt-vhost" {
+			// The same socket, now a vhost-user one: QEMU maps guest
+			// RAM into passt and passt runs the virtqueues itself.
+			args = append(args, "--vhost-user")
+		}
 		if spec.MTU != 0 {
 			args = append(args, "-m", strconv.Itoa(spec.MTU))
 		}
@@ -316,6 +339,40 @@ func vcpuTime(pid int) (time.Duration, error) {
 		sum += v
 	}
 	return sum, nil
+}
+
+// memKB returns the VmHWM (peak resident set) and RssAnon (private
+// anonymous memory, i.e. not the mapped guest RAM a vhost-user backend
+// shares with QEMU) of pid, in KiB, from /proc/PID/status.
+func memKB(pid int) (hwm, anon int64, err error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	hwm, anon = -1, -1
+	for _, line := range strings.Split(string(data), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok || (k != "VmHWM" && k != "RssAnon") {
+			continue
+		}
+		f := strings.Fields(v)
+		if len(f) == 0 {
+			continue
+		}
+		n, perr := strconv.ParseInt(f[0], 10, 64)
+		if perr != nil {
+			continue
+		}
+		if k == "VmHWM" {
+			hwm = n
+		} else {
+			anon = n
+		}
+	}
+	if hwm < 0 || anon < 0 {
+		return 0, 0, fmt.Errorf("no VmHWM/RssAnon in /proc/%d/status", pid)
+	}
+	return hwm, anon, nil
 }
 
 // statTime reads utime+stime from a /proc stat file.

@@ -24,8 +24,10 @@ import (
 // work):
 //
 //	VUNET_PERF=1                 required, or the test skips
-//	VUNET_PERF_BACKENDS          default "vunet,passt,gvproxy"; each entry
-//	                             may carry ":mtu=N" (e.g. vunet:mtu=65520)
+//	VUNET_PERF_BACKENDS          default "vunet,passt,gvproxy"; also
+//	                             "passt-vhost" (passt --vhost-user); each
+//	                             entry may carry ":mtu=N" (e.g.
+//	                             vunet:mtu=65520)
 //	VUNET_PERF_REPS              repetitions of the whole round (default 3)
 //	VUNET_PERF_SECONDS           iperf3 -t (default 10)
 //	VUNET_PERF_STREAMS           iperf3 -P values (default "1,4")
@@ -39,7 +41,11 @@ import (
 //	                             and the medians use quiet samples only
 //	VUNET_PERF_PROFILE           a directory: `perf record -g` each vunet
 //	                             during its guest run (perturbs the numbers)
-//	VUNET_PERF_VUNET, VUNET_PERF_PASST, VUNET_PERF_GVPROXY  binaries
+//	VUNET_PERF_VUNET, VUNET_PERF_PASST, VUNET_PERF_PASST_VHOST,
+//	VUNET_PERF_GVPROXY           binaries (passt-vhost defaults to the
+//	                             passt binary)
+//	VUNET_PERF_PASST_REV, VUNET_PERF_GVPROXY_REV  source revision of a
+//	                             self-built passt/gvproxy, for the report
 func envInt(t *testing.T, name string, def int) int {
 	v := os.Getenv(name)
 	if v == "" {
@@ -78,6 +84,9 @@ type sample struct {
 	QEMUCPU time.Duration // QEMU process CPU in that window
 	VCPU    time.Duration // QEMU's vCPU thread(s) in that window
 	Host    time.Duration // the whole machine's busy CPU time in that window
+	Retr    int           // TCP retransmissions of iperf3's sender (-1: not reported)
+	HWMKB   int64         // backend's VmHWM (peak RSS, KiB) at the test's end
+	AnonKB  int64         // backend's RssAnon (KiB) at the test's end
 	Err     string
 	Noisy   bool // Other() exceeded the threshold
 }
@@ -245,6 +254,7 @@ run() { # name port iperf3-args...
 	echo "PERF-END $name"
 	cat /tmp/iperf.out
 	echo "PERF-RESULT $name rc=$rc $(grep receiver /tmp/iperf.out | tail -n1)"
+	echo "PERF-SENDER $name $(grep sender /tmp/iperf.out | tail -n1)"
 }
 `, secs+30, target, secs)
 	for i, pt := range tests {
@@ -331,6 +341,7 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 	type mark struct {
 		at                    time.Time
 		cpu, qemu, vcpu, host time.Duration
+		hwm, anon             int64
 	}
 	var sampleErr error
 	sampleNow := func() mark {
@@ -340,7 +351,9 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 		m.qemu, err2 = cpuTime(inst.Pid())
 		m.vcpu, err3 = vcpuTime(inst.Pid())
 		m.host, err4 = hostBusy()
-		if err := cmp.Or(err1, err2, err3, err4); err != nil && sampleErr == nil {
+		var err5 error
+		m.hwm, m.anon, err5 = memKB(backendPid)
+		if err := cmp.Or(err1, err2, err3, err4, err5); err != nil && sampleErr == nil {
 			sampleErr = fmt.Errorf("sampling CPU times: %w", err)
 		}
 		return m
@@ -375,8 +388,10 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 			s.QEMUCPU = m[1].qemu - m[0].qemu
 			s.VCPU = m[1].vcpu - m[0].vcpu
 			s.Host = m[1].host - m[0].host
+			s.HWMKB, s.AnonKB = m[1].hwm, m[1].anon
 		}
 		s.Mbps, s.Bytes, s.Err = parseResult(console, pt.Name)
+		s.Retr = parseRetr(console, pt.Name)
 		out = append(out, s)
 	}
 	if waitErr == nil {
@@ -425,6 +440,27 @@ func parseResult(console, name string) (mbps, bytes float64, errText string) {
 	return 0, 0, "no result (guest did not get that far)"
 }
 
+// senderRE matches "PERF-SENDER name [SUM]   0.00-10.00  sec  1.10 GBytes  943 Mbits/sec  12  sender":
+// the number before "sender" is iperf3's Retr column (the sender's TCP
+// retransmissions; with -R the host's side, which iperf3 reports back).
+var senderRE = regexp.MustCompile(`(?m)^PERF-SENDER (\S+) .*Mbits/sec\s+(\d+)\s+sender`)
+
+// parseRetr returns the sender's retransmissions of test name, or -1 if
+// iperf3 did not print them (a sender without TCP_INFO).
+func parseRetr(console, name string) int {
+	for _, m := range senderRE.FindAllStringSubmatch(console, -1) {
+		if m[1] != name {
+			continue
+		}
+		n, err := strconv.Atoi(m[2])
+		if err != nil {
+			return -1
+		}
+		return n
+	}
+	return -1
+}
+
 func lastLines(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	if len(lines) > n {
@@ -457,8 +493,20 @@ func describeMachine(root string, bins *binaries) string {
 	fmt.Fprintf(&b, "- %s\n", run(qemutest.QEMUBinary, "--version"))
 	fmt.Fprintf(&b, "- guest: kernel %s, 1 vCPU, TCG, %s\n", strings.TrimSpace(string(kver)), run("iperf3", "--version"))
 	fmt.Fprintf(&b, "- vunet: %s (%s; tree: %s)\n", run(bins.vunet, "version"), bins.vunet, run("git", "describe", "--always", "--dirty"))
+	passtVersion := func(bin string) string {
+		if src := os.Getenv("VUNET_PERF_PASST_REV"); src != "" {
+			return "source " + src
+		}
+		if p, err := filepath.EvalSymlinks(bin); err == nil && strings.HasPrefix(p, "/usr/") {
+			return run("dpkg-query", "-W", "-f", "${Package} ${Version}", "passt")
+		}
+		return run(bin, "--version") // "unknown version" when built from a plain archive
+	}
 	if bins.passt != "" {
-		fmt.Fprintf(&b, "- passt: %s (%s)\n", run("dpkg-query", "-W", "-f", "${Package} ${Version}", "passt"), bins.passt)
+		fmt.Fprintf(&b, "- passt: %s (%s)\n", passtVersion(bins.passt), bins.passt)
+	}
+	if bins.passtVhost != "" && bins.passtVhost != bins.passt {
+		fmt.Fprintf(&b, "- passt-vhost: %s (%s)\n", passtVersion(bins.passtVhost), bins.passtVhost)
 	}
 	if bins.gvproxy != "" {
 		v := run(bins.gvproxy, "-version")
@@ -484,12 +532,12 @@ func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unava
 	type key struct{ spec, test string }
 	med := map[key]float64{}
 	fmt.Fprintf(&b, "Median of the repetitions (min–max in brackets; quiet samples only where there is one, \"n\" counts them: a sample is noisy when the rest of the machine used more than %.0f%% of a core during it);", 100*maxOther)
-	fmt.Fprintf(&b, " CPU is the backend process's user+system time per GB moved; CPU %% columns are CPU time over the wall time between the guest's markers (100%% = one core): the backend, all of QEMU, and QEMU's vCPU thread (the emulated guest; near 100%% means the guest is the bottleneck).\n\n")
-	fmt.Fprintf(&b, "| backend | test | direction | streams | n | Mbit/s | backend CPU s/GB | backend CPU %% | QEMU %% | vCPU %% |\n")
-	fmt.Fprintf(&b, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	fmt.Fprintf(&b, " CPU is the backend process's user+system time per GB moved; CPU %% columns are CPU time over the wall time between the guest's markers (100%% = one core): the backend, all of QEMU, and QEMU's vCPU thread (the emulated guest; near 100%% means the guest is the bottleneck). Retr is iperf3's sender retransmissions; RSS is the backend's peak resident set (VmHWM, which for a vhost-user backend includes the guest RAM pages it touched) and anon its private anonymous memory (RssAnon), both MiB at the test's end.\n\n")
+	fmt.Fprintf(&b, "| backend | test | direction | streams | n | Mbit/s | backend CPU s/GB | backend CPU %% | QEMU %% | vCPU %% | Retr | RSS MiB | anon MiB |\n")
+	fmt.Fprintf(&b, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, spec := range specs {
 		for _, pt := range tests {
-			var rates, cpuGB, cpuPct, qemuPct, vcpuPct []float64
+			var rates, cpuGB, cpuPct, qemuPct, vcpuPct, retr, hwm, anon []float64
 			quiet := 0
 			for _, s := range samples {
 				if s.Spec == spec && s.Test == pt && s.Err == "" && s.Mbps > 0 && !s.Noisy {
@@ -505,6 +553,13 @@ func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unava
 					n = " noisy"
 				}
 				rates = append(rates, s.Mbps)
+				if s.Retr >= 0 {
+					retr = append(retr, float64(s.Retr))
+				}
+				if s.HWMKB > 0 {
+					hwm = append(hwm, float64(s.HWMKB)/1024)
+					anon = append(anon, float64(s.AnonKB)/1024)
+				}
 				if s.Bytes > 0 && s.Wall > 0 {
 					cpuGB = append(cpuGB, s.CPU.Seconds()/(s.Bytes/1e9))
 					cpuPct = append(cpuPct, 100*s.CPU.Seconds()/s.Wall.Seconds())
@@ -513,12 +568,13 @@ func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unava
 				}
 			}
 			if len(rates) == 0 {
-				fmt.Fprintf(&b, "| %s | %s | %s | %d | 0 | – | – | – | – | – |\n", spec, pt.Name, pt.Dir(), pt.Streams)
+				fmt.Fprintf(&b, "| %s | %s | %s | %d | 0 | – | – | – | – | – | – | – | – |\n", spec, pt.Name, pt.Dir(), pt.Streams)
 				continue
 			}
 			med[key{spec.String(), pt.Name}] = median(rates)
-			fmt.Fprintf(&b, "| %s | %s | %s | %d | %d%s | %s | %s | %s | %s | %s |\n", spec, pt.Name, pt.Dir(), pt.Streams, len(rates), n,
-				spread(rates, "%.0f"), spread(cpuGB, "%.2f"), fmtMedian(cpuPct, "%.0f"), fmtMedian(qemuPct, "%.0f"), fmtMedian(vcpuPct, "%.0f"))
+			fmt.Fprintf(&b, "| %s | %s | %s | %d | %d%s | %s | %s | %s | %s | %s | %s | %s | %s |\n", spec, pt.Name, pt.Dir(), pt.Streams, len(rates), n,
+				spread(rates, "%.0f"), spread(cpuGB, "%.2f"), fmtMedian(cpuPct, "%.0f"), fmtMedian(qemuPct, "%.0f"), fmtMedian(vcpuPct, "%.0f"),
+				spread(retr, "%.0f"), fmtMedian(hwm, "%.0f"), fmtMedian(anon, "%.1f"))
 		}
 	}
 
@@ -552,10 +608,14 @@ func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unava
 	}
 
 	fmt.Fprintf(&b, "\nEvery run (\"other\": the machine's busy CPU time minus the backend's and QEMU's, i.e. the iperf3 server, kernel softirq work and anything else running; large values mean interference):\n\n")
-	fmt.Fprintf(&b, "| rep | backend | test | Mbit/s | backend CPU s | QEMU CPU s | vCPU s | other CPU s | wall s | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+	fmt.Fprintf(&b, "| rep | backend | test | Mbit/s | backend CPU s | QEMU CPU s | vCPU s | other CPU s | wall s | Retr | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
 	for _, s := range samples {
-		fmt.Fprintf(&b, "| %d | %s | %s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %s |\n", s.Rep, s.Spec, s.Test.Name, s.Mbps,
-			s.CPU.Seconds(), s.QEMUCPU.Seconds(), s.VCPU.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), noisyMark(s)+s.Err)
+		retr := "–"
+		if s.Retr >= 0 {
+			retr = strconv.Itoa(s.Retr)
+		}
+		fmt.Fprintf(&b, "| %d | %s | %s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %s |\n", s.Rep, s.Spec, s.Test.Name, s.Mbps,
+			s.CPU.Seconds(), s.QEMUCPU.Seconds(), s.VCPU.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), retr, noisyMark(s)+s.Err)
 	}
 	return b.String()
 }
