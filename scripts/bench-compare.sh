@@ -7,6 +7,11 @@
 # Needs root (the test re-executes itself under `unshare --net`), QEMU, iperf3
 # and the test guest (scripts/install-deps.sh), plus:
 #   passt    Debian's package (apt-get install passt), or VUNET_PERF_PASST=PATH
+#   passt-vhost  passt --vhost-user: VUNET_PERF_PASST_VHOST=PATH to a passt
+#            you built yourself from its public source (plain `make`);
+#            defaults to the passt binary. VUNET_PERF_PASST_REV names its
+#            revision in the report. This repository neither contains nor
+#            fetches or builds passt.
 #   gvproxy  VUNET_PERF_GVPROXY=PATH to a gvproxy binary you built yourself
 #            (gvisor-tap-vsock's cmd/gvproxy); this repository neither
 #            contains nor fetches or builds it.
