@@ -7,7 +7,7 @@ FUZZTIME  ?= 10s
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X github.com/vunet/vunet/internal/version.Version=$(VERSION)
 
-.PHONY: all build test test-short fuzz-smoke bench lint demo guest man help clean
+.PHONY: all build test test-short fuzz-smoke mutate bench lint demo guest man help clean
 
 all: build
 
@@ -16,6 +16,7 @@ help:
 	@echo "test        all tests with -race, including real-QEMU tests when QEMU is installed"
 	@echo "test-short  unit tests only (-short)"
 	@echo "fuzz-smoke  run every fuzz target for FUZZTIME (default $(FUZZTIME))"
+	@echo "mutate      mutation testing (go-gremlins) of vhost, endpoint, forward, services; report in build/mutate"
 	@echo "bench       Go benchmarks for the hot paths"
 	@echo "lint        gofmt, go vet, staticcheck (fetched with go run)"
 	@echo "demo        boot a test guest under QEMU against vunet and show what it achieves"
@@ -28,11 +29,15 @@ build:
 # The real-client suites (e2e, e2e/boot) run one package at a time and
 # without the race detector (they drive the real binary, not in-process
 # code), so that emulated guests do not fight unit tests for two cores.
-UNIT_PKGS = $(shell $(GO) list ./... | grep -v -e '/e2e$$' -e '/e2e/boot$$' -e '/e2e/perf')
+# The churn soak (./soak) runs on its own, without the race detector (its
+# shadow memory would hide the RSS it checks), for SOAK.
+UNIT_PKGS = $(shell $(GO) list ./... | grep -v -e '/e2e$$' -e '/e2e/boot$$' -e '/e2e/perf' -e '/soak$$')
 E2E_PKGS  = ./e2e ./e2e/boot
+SOAK      ?= 5m
 
 test: guest
 	$(GO) test -race -timeout 30m $(UNIT_PKGS)
+	VUNET_SOAK=$(SOAK) $(GO) test -count=1 -timeout 30m ./soak
 	$(GO) test -p 1 -timeout 40m $(E2E_PKGS)
 
 guest:
@@ -43,6 +48,10 @@ test-short:
 
 fuzz-smoke:
 	./scripts/fuzz-smoke.sh $(FUZZTIME)
+
+# Not part of test: it takes about an hour (docs/testing.md).
+mutate:
+	./scripts/mutate.sh $(MUTATE_DIRS)
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
