@@ -47,6 +47,10 @@ type Forward struct {
 	// in brackets). Port 0 asks the kernel for a free port; the reply
 	// carries the one it got.
 	Host netip.AddrPort `json:"host"`
+	// Path is the Unix socket of a unix forward (--forward
+	// unix:PATH:PORT), whose Host is empty. Unix forwards are listed but
+	// set at start-up only: the sandbox forbids creating sockets later.
+	Path string `json:"path,omitempty"`
 	// GuestPort is the port on the guest connections are relayed to.
 	GuestPort uint16 `json:"guest_port"`
 	// Guest is the full guest address ("10.0.2.15:22"); set in replies only.
@@ -56,6 +60,9 @@ type Forward struct {
 // String formats f in the --forward spec syntax, "tcp:127.0.0.1:2222:22",
 // so that output can be pasted back into `vunet forward remove`.
 func (f Forward) String() string {
+	if f.Proto == "unix" {
+		return "unix:" + f.Path + ":" + strconv.Itoa(int(f.GuestPort))
+	}
 	return f.Proto + ":" + f.Host.String() + ":" + strconv.Itoa(int(f.GuestPort))
 }
 
@@ -203,6 +210,9 @@ type Lease struct {
 // validate checks a forward request before it reaches the Backend. A
 // removal may leave GuestPort 0 (any).
 func (f Forward) validate(needGuest bool) error {
+	if f.Proto == "unix" {
+		return Errorf(ErrInvalid, "unix forwards are set at start-up only (--forward unix:PATH:PORT); the sandbox forbids creating sockets later")
+	}
 	if f.Proto != "tcp" && f.Proto != "udp" {
 		return Errorf(ErrInvalid, "proto %q: expected tcp or udp", f.Proto)
 	}

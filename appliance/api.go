@@ -110,7 +110,7 @@ func (a *Appliance) Stats() api.Stats {
 
 // toAPI converts a running forward.
 func toAPI(pf forward.PortForward) api.Forward {
-	return api.Forward{Proto: pf.Proto, Host: pf.Host, GuestPort: pf.Guest.Port(), Guest: pf.Guest}
+	return api.Forward{Proto: pf.Proto, Host: pf.Host, Path: pf.Path, GuestPort: pf.Guest.Port(), Guest: pf.Guest}
 }
 
 // Forwards implements api.Backend.

@@ -298,3 +298,38 @@ func TestApplianceAPISocketInUse(t *testing.T) {
 		t.Errorf("the other instance's API socket was removed: %v", err)
 	}
 }
+
+// TestApplianceUnixForward: a configured unix forward's socket gets
+// --socket-mode, the API lists it with its path, and refuses to add one at
+// run time; an exposed socket is accepted by New.
+func TestApplianceUnixForward(t *testing.T) {
+	dir := t.TempDir()
+	cfg := testConfig(t, dir)
+	path := filepath.Join(dir, "app.sock")
+	cfg.SocketMode = 0o660
+	cfg.Forwards = []config.Forward{{Proto: "unix", Path: path, GuestPort: 22}}
+	cfg.Expose = []config.Expose{{Port: 2375, Path: filepath.Join(dir, "podman.sock")}}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	a, err := New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	stop, _ := start(t, a)
+	defer func() { _ = stop() }()
+	if fi, err := os.Lstat(path); err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o660 {
+		t.Fatalf("unix forward socket: %v, %v; want a 0660 socket", fi, err)
+	}
+	ctx := context.Background()
+	c := api.NewClient(cfg.API)
+	defer c.Close()
+	fs, err := c.Forwards(ctx)
+	if err != nil || len(fs) != 1 || fs[0].Path != path || fs[0].String() != "unix:"+path+":22" {
+		t.Fatalf("Forwards = %+v, %v; want the unix forward", fs, err)
+	}
+	if _, err := c.AddForward(ctx, api.Forward{Proto: "unix", Path: path + "2", GuestPort: 22}); !errors.Is(err, api.ErrInvalid) {
+		t.Errorf("AddForward(unix) = %v, want ErrInvalid", err)
+	}
+}

@@ -186,8 +186,20 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		a.closers = append(a.closers, a.TFTP.Close)
 	}
 
+	if a.socketGID, err = lookupGroup(cfg.SocketGroup); err != nil {
+		return nil, err
+	}
+	expose := map[uint16]string{}
+	for _, e := range cfg.Expose {
+		expose[e.Port] = e.Path
+	}
 	fo := forward.Options{
 		Stack: s, NIC: nic,
+		Expose: expose,
+		// Unix forwards' sockets get the vhost-user socket's permissions.
+		ListenUnix: func(path string) (net.Listener, error) {
+			return unixsock.Listen(path, unixsock.Options{Name: "unix forward socket", Mode: cfg.SocketMode, GID: a.socketGID})
+		},
 		Gateway4: cfg.IPv4.Gateway, DNS4: cfg.IPv4.DNS,
 		MapHostLoopback:      cfg.MapHostLoopback,
 		Egress:               a.egress,
@@ -214,18 +226,15 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	a.closers = append(a.closers, func() { a.Forward.Close() })
 	for _, f := range cfg.Forwards {
 		pf, err := a.Forward.AddPortForward(forward.PortForward{
-			Proto: f.Proto, Host: f.Host, Guest: netip.AddrPortFrom(cfg.IPv4.Guest, f.GuestPort),
+			Proto: f.Proto, Host: f.Host, Path: f.Path, Guest: netip.AddrPortFrom(cfg.IPv4.Guest, f.GuestPort),
 		})
 		if err != nil {
-			return nil, fmt.Errorf("forward %s:%s:%d: %w", f.Proto, f.Host, f.GuestPort, err)
+			return nil, fmt.Errorf("forward %s: %w", f, err)
 		}
 		log.Info("port forward", "forward", pf.String())
 	}
 
 	peers := vhost.PeerPolicy{UIDs: []uint32{uint32(os.Geteuid())}}
-	if a.socketGID, err = lookupGroup(cfg.SocketGroup); err != nil {
-		return nil, err
-	}
 	if a.socketGID >= 0 {
 		peers.GIDs = []uint32{uint32(a.socketGID)}
 	}

@@ -127,6 +127,8 @@ type Config struct {
 	MapHostLoopback bool
 	// Forwards are host→guest port forwards, ranges already expanded.
 	Forwards []Forward
+	// Expose maps gateway TCP ports to host Unix sockets (--expose).
+	Expose []Expose
 
 	// DNSUpstream are the resolvers the DNS forwarder asks. Empty means read
 	// /etc/resolv.conf when the appliance starts.

@@ -39,6 +39,7 @@ type fileConfig struct {
 	GatewayMAC       string            `toml:"gateway_mac"`
 	MapHostLoopback  bool              `toml:"map_host_loopback"`
 	Forwards         []string          `toml:"forwards,omitempty"`
+	Expose           []string          `toml:"expose,omitempty"`
 	DNSUpstream      []string          `toml:"dns_upstream,omitempty"`
 	DNSSearch        []string          `toml:"dns_search,omitempty"`
 	UDPIdleTimeout   string            `toml:"udp_idle_timeout"`
@@ -254,6 +255,17 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 			c.Forwards = append(c.Forwards, fw...)
 		}
 	}
+	if has("expose") {
+		c.Expose = nil
+		for i, spec := range f.Expose {
+			e, err := ParseExpose(spec)
+			if err != nil {
+				es.add(fmt.Sprintf("expose[%d]", i), "%q: %v", spec, err)
+				continue
+			}
+			c.Expose = append(c.Expose, e)
+		}
+	}
 	if has("dns_upstream") {
 		c.DNSUpstream = nil
 		for i, s := range f.DNSUpstream {
@@ -393,6 +405,9 @@ func (c *Config) WriteTOML(w io.Writer) error {
 	}
 	for _, fw := range c.Forwards {
 		f.Forwards = append(f.Forwards, fw.String())
+	}
+	for _, e := range c.Expose {
+		f.Expose = append(f.Expose, e.String())
 	}
 	for _, u := range c.DNSUpstream {
 		f.DNSUpstream = append(f.DNSUpstream, u.String())

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 )
@@ -16,14 +18,18 @@ func DefaultForwardHost() netip.Addr { return netip.AddrFrom4([4]byte{127, 0, 0,
 // Forward is one host→guest port forward: vunet listens on Host and relays
 // each connection (or UDP flow) to GuestPort on the guest's address.
 type Forward struct {
-	Proto     string         // "tcp" or "udp"
-	Host      netip.AddrPort // host address and port vunet listens on
+	Proto     string         // "tcp", "udp" or "unix"
+	Host      netip.AddrPort // host address and port vunet listens on (tcp, udp)
+	Path      string         // Unix socket vunet creates (unix)
 	GuestPort uint16         // port on the guest
 }
 
 // String returns f in the spec form ParseForward accepts, with the host
 // address always present: "tcp:127.0.0.1:8080:80", "udp:[::1]:53:53".
 func (f Forward) String() string {
+	if f.Proto == "unix" {
+		return "unix:" + f.Path + ":" + strconv.Itoa(int(f.GuestPort))
+	}
 	return f.Proto + ":" + f.Host.String() + ":" + strconv.Itoa(int(f.GuestPort))
 }
 
@@ -40,7 +46,10 @@ func forwardForm(proto string) string {
 //
 //	tcp:[HOSTADDR:]HOSTPORT:GUESTPORT
 //	udp:[HOSTADDR:]HOSTPORT:GUESTPORT
+//	unix:PATH:GUESTPORT
 //
+// A unix forward creates the Unix socket PATH (see ParseSocketPath) and
+// relays its connections to the guest's TCP GUESTPORT (a single port).
 // HOSTADDR is an IPv4 address or a bracketed IPv6 address ([::1]) and
 // defaults to DefaultForwardHost(). HOSTPORT and GUESTPORT are ports 1..65535
 // or equally long ranges (8000-8010:9000-9010), which expand to one Forward
@@ -48,6 +57,9 @@ func forwardForm(proto string) string {
 // callers can prefix the flag or key it came from.
 func ParseForward(spec string) ([]Forward, error) {
 	proto, rest, _ := strings.Cut(spec, ":")
+	if proto == "unix" {
+		return parseUnixForward(rest)
+	}
 	form := forwardForm(proto)
 	if proto != "tcp" && proto != "udp" {
 		return nil, errors.New(form)
@@ -142,4 +154,89 @@ func parsePort(s, which, form string) (uint16, error) {
 		return 0, fmt.Errorf("%s port %s is out of range 1..65535", which, s)
 	}
 	return uint16(n), nil
+}
+
+const unixForwardForm = "expected unix:PATH:GUESTPORT"
+
+func parseUnixForward(rest string) ([]Forward, error) {
+	i := strings.LastIndexByte(rest, ':')
+	if i < 0 {
+		return nil, errors.New(unixForwardForm)
+	}
+	path, err := ParseSocketPath(rest[:i])
+	if err != nil {
+		return nil, err
+	}
+	port, err := parsePort(rest[i+1:], "guest", unixForwardForm)
+	if err != nil {
+		return nil, err
+	}
+	return []Forward{{Proto: "unix", Path: path, GuestPort: port}}, nil
+}
+
+// maxSocketPath is sockaddr_un's sun_path capacity on Linux, with its NUL.
+const maxSocketPath = 108
+
+// ParseSocketPath checks a Unix socket path of a unix forward or an
+// exposed socket: $XDG_RUNTIME_DIR (or ${XDG_RUNTIME_DIR}) is replaced by
+// the variable's value, and the result must be absolute and fit a
+// sockaddr_un. It returns the cleaned path.
+func ParseSocketPath(p string) (string, error) {
+	for _, v := range []string{"${XDG_RUNTIME_DIR}", "$XDG_RUNTIME_DIR"} {
+		if strings.Contains(p, v) {
+			dir := os.Getenv("XDG_RUNTIME_DIR")
+			if dir == "" {
+				return "", fmt.Errorf("socket path %q uses $XDG_RUNTIME_DIR, which is not set", p)
+			}
+			p = strings.ReplaceAll(p, v, dir)
+		}
+	}
+	switch {
+	case p == "":
+		return "", errors.New("socket path is empty")
+	case !filepath.IsAbs(p):
+		return "", fmt.Errorf("socket path %q is not absolute", p)
+	case strings.ContainsRune(p, 0):
+		return "", fmt.Errorf("socket path %q contains a NUL byte", p)
+	}
+	p = filepath.Clean(p)
+	if len(p) >= maxSocketPath {
+		return "", fmt.Errorf("socket path %q is %d bytes; a Unix socket path must be shorter than %d", p, len(p), maxSocketPath)
+	}
+	return p, nil
+}
+
+// Expose maps a gateway TCP port to a host Unix socket: a guest
+// connection to the gateway address (IPv4 or IPv6) on Port is relayed to
+// a connect on Path.
+type Expose struct {
+	Port uint16
+	Path string
+}
+
+// String returns e in the spec form ParseExpose accepts.
+func (e Expose) String() string {
+	return "tcp:" + strconv.Itoa(int(e.Port)) + ":unix:" + e.Path
+}
+
+const exposeForm = "expected tcp:GATEWAYPORT:unix:PATH"
+
+// ParseExpose parses an --expose spec, tcp:GATEWAYPORT:unix:PATH.
+func ParseExpose(spec string) (Expose, error) {
+	rest, ok := strings.CutPrefix(spec, "tcp:")
+	if !ok {
+		return Expose{}, errors.New(exposeForm)
+	}
+	ports, path, ok := strings.Cut(rest, ":unix:")
+	if !ok {
+		return Expose{}, errors.New(exposeForm)
+	}
+	port, err := parsePort(ports, "gateway", exposeForm)
+	if err != nil {
+		return Expose{}, err
+	}
+	if path, err = ParseSocketPath(path); err != nil {
+		return Expose{}, err
+	}
+	return Expose{Port: port, Path: path}, nil
 }

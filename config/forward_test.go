@@ -2,6 +2,8 @@ package config
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -110,6 +112,8 @@ func TestForwardString(t *testing.T) {
 // same forward. Seeds live in testdata/fuzz/FuzzParseForward.
 func FuzzParseForward(f *testing.F) {
 	f.Add("tcp:8080:80")
+	f.Add("unix:/run/user/1000/app.sock:80")
+	f.Add("unix:$XDG_RUNTIME_DIR/a:b.sock:22")
 	f.Fuzz(func(t *testing.T, spec string) {
 		fws, err := ParseForward(spec)
 		if err != nil {
@@ -123,7 +127,11 @@ func FuzzParseForward(f *testing.F) {
 			t.Fatalf("ParseForward(%q) returned %d forwards", spec, len(fws))
 		}
 		for i, fw := range fws {
-			if fw.Proto != "tcp" && fw.Proto != "udp" || fw.Host.Port() == 0 || fw.GuestPort == 0 || !fw.Host.Addr().IsValid() {
+			if fw.Proto == "unix" {
+				if len(fws) != 1 || fw.GuestPort == 0 || fw.Host.IsValid() || !strings.HasPrefix(fw.Path, "/") || len(fw.Path) >= maxSocketPath {
+					t.Fatalf("ParseForward(%q) = %#v is malformed", spec, fws)
+				}
+			} else if fw.Proto != "tcp" && fw.Proto != "udp" || fw.Host.Port() == 0 || fw.GuestPort == 0 || !fw.Host.Addr().IsValid() || fw.Path != "" {
 				t.Fatalf("ParseForward(%q)[%d] = %#v is malformed", spec, i, fw)
 			}
 			if i > 0 && (fw.Host.Port() != fws[i-1].Host.Port()+1 || fw.GuestPort != fws[i-1].GuestPort+1) {
@@ -135,4 +143,105 @@ func FuzzParseForward(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestParseUnixForward(t *testing.T) {
+	t.Setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+	for spec, want := range map[string]Forward{
+		"unix:/tmp/app.sock:80":                {Proto: "unix", Path: "/tmp/app.sock", GuestPort: 80},
+		"unix:$XDG_RUNTIME_DIR/app.sock:2375":  {Proto: "unix", Path: "/run/user/1000/app.sock", GuestPort: 2375},
+		"unix:${XDG_RUNTIME_DIR}//x/../a.s:22": {Proto: "unix", Path: "/run/user/1000/a.s", GuestPort: 22},
+		"unix:/tmp/with:colon.sock:8080":       {Proto: "unix", Path: "/tmp/with:colon.sock", GuestPort: 8080},
+	} {
+		got, err := ParseForward(spec)
+		if err != nil || len(got) != 1 || got[0] != want {
+			t.Errorf("ParseForward(%q) = %v, %v; want %v", spec, got, err, want)
+			continue
+		}
+		if again, err := ParseForward(got[0].String()); err != nil || again[0] != want {
+			t.Errorf("round trip of %q: %v, %v", got[0].String(), again, err)
+		}
+	}
+	for spec, msg := range map[string]string{
+		"unix:/tmp/app.sock":                       "expected unix:PATH:GUESTPORT",
+		"unix:app.sock:80":                         "not absolute",
+		"unix::80":                                 "empty",
+		"unix:/tmp/a.sock:0":                       "out of range",
+		"unix:/tmp/a.sock:80-81":                   "expected unix:PATH:GUESTPORT",
+		"unix:/" + strings.Repeat("a", 120) + ":1": "must be shorter than 108",
+	} {
+		if _, err := ParseForward(spec); err == nil || !strings.Contains(err.Error(), msg) {
+			t.Errorf("ParseForward(%q) error %v, want one containing %q", spec, err, msg)
+		}
+	}
+	t.Setenv("XDG_RUNTIME_DIR", "")
+	if _, err := ParseForward("unix:$XDG_RUNTIME_DIR/app.sock:80"); err == nil || !strings.Contains(err.Error(), "not set") {
+		t.Errorf("unset XDG_RUNTIME_DIR: %v", err)
+	}
+}
+
+func TestParseExpose(t *testing.T) {
+	t.Setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+	for spec, want := range map[string]Expose{
+		"tcp:2375:unix:/run/podman/podman.sock":          {Port: 2375, Path: "/run/podman/podman.sock"},
+		"tcp:8080:unix:$XDG_RUNTIME_DIR/podman/api.sock": {Port: 8080, Path: "/run/user/1000/podman/api.sock"},
+	} {
+		got, err := ParseExpose(spec)
+		if err != nil || got != want {
+			t.Errorf("ParseExpose(%q) = %v, %v; want %v", spec, got, err, want)
+			continue
+		}
+		if again, err := ParseExpose(got.String()); err != nil || again != want {
+			t.Errorf("round trip of %q: %v, %v", got.String(), again, err)
+		}
+	}
+	for spec, msg := range map[string]string{
+		"udp:53:unix:/run/x.sock":  "expected tcp:GATEWAYPORT:unix:PATH",
+		"tcp:2375:/run/x.sock":     "expected tcp:GATEWAYPORT:unix:PATH",
+		"tcp:0:unix:/run/x.sock":   "out of range",
+		"tcp:x:unix:/run/x.sock":   "expected tcp:GATEWAYPORT:unix:PATH",
+		"tcp:2375:unix:run/x.sock": "not absolute",
+	} {
+		if _, err := ParseExpose(spec); err == nil || !strings.Contains(err.Error(), msg) {
+			t.Errorf("ParseExpose(%q) error %v, want one containing %q", spec, err, msg)
+		}
+	}
+}
+
+func TestExposeAndUnixForwardInFile(t *testing.T) {
+	c := Default()
+	c.Forwards = []Forward{{Proto: "unix", Path: "/tmp/a.sock", GuestPort: 22}}
+	c.Expose = []Expose{{Port: 2375, Path: "/run/podman.sock"}, {Port: 2375, Path: "/run/other.sock"}}
+	err := c.Validate()
+	if err == nil || !strings.Contains(err.Error(), "gateway port 2375 is exposed more than once") {
+		t.Errorf("Validate: %v", err)
+	}
+}
+
+func TestUnixForwardAndExposeKeys(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "vunet.toml")
+	body := "forwards = [\"unix:/tmp/app.sock:22\", \"tcp:2222:22\"]\nexpose = [\"tcp:2375:unix:/run/podman/podman.sock\"]\n"
+	if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := Default()
+	if err := c.ApplyFile(path); err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Forwards) != 2 || c.Forwards[0] != (Forward{Proto: "unix", Path: "/tmp/app.sock", GuestPort: 22}) {
+		t.Errorf("forwards %v", c.Forwards)
+	}
+	if len(c.Expose) != 1 || c.Expose[0] != (Expose{Port: 2375, Path: "/run/podman/podman.sock"}) {
+		t.Errorf("expose %v", c.Expose)
+	}
+	c.Socket = "/tmp/vunet.sock"
+	if err := c.Validate(); err != nil {
+		t.Error(err)
+	}
+	if err := os.WriteFile(path, []byte("expose = [\"tcp:2375:unix:rel.sock\"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := Default().ApplyFile(path); err == nil || !strings.Contains(err.Error(), "expose[0]") {
+		t.Errorf("bad expose key: %v", err)
+	}
 }

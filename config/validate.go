@@ -91,6 +91,7 @@ func (c *Config) Validate() error {
 	c.validateIPv4(&es)
 	c.validateIPv6(&es)
 	c.validateForwards(&es)
+	c.validateExpose(&es)
 	c.validateDNS(&es)
 	c.validateTimeouts(&es)
 	if c.MaxConnections < 0 {
@@ -297,7 +298,22 @@ func (c *Config) validateForwards(es *Errors) {
 		host  netip.AddrPort
 	}
 	seen := map[bindKey]bool{}
+	paths := map[string]bool{}
 	for _, f := range c.Forwards {
+		if f.Proto == "unix" {
+			switch p, err := ParseSocketPath(f.Path); {
+			case err != nil:
+				es.add("forwards", "%s: %v", f, err)
+			case p != f.Path || strings.Contains(f.Path, "$"):
+				es.add("forwards", "%s: socket path is not clean and expanded", f)
+			case f.GuestPort == 0:
+				es.add("forwards", "%s: guest port 0 is out of range 1..65535", f)
+			case paths[f.Path]:
+				es.add("forwards", "%s: socket path is used more than once", f)
+			}
+			paths[f.Path] = true
+			continue
+		}
 		switch {
 		case f.Proto != "tcp" && f.Proto != "udp":
 			es.add("forwards", "%s: protocol %q is not tcp or udp", f, f.Proto)
@@ -319,6 +335,24 @@ func (c *Config) validateForwards(es *Errors) {
 			continue
 		}
 		seen[k] = true
+	}
+}
+
+func (c *Config) validateExpose(es *Errors) {
+	seen := map[uint16]bool{}
+	for _, e := range c.Expose {
+		p, err := ParseSocketPath(e.Path)
+		switch {
+		case e.Port == 0:
+			es.add("expose", "%s: gateway port 0 is out of range 1..65535", e)
+		case err != nil:
+			es.add("expose", "%s: %v", e, err)
+		case p != e.Path || strings.Contains(e.Path, "$"):
+			es.add("expose", "%s: socket path is not clean and expanded", e)
+		case seen[e.Port]:
+			es.add("expose", "gateway port %d is exposed more than once", e.Port)
+		}
+		seen[e.Port] = true
 	}
 }
 

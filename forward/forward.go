@@ -17,9 +17,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -32,6 +34,7 @@ import (
 
 	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/forward/egress"
+	"github.com/vunet/vunet/internal/unixsock"
 )
 
 // Defaults applied by New to zero Options fields.
@@ -73,6 +76,17 @@ type Options struct {
 	// (127.0.0.1 and ::1). Without it, connections to the gateway are
 	// refused.
 	MapHostLoopback bool
+
+	// Expose maps gateway TCP ports to host Unix sockets: a guest
+	// connection to Gateway4 or Gateway6 on such a port is spliced to a
+	// connect(2) on the socket (--expose tcp:2375:unix:/run/podman.sock).
+	// It takes precedence over MapHostLoopback for those ports, and the
+	// egress policy does not apply: the mapping is the administrator's.
+	Expose map[uint16]string
+	// ListenUnix creates the listening socket of a unix port forward.
+	// Nil means unixsock.Listen with its defaults (mode 0600, vunet's
+	// group); the appliance passes --socket-mode and --socket-group.
+	ListenUnix func(path string) (net.Listener, error)
 
 	// Egress decides which destinations guest flows may reach. Nil means
 	// egress.New's defaults (link-local and metadata addresses denied, the
@@ -231,6 +245,17 @@ func New(opts Options) (*Forwarder, error) {
 			return net.ListenTCP("tcp", net.TCPAddrFromAddrPort(a))
 		}
 	}
+	if opts.ListenUnix == nil {
+		opts.ListenUnix = func(path string) (net.Listener, error) {
+			return unixsock.Listen(path, unixsock.Options{Name: "unix forward socket", GID: -1})
+		}
+	}
+	for port, path := range opts.Expose {
+		if port == 0 || !filepath.IsAbs(path) || len(path) >= unixsock.MaxPath {
+			return nil, fmt.Errorf("forward: expose tcp:%d:unix:%s: need a port and an absolute socket path shorter than %d bytes", port, path, unixsock.MaxPath)
+		}
+	}
+	opts.Expose = maps.Clone(opts.Expose)
 	if opts.OutboundMemory <= 0 {
 		opts.OutboundMemory = opts.Memory.Limit() - opts.Memory.Limit()/8
 	}

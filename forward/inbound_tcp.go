@@ -72,6 +72,13 @@ func (p *portForward) serveTCP(c net.Conn) {
 	f := p.f
 	f.c.InboundTCPConns.Add(1)
 	client := addrPortOf(c.RemoteAddr())
+	if p.spec.Proto == "unix" {
+		// A Unix client has no address: it enters the guest from the
+		// gateway, like a loopback TCP client (guestSource), and from
+		// an ephemeral port.
+		client = netip.AddrPortFrom(netip.IPv6Loopback(), 0)
+		f.c.InboundUnixConns.Add(1)
+	}
 	tc, _ := c.(*net.TCPConn)
 	reject := func() {
 		if tc != nil {

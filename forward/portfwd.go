@@ -5,16 +5,25 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+
+	"github.com/vunet/vunet/internal/unixsock"
 )
 
 // PortForward describes an inbound forward: a host socket whose traffic is
 // relayed into the guest.
 type PortForward struct {
-	// Proto is "tcp" or "udp".
+	// Proto is "tcp", "udp" or "unix". A unix forward listens on the Unix
+	// socket Path (Host is unused) and relays each connection to the
+	// guest's TCP port like a tcp forward, from the gateway address.
 	Proto string
+	// Path is the Unix socket a unix forward creates (absolute), with
+	// Options.ListenUnix's permissions; removing the forward unlinks it.
+	Path string
 	// Host is the host address to listen on. A zero address means
 	// 127.0.0.1; port 0 lets the kernel choose (AddPortForward reports the
 	// port it got).
@@ -26,6 +35,9 @@ type PortForward struct {
 
 // String formats the forward like "tcp 127.0.0.1:2222->10.0.2.15:22".
 func (pf PortForward) String() string {
+	if pf.Proto == "unix" {
+		return fmt.Sprintf("unix %s->%s", pf.Path, pf.Guest)
+	}
 	return fmt.Sprintf("%s %s->%s", pf.Proto, pf.Host, pf.Guest)
 }
 
@@ -49,13 +61,16 @@ func (p *portForward) target() netip.AddrPort {
 type pfKey struct {
 	proto string
 	host  netip.AddrPort
+	path  string // unix
 }
+
+func (pf PortForward) key() pfKey { return pfKey{pf.Proto, pf.Host, pf.Path} }
 
 // portForward is a running PortForward.
 type portForward struct {
 	f    *Forwarder
 	spec PortForward
-	ln   net.Listener // tcp
+	ln   net.Listener // tcp, unix
 	pc   *net.UDPConn // udp
 
 	done chan struct{} // closed by close
@@ -69,8 +84,18 @@ type portForward struct {
 // normalize validates pf and fills in the default host address.
 func (pf PortForward) normalize() (PortForward, error) {
 	pf.Proto = strings.ToLower(pf.Proto)
-	if pf.Proto != "tcp" && pf.Proto != "udp" {
-		return pf, fmt.Errorf("forward: port forward %s: protocol must be tcp or udp", pf)
+	if pf.Proto != "tcp" && pf.Proto != "udp" && pf.Proto != "unix" {
+		return pf, fmt.Errorf("forward: port forward %s: protocol must be tcp, udp or unix", pf)
+	}
+	if (pf.Proto == "unix") != (pf.Path != "") {
+		return pf, fmt.Errorf("forward: port forward %s: a socket path goes with unix, and only with unix", pf)
+	}
+	if pf.Proto == "unix" {
+		if !filepath.IsAbs(pf.Path) || len(pf.Path) >= unixsock.MaxPath {
+			return pf, fmt.Errorf("forward: port forward %s: socket path must be absolute and shorter than %d bytes", pf, unixsock.MaxPath)
+		}
+		pf.Path = filepath.Clean(pf.Path)
+		pf.Host = netip.AddrPort{}
 	}
 	if !pf.Guest.IsValid() || pf.Guest.Port() == 0 || pf.Guest.Addr().IsUnspecified() {
 		return pf, fmt.Errorf("forward: port forward %s: guest address and port required", pf)
@@ -80,7 +105,9 @@ func (pf PortForward) normalize() (PortForward, error) {
 	if !host.IsValid() {
 		host = netip.AddrFrom4([4]byte{127, 0, 0, 1})
 	}
-	pf.Host = netip.AddrPortFrom(host.Unmap(), pf.Host.Port())
+	if pf.Proto != "unix" {
+		pf.Host = netip.AddrPortFrom(host.Unmap(), pf.Host.Port())
+	}
 	return pf, nil
 }
 
@@ -92,9 +119,9 @@ func (f *Forwarder) AddPortForward(pf PortForward) (PortForward, error) {
 	if err != nil {
 		return pf, err
 	}
-	if pf.Host.Port() != 0 {
+	if pf.Host.Port() != 0 || pf.Proto == "unix" {
 		f.mu.Lock()
-		_, dup := f.pfwds[pfKey{pf.Proto, pf.Host}]
+		_, dup := f.pfwds[pf.key()]
 		f.mu.Unlock()
 		if dup {
 			return pf, fmt.Errorf("forward: port forward %s: already exists", pf)
@@ -119,11 +146,19 @@ func (f *Forwarder) AddPortForward(pf PortForward) (PortForward, error) {
 		_ = pc.SetWriteBuffer(hostUDPBuffer)
 		p.pc = pc
 		pf.Host = addrPortOf(pc.LocalAddr())
+	case "unix":
+		ln, err := f.opts.ListenUnix(pf.Path)
+		if err != nil {
+			return pf, fmt.Errorf("forward: port forward %s: %w", pf, err)
+		}
+		p.ln = ln
 	}
-	pf.Host = netip.AddrPortFrom(pf.Host.Addr().Unmap(), pf.Host.Port())
+	if pf.Proto != "unix" {
+		pf.Host = netip.AddrPortFrom(pf.Host.Addr().Unmap(), pf.Host.Port())
+	}
 	p.spec = pf
 
-	k := pfKey{pf.Proto, pf.Host}
+	k := pf.key()
 	f.mu.Lock()
 	if f.closed || f.pfwds[k] != nil {
 		closed := f.closed
@@ -154,15 +189,18 @@ func (f *Forwarder) AddPortForward(pf PortForward) (PortForward, error) {
 // (pf.Guest is ignored) and closes its connections and flows.
 func (f *Forwarder) RemovePortForward(pf PortForward) error {
 	pf, err := pf.normalize()
-	if err != nil && pf.Proto != "tcp" && pf.Proto != "udp" {
+	if err != nil && pf.Proto != "tcp" && pf.Proto != "udp" && pf.Proto != "unix" {
 		return err
 	}
-	k := pfKey{pf.Proto, pf.Host}
+	k := pf.key()
 	f.mu.Lock()
 	p := f.pfwds[k]
 	delete(f.pfwds, k)
 	f.mu.Unlock()
 	if p == nil {
+		if pf.Proto == "unix" {
+			return fmt.Errorf("forward: no unix port forward on %s", pf.Path)
+		}
 		return fmt.Errorf("forward: no %s port forward on %s", pf.Proto, pf.Host)
 	}
 	p.close()
@@ -183,6 +221,9 @@ func (f *Forwarder) ListPortForwards() []PortForward {
 		if c := strings.Compare(a.Proto, b.Proto); c != 0 {
 			return c
 		}
+		if c := strings.Compare(a.Path, b.Path); c != 0 {
+			return c
+		}
 		return a.Host.Compare(b.Host)
 	})
 	return out
@@ -191,6 +232,11 @@ func (f *Forwarder) ListPortForwards() []PortForward {
 func (p *portForward) closeSocket() {
 	if p.ln != nil {
 		_ = p.ln.Close()
+	}
+	if p.spec.Proto == "unix" {
+		// The file is ours (ListenUnix made it); a stale one would make
+		// the next vunet's Listen check for a live server first.
+		_ = os.Remove(p.spec.Path)
 	}
 	if p.pc != nil {
 		_ = p.pc.Close()

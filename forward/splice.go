@@ -430,7 +430,9 @@ func (c *tcpSplice) toHost() {
 		case *tcpip.ErrWouldBlock:
 		case *tcpip.ErrClosedForReceive:
 			// The guest half-closed: pass it on, keep the other way open.
-			if tc, ok := c.host.(*net.TCPConn); !ok || tc.CloseWrite() != nil {
+			// TCP and Unix stream sockets (a unix forward or an exposed
+			// socket) both half-close.
+			if hc, ok := c.host.(interface{ CloseWrite() error }); !ok || hc.CloseWrite() != nil {
 				c.abort()
 			}
 			return

@@ -28,6 +28,14 @@ type Stats struct {
 	UDPFlowsTotal   atomic.Uint64 `metric:"flows_created_total{proto=udp}"`
 	InboundTCPConns atomic.Uint64 `metric:"forward_inbound_total{proto=tcp}" help:"Connections (tcp) and flows (udp) accepted by port forwards."`
 	InboundUDPFlows atomic.Uint64 `metric:"forward_inbound_total{proto=udp}"`
+	// InboundUnixConns counts the connections of unix port forwards
+	// (--forward unix:PATH:PORT); they are in InboundTCPConns too.
+	InboundUnixConns atomic.Uint64 `metric:"forward_inbound_unix_total" help:"Connections accepted by unix port forwards (also counted in vunet_forward_inbound_total{proto=tcp})."`
+	// ExposeConns counts guest connections to an exposed gateway port
+	// (--expose tcp:PORT:unix:PATH), and ExposeFailures those whose
+	// connect to the host socket failed (the guest got a RST).
+	ExposeConns    atomic.Uint64 `metric:"forward_expose_total{outcome=connected}" help:"Guest connections to exposed gateway ports (--expose), by outcome of the host socket connect."`
+	ExposeFailures atomic.Uint64 `metric:"forward_expose_total{outcome=failed}"`
 
 	TCPDialsInFlight atomic.Int64 `metric:"forward_tcp_dials_in_flight" kind:"gauge" help:"Outbound host connects under way."`
 	// Host connects that failed; the guest got a RST (or, for errors such

@@ -3,6 +3,7 @@ package forward
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -33,6 +34,10 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	dst := netip.AddrPortFrom(fromTCPIP(id.LocalAddress), id.LocalPort)
 	log := f.log.With("proto", "tcp", "src", src, "dst", dst)
 
+	if path, ok := f.exposed(dst); ok {
+		f.serveExposed(r, path, src, log)
+		return
+	}
 	to, why := f.target(dst.Addr())
 	if why != forwardOK {
 		f.c.countDrop(why)
@@ -139,4 +144,65 @@ func (r dropReason) String() string {
 		return "unroutable"
 	}
 	return "unknown"
+}
+
+// exposed returns the host Unix socket dst is mapped to by Options.Expose:
+// one of the gateway addresses on an exposed port.
+func (f *Forwarder) exposed(dst netip.AddrPort) (string, bool) {
+	a := dst.Addr()
+	if len(f.opts.Expose) == 0 || a != f.opts.Gateway4 && a != f.opts.Gateway6 || !a.IsValid() {
+		return "", false
+	}
+	path, ok := f.opts.Expose[dst.Port()]
+	return path, ok
+}
+
+// serveExposed splices a guest connection to an exposed gateway port to a
+// connect(2) on the host socket path. The egress policy does not apply (the
+// mapping is the administrator's), the outbound connection and in-flight
+// limits and memory share do, as for any guest connection.
+func (f *Forwarder) serveExposed(r *tcp.ForwarderRequest, path string, src netip.AddrPort, log *slog.Logger) {
+	if !reserve(&f.c.TCPConns, f.opts.MaxConns) {
+		f.c.TCPRejectedConns.Add(1)
+		log.Debug("tcp rejected: connection limit", "max", f.opts.MaxConns)
+		r.Complete(true)
+		return
+	}
+	defer f.c.TCPConns.Add(-1)
+	if !reserve(&f.c.TCPDialsInFlight, f.opts.MaxInFlightDials) {
+		f.c.TCPRejectedInFlight.Add(1)
+		log.Debug("tcp rejected: in-flight dial limit", "max", f.opts.MaxInFlightDials)
+		r.Complete(true)
+		return
+	}
+	ctx, cancel := context.WithTimeout(f.ctx, f.opts.DialTimeout)
+	var d net.Dialer
+	hc, err := d.DialContext(ctx, "unix", path)
+	cancel()
+	f.c.TCPDialsInFlight.Add(-1)
+	if err != nil {
+		f.c.ExposeFailures.Add(1)
+		log.Debug("exposed socket connect failed", "socket", path, "err", err)
+		r.Complete(true) // RST: the guest's connect fails at once
+		return
+	}
+	f.c.ExposeConns.Add(1)
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		log.Debug("tcp guest handshake failed", "err", terr)
+		r.Complete(true)
+		_ = hc.Close()
+		return
+	}
+	r.Complete(false)
+	setGuestKeepalive(ep)
+	log.Debug("exposed socket connection established", "socket", path)
+	sp, err := f.newSplice(ep, &wq, hc, f.memOut, src.String()+"->unix:"+path)
+	if err != nil {
+		ep.Abort()
+		_ = hc.Close()
+		return
+	}
+	sp.run()
 }

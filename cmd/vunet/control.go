@@ -135,6 +135,10 @@ func eachForward(c *cli.Context, name, verb string, do func(*api.Client, api.For
 	}
 	defer cl.Close()
 	for n, f := range fs {
+		if f.Proto == "unix" {
+			return partial(name, f.String(), n, len(fs), verb,
+				errors.New("unix forwards are set at start-up only (--forward unix:PATH:PORT); the sandbox forbids creating sockets later"))
+		}
 		if err := do(cl, api.Forward{Proto: f.Proto, Host: f.Host, GuestPort: f.GuestPort}); err != nil {
 			return partial(name, f.String(), n, len(fs), verb, err)
 		}
@@ -177,7 +181,11 @@ func forwardListAction(c *cli.Context) error {
 	tw := tabwriter.NewWriter(c.App.Writer, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "PROTO\tHOST\tGUEST\tSPEC")
 	for _, f := range fs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", f.Proto, f.Host, f.Guest, f)
+		host := f.Host.String()
+		if f.Proto == "unix" {
+			host = f.Path
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", f.Proto, host, f.Guest, f)
 	}
 	return tw.Flush()
 }

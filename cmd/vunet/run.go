@@ -46,6 +46,7 @@ const (
 	flagDHCPv6            = "dhcpv6"
 	flagNoMapHostLoopback = "no-map-host-loopback"
 	flagForward           = "forward"
+	flagExpose            = "expose"
 	flagDNSUpstream       = "dns-upstream"
 	flagTFTPRoot          = "tftp-root"
 	flagBootFile          = "boot-file"
@@ -74,6 +75,8 @@ func flagForKey(key string) string {
 		return flagDNS
 	case "forwards":
 		return flagForward
+	case "expose":
+		return flagExpose
 	case "max_memory":
 		return flagMaxMemory
 	case "dns_upstream":
@@ -158,7 +161,8 @@ func runFlags() []cli.Flag {
 		str(flagDHCPv6, catNetwork, "DHCPv6 `MODE`: stateless (addresses from SLAAC; DHCPv6 gives DNS only) or stateful (also leases addresses from the guest prefix's ::100-::1ff and sets the M flag in router advertisements)", string(d.IPv6.DHCPv6)),
 		boolean(flagNoMapHostLoopback, catNetwork, "do not map the gateway address to the host's loopback"),
 
-		list(flagForward, catForward, "forward a host port to the guest; `SPEC` is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, HOSTADDR defaults to 127.0.0.1, ports may be ranges like 8000-8010:8000-8010; an IPv6 HOSTADDR reaches the guest over IPv6 when its address is known (DHCPv6 lease or SLAAC), else over IPv4 (repeatable)", ""),
+		list(flagForward, catForward, "forward a host port to the guest; `SPEC` is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, HOSTADDR defaults to 127.0.0.1, ports may be ranges like 8000-8010:8000-8010; an IPv6 HOSTADDR reaches the guest over IPv6 when its address is known (DHCPv6 lease or SLAAC), else over IPv4; or unix:PATH:GUESTPORT, a Unix socket (created like --socket: --socket-mode, --socket-group) whose connections reach the guest's TCP port (repeatable)", ""),
+		list(flagExpose, catForward, "let the guest reach a host Unix socket: `SPEC` is tcp:GATEWAYPORT:unix:PATH; connections to the gateway address on GATEWAYPORT are relayed to PATH, whatever --no-map-host-loopback and the egress policy say (repeatable)", ""),
 		list(flagDNSUpstream, catForward, "upstream resolver `ADDR`, IP[:PORT] (repeatable)", "from /etc/resolv.conf"),
 
 		path(flagTFTPRoot, catBoot, "serve `DIR` over TFTP"),
@@ -355,6 +359,16 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 				return flagError(flagForward, v, err)
 			}
 			cfg.Forwards = append(cfg.Forwards, fw...)
+		}
+	}
+	if c.IsSet(flagExpose) {
+		cfg.Expose = nil
+		for _, v := range c.StringSlice(flagExpose) {
+			e, err := config.ParseExpose(v)
+			if err != nil {
+				return flagError(flagExpose, v, err)
+			}
+			cfg.Expose = append(cfg.Expose, e)
 		}
 	}
 	if err := applyEgressFlags(c, cfg); err != nil {

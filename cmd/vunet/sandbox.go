@@ -33,6 +33,10 @@ func confine(a *appliance.Appliance, cfg *config.Config, log *slog.Logger) func(
 		if cfg.Connect != "" {
 			opts.ConnectSockets = append(opts.ConnectSockets, cfg.Connect)
 		}
+		// Exposed sockets are dialed for every guest connection.
+		for _, e := range cfg.Expose {
+			opts.ConnectSockets = append(opts.ConnectSockets, e.Path)
+		}
 		st, err := sandbox.Apply(opts)
 		a.Sandbox.Set(st)
 		if err != nil {
