@@ -21,7 +21,8 @@
 # overrides). Every VUNET_PERF_* variable of e2e/perf/compare_test.go passes
 # through (VUNET_PERF_BACKENDS, _REPS, _SECONDS, _STREAMS, _MEM, _OUT,
 # _PROFILE). The markdown report is printed and written to
-# build/perf/report.md unless VUNET_PERF_OUT says otherwise.
+# build/perf/report.md unless VUNET_PERF_OUT says otherwise; every sample
+# goes to build/perf/report.json (VUNET_PERF_JSON).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,4 +42,5 @@ fi
 
 export VUNET_PERF=1
 export VUNET_PERF_OUT=${VUNET_PERF_OUT:-$out/report.md}
+export VUNET_PERF_JSON=${VUNET_PERF_JSON:-$out/report.json}
 exec go test -count=1 -timeout 90m -run '^TestCompare$' -v "$@" ./e2e/perf/

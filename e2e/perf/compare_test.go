@@ -3,6 +3,7 @@ package perf
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -33,6 +34,7 @@ import (
 //	VUNET_PERF_STREAMS           iperf3 -P values (default "1,4")
 //	VUNET_PERF_MEM               guest RAM in MiB (default 512)
 //	VUNET_PERF_OUT               also write the markdown report to this file
+//	VUNET_PERF_JSON              write every sample as JSON to this file
 //	VUNET_PERF_MAX_OTHER         noise threshold, percent of one core (default
 //	                             10): a test during which the rest of the
 //	                             machine (not the backend, not QEMU) was busier
@@ -209,6 +211,56 @@ func TestCompare(t *testing.T) {
 			t.Errorf("writing %s: %v", out, err)
 		}
 	}
+	if out := os.Getenv("VUNET_PERF_JSON"); out != "" {
+		data, err := jsonReport(samples, unavailable, meta)
+		if err == nil {
+			err = os.WriteFile(out, data, 0o644)
+		}
+		if err != nil {
+			t.Errorf("writing %s: %v", out, err)
+		}
+	}
+}
+
+// jsonSample is one sample in the JSON report, in plain units.
+type jsonSample struct {
+	Backend   string  `json:"backend"`
+	MTU       int     `json:"mtu,omitempty"` // 0: the backend's default
+	Rep       int     `json:"rep"`
+	Test      string  `json:"test"`
+	Reverse   bool    `json:"reverse"` // host→guest
+	Streams   int     `json:"streams"`
+	Mbps      float64 `json:"mbit_per_s"`
+	Bytes     float64 `json:"bytes"`
+	WallS     float64 `json:"wall_s"`
+	CPUS      float64 `json:"backend_cpu_s"`
+	QEMUCPUS  float64 `json:"qemu_cpu_s"`
+	VCPUS     float64 `json:"vcpu_s"`
+	OtherCPUS float64 `json:"other_cpu_s"`
+	Retr      int     `json:"retransmits"` // -1: not reported
+	HWMKB     int64   `json:"backend_vmhwm_kib"`
+	AnonKB    int64   `json:"backend_rssanon_kib"`
+	Noisy     bool    `json:"noisy"`
+	Err       string  `json:"error,omitempty"`
+}
+
+// jsonReport renders every sample, the unavailable backends and the machine
+// description as JSON, for tools that want the raw numbers.
+func jsonReport(samples []sample, unavailable map[string]string, meta string) ([]byte, error) {
+	out := struct {
+		Machine     string            `json:"machine"`
+		Unavailable map[string]string `json:"unavailable,omitempty"`
+		Samples     []jsonSample      `json:"samples"`
+	}{Machine: meta, Unavailable: unavailable, Samples: []jsonSample{}}
+	for _, s := range samples {
+		out.Samples = append(out.Samples, jsonSample{
+			Backend: s.Spec.Kind, MTU: s.Spec.MTU, Rep: s.Rep, Test: s.Test.Name, Reverse: s.Test.Reverse, Streams: s.Test.Streams,
+			Mbps: s.Mbps, Bytes: s.Bytes, WallS: s.Wall.Seconds(), CPUS: s.CPU.Seconds(), QEMUCPUS: s.QEMUCPU.Seconds(),
+			VCPUS: s.VCPU.Seconds(), OtherCPUS: s.Other().Seconds(), Retr: s.Retr, HWMKB: s.HWMKB, AnonKB: s.AnonKB,
+			Noisy: s.Noisy, Err: s.Err,
+		})
+	}
+	return json.MarshalIndent(out, "", "  ")
 }
 
 func noisyMark(s sample) string {

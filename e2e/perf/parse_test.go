@@ -1,8 +1,10 @@
 package perf
 
 import (
+	"encoding/json"
 	"os"
 	"testing"
+	"time"
 )
 
 // TestParseRetr reads iperf3's sender Retr column as the guest script
@@ -40,5 +42,27 @@ func TestMemKB(t *testing.T) {
 	}
 	if anon <= 0 || hwm < anon {
 		t.Fatalf("memKB: VmHWM %d KiB, RssAnon %d KiB", hwm, anon)
+	}
+}
+
+// TestJSONReport checks that a sample's numbers reach the JSON report in
+// plain units.
+func TestJSONReport(t *testing.T) {
+	s := sample{Spec: backendSpec{Kind: "passt-vhost", MTU: 65520}, Rep: 2, Test: perfTest{Name: "down-1", Reverse: true, Streams: 1},
+		Mbps: 4998, CPU: 2500 * time.Millisecond, Host: 4 * time.Second, Retr: 6, HWMKB: 22000, AnonKB: 13700}
+	data, err := jsonReport([]sample{s}, nil, "m")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Samples []jsonSample `json:"samples"`
+	}
+	if err := json.Unmarshal(data, &got); err != nil {
+		t.Fatal(err)
+	}
+	want := jsonSample{Backend: "passt-vhost", MTU: 65520, Rep: 2, Test: "down-1", Reverse: true, Streams: 1, Mbps: 4998,
+		CPUS: 2.5, OtherCPUS: 1.5, Retr: 6, HWMKB: 22000, AnonKB: 13700}
+	if len(got.Samples) != 1 || got.Samples[0] != want {
+		t.Fatalf("JSON samples %+v, want [%+v]\n%s", got.Samples, want, data)
 	}
 }
