@@ -249,6 +249,7 @@ func (d *DNSServer) Close() error {
 // ProbeForward connects to the host side of an inbound forward, sends
 // ForwardProbe and returns the source address the guest's echo
 // service saw. It retries until ctx ends: the guest side may not be up yet.
+// addr "unix:PATH" dials a Unix socket (a unix forward).
 func ProbeForward(ctx context.Context, addr string) (peer string, err error) {
 	for {
 		peer, err = probeOnce(addr)
@@ -264,7 +265,11 @@ func ProbeForward(ctx context.Context, addr string) (peer string, err error) {
 }
 
 func probeOnce(addr string) (string, error) {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	network := "tcp"
+	if p, ok := strings.CutPrefix(addr, "unix:"); ok { // a unix forward's socket
+		network, addr = "unix", p
+	}
+	c, err := net.DialTimeout(network, addr, 5*time.Second)
 	if err != nil {
 		return "", err
 	}

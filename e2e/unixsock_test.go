@@ -1,0 +1,90 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vunet/vunet/e2e/harness"
+	"github.com/vunet/vunet/internal/qemutest"
+	"github.com/vunet/vunet/internal/vunettest"
+)
+
+// TestLinuxGuestUnixSockets is the real-client test of Unix socket
+// forwards (docs/forwarding.md), with the sandbox on (vunet started as root
+// runs as nobody): a host client on the --forward unix:PATH:8080 socket
+// reaches the guest's nc, which sees it coming from the gateway; the
+// guest's wget of http://10.0.2.2:2375/ reaches an HTTP server on a host
+// Unix socket through --expose tcp:2375:unix:PATH.
+func TestLinuxGuestUnixSockets(t *testing.T) {
+	e := setup(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*guestTimeout)
+	defer cancel()
+
+	// The exposed socket must be reachable by the user vunet runs as
+	// (nobody when the test runs as root).
+	dir, err := os.MkdirTemp("", "vu-e2e-unix")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	api := filepath.Join(dir, "api.sock")
+	l, err := net.Listen("unix", api)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(api, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	const body = "unix-exposed"
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, body)
+	}), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() { _ = srv.Close() })
+
+	fwd := filepath.Join(dir, "app.sock")
+	vn := vunettest.Start(t, e.vunetArgs(
+		"--forward", fmt.Sprintf("unix:%s:%d", fwd, guestFwdPort),
+		"--expose", "tcp:2375:unix:"+api)...)
+	if fi, err := os.Lstat(fwd); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("unix forward socket %s: %v, %v; want mode 0600", fwd, fi, err)
+	}
+	inst := startGuest(t, ctx, &qemutest.Guest{
+		Socket: vn.Socket,
+		Script: script(
+			harness.StepDHCP(1500),
+			harness.StepFetch("expose", "http://"+harness.Gateway4+":2375/", body),
+			harness.StepForward(guestFwdPort),
+		),
+	})
+	if err := inst.WaitFor(ctx, harness.ReadyLine("forward")); err != nil {
+		t.Fatal(err)
+	}
+	fctx, fcancel := context.WithTimeout(ctx, time.Minute)
+	peer, err := harness.ProbeForward(fctx, "unix:"+fwd)
+	fcancel()
+	if err != nil {
+		t.Errorf("unix forward %s: %v", fwd, err)
+	} else {
+		host := peer
+		if i := strings.LastIndexByte(peer, ':'); i >= 0 {
+			host = peer[:i]
+		}
+		if host != harness.Gateway4 {
+			t.Errorf("guest saw the unix forward's client as %q, want the gateway %s", peer, harness.Gateway4)
+		}
+		t.Logf("unix forward %s -> guest:%d: guest saw %s", fwd, guestFwdPort, peer)
+	}
+	finish(t, inst, "dhcp", "expose", "forward")
+}
