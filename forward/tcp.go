@@ -49,19 +49,10 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 		f.denyTCP(r, src, dst)
 		return
 	}
-	if !reserve(&f.c.TCPConns, f.opts.MaxConns) {
-		f.c.TCPRejectedConns.Add(1)
-		log.Debug("tcp rejected: connection limit", "max", f.opts.MaxConns)
-		r.Complete(true)
+	if !f.admitTCP(r, log) {
 		return
 	}
 	defer f.c.TCPConns.Add(-1)
-	if !reserve(&f.c.TCPDialsInFlight, f.opts.MaxInFlightDials) {
-		f.c.TCPRejectedInFlight.Add(1)
-		log.Debug("tcp rejected: in-flight dial limit", "max", f.opts.MaxInFlightDials)
-		r.Complete(true)
-		return
-	}
 	target := netip.AddrPortFrom(to, dst.Port())
 	ctx, cancel := context.WithTimeout(f.ctx, f.opts.DialTimeout)
 	hc, err := f.opts.dial(ctx, tcpNetwork(to), target.String())
@@ -162,19 +153,10 @@ func (f *Forwarder) exposed(dst netip.AddrPort) (string, bool) {
 // mapping is the administrator's), the outbound connection and in-flight
 // limits and memory share do, as for any guest connection.
 func (f *Forwarder) serveExposed(r *tcp.ForwarderRequest, path string, src netip.AddrPort, log *slog.Logger) {
-	if !reserve(&f.c.TCPConns, f.opts.MaxConns) {
-		f.c.TCPRejectedConns.Add(1)
-		log.Debug("tcp rejected: connection limit", "max", f.opts.MaxConns)
-		r.Complete(true)
+	if !f.admitTCP(r, log) {
 		return
 	}
 	defer f.c.TCPConns.Add(-1)
-	if !reserve(&f.c.TCPDialsInFlight, f.opts.MaxInFlightDials) {
-		f.c.TCPRejectedInFlight.Add(1)
-		log.Debug("tcp rejected: in-flight dial limit", "max", f.opts.MaxInFlightDials)
-		r.Complete(true)
-		return
-	}
 	ctx, cancel := context.WithTimeout(f.ctx, f.opts.DialTimeout)
 	var d net.Dialer
 	hc, err := d.DialContext(ctx, "unix", path)
@@ -205,4 +187,25 @@ func (f *Forwarder) serveExposed(r *tcp.ForwarderRequest, path string, src netip
 		return
 	}
 	sp.run()
+}
+
+// admitTCP reserves a connection slot and an in-flight dial slot for a
+// guest SYN, or answers it with RST and counts which limit refused it. On
+// success the caller gives the dial slot back when its dial returns and
+// the connection slot when the connection ends.
+func (f *Forwarder) admitTCP(r *tcp.ForwarderRequest, log *slog.Logger) bool {
+	if !reserve(&f.c.TCPConns, f.opts.MaxConns) {
+		f.c.TCPRejectedConns.Add(1)
+		log.Debug("tcp rejected: connection limit", "max", f.opts.MaxConns)
+		r.Complete(true)
+		return false
+	}
+	if !reserve(&f.c.TCPDialsInFlight, f.opts.MaxInFlightDials) {
+		f.c.TCPConns.Add(-1)
+		f.c.TCPRejectedInFlight.Add(1)
+		log.Debug("tcp rejected: in-flight dial limit", "max", f.opts.MaxInFlightDials)
+		r.Complete(true)
+		return false
+	}
+	return true
 }

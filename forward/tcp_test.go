@@ -233,6 +233,11 @@ func TestTCPInFlightLimit(t *testing.T) {
 	if s := e.f.Stats(); s.TCPRejectedInFlight.Load() != 1 {
 		t.Errorf("TCPRejectedInFlight = %d", s.TCPRejectedInFlight.Load())
 	}
+	// The refused SYN gives its connection slot back at once: only the
+	// first connection holds one.
+	if n := e.f.Stats().TCPConns.Load(); n != 1 {
+		t.Errorf("TCPConns = %d after an in-flight refusal, want 1", n)
+	}
 	close(release)
 	if err := <-first; err != nil {
 		t.Fatalf("first dial: %v", err)
