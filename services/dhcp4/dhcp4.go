@@ -391,3 +391,28 @@ func (s *Server) Leases() []Lease {
 	}
 	return out
 }
+
+// RestoreLease binds addr to the client mac until expiry: a lease the
+// guest got from the vunet it was live-migrated from. The address must be
+// in the pool and not bound to another client; a lease the client already
+// has here is replaced (the source's view is the newer one).
+func (s *Server) RestoreLease(mac net.HardwareAddr, addr netip.Addr, expiry time.Time) error {
+	if len(mac) != 6 {
+		return fmt.Errorf("dhcp4: restored lease: MAC %v is not 6 bytes", mac)
+	}
+	var m [6]byte
+	copy(m[:], mac)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	switch {
+	case !expiry.After(now):
+		return fmt.Errorf("dhcp4: restored lease %s for %s: already expired", addr, mac)
+	case !s.leases.inPool(addr):
+		return fmt.Errorf("dhcp4: restored lease %s for %s: not in the pool %s+%d", addr, mac, s.opts.PoolStart, s.opts.PoolSize)
+	case !s.leases.free(addr, m, now):
+		return fmt.Errorf("dhcp4: restored lease %s for %s: the address is held by %s", addr, mac, s.leases.owner(addr, now).mac)
+	}
+	s.leases.set(m, addr, expiry, true)
+	return nil
+}

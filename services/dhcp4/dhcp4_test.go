@@ -401,3 +401,51 @@ func TestPoolExhaustedLogIsBounded(t *testing.T) {
 			ratelimit.LogBurst+1, flood-ratelimit.LogBurst, buf.String())
 	}
 }
+
+// A lease restored after a migration is the client's: its DISCOVER is
+// offered that address, another client is not, and what cannot be honoured
+// is refused with a reason.
+func TestRestoreLease(t *testing.T) {
+	s, err := New(Options{PoolSize: 4, Logger: testnet.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1e9, 0)
+	s.now = func() time.Time { return now }
+	a, b := net.HardwareAddr{2, 0, 0, 0, 0, 1}, net.HardwareAddr{2, 0, 0, 0, 0, 2}
+	addr := netip.MustParseAddr("10.0.2.17")
+	if err := s.RestoreLease(a, addr, now.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if ls := s.Leases(); len(ls) != 1 || ls[0].Addr != addr || ls[0].MAC != a.String() {
+		t.Fatalf("leases %+v", ls)
+	}
+	offer := func(hw net.HardwareAddr, req netip.Addr) netip.Addr {
+		d, _ := dhcpv4.NewDiscovery(hw)
+		if req.IsValid() {
+			d.UpdateOption(dhcpv4.OptRequestedIPAddress(req.AsSlice()))
+		}
+		o, _ := s.handle(d)
+		if o == nil {
+			return netip.Addr{}
+		}
+		x, _ := netip.AddrFromSlice(o.YourIPAddr.To4())
+		return x
+	}
+	if got := offer(a, netip.Addr{}); got != addr {
+		t.Errorf("restored client offered %v, want %v", got, addr)
+	}
+	if got := offer(b, addr); got == addr || !got.IsValid() {
+		t.Errorf("other client asking for the restored address offered %v", got)
+	}
+	for name, err := range map[string]error{
+		"held":     s.RestoreLease(b, addr, now.Add(time.Hour)),
+		"expired":  s.RestoreLease(b, netip.MustParseAddr("10.0.2.18"), now),
+		"off pool": s.RestoreLease(b, netip.MustParseAddr("10.0.2.99"), now.Add(time.Hour)),
+		"bad mac":  s.RestoreLease(net.HardwareAddr{1, 2}, netip.MustParseAddr("10.0.2.18"), now.Add(time.Hour)),
+	} {
+		if err == nil {
+			t.Errorf("%s: restored", name)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package ra
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"net/netip"
 	"time"
@@ -348,4 +349,33 @@ func macString(b net.HardwareAddr) string {
 		return ""
 	}
 	return b.String()
+}
+
+// RestoreLease binds addr to the client's identity association (duid in
+// wire form, iaid) until expiry: a lease the guest got from the vunet it
+// was live-migrated from. The server must be stateful, the address in the
+// pool and not held by another IA; the IA's lease here, if any, is
+// replaced. The server DUID is derived from the gateway MAC, so with the
+// same configuration the guest's RENEW names this server too.
+func (s *DHCPv6) RestoreLease(duid []byte, iaid uint32, addr netip.Addr, expiry time.Time) error {
+	if s.leases == nil {
+		return fmt.Errorf("dhcpv6: restored lease %s: this server is stateless (--dhcpv6 stateful on both sides)", addr)
+	}
+	if len(duid) == 0 || len(duid) > maxDUID {
+		return fmt.Errorf("dhcpv6: restored lease %s: DUID of %d bytes", addr, len(duid))
+	}
+	k := iaKey{duid: string(duid), iaid: [4]byte{byte(iaid >> 24), byte(iaid >> 16), byte(iaid >> 8), byte(iaid)}}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	switch {
+	case !expiry.After(now):
+		return fmt.Errorf("dhcpv6: restored lease %s: already expired", addr)
+	case !s.leases.inPool(addr):
+		return fmt.Errorf("dhcpv6: restored lease %s: not in the pool", addr)
+	case !s.leases.free(addr, k, now):
+		return fmt.Errorf("dhcpv6: restored lease %s: the address is held by another client", addr)
+	}
+	s.leases.set(k, addr, expiry)
+	return nil
 }

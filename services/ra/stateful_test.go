@@ -413,3 +413,45 @@ func TestStatelessIgnoresStateful(t *testing.T) {
 		t.Error("stateless server has a pool")
 	}
 }
+
+// A lease restored after a migration is the client's: its RENEW keeps the
+// address, another client's REQUEST for it gets another one, and what
+// cannot be honoured is refused with a reason.
+func TestStatefulRestoreLease(t *testing.T) {
+	s, clk := statefulServer(t, DHCPv6Options{LeaseTime: time.Hour})
+	c, other := newClient(1), newClient(2)
+	addr := pool0.Next().Next() // not the one a new client would get first
+	iaid := uint32(c.iaid[0])<<24 | uint32(c.iaid[1])<<16 | uint32(c.iaid[2])<<8 | uint32(c.iaid[3])
+	if err := s.RestoreLease(c.duid.ToBytes(), iaid, addr, clk.t.Add(40*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if ls := s.Leases(); len(ls) != 1 || ls[0].Addr != addr || !ls[0].Expiry.Equal(clk.t.Add(40*time.Minute)) {
+		t.Fatalf("leases %+v", ls)
+	}
+	rep := parseReply(t, s.reply(c.msg(t, dhcpv6.MessageTypeRenew, s, true, addr)), dhcpv6.MessageTypeReply)
+	if a, _, _ := iaAddr(t, rep); a != addr || iaStatus(rep) != iana.StatusSuccess {
+		t.Fatalf("RENEW of the restored lease got %v, status %v", a, iaStatus(rep))
+	}
+	rep = parseReply(t, s.reply(other.msg(t, dhcpv6.MessageTypeRequest, s, true, addr)), dhcpv6.MessageTypeReply)
+	if a, _, _ := iaAddr(t, rep); a == addr || !a.IsValid() {
+		t.Fatalf("another client's REQUEST for the restored address got %v", a)
+	}
+	for name, err := range map[string]error{
+		"held":      s.RestoreLease(other.duid.ToBytes(), iaid, addr, clk.t.Add(time.Hour)),
+		"expired":   s.RestoreLease(c.duid.ToBytes(), 7, pool0.Next().Next().Next(), clk.t),
+		"off pool":  s.RestoreLease(c.duid.ToBytes(), 7, netip.MustParseAddr("fd00:1::1"), clk.t.Add(time.Hour)),
+		"no duid":   s.RestoreLease(nil, 7, pool0.Next().Next().Next(), clk.t.Add(time.Hour)),
+		"long duid": s.RestoreLease(make([]byte, maxDUID+1), 7, pool0.Next().Next().Next(), clk.t.Add(time.Hour)),
+	} {
+		if err == nil {
+			t.Errorf("%s: restored", name)
+		}
+	}
+	stateless, err := NewDHCPv6(DHCPv6Options{Logger: testnet.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stateless.RestoreLease(c.duid.ToBytes(), iaid, addr, clk.t.Add(time.Hour)); err == nil || !strings.Contains(err.Error(), "stateless") {
+		t.Errorf("stateless server: %v", err)
+	}
+}

@@ -1,0 +1,459 @@
+// Package devstate is the format of the state one vunet hands the next when
+// its VM is live-migrated: what the guest would otherwise lose (DHCP leases,
+// port forwards added at run time, UDP flows). The same bytes travel through
+// the vhost-user DEVICE_STATE pipe (QEMU 10.0 and later) and through the
+// control API (`vunet state save|load`, for frontends that do not transfer
+// back-end state).
+//
+// The blob comes from another process, possibly on another host: it is
+// hostile input. Decode checks the magic, the version, every length against
+// what is left, every count against a limit and the trailing CRC-32C, and
+// never panics (FuzzDeviceState).
+//
+// Layout (integers little-endian):
+//
+//	magic "VUNETST\x00" | version u16 | reserved u16 (0) | saved_at i64 (Unix ms)
+//	record*: kind u16 | length u32 | body[length]
+//	crc32c u32 of everything before it
+//
+// Records of a kind this version does not know are skipped, so a later
+// vunet may add kinds without a new version; changing the body of an
+// existing kind needs a new version, and an unknown version is refused.
+package devstate
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"net/netip"
+	"time"
+)
+
+// Version is the format version Encode writes and the only one Decode
+// accepts.
+const Version = 1
+
+// magic opens every blob.
+const magic = "VUNETST\x00"
+
+// Limits. MaxSize bounds the blob (a pipe or HTTP body is read up to it and
+// no further); the per-kind counts bound what a decoded state can make the
+// destination hold, before any service or forwarder is asked.
+const (
+	MaxSize      = 1 << 20
+	MaxLeases    = 4096
+	MaxForwards  = 1024
+	MaxUDPFlows  = 4096
+	MaxDUID      = 130                  // RFC 8415 11.1: 2-byte type and at most 128 bytes
+	MaxUnixPath  = 108                  // sun_path
+	MaxRemaining = 366 * 24 * time.Hour // longer leases or idle times are refused
+)
+
+// Record kinds.
+const (
+	kindLease4  = 1
+	kindLease6  = 2
+	kindForward = 3
+	kindUDPFlow = 4
+)
+
+const (
+	headerSize = len(magic) + 2 + 2 + 8
+	recordHead = 2 + 4
+	crcSize    = 4
+)
+
+// Errors, wrapped with details by Decode.
+var (
+	ErrFormat  = errors.New("device state: not a vunet device state")
+	ErrVersion = errors.New("device state: unsupported version")
+	ErrCorrupt = errors.New("device state: corrupt")
+	ErrLimit   = errors.New("device state: over a limit")
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// State is what moves from the source vunet to the destination.
+type State struct {
+	// SavedAt is when the source took the state. Durations below are
+	// relative to it, so the hosts' clocks need not agree.
+	SavedAt  time.Time
+	Leases4  []Lease4
+	Leases6  []Lease6
+	Forwards []Forward
+	UDPFlows []UDPFlow
+}
+
+// Lease4 is a bound DHCPv4 lease.
+type Lease4 struct {
+	MAC       [6]byte
+	Addr      netip.Addr // IPv4
+	Remaining time.Duration
+}
+
+// Lease6 is a stateful DHCPv6 lease (IA_NA).
+type Lease6 struct {
+	DUID      []byte // wire form, 1..MaxDUID bytes
+	IAID      uint32
+	Addr      netip.Addr // IPv6
+	Remaining time.Duration
+}
+
+// Forward is an inbound port forward added at run time (through the API);
+// forwards from the configuration are the destination's own.
+type Forward struct {
+	Proto     string         // "tcp", "udp" or "unix"
+	Host      netip.AddrPort // tcp, udp
+	Path      string         // unix
+	GuestPort uint16
+}
+
+// UDPFlow is an outbound UDP flow: the guest's socket, the peer, and the
+// host port vunet sent from, which the destination tries to reuse.
+type UDPFlow struct {
+	Guest    netip.AddrPort
+	Remote   netip.AddrPort
+	HostPort uint16
+	Idle     time.Duration // since the flow's last datagram
+}
+
+var protoCodes = map[string]byte{"tcp": 1, "udp": 2, "unix": 3}
+
+// Encode serialises st. It refuses a state that Decode would refuse, so a
+// source never produces a blob its peer cannot read.
+func Encode(st *State) ([]byte, error) {
+	if len(st.Leases4)+len(st.Leases6) > MaxLeases || len(st.Forwards) > MaxForwards || len(st.UDPFlows) > MaxUDPFlows {
+		return nil, fmt.Errorf("%w: %d leases, %d forwards, %d UDP flows", ErrLimit,
+			len(st.Leases4)+len(st.Leases6), len(st.Forwards), len(st.UDPFlows))
+	}
+	b := make([]byte, 0, 256)
+	b = append(b, magic...)
+	b = binary.LittleEndian.AppendUint16(b, Version)
+	b = binary.LittleEndian.AppendUint16(b, 0)
+	b = binary.LittleEndian.AppendUint64(b, uint64(st.SavedAt.UnixMilli()))
+	var err error
+	for _, l := range st.Leases4 {
+		if b, err = record(b, kindLease4, l.encode); err != nil {
+			return nil, err
+		}
+	}
+	for _, l := range st.Leases6 {
+		if b, err = record(b, kindLease6, l.encode); err != nil {
+			return nil, err
+		}
+	}
+	for _, f := range st.Forwards {
+		if b, err = record(b, kindForward, f.encode); err != nil {
+			return nil, err
+		}
+	}
+	for _, f := range st.UDPFlows {
+		if b, err = record(b, kindUDPFlow, f.encode); err != nil {
+			return nil, err
+		}
+	}
+	b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	if len(b) > MaxSize {
+		return nil, fmt.Errorf("%w: %d bytes (at most %d)", ErrLimit, len(b), MaxSize)
+	}
+	return b, nil
+}
+
+// record appends one record whose body enc appends.
+func record(b []byte, kind uint16, enc func([]byte) ([]byte, error)) ([]byte, error) {
+	b = binary.LittleEndian.AppendUint16(b, kind)
+	at := len(b)
+	b = binary.LittleEndian.AppendUint32(b, 0)
+	b, err := enc(b)
+	if err != nil {
+		return nil, err
+	}
+	binary.LittleEndian.PutUint32(b[at:], uint32(len(b)-at-4))
+	return b, nil
+}
+
+func appendDuration(b []byte, d time.Duration) ([]byte, error) {
+	if d < 0 {
+		d = 0
+	}
+	if d > MaxRemaining {
+		return nil, fmt.Errorf("%w: duration %v (at most %v)", ErrLimit, d, MaxRemaining)
+	}
+	return binary.LittleEndian.AppendUint64(b, uint64(d.Milliseconds())), nil
+}
+
+func appendAddr(b []byte, a netip.Addr) []byte {
+	a = a.Unmap()
+	if !a.IsValid() {
+		return append(b, 0)
+	}
+	s := a.AsSlice()
+	b = append(b, byte(len(s)))
+	return append(b, s...)
+}
+
+func appendAddrPort(b []byte, ap netip.AddrPort) []byte {
+	return binary.LittleEndian.AppendUint16(appendAddr(b, ap.Addr()), ap.Port())
+}
+
+func (l Lease4) encode(b []byte) ([]byte, error) {
+	if !l.Addr.Unmap().Is4() {
+		return nil, fmt.Errorf("device state: DHCPv4 lease address %v is not IPv4", l.Addr)
+	}
+	b = append(b, l.MAC[:]...)
+	b = appendAddr(b, l.Addr)
+	return appendDuration(b, l.Remaining)
+}
+
+func (l Lease6) encode(b []byte) ([]byte, error) {
+	if len(l.DUID) == 0 || len(l.DUID) > MaxDUID || !l.Addr.Is6() || l.Addr.Is4In6() {
+		return nil, fmt.Errorf("device state: DHCPv6 lease %v with a %d-byte DUID", l.Addr, len(l.DUID))
+	}
+	b = append(b, byte(len(l.DUID)))
+	b = append(b, l.DUID...)
+	b = binary.LittleEndian.AppendUint32(b, l.IAID)
+	b = appendAddr(b, l.Addr)
+	return appendDuration(b, l.Remaining)
+}
+
+func (f Forward) encode(b []byte) ([]byte, error) {
+	code, ok := protoCodes[f.Proto]
+	if !ok || len(f.Path) > MaxUnixPath || f.GuestPort == 0 {
+		return nil, fmt.Errorf("device state: port forward %s %v %q to guest port %d", f.Proto, f.Host, f.Path, f.GuestPort)
+	}
+	b = append(b, code)
+	b = appendAddrPort(b, f.Host)
+	b = append(b, byte(len(f.Path)))
+	b = append(b, f.Path...)
+	return binary.LittleEndian.AppendUint16(b, f.GuestPort), nil
+}
+
+func (f UDPFlow) encode(b []byte) ([]byte, error) {
+	b = appendAddrPort(b, f.Guest)
+	b = appendAddrPort(b, f.Remote)
+	b = binary.LittleEndian.AppendUint16(b, f.HostPort)
+	return appendDuration(b, f.Idle)
+}
+
+// Decode parses and validates a blob from Encode. Every error wraps one of
+// ErrFormat, ErrVersion, ErrCorrupt or ErrLimit.
+func Decode(b []byte) (*State, error) {
+	if len(b) > MaxSize {
+		return nil, fmt.Errorf("%w: %d bytes (at most %d)", ErrLimit, len(b), MaxSize)
+	}
+	if len(b) < headerSize+crcSize || string(b[:len(magic)]) != magic {
+		return nil, fmt.Errorf("%w (%d bytes, no vunet magic)", ErrFormat, len(b))
+	}
+	if v := binary.LittleEndian.Uint16(b[len(magic):]); v != Version {
+		return nil, fmt.Errorf("%w %d (this vunet reads version %d; migrate between matching vunet releases)", ErrVersion, v, Version)
+	}
+	body, sum := b[:len(b)-crcSize], binary.LittleEndian.Uint32(b[len(b)-crcSize:])
+	if got := crc32.Checksum(body, castagnoli); got != sum {
+		return nil, fmt.Errorf("%w: checksum %#08x, expected %#08x (truncated or altered)", ErrCorrupt, got, sum)
+	}
+	if r := binary.LittleEndian.Uint16(b[len(magic)+2:]); r != 0 {
+		return nil, fmt.Errorf("%w: reserved field %#x", ErrCorrupt, r)
+	}
+	st := &State{SavedAt: time.UnixMilli(int64(binary.LittleEndian.Uint64(b[len(magic)+4:])))}
+	rest := body[headerSize:]
+	for len(rest) > 0 {
+		if len(rest) < recordHead {
+			return nil, fmt.Errorf("%w: %d stray bytes at the end", ErrCorrupt, len(rest))
+		}
+		kind := binary.LittleEndian.Uint16(rest)
+		n := binary.LittleEndian.Uint32(rest[2:])
+		rest = rest[recordHead:]
+		if uint64(n) > uint64(len(rest)) {
+			return nil, fmt.Errorf("%w: record of kind %d claims %d bytes, %d left", ErrCorrupt, kind, n, len(rest))
+		}
+		r := &reader{b: rest[:n]}
+		rest = rest[n:]
+		if err := st.decodeRecord(kind, r); err != nil {
+			return nil, err
+		}
+		if r.err == nil && len(r.b) != 0 {
+			r.err = fmt.Errorf("%d bytes left over", len(r.b))
+		}
+		if r.err != nil {
+			return nil, fmt.Errorf("%w: record of kind %d: %v", ErrCorrupt, kind, r.err)
+		}
+	}
+	return st, nil
+}
+
+func (st *State) decodeRecord(kind uint16, r *reader) error {
+	switch kind {
+	case kindLease4:
+		if len(st.Leases4)+len(st.Leases6) >= MaxLeases {
+			return fmt.Errorf("%w: more than %d leases", ErrLimit, MaxLeases)
+		}
+		var l Lease4
+		copy(l.MAC[:], r.bytes(6))
+		l.Addr = r.addr()
+		l.Remaining = r.duration()
+		if r.err == nil && !l.Addr.Is4() {
+			r.err = fmt.Errorf("DHCPv4 lease address %v", l.Addr)
+		}
+		st.Leases4 = append(st.Leases4, l)
+	case kindLease6:
+		if len(st.Leases4)+len(st.Leases6) >= MaxLeases {
+			return fmt.Errorf("%w: more than %d leases", ErrLimit, MaxLeases)
+		}
+		var l Lease6
+		n := int(r.u8())
+		if r.err == nil && (n == 0 || n > MaxDUID) {
+			r.err = fmt.Errorf("DUID of %d bytes", n)
+		}
+		l.DUID = append([]byte(nil), r.bytes(n)...)
+		l.IAID = r.u32()
+		l.Addr = r.addr()
+		l.Remaining = r.duration()
+		if r.err == nil && !l.Addr.Is6() {
+			r.err = fmt.Errorf("DHCPv6 lease address %v", l.Addr)
+		}
+		st.Leases6 = append(st.Leases6, l)
+	case kindForward:
+		if len(st.Forwards) >= MaxForwards {
+			return fmt.Errorf("%w: more than %d port forwards", ErrLimit, MaxForwards)
+		}
+		var f Forward
+		code := r.u8()
+		for p, c := range protoCodes {
+			if c == code {
+				f.Proto = p
+			}
+		}
+		f.Host = r.addrPort()
+		n := int(r.u8())
+		if r.err == nil && n > MaxUnixPath {
+			r.err = fmt.Errorf("socket path of %d bytes", n)
+		}
+		f.Path = string(r.bytes(n))
+		f.GuestPort = r.u16()
+		if r.err == nil {
+			r.err = f.check()
+		}
+		st.Forwards = append(st.Forwards, f)
+	case kindUDPFlow:
+		if len(st.UDPFlows) >= MaxUDPFlows {
+			return fmt.Errorf("%w: more than %d UDP flows", ErrLimit, MaxUDPFlows)
+		}
+		var f UDPFlow
+		f.Guest = r.addrPort()
+		f.Remote = r.addrPort()
+		f.HostPort = r.u16()
+		f.Idle = r.duration()
+		if r.err == nil && (!f.Guest.Addr().IsValid() || !f.Remote.Addr().IsValid() || f.Guest.Addr().Is4() != f.Remote.Addr().Is4()) {
+			r.err = fmt.Errorf("UDP flow %v -> %v", f.Guest, f.Remote)
+		}
+		st.UDPFlows = append(st.UDPFlows, f)
+	default:
+		r.b = nil // a later kind: skipped
+	}
+	return nil
+}
+
+// check is the forward's own consistency; whether the destination can
+// listen there is its business.
+func (f Forward) check() error {
+	switch {
+	case f.Proto == "":
+		return errors.New("unknown forward protocol")
+	case f.GuestPort == 0:
+		return errors.New("forward to guest port 0")
+	case (f.Proto == "unix") != (f.Path != ""):
+		return fmt.Errorf("%s forward with socket path %q", f.Proto, f.Path)
+	case f.Proto != "unix" && !f.Host.Addr().IsValid():
+		return fmt.Errorf("%s forward without a host address", f.Proto)
+	case f.Proto == "unix" && (f.Path[0] != '/' || f.Host.IsValid()):
+		return fmt.Errorf("unix forward %q must have an absolute path and no host address", f.Path)
+	}
+	for i := 0; i < len(f.Path); i++ {
+		if f.Path[i] == 0 {
+			return errors.New("socket path with a NUL byte")
+		}
+	}
+	return nil
+}
+
+// reader consumes a record body; the first error sticks and later reads
+// return zero values, so decoders read straight through and check once.
+type reader struct {
+	b   []byte
+	err error
+}
+
+func (r *reader) bytes(n int) []byte {
+	if r.err != nil {
+		return nil
+	}
+	if n < 0 || n > len(r.b) {
+		r.err = fmt.Errorf("need %d bytes, %d left", n, len(r.b))
+		r.b = nil
+		return nil
+	}
+	v := r.b[:n]
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *reader) u8() byte {
+	if b := r.bytes(1); b != nil {
+		return b[0]
+	}
+	return 0
+}
+
+func (r *reader) u16() uint16 {
+	if b := r.bytes(2); b != nil {
+		return binary.LittleEndian.Uint16(b)
+	}
+	return 0
+}
+
+func (r *reader) u32() uint32 {
+	if b := r.bytes(4); b != nil {
+		return binary.LittleEndian.Uint32(b)
+	}
+	return 0
+}
+
+func (r *reader) duration() time.Duration {
+	b := r.bytes(8)
+	if b == nil {
+		return 0
+	}
+	ms := binary.LittleEndian.Uint64(b)
+	if ms > uint64(MaxRemaining.Milliseconds()) {
+		r.err = fmt.Errorf("duration of %d ms (at most %v)", ms, MaxRemaining)
+		return 0
+	}
+	return time.Duration(ms) * time.Millisecond
+}
+
+// addr reads a length-prefixed address: 0 (none), 4 or 16 bytes.
+func (r *reader) addr() netip.Addr {
+	n := int(r.u8())
+	if r.err != nil {
+		return netip.Addr{}
+	}
+	if n != 0 && n != 4 && n != 16 {
+		r.err = fmt.Errorf("address of %d bytes", n)
+		return netip.Addr{}
+	}
+	a, _ := netip.AddrFromSlice(r.bytes(n))
+	return a.Unmap()
+}
+
+func (r *reader) addrPort() netip.AddrPort {
+	a := r.addr()
+	p := r.u16()
+	if !a.IsValid() {
+		if p != 0 && r.err == nil {
+			r.err = fmt.Errorf("port %d without an address", p)
+		}
+		return netip.AddrPort{}
+	}
+	return netip.AddrPortFrom(a, p)
+}
