@@ -148,7 +148,8 @@ type Options struct {
 	dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// dialUDP replaces the host UDP socket factory (tests use it to keep
 	// every datagram on loopback whatever the guest's destination).
-	dialUDP func(network string, to netip.AddrPort) (*net.UDPConn, error)
+	// local is the host port to send from, 0 for any.
+	dialUDP func(network string, local uint16, to netip.AddrPort) (*net.UDPConn, error)
 	// openPing replaces the host ping socket factory (tests use it because
 	// ping sockets are often forbidden by net.ipv4.ping_group_range).
 	openPing func(v6 bool) (net.PacketConn, error)
@@ -191,6 +192,10 @@ type Forwarder struct {
 	udp    map[*udpFlow]struct{}
 	pfwds  map[pfKey]*portForward
 	pflows map[*pingFlow]struct{}
+	// udpPorts are the host ports of UDP flows carried over from the
+	// vunet the guest migrated from (RestoreUDPPorts), until the flow's
+	// next datagram takes its port or the entry expires.
+	udpPorts map[udpFlowKey]udpPort
 }
 
 // New validates opts, applies defaults and installs the forwarding handlers
@@ -233,8 +238,12 @@ func New(opts Options) (*Forwarder, error) {
 		opts.dial = d.DialContext
 	}
 	if opts.dialUDP == nil {
-		opts.dialUDP = func(network string, to netip.AddrPort) (*net.UDPConn, error) {
-			return net.DialUDP(network, nil, net.UDPAddrFromAddrPort(to))
+		opts.dialUDP = func(network string, local uint16, to netip.AddrPort) (*net.UDPConn, error) {
+			var laddr *net.UDPAddr
+			if local != 0 {
+				laddr = &net.UDPAddr{Port: int(local)}
+			}
+			return net.DialUDP(network, laddr, net.UDPAddrFromAddrPort(to))
 		}
 	}
 	if opts.openPing == nil {
@@ -273,6 +282,8 @@ func New(opts Options) (*Forwarder, error) {
 		udp:    make(map[*udpFlow]struct{}),
 		pfwds:  make(map[pfKey]*portForward),
 		pflows: make(map[*pingFlow]struct{}),
+
+		udpPorts: make(map[udpFlowKey]udpPort),
 	}
 	f.egress = opts.Egress
 	if f.egress == nil {

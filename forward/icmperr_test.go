@@ -409,7 +409,7 @@ func TestUDPHopLimits(t *testing.T) {
 	rc, _ := srv.SyscallConn()
 	rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVTTL, 1) })
 	e := newEnv(t, func(o *Options) {
-		o.dialUDP = func(network string, _ netip.AddrPort) (*net.UDPConn, error) {
+		o.dialUDP = func(network string, _ uint16, _ netip.AddrPort) (*net.UDPConn, error) {
 			return net.DialUDP(network, nil, srv.LocalAddr().(*net.UDPAddr))
 		}
 	})

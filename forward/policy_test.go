@@ -134,7 +134,7 @@ func TestEgressTCPResetWhenICMPLimited(t *testing.T) {
 func TestEgressUDP(t *testing.T) {
 	var opened atomic.Int64
 	e := newEnv(t, func(o *Options) {
-		o.dialUDP = func(network string, _ netip.AddrPort) (*net.UDPConn, error) {
+		o.dialUDP = func(network string, _ uint16, _ netip.AddrPort) (*net.UDPConn, error) {
 			opened.Add(1)
 			return net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:9")))
 		}

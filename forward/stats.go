@@ -61,6 +61,11 @@ type Stats struct {
 	AcceptErrors atomic.Uint64 `metric:"forward_accept_errors_total" help:"Failed accepts on TCP port-forward listeners (EMFILE, ENFILE, ...), each retried after a backoff."`
 
 	UDPFlowsExpired atomic.Uint64 `metric:"forward_udp_flows_expired_total" help:"UDP flows closed by an idle timeout."`
+	// Live migration: UDP flows of the previous vunet whose host port
+	// this one reused (kept) or could not bind, so the flow went on from
+	// a new port (lost).
+	UDPPortsKept atomic.Uint64 `metric:"forward_udp_migrated_ports_total{result=kept}" help:"UDP flows carried over from the vunet the guest migrated from: host port reused (kept) or taken by someone else (lost)."`
+	UDPPortsLost atomic.Uint64 `metric:"forward_udp_migrated_ports_total{result=lost}"`
 	PingRequests    atomic.Uint64 `metric:"forward_ping_requests_total" help:"ICMP echo requests sent to the host."`
 	PingReplies     atomic.Uint64 `metric:"forward_ping_replies_total" help:"ICMP echo replies delivered to the guest."`
 	// Host ICMP errors translated for the guest, and those the stack's

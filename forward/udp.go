@@ -43,7 +43,19 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 	}
 	// Creating a connected UDP socket does not block (no packets are
 	// sent), so it is fine on gVisor's delivery path.
-	hc, err := f.opts.dialUDP(network, target)
+	local := f.takeUDPPort(src, dst)
+	hc, err := f.opts.dialUDP(network, local, target)
+	if local != 0 {
+		if err != nil {
+			// Someone else has the port (on one host, the source vunet
+			// may still hold it): the flow goes on from a new one.
+			f.c.UDPPortsLost.Add(1)
+			f.log.Debug("udp flow: migrated host port taken", "src", src, "port", local, "err", err)
+			hc, err = f.opts.dialUDP(network, 0, target)
+		} else {
+			f.c.UDPPortsKept.Add(1)
+		}
+	}
 	if err != nil {
 		f.c.UDPFlows.Add(-1)
 		f.c.DropSendErrors.Add(1)
@@ -62,7 +74,7 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 	// The gateway is the host itself, the destination; anything else is
 	// reached through vunet as the guest's first router.
 	hop := dst.Addr() != f.opts.Gateway4 && dst.Addr() != f.opts.Gateway6
-	out := &udpOut{rc: rc, src: src, dst: dst, target: to, hop: hop}
+	out := &udpOut{rc: rc, src: src, dst: dst, target: to, hop: hop, local: addrPortOf(hc.LocalAddr()).Port()}
 	if err := enableRecvErr(rc, to.Is6()); err != nil {
 		f.log.Debug("udp host socket: no IP_RECVERR", "err", err)
 	}

@@ -281,6 +281,7 @@ type udpOut struct {
 	hop      bool           // vunet is a router on the way (dst is not the gateway)
 	lastLen  atomic.Int32   // payload size of the latest guest datagram
 	hops     uint8          // hop limit set on the host socket; 0: the default
+	local    uint16         // the host port it sends from
 }
 
 // setHops sets the host socket's TTL (hop limit) if it differs from the
