@@ -66,8 +66,8 @@ type Stats struct {
 	// a new port (lost).
 	UDPPortsKept atomic.Uint64 `metric:"forward_udp_migrated_ports_total{result=kept}" help:"UDP flows carried over from the vunet the guest migrated from: host port reused (kept) or taken by someone else (lost)."`
 	UDPPortsLost atomic.Uint64 `metric:"forward_udp_migrated_ports_total{result=lost}"`
-	PingRequests    atomic.Uint64 `metric:"forward_ping_requests_total" help:"ICMP echo requests sent to the host."`
-	PingReplies     atomic.Uint64 `metric:"forward_ping_replies_total" help:"ICMP echo replies delivered to the guest."`
+	PingRequests atomic.Uint64 `metric:"forward_ping_requests_total" help:"ICMP echo requests sent to the host."`
+	PingReplies  atomic.Uint64 `metric:"forward_ping_replies_total" help:"ICMP echo replies delivered to the guest."`
 	// Host ICMP errors translated for the guest, and those the stack's
 	// ICMP rate limit held back.
 	ICMPErrors        atomic.Uint64 `metric:"forward_icmp_errors_total{outcome=sent}" help:"Host ICMP errors (unreachable, time exceeded) translated for the guest, by outcome."`
