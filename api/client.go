@@ -118,9 +118,28 @@ func (c *Client) RemoveForward(ctx context.Context, f Forward) error {
 	return c.do(ctx, http.MethodDelete, PathForwards+"?"+q.Encode(), nil, nil)
 }
 
-// do performs one request. out is a *bytes.Buffer for raw text, any other
-// pointer for JSON, or nil to discard the body.
+// SaveState calls GET /v1/state and returns the source's device state.
+func (c *Client) SaveState(ctx context.Context) ([]byte, error) {
+	var b bytes.Buffer
+	err := c.do(ctx, http.MethodGet, PathState, nil, &b)
+	return b.Bytes(), err
+}
+
+// LoadState calls POST /v1/state with a device state from SaveState.
+func (c *Client) LoadState(ctx context.Context, state []byte) (StateSummary, error) {
+	var sum StateSummary
+	err := c.send(ctx, http.MethodPost, PathState, StateContentType, state, &sum)
+	return sum, err
+}
+
+// do performs one request with a JSON body. out is a *bytes.Buffer for raw
+// bytes, any other pointer for JSON, or nil to discard the body.
 func (c *Client) do(ctx context.Context, method, path string, body []byte, out any) error {
+	return c.send(ctx, method, path, "application/json", body, out)
+}
+
+// send is do with the body's content type.
+func (c *Client) send(ctx context.Context, method, path, contentType string, body []byte, out any) error {
 	var rd io.Reader
 	if body != nil {
 		rd = bytes.NewReader(body)
@@ -130,7 +149,7 @@ func (c *Client) do(ctx context.Context, method, path string, body []byte, out a
 		return fmt.Errorf("api: %w", err)
 	}
 	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Content-Type", contentType)
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {

@@ -5,12 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
 	"strconv"
 	"time"
+
+	"github.com/vunet/vunet/devstate"
 )
 
 // Backend is what the API serves; the appliance implements it. Methods are
@@ -32,13 +35,28 @@ type Backend interface {
 	RemoveForward(Forward) error
 }
 
+// StateBackend is implemented by a Backend that can hand its device state
+// to another vunet, for live migration with frontends that do not transfer
+// back-end state themselves (docs/migration.md).
+type StateBackend interface {
+	// SaveState returns the device state (devstate's format).
+	SaveState() ([]byte, error)
+	// LoadState applies a device state from the source vunet. Errors
+	// wrap ErrInvalid for a state that does not decode.
+	LoadState([]byte) (StateSummary, error)
+}
+
 // Routes.
 const (
 	PathHealth   = "/v1/health"
 	PathStats    = "/v1/stats"
 	PathForwards = "/v1/forwards"
+	PathState    = "/v1/state"
 	PathMetrics  = "/metrics"
 )
+
+// StateContentType is the media type of a device state.
+const StateContentType = "application/vnd.vunet.device-state"
 
 // MetricsContentType is the Prometheus text exposition format.
 const MetricsContentType = "text/plain; version=0.0.4; charset=utf-8"
@@ -69,9 +87,14 @@ func NewServer(b Backend, log *slog.Logger) *Server {
 	s.mux.HandleFunc("GET "+PathForwards, s.listForwards)
 	s.mux.HandleFunc("POST "+PathForwards, s.addForward)
 	s.mux.HandleFunc("DELETE "+PathForwards, s.removeForward)
+	allow := map[string]string{PathHealth: "GET", PathStats: "GET", PathMetrics: "GET", PathForwards: "GET, POST, DELETE"}
+	if sb, ok := b.(StateBackend); ok {
+		s.mux.HandleFunc("GET "+PathState, func(w http.ResponseWriter, r *http.Request) { s.saveState(w, r, sb) })
+		s.mux.HandleFunc("POST "+PathState, func(w http.ResponseWriter, r *http.Request) { s.loadState(w, r, sb) })
+		allow[PathState] = "GET, POST"
+	}
 	// Everything else gets a JSON error too, 405 for a known path (which
 	// the method patterns above would give, were "/" not registered).
-	allow := map[string]string{PathHealth: "GET", PathStats: "GET", PathMetrics: "GET", PathForwards: "GET, POST, DELETE"}
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		if methods, ok := allow[r.URL.Path]; ok {
 			w.Header().Set("Allow", methods)
@@ -189,6 +212,36 @@ func (s *Server) removeForward(w http.ResponseWriter, r *http.Request) {
 	}
 	s.log.Debug("api: port forward removed", "proto", f.Proto, "host", f.Host.String())
 	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) saveState(w http.ResponseWriter, r *http.Request, sb StateBackend) {
+	b, err := sb.SaveState()
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.Header().Set("Content-Type", StateContentType)
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	if _, err := w.Write(b); err != nil {
+		s.log.Debug("api: writing device state", "err", err)
+	}
+}
+
+// loadState reads at most devstate.MaxSize bytes: a larger body is refused
+// before it is buffered.
+func (s *Server) loadState(w http.ResponseWriter, r *http.Request, sb StateBackend) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, devstate.MaxSize))
+	if err != nil {
+		s.fail(w, r, Errorf(ErrInvalid, "device state body: %v", err))
+		return
+	}
+	sum, err := sb.LoadState(b)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.reply(w, r, http.StatusOK, sum)
 }
 
 // reply writes v as JSON with status.

@@ -224,3 +224,18 @@ func (f Forward) validate(needGuest bool) error {
 	}
 	return nil
 }
+
+// StateSummary is what POST /v1/state applied.
+type StateSummary struct {
+	// SavedAt is when the source vunet took the state.
+	SavedAt time.Time `json:"saved_at"`
+	// Leases, Forwards and UDPFlows count the entries restored.
+	Leases   int `json:"leases"`
+	Forwards int `json:"forwards"`
+	UDPFlows int `json:"udp_flows"`
+	// Pending counts forwards whose host port is still in use (the source
+	// vunet on this host holds it): they are retried for 30 seconds.
+	Pending int `json:"forwards_pending"`
+	// Problems says which entries could not be applied (at most 32).
+	Problems []string `json:"problems"`
+}

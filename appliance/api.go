@@ -60,6 +60,7 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 	}
 	add("log", a.logLimit.Stats())
 	add("sandbox", &a.Sandbox)
+	add("migration", &a.migStats)
 	memOut, memIn := a.Forward.MemoryShares()
 	for _, m := range []struct {
 		share string
@@ -138,6 +139,7 @@ func (a *Appliance) AddForward(f api.Forward) (api.Forward, error) {
 	})
 	switch {
 	case err == nil:
+		a.runtime.set(keyOf(pf), true)
 		return toAPI(pf), nil
 	case errors.Is(err, syscall.EADDRINUSE):
 		return api.Forward{}, api.Errorf(api.ErrConflict, "%w", err)
@@ -163,6 +165,7 @@ func (a *Appliance) RemoveForward(f api.Forward) error {
 		// Lost a race with another remove.
 		return api.Errorf(api.ErrNotFound, "%w", err)
 	}
+	a.runtime.set(keyOf(cur), false)
 	return nil
 }
 

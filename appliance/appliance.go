@@ -94,6 +94,12 @@ type Appliance struct {
 	pcap      *pcap.Writer    // nil without cfg.PCAP
 	pcapFile  *os.File
 	closers   []func()
+
+	// Live migration (state.go).
+	runtime  runtimeForwards
+	migStats MigrationStats
+	stop     chan struct{}  // closed by Close: background work ends
+	bg       sync.WaitGroup // background work (forward retries)
 }
 
 // New builds every layer from cfg (already validated) without serving yet.
@@ -107,7 +113,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	lim := ratelimit.NewHandler(log.Handler(), ratelimit.LogBurst, ratelimit.LogEvery)
 	log = slog.New(lim)
 	a = &Appliance{cfg: cfg, log: log, logLimit: lim, started: time.Now(),
-		Memory: budget.New(cfg.MaxMemory)}
+		Memory: budget.New(cfg.MaxMemory), stop: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			a.Close()
@@ -224,6 +230,9 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		return nil, err
 	}
 	a.closers = append(a.closers, func() { a.Forward.Close() })
+	// Runs before the forwarder closes: retries of carried-over forwards
+	// end first.
+	a.closers = append(a.closers, func() { close(a.stop); a.bg.Wait() })
 	for _, f := range cfg.Forwards {
 		pf, err := a.Forward.AddPortForward(forward.PortForward{
 			Proto: f.Proto, Host: f.Host, Path: f.Path, Guest: netip.AddrPortFrom(cfg.IPv4.Guest, f.GuestPort),

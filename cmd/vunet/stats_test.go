@@ -61,6 +61,7 @@ func declared(t *testing.T, a *appliance.Appliance) int {
 	count(ratelimit.Stats{}, 1)
 	count(pcap.Stats{}, 1)
 	count(sandbox.Gauges{}, 1)
+	count(appliance.MigrationStats{}, 1)
 	count(budget.Counters{}, 4) // total, outbound, inbound, link
 	return n
 }

@@ -1,0 +1,248 @@
+package appliance
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/vunet/vunet/api"
+	"github.com/vunet/vunet/devstate"
+	"github.com/vunet/vunet/forward"
+)
+
+// What moves with a live-migrated guest (docs/migration.md, "What moves
+// with the VM"): the source's SaveState becomes the destination's
+// LoadState, through the vhost-user DEVICE_STATE pipe or the control API.
+
+// Timing of carried-over port forwards whose host port is still taken: on
+// one host the source vunet holds it until it stops, so the destination
+// tries again for a while.
+const (
+	forwardRetryEvery = 250 * time.Millisecond
+	forwardRetryFor   = 30 * time.Second
+)
+
+// MigrationStats count device-state transfers and what they restored.
+type MigrationStats struct {
+	Saves   atomic.Uint64 `metric:"migration_state_saves_total" help:"Device states handed to a destination vunet (vhost-user DEVICE_STATE or GET /v1/state)."`
+	Loads   atomic.Uint64 `metric:"migration_state_loads_total" help:"Device states taken from a source vunet and applied."`
+	Invalid atomic.Uint64 `metric:"migration_state_invalid_total" help:"Device states refused as malformed, of another version or over a limit (a hostile or mismatched source)." hostile:"migration"`
+
+	RestoredLeases   atomic.Uint64 `metric:"migration_restored_total{kind=lease}" help:"Entries of loaded device states applied here, by kind."`
+	RestoredForwards atomic.Uint64 `metric:"migration_restored_total{kind=forward}"`
+	RestoredUDP      atomic.Uint64 `metric:"migration_restored_total{kind=udp_flow}"`
+	RefusedLeases    atomic.Uint64 `metric:"migration_refused_total{kind=lease}" help:"Entries of loaded device states that could not be applied (address held or outside the pool, port still in use after the retry time, ...), by kind."`
+	RefusedForwards  atomic.Uint64 `metric:"migration_refused_total{kind=forward}"`
+	PendingForwards  atomic.Int64  `metric:"migration_forwards_pending" kind:"gauge" help:"Carried-over port forwards waiting for their host port (the source vunet on this host still holds it)."`
+}
+
+// fwdKey names a forward by its host socket.
+type fwdKey struct {
+	proto string
+	host  netip.AddrPort
+	path  string
+}
+
+func keyOf(pf forward.PortForward) fwdKey { return fwdKey{pf.Proto, pf.Host, pf.Path} }
+
+// runtimeForwards remembers which running forwards were added at run time
+// (through the API or a loaded state): those move with the guest, the
+// configured ones are each vunet's own.
+type runtimeForwards struct {
+	mu   sync.Mutex
+	keys map[fwdKey]bool
+}
+
+func (r *runtimeForwards) set(k fwdKey, on bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.keys == nil {
+		r.keys = map[fwdKey]bool{}
+	}
+	if on {
+		r.keys[k] = true
+	} else {
+		delete(r.keys, k)
+	}
+}
+
+func (r *runtimeForwards) has(k fwdKey) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.keys[k]
+}
+
+// SaveState returns the device state for the destination vunet.
+func (a *Appliance) SaveState() ([]byte, error) {
+	now := time.Now()
+	st := &devstate.State{SavedAt: now}
+	for _, l := range a.DHCP.Leases() {
+		hw, err := net.ParseMAC(l.MAC)
+		if err != nil || len(hw) != 6 {
+			continue
+		}
+		var m [6]byte
+		copy(m[:], hw)
+		st.Leases4 = append(st.Leases4, devstate.Lease4{MAC: m, Addr: l.Addr, Remaining: l.Expiry.Sub(now)})
+	}
+	if a.DHCPv6 != nil {
+		for _, l := range a.DHCPv6.Leases() {
+			duid, err := hex.DecodeString(l.DUID)
+			if err != nil {
+				continue
+			}
+			st.Leases6 = append(st.Leases6, devstate.Lease6{DUID: duid, IAID: l.IAID, Addr: l.Addr, Remaining: l.Expiry.Sub(now)})
+		}
+	}
+	for _, pf := range a.Forward.ListPortForwards() {
+		if a.runtime.has(keyOf(pf)) {
+			st.Forwards = append(st.Forwards, devstate.Forward{Proto: pf.Proto, Host: pf.Host, Path: pf.Path, GuestPort: pf.Guest.Port()})
+		}
+	}
+	for _, f := range a.Forward.UDPFlowStates() {
+		st.UDPFlows = append(st.UDPFlows, devstate.UDPFlow{Guest: f.Guest, Remote: f.Remote, HostPort: f.HostPort, Idle: f.Idle})
+	}
+	// Over a limit (a guest with thousands of UDP flows): the flows are
+	// the least valuable part, and the first to go.
+	if len(st.UDPFlows) > devstate.MaxUDPFlows {
+		st.UDPFlows = st.UDPFlows[:devstate.MaxUDPFlows]
+	}
+	b, err := devstate.Encode(st)
+	if err != nil {
+		return nil, err
+	}
+	a.migStats.Saves.Add(1)
+	a.log.Info("device state saved", "bytes", len(b), "leases", len(st.Leases4)+len(st.Leases6),
+		"forwards", len(st.Forwards), "udp_flows", len(st.UDPFlows))
+	return b, nil
+}
+
+// LoadState applies a device state from the source vunet. A state that
+// does not decode is refused as a whole (nothing is applied); entries that
+// cannot be applied here (an address another client holds, a port in use)
+// are skipped, reported in the summary and counted. A forward whose host
+// port is in use is tried again in the background for forwardRetryFor.
+func (a *Appliance) LoadState(b []byte) (api.StateSummary, error) {
+	st, err := devstate.Decode(b)
+	if err != nil {
+		a.migStats.Invalid.Add(1)
+		return api.StateSummary{}, api.Errorf(api.ErrInvalid, "%w", err)
+	}
+	now := time.Now()
+	sum := api.StateSummary{SavedAt: st.SavedAt, Problems: []string{}}
+	problem := func(c *atomic.Uint64, err error) {
+		c.Add(1)
+		if len(sum.Problems) < 32 {
+			sum.Problems = append(sum.Problems, err.Error())
+		}
+		a.log.Warn("device state: entry not restored", "err", err)
+	}
+	for _, l := range st.Leases4 {
+		if err := a.DHCP.RestoreLease(net.HardwareAddr(l.MAC[:]), l.Addr, now.Add(l.Remaining)); err != nil {
+			problem(&a.migStats.RefusedLeases, err)
+			continue
+		}
+		a.migStats.RestoredLeases.Add(1)
+		sum.Leases++
+	}
+	for _, l := range st.Leases6 {
+		err := errors.New("dhcpv6: restored lease: IPv6 is off here")
+		if a.DHCPv6 != nil {
+			err = a.DHCPv6.RestoreLease(l.DUID, l.IAID, l.Addr, now.Add(l.Remaining))
+		}
+		if err != nil {
+			problem(&a.migStats.RefusedLeases, err)
+			continue
+		}
+		a.migStats.RestoredLeases.Add(1)
+		sum.Leases++
+	}
+	for _, f := range st.Forwards {
+		pf := forward.PortForward{Proto: f.Proto, Host: f.Host, Path: f.Path, Guest: netip.AddrPortFrom(a.cfg.IPv4.Guest, f.GuestPort)}
+		switch err := a.restoreForward(pf); {
+		case err == nil:
+			sum.Forwards++
+		case errors.Is(err, errPending):
+			sum.Pending++
+		default:
+			problem(&a.migStats.RefusedForwards, err)
+		}
+	}
+	flows := make([]forward.UDPFlowState, 0, len(st.UDPFlows))
+	for _, f := range st.UDPFlows {
+		flows = append(flows, forward.UDPFlowState{Guest: f.Guest, Remote: f.Remote, HostPort: f.HostPort, Idle: f.Idle})
+	}
+	n := a.Forward.RestoreUDPPorts(flows)
+	a.migStats.RestoredUDP.Add(uint64(n))
+	sum.UDPFlows = n
+	a.migStats.Loads.Add(1)
+	a.log.Info("device state loaded", "saved_at", st.SavedAt, "leases", sum.Leases, "forwards", sum.Forwards,
+		"forwards_pending", sum.Pending, "udp_flows", n, "problems", len(sum.Problems))
+	return sum, nil
+}
+
+// errPending says a forward waits for its host port in the background.
+var errPending = errors.New("host port in use; retrying")
+
+// restoreForward starts a carried-over forward, unless the same one runs
+// already (the destination was started with it). A host port in use is
+// retried in the background.
+func (a *Appliance) restoreForward(pf forward.PortForward) error {
+	for _, cur := range a.Forward.ListPortForwards() {
+		if keyOf(cur) == keyOf(pf) {
+			if cur.Guest.Port() == pf.Guest.Port() {
+				return nil
+			}
+			return fmt.Errorf("forward %s: this vunet forwards %s to guest port %d", pf, pf.Host, cur.Guest.Port())
+		}
+	}
+	err := a.addRuntimeForward(pf)
+	if !errors.Is(err, syscall.EADDRINUSE) {
+		return err
+	}
+	a.migStats.PendingForwards.Add(1)
+	a.bg.Add(1)
+	go func() {
+		defer a.bg.Done()
+		defer a.migStats.PendingForwards.Add(-1)
+		t := time.NewTicker(forwardRetryEvery)
+		defer t.Stop()
+		deadline := time.Now().Add(forwardRetryFor)
+		for {
+			select {
+			case <-a.stop:
+				return
+			case <-t.C:
+			}
+			err := a.addRuntimeForward(pf)
+			if err == nil {
+				return
+			}
+			if !errors.Is(err, syscall.EADDRINUSE) || time.Now().After(deadline) {
+				a.migStats.RefusedForwards.Add(1)
+				a.log.Warn("device state: carried-over port forward not restored", "forward", pf.String(), "err", err)
+				return
+			}
+		}
+	}()
+	return errPending
+}
+
+// addRuntimeForward starts pf and marks it as one that moves with the
+// guest.
+func (a *Appliance) addRuntimeForward(pf forward.PortForward) error {
+	got, err := a.Forward.AddPortForward(pf)
+	if err != nil {
+		return err
+	}
+	a.runtime.set(keyOf(got), true)
+	a.migStats.RestoredForwards.Add(1)
+	a.log.Info("port forward restored from the device state", "forward", got.String())
+	return nil
+}

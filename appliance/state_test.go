@@ -1,0 +1,128 @@
+package appliance
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/vunet/vunet/api"
+	"github.com/vunet/vunet/config"
+	"github.com/vunet/vunet/devstate"
+	"github.com/vunet/vunet/netstack/netstacktest"
+)
+
+// TestStateMoves plays a migration between two appliances on one host:
+// the source's lease and its runtime forward (not its configured one)
+// travel in the device state; the destination takes the lease at once and
+// the forward's host port as soon as the source lets it go, and the
+// forward then reaches the destination's guest.
+func TestStateMoves(t *testing.T) {
+	newApp := func() (*Appliance, *config.Config) {
+		cfg := testConfig(t, t.TempDir())
+		cfg.Forwards = []config.Forward{{Proto: "tcp", Host: netip.MustParseAddrPort("127.0.0.1:0"), GuestPort: 80}}
+		a, err := New(cfg, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(a.Close)
+		return a, cfg
+	}
+	src, _ := newApp()
+	stopSrc, _ := start(t, src)
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x12, 0x34, 0x56}
+	lease := netip.MustParseAddr("10.0.2.16")
+	if err := src.DHCP.RestoreLease(mac, lease, time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	rt, err := src.AddForward(api.Forward{Proto: "tcp", Host: netip.MustParseAddrPort("127.0.0.1:0"), GuestPort: 22})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := src.SaveState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := devstate.Decode(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Leases4) != 1 || st.Leases4[0].Addr != lease || len(st.Forwards) != 1 || st.Forwards[0].Host != rt.Host || st.Forwards[0].GuestPort != 22 {
+		t.Fatalf("saved state %+v (want the lease and only the runtime forward %s)", st, rt.Host)
+	}
+
+	dst, dcfg := newApp()
+	start(t, dst)
+	sum, err := dst.LoadState(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The source still listens on the forward's port.
+	if sum.Leases != 1 || sum.Forwards != 0 || sum.Pending != 1 || len(sum.Problems) != 0 {
+		t.Fatalf("summary %+v, want the lease restored and the forward pending", sum)
+	}
+	if ls := dst.DHCP.Leases(); len(ls) != 1 || ls[0].Addr != lease || ls[0].MAC != mac.String() {
+		t.Errorf("destination leases %+v", ls)
+	}
+	// The source vunet exits.
+	if err := stopSrc(); err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+	g := guestOn(t, dcfg.Socket)
+	ln := guestListener(t, g)
+	deadline := time.Now().Add(10 * time.Second)
+	for !hasForward(dst, rt.Host) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the runtime forward %s did not come up on the destination: %+v", rt.Host, dst.Forwards())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c, err := net.DialTimeout("tcp", rt.Host.String(), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	gc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if at := netstacktest.AddrOf(gc.LocalAddr()); at.Port() != 22 {
+		t.Errorf("forward reached guest port %d", at.Port())
+	}
+	gc.Close()
+	// The restored forward moves on again with the next migration.
+	if b, err := dst.SaveState(); err != nil {
+		t.Fatal(err)
+	} else if st2, _ := devstate.Decode(b); st2 == nil || len(st2.Forwards) != 1 {
+		t.Errorf("the restored forward is not in the destination's state: %+v", st2)
+	}
+	// A second load finds everything in place.
+	if sum, err := dst.LoadState(blob); err != nil || sum.Pending != 0 || len(sum.Problems) != 0 {
+		t.Errorf("second load: %+v, %v", sum, err)
+	}
+	if got := dst.migStats.RestoredForwards.Load(); got != 1 {
+		t.Errorf("restored forwards %d, want 1", got)
+	}
+
+	// A state that does not decode changes nothing and is counted.
+	bad := append([]byte(nil), blob...)
+	bad[len(bad)-1] ^= 0xff
+	if _, err := dst.LoadState(bad); !errors.Is(err, api.ErrInvalid) || !errors.Is(err, devstate.ErrCorrupt) {
+		t.Errorf("corrupt state: %v", err)
+	}
+	if dst.migStats.Invalid.Load() != 1 || dst.migStats.Loads.Load() != 2 {
+		t.Errorf("invalid %d loads %d", dst.migStats.Invalid.Load(), dst.migStats.Loads.Load())
+	}
+}
+
+func hasForward(a *Appliance, host netip.AddrPort) bool {
+	for _, f := range a.Forwards() {
+		if f.Host == host {
+			return true
+		}
+	}
+	return false
+}
