@@ -65,9 +65,15 @@ type perfTest struct {
 	Name    string // e.g. "up-1"
 	Reverse bool   // -R: host to guest
 	Streams int    // -P
+	// Lat is "rr" or "crr" for a latency test (latclient instead of
+	// iperf3; Reverse and Streams unused).
+	Lat string
 }
 
 func (p perfTest) Dir() string {
+	if p.Lat != "" {
+		return "guest↔host"
+	}
 	if p.Reverse {
 		return "host→guest"
 	}
@@ -87,10 +93,20 @@ type sample struct {
 	VCPU    time.Duration // QEMU's vCPU thread(s) in that window
 	Host    time.Duration // the whole machine's busy CPU time in that window
 	Retr    int           // TCP retransmissions of iperf3's sender (-1: not reported)
+	Lat     latResult     // a latency test's round-trip times
 	HWMKB   int64         // backend's VmHWM (peak RSS, KiB) at the test's end
 	AnonKB  int64         // backend's RssAnon (KiB) at the test's end
-	Err     string
-	Noisy   bool // Other() exceeded the threshold
+	// Net is what moved in the namespace's TCP counters during the test
+	// (netCounters: the loopback TCP between iperf3 and the backend).
+	Net map[string]uint64
+	// Vunet is what moved in vunet's own counters (vunetCounters; nil for
+	// other backends).
+	Vunet map[string]uint64
+	// GuestNet is what moved in the guest's own TCP counters (nil if the
+	// guest did not print them).
+	GuestNet map[string]uint64
+	Err      string
+	Noisy    bool // Other() exceeded the threshold
 }
 
 // Other is the machine's busy CPU time not spent by the backend or QEMU:
@@ -136,6 +152,12 @@ func TestCompare(t *testing.T) {
 			perfTest{Name: fmt.Sprintf("up-%d", n), Streams: n},
 			perfTest{Name: fmt.Sprintf("down-%d", n), Reverse: true, Streams: n})
 	}
+	lat, err := latTests(cmp.Or(os.Getenv("VUNET_PERF_LATENCY"), "rr,crr"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests = append(tests, lat...)
+	latSecs := envInt(t, "VUNET_PERF_LAT_SECONDS", 5)
 	profDir := os.Getenv("VUNET_PERF_PROFILE")
 	if profDir != "" {
 		if err := os.MkdirAll(profDir, 0o755); err != nil {
@@ -145,6 +167,12 @@ func TestCompare(t *testing.T) {
 
 	qemutest.EnsureGuest(t)
 	bins := findBinaries(t, root)
+	var gf guestFiles
+	if len(lat) > 0 {
+		gf.latClient = buildLatClient(t, root, t.TempDir())
+		gf.echoPort = echoServer(t)
+		gf.latSecs = latSecs
+	}
 	meta := describeMachine(root, bins)
 	t.Logf("machine:\n%s", meta)
 
@@ -173,7 +201,7 @@ func TestCompare(t *testing.T) {
 			for attempt := 0; ; attempt++ {
 				var err error
 				var started bool
-				res, started, err = runOne(t, bins, spec, rep, tests, secs, memMB, dir, profDir)
+				res, started, err = runOne(t, bins, spec, rep, tests, secs, memMB, dir, profDir, gf)
 				if err != nil {
 					t.Errorf("rep %d %s: %v", rep, spec, err)
 					if !started {
@@ -197,9 +225,9 @@ func TestCompare(t *testing.T) {
 			}
 			samples = append(samples, res...)
 			for _, s := range res {
-				t.Logf("[%6.0fs] rep %d %-18s %-7s %8.1f Mbit/s  backend %6.2fs cpu  qemu %6.2fs cpu (vcpu %6.2fs)  other %6.2fs cpu  wall %5.2fs %s",
-					time.Since(start).Seconds(), rep, spec, s.Test.Name, s.Mbps,
-					s.CPU.Seconds(), s.QEMUCPU.Seconds(), s.VCPU.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), noisyMark(s)+s.Err)
+				t.Logf("[%6.0fs] rep %d %-18s %-7s %8.1f Mbit/s  lat p50/p99 %d/%d µs  backend %6.2fs cpu  qemu %6.2fs cpu (vcpu %6.2fs)  other %6.2fs cpu  wall %5.2fs  retr %d  tcp %s  guest %s  vunet %s %s",
+					time.Since(start).Seconds(), rep, spec, s.Test.Name, s.Mbps, s.Lat.P50, s.Lat.P99,
+					s.CPU.Seconds(), s.QEMUCPU.Seconds(), s.VCPU.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), s.Retr, formatNet(s.Net), formatNet(s.GuestNet), formatVunet(s.Vunet), noisyMark(s)+s.Err)
 			}
 		}
 	}
@@ -238,10 +266,24 @@ type jsonSample struct {
 	VCPUS     float64 `json:"vcpu_s"`
 	OtherCPUS float64 `json:"other_cpu_s"`
 	Retr      int     `json:"retransmits"` // -1: not reported
-	HWMKB     int64   `json:"backend_vmhwm_kib"`
-	AnonKB    int64   `json:"backend_rssanon_kib"`
-	Noisy     bool    `json:"noisy"`
-	Err       string  `json:"error,omitempty"`
+	// Latency tests (test "rr" or "crr"): round trips measured and their
+	// percentiles, microseconds.
+	LatN   int   `json:"round_trips,omitempty"`
+	LatP50 int64 `json:"p50_us,omitempty"`
+	LatP90 int64 `json:"p90_us,omitempty"`
+	LatP99 int64 `json:"p99_us,omitempty"`
+	LatMax int64 `json:"max_us,omitempty"`
+	HWMKB  int64 `json:"backend_vmhwm_kib"`
+	AnonKB int64 `json:"backend_rssanon_kib"`
+	// HostTCP: the namespace's Tcp/TcpExt counters that grew during the
+	// test ("Tcp:RetransSegs", "TcpExt:TCPRcvQDrop", ...).
+	HostTCP map[string]uint64 `json:"host_tcp,omitempty"`
+	// Vunet: vunet's counters that grew during the test.
+	Vunet map[string]uint64 `json:"vunet_counters,omitempty"`
+	// GuestTCP: the guest's Tcp/TcpExt counters that grew.
+	GuestTCP map[string]uint64 `json:"guest_tcp,omitempty"`
+	Noisy    bool              `json:"noisy"`
+	Err      string            `json:"error,omitempty"`
 }
 
 // jsonReport renders every sample, the unavailable backends and the machine
@@ -256,8 +298,9 @@ func jsonReport(samples []sample, unavailable map[string]string, meta string) ([
 		out.Samples = append(out.Samples, jsonSample{
 			Backend: s.Spec.Kind, MTU: s.Spec.MTU, Rep: s.Rep, Test: s.Test.Name, Reverse: s.Test.Reverse, Streams: s.Test.Streams,
 			Mbps: s.Mbps, Bytes: s.Bytes, WallS: s.Wall.Seconds(), CPUS: s.CPU.Seconds(), QEMUCPUS: s.QEMUCPU.Seconds(),
-			VCPUS: s.VCPU.Seconds(), OtherCPUS: s.Other().Seconds(), Retr: s.Retr, HWMKB: s.HWMKB, AnonKB: s.AnonKB,
-			Noisy: s.Noisy, Err: s.Err,
+			VCPUS: s.VCPU.Seconds(), OtherCPUS: s.Other().Seconds(), Retr: s.Retr,
+			LatN: s.Lat.N, LatP50: s.Lat.P50, LatP90: s.Lat.P90, LatP99: s.Lat.P99, LatMax: s.Lat.MaxUS, HWMKB: s.HWMKB, AnonKB: s.AnonKB,
+			HostTCP: s.Net, Vunet: s.Vunet, GuestTCP: s.GuestNet, Noisy: s.Noisy, Err: s.Err,
 		})
 	}
 	return json.MarshalIndent(out, "", "  ")
@@ -287,7 +330,7 @@ func firstLine(s string) string {
 // against target:port+i, framing it with PERF-BEGIN/PERF-END (the host
 // samples CPU times there) and a PERF-RESULT line with iperf3's receiver
 // summary.
-func guestScript(target string, port int, tests []perfTest, secs int) string {
+func guestScript(target string, port int, tests []perfTest, secs int, gf guestFiles) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, `if ! udhcpc -i eth0 -n -q -t 10 -T 2 -O mtu >/tmp/udhcpc.log 2>&1 || [ ! -f /run/dhcp-eth0 ]; then
 	cat /tmp/udhcpc.log
@@ -296,20 +339,39 @@ func guestScript(target string, port int, tests []perfTest, secs int) string {
 fi
 . /run/dhcp-eth0
 echo "PERF-LEASE ip=$ip/$mask router=$router lease_mtu=$mtu link_mtu=$(cat /sys/class/net/eth0/mtu)"
+gnet() { # name phase: the guest's TCP counters, one prefixed line each
+	grep -h -E '^(Tcp|TcpExt):' /proc/net/snmp /proc/net/netstat | sed "s/^/PERF-GNET $1 $2 /"
+}
 run() { # name port iperf3-args...
 	name=$1 port=$2
 	shift 2
+	gnet "$name" 0
 	echo "PERF-BEGIN $name"
 	# timeout: a stalled transfer costs 30 s, not the whole guest run.
 	timeout %d iperf3 -c %s -p "$port" -t %d -f m "$@" >/tmp/iperf.out 2>&1
 	rc=$?
 	echo "PERF-END $name"
+	gnet "$name" 1
 	cat /tmp/iperf.out
 	echo "PERF-RESULT $name rc=$rc $(grep receiver /tmp/iperf.out | tail -n1)"
 	echo "PERF-SENDER $name $(grep sender /tmp/iperf.out | tail -n1)"
 }
-`, secs+30, target, secs)
+lat() { # name mode
+	gnet "$1" 0
+	echo "PERF-BEGIN $1"
+	timeout %d /bin/latclient -mode "$2" -addr %s:%d -d %ds >/tmp/lat.out 2>&1
+	rc=$?
+	echo "PERF-END $1"
+	gnet "$1" 1
+	cat /tmp/lat.out
+	echo "PERF-LAT $1 $(grep '^LAT ' /tmp/lat.out | tail -n1) rc=$rc"
+}
+`, secs+30, target, secs, gf.latSecs+30, target, gf.echoPort, gf.latSecs)
 	for i, pt := range tests {
+		if pt.Lat != "" {
+			fmt.Fprintf(&b, "lat %s %s\n", pt.Name, pt.Lat)
+			continue
+		}
 		args := ""
 		if pt.Reverse {
 			args += " -R"
@@ -329,7 +391,15 @@ const basePort = 5201
 // runOne boots the guest once against a fresh instance of spec and runs
 // every test.
 // started is false if the backend never came up.
-func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []perfTest, secs, memMB int, dir, profDir string) (_ []sample, started bool, _ error) {
+// guestFiles is what the latency tests add to the guest: the latclient
+// binary and where the host's echo server listens.
+type guestFiles struct {
+	latClient []byte
+	echoPort  int
+	latSecs   int
+}
+
+func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []perfTest, secs, memMB int, dir, profDir string, gf guestFiles) (_ []sample, started bool, _ error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(len(tests)*(secs+30)+180)*time.Second)
 	defer cancel()
@@ -343,6 +413,9 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 		}
 	}()
 	for i := range tests {
+		if tests[i].Lat != "" {
+			continue
+		}
 		s, err := startProc("iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", strconv.Itoa(basePort+i), "--forceflush")
 		if err != nil {
 			return nil, true, err
@@ -365,7 +438,10 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 	}
 	defer b.proc.Stop(5 * time.Second)
 
-	g := b.guest(guestScript(b.target, basePort, tests, secs), memMB, time.Duration(len(tests)*(secs+30)+120)*time.Second)
+	g := b.guest(guestScript(b.target, basePort, tests, secs, gf), memMB, time.Duration(len(tests)*(secs+30)+120)*time.Second)
+	if gf.latClient != nil {
+		g.Files = map[string][]byte{"/bin/latclient": gf.latClient}
+	}
 	inst, err := g.Start(ctx, t)
 	if err != nil {
 		return nil, true, err
@@ -394,6 +470,7 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 		at                    time.Time
 		cpu, qemu, vcpu, host time.Duration
 		hwm, anon             int64
+		net, vunet            netCounters
 	}
 	var sampleErr error
 	sampleNow := func() mark {
@@ -403,9 +480,16 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 		m.qemu, err2 = cpuTime(inst.Pid())
 		m.vcpu, err3 = vcpuTime(inst.Pid())
 		m.host, err4 = hostBusy()
-		var err5 error
+		var err5, err6 error
 		m.hwm, m.anon, err5 = memKB(backendPid)
-		if err := cmp.Or(err1, err2, err3, err4, err5); err != nil && sampleErr == nil {
+		m.net, err6 = readNetCounters()
+		if b.api != "" {
+			var err7 error
+			if m.vunet, err7 = vunetCounters(ctx, b.api); err7 != nil && sampleErr == nil {
+				sampleErr = fmt.Errorf("vunet stats: %w", err7)
+			}
+		}
+		if err := cmp.Or(err1, err2, err3, err4, err5, err6); err != nil && sampleErr == nil {
 			sampleErr = fmt.Errorf("sampling CPU times: %w", err)
 		}
 		return m
@@ -441,9 +525,19 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 			s.VCPU = m[1].vcpu - m[0].vcpu
 			s.Host = m[1].host - m[0].host
 			s.HWMKB, s.AnonKB = m[1].hwm, m[1].anon
+			s.Net = m[1].net.delta(m[0].net)
+			if m[0].vunet != nil {
+				s.Vunet = m[1].vunet.delta(m[0].vunet)
+			}
 		}
-		s.Mbps, s.Bytes, s.Err = parseResult(console, pt.Name)
-		s.Retr = parseRetr(console, pt.Name)
+		if pt.Lat != "" {
+			s.Lat, s.Err = parseLat(console, pt.Name)
+			s.Retr = -1
+		} else {
+			s.Mbps, s.Bytes, s.Err = parseResult(console, pt.Name)
+			s.Retr = parseRetr(console, pt.Name)
+		}
+		s.GuestNet = parseGuestNet(console, pt.Name)
 		out = append(out, s)
 	}
 	if waitErr == nil {
@@ -581,6 +675,8 @@ func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unava
 	}
 
 	// Medians per (spec, test).
+	var latT []perfTest
+	tests, latT = splitTests(tests)
 	type key struct{ spec, test string }
 	med := map[key]float64{}
 	fmt.Fprintf(&b, "Median of the repetitions (min–max in brackets; quiet samples only where there is one, \"n\" counts them: a sample is noisy when the rest of the machine used more than %.0f%% of a core during it);", 100*maxOther)
@@ -659,14 +755,22 @@ func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unava
 		}
 	}
 
+	if len(latT) > 0 {
+		b.WriteString(formatLatency(specs, latT, samples))
+	}
+
 	fmt.Fprintf(&b, "\nEvery run (\"other\": the machine's busy CPU time minus the backend's and QEMU's, i.e. the iperf3 server, kernel softirq work and anything else running; large values mean interference):\n\n")
-	fmt.Fprintf(&b, "| rep | backend | test | Mbit/s | backend CPU s | QEMU CPU s | vCPU s | other CPU s | wall s | Retr | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
+	fmt.Fprintf(&b, "| rep | backend | test | Mbit/s or p50/p99 µs | backend CPU s | QEMU CPU s | vCPU s | other CPU s | wall s | Retr | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
 	for _, s := range samples {
 		retr := "–"
 		if s.Retr >= 0 {
 			retr = strconv.Itoa(s.Retr)
 		}
-		fmt.Fprintf(&b, "| %d | %s | %s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %s |\n", s.Rep, s.Spec, s.Test.Name, s.Mbps,
+		rate := fmt.Sprintf("%.1f", s.Mbps)
+		if s.Test.Lat != "" {
+			rate = fmt.Sprintf("%d / %d", s.Lat.P50, s.Lat.P99)
+		}
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %s |\n", s.Rep, s.Spec, s.Test.Name, rate,
 			s.CPU.Seconds(), s.QEMUCPU.Seconds(), s.VCPU.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), retr, noisyMark(s)+s.Err)
 	}
 	return b.String()
