@@ -1,6 +1,7 @@
 package perf
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"os"
@@ -35,17 +36,26 @@ const (
 type backendSpec struct {
 	Kind string // vunet, passt, passt-vhost or gvproxy
 	MTU  int    // 0: the backend's default
+	// Bin, for vunet only, runs this vunet binary instead of the default
+	// one: two builds compared in one interleaved run (before/after).
+	Bin string
 }
 
 func (b backendSpec) String() string {
-	if b.MTU == 0 {
-		return b.Kind
+	s := b.Kind
+	if b.MTU != 0 {
+		s += fmt.Sprintf(":mtu=%d", b.MTU)
 	}
-	return fmt.Sprintf("%s:mtu=%d", b.Kind, b.MTU)
+	if b.Bin != "" {
+		s += ":bin=" + b.Bin
+	}
+	return s
 }
 
 // parseBackends reads a comma-separated list such as
-// "vunet,passt-vhost,passt,gvproxy,vunet:mtu=65520".
+// "vunet,passt-vhost,passt,gvproxy,vunet:mtu=65520"; options follow the
+// kind, each after a colon: mtu=N (576..65520) and, for vunet,
+// bin=PATH ("vunet:mtu=65520:bin=/tmp/vunet-old").
 func parseBackends(s string) ([]backendSpec, error) {
 	var out []backendSpec
 	for _, f := range strings.Split(s, ",") {
@@ -53,20 +63,28 @@ func parseBackends(s string) ([]backendSpec, error) {
 		if f == "" {
 			continue
 		}
-		kind, opts, _ := strings.Cut(f, ":")
+		parts := strings.Split(f, ":")
+		kind := parts[0]
 		switch kind {
 		case "vunet", "passt", "passt-vhost", "gvproxy":
 		default:
 			return nil, fmt.Errorf("unknown backend %q (want vunet, passt, passt-vhost or gvproxy)", kind)
 		}
 		spec := backendSpec{Kind: kind}
-		if opts != "" {
-			v, ok := strings.CutPrefix(opts, "mtu=")
-			n, err := strconv.Atoi(v)
-			if !ok || err != nil || n < 576 || n > 65520 {
-				return nil, fmt.Errorf("backend %q: the only option is mtu=N (576..65520)", f)
+		for _, opt := range parts[1:] {
+			k, v, _ := strings.Cut(opt, "=")
+			switch {
+			case k == "mtu":
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 576 || n > 65520 {
+					return nil, fmt.Errorf("backend %q: mtu=N wants 576..65520", f)
+				}
+				spec.MTU = n
+			case k == "bin" && kind == "vunet" && v != "":
+				spec.Bin = v
+			default:
+				return nil, fmt.Errorf("backend %q: unknown option %q (mtu=N; bin=PATH for vunet)", f, opt)
 			}
-			spec.MTU = n
 		}
 		out = append(out, spec)
 	}
@@ -213,7 +231,7 @@ func startBackend(ctx context.Context, bins *binaries, spec backendSpec, dir str
 	sockExists := func(*proc) bool { _, err := os.Stat(sock); return err == nil }
 	switch spec.Kind {
 	case "vunet":
-		bin = bins.vunet
+		bin = cmp.Or(spec.Bin, bins.vunet)
 		b.target = vunetTarget
 		b.api = filepath.Join(dir, "vunet-api.sock")
 		os.Remove(b.api)

@@ -254,6 +254,7 @@ func TestCompare(t *testing.T) {
 type jsonSample struct {
 	Backend   string  `json:"backend"`
 	MTU       int     `json:"mtu,omitempty"` // 0: the backend's default
+	Bin       string  `json:"bin,omitempty"` // a vunet column's own binary
 	Rep       int     `json:"rep"`
 	Test      string  `json:"test"`
 	Reverse   bool    `json:"reverse"` // host→guest
@@ -296,7 +297,7 @@ func jsonReport(samples []sample, unavailable map[string]string, meta string) ([
 	}{Machine: meta, Unavailable: unavailable, Samples: []jsonSample{}}
 	for _, s := range samples {
 		out.Samples = append(out.Samples, jsonSample{
-			Backend: s.Spec.Kind, MTU: s.Spec.MTU, Rep: s.Rep, Test: s.Test.Name, Reverse: s.Test.Reverse, Streams: s.Test.Streams,
+			Backend: s.Spec.Kind, MTU: s.Spec.MTU, Bin: s.Spec.Bin, Rep: s.Rep, Test: s.Test.Name, Reverse: s.Test.Reverse, Streams: s.Test.Streams,
 			Mbps: s.Mbps, Bytes: s.Bytes, WallS: s.Wall.Seconds(), CPUS: s.CPU.Seconds(), QEMUCPUS: s.QEMUCPU.Seconds(),
 			VCPUS: s.VCPU.Seconds(), OtherCPUS: s.Other().Seconds(), Retr: s.Retr,
 			LatN: s.Lat.N, LatP50: s.Lat.P50, LatP90: s.Lat.P90, LatP99: s.Lat.P99, LatMax: s.Lat.MaxUS, HWMKB: s.HWMKB, AnonKB: s.AnonKB,
@@ -554,7 +555,7 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 	if waitErr != nil {
 		stats := ""
 		if b.api != "" {
-			o, _ := exec.Command(bins.vunet, "stats", "--api", b.api).CombinedOutput()
+			o, _ := exec.Command(cmp.Or(spec.Bin, bins.vunet), "stats", "--api", b.api).CombinedOutput()
 			stats = "\nvunet stats after the failure:\n" + string(o)
 		}
 		return out, true, fmt.Errorf("%w\nconsole tail:\n%s\n%s log:\n%s%s", waitErr, res.Tail(40), spec.Kind, lastLines(b.proc.Output(), 20), stats)

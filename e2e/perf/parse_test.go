@@ -33,6 +33,18 @@ func TestParseBackendsPasstVhost(t *testing.T) {
 	if _, err := parseBackends("passt-vhostx"); err == nil {
 		t.Fatal("unknown backend accepted")
 	}
+	specs, err = parseBackends("vunet:mtu=65520:bin=/tmp/old,vunet:bin=/tmp/new")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (backendSpec{Kind: "vunet", MTU: 65520, Bin: "/tmp/old"}); specs[0] != want || specs[1].String() != "vunet:bin=/tmp/new" {
+		t.Fatalf("parseBackends with bin=: %+v", specs)
+	}
+	for _, bad := range []string{"passt:bin=/x", "vunet:bin=", "vunet:mtu=100", "vunet:speed=9"} {
+		if _, err := parseBackends(bad); err == nil {
+			t.Errorf("parseBackends(%q) accepted", bad)
+		}
+	}
 }
 
 // TestMemKB reads this process's own VmHWM and RssAnon: both present and
