@@ -27,8 +27,13 @@ type rxState struct {
 	// Scratch for collecting one frame's elements; owned by whoever holds mu.
 	elems []virtqueue.Element
 	iovs  [][]byte
-	flat  []byte // a GSO packet flattened for software segmentation
-	seg   []byte // one software segment
+	// pktSlices holds the packet being written as slices of its views
+	// (packetSlices); one[0] the single slice of a software segment.
+	// Reused, so writing a frame allocates nothing.
+	pktSlices [][]byte
+	one       [1][]byte
+	flat      []byte // a GSO packet flattened for software segmentation
+	seg       []byte // one software segment
 }
 
 func (r *rxState) start(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD) {
@@ -192,7 +197,8 @@ func (r *rxState) writeList(e *Endpoint, list []*stack.PacketBuffer) {
 func (r *rxState) writeOne(e *Endpoint, q *virtqueue.Queue, pkt *stack.PacketBuffer) (ok, retry bool) {
 	var h vnetHdr
 	plan, l := e.plan(pkt, &h)
-	slices := pkt.AsSlices()
+	r.pktSlices = packetSlices(r.pktSlices[:0], pkt)
+	slices := r.pktSlices
 	frameLen := pkt.Size()
 	switch plan {
 	case planOffload:
@@ -218,7 +224,8 @@ func (r *rxState) writeOne(e *Endpoint, q *virtqueue.Queue, pkt *stack.PacketBuf
 		ok = true
 		segment(r.flat, l, int(pkt.GSOOptions.MSS), r.seg, func(seg []byte) bool {
 			r.seg = seg
-			if w, _ := r.writeFrame(e, q, [][]byte{seg}, len(seg), vnetHdr{}, -1, 0); !w {
+			r.one[0] = seg
+			if w, _ := r.writeFrame(e, q, r.one[:], len(seg), vnetHdr{}, -1, 0); !w {
 				e.Stats.RXSegmentDrops.Add(1)
 				ok = false
 			}
@@ -227,6 +234,23 @@ func (r *rxState) writeOne(e *Endpoint, q *virtqueue.Queue, pkt *stack.PacketBuf
 		return ok, false
 	}
 	return r.writeFrame(e, q, slices, frameLen, h, -1, 0)
+}
+
+// packetSlices appends the bytes of pkt, from its first header on, to dst
+// as slices of the views that hold them. It is PacketBuffer.AsSlices
+// without the allocation of a new slice per packet.
+func packetSlices(dst [][]byte, pkt *stack.PacketBuffer) [][]byte {
+	vl, skip := pkt.AsViewList()
+	for v := vl.Front(); v != nil; v = v.Next() {
+		b := v.AsSlice()
+		if skip >= len(b) {
+			skip -= len(b)
+			continue
+		}
+		dst = append(dst, b[skip:])
+		skip = 0
+	}
+	return dst
 }
 
 // writeFrame copies one frame (frameLen bytes in slices) into as many RX
