@@ -75,10 +75,6 @@ type Boot struct {
 	IPXEURL string
 }
 
-func (b Boot) enabled() bool {
-	return b.TFTPFile != "" || b.TFTPFileEFI != "" || b.HTTPURL != "" || b.IPXEURL != ""
-}
-
 // Options configures a Server. Zero fields take the defaults noted.
 type Options struct {
 	// Stack and NIC are the gVisor stack and the guest-facing NIC. The NIC

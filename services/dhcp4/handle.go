@@ -298,10 +298,9 @@ func (s *Server) reply(req *dhcpv4.DHCPv4, mt dhcpv4.MessageType, yiaddr netip.A
 
 // addBoot adds network-boot parameters for the firmware class in req.
 func (s *Server) addBoot(req, r *dhcpv4.DHCPv4) {
+	// Every case below checks its own field, so a server without boot
+	// configuration adds nothing.
 	b := &s.opts.Boot
-	if !b.enabled() {
-		return
-	}
 	vendor := req.ClassIdentifier()
 	isHTTP := strings.HasPrefix(vendor, vendorHTTP)
 	var file string
