@@ -410,7 +410,10 @@ func TestConfigSpace(t *testing.T) {
 // than a frame (it reads memory statistics) and made `make bench` run for
 // many minutes.
 
-func BenchmarkTX(b *testing.B) {
+func BenchmarkTX(b *testing.B)       { benchTX(b, false) }
+func BenchmarkTXPacked(b *testing.B) { benchTX(b, true) }
+
+func benchTX(b *testing.B, packed bool) {
 	// A full-size frame, and the largest TSO segment a Linux guest sends
 	// (IP total length 65535), in 4 KiB descriptors.
 	tso := vnetHdr{Flags: hdrFNeedsCsum, GSOType: gsoTCPv4, GSOSize: 1448, HdrLen: 54, CsumStart: 34, CsumOffset: 16}
@@ -423,7 +426,7 @@ func BenchmarkTX(b *testing.B) {
 			ep, _ := New(Options{LinkAddress: gwMAC, GuestMAC: guestMAC})
 			ep.SetFeatures(v1 | 1<<FeatureHostTSO4 | 1<<FeatureCsum)
 			const batch = 64 // frames per batch; 17 descriptors each at most
-			d := vqt.New(16<<20, 2048, true)
+			d := vqt.NewRing(packed, 16<<20, 2048, true)
 			q := d.Queue(nil)
 			frame := append(vhdr(12, c.h), ethFrame(gwMAC, header.IPv4ProtocolNumber, make([]byte, c.size))...)
 			sizes := []int{12}
@@ -458,12 +461,15 @@ func BenchmarkTX(b *testing.B) {
 	}
 }
 
-func BenchmarkRX(b *testing.B) {
+func BenchmarkRX(b *testing.B)       { benchRX(b, false) }
+func BenchmarkRXPacked(b *testing.B) { benchRX(b, true) }
+
+func benchRX(b *testing.B, packed bool) {
 	for _, size := range []int{64, 1500, 65000} {
 		b.Run(byteSize(size), func(b *testing.B) {
 			ep, _ := New(Options{LinkAddress: gwMAC, GuestMAC: guestMAC, MTU: MaxMTU})
 			ep.SetFeatures(v1)
-			d := vqt.New(64<<20, 256, true)
+			d := vqt.NewRing(packed, 64<<20, 256, true)
 			k, _ := virtqueue.CreateEventFD()
 			defer k.Close()
 			ep.StartQueue(rxQueue, d.Queue(func() error { return nil }), k)

@@ -9,6 +9,7 @@ const (
 	FeatureEventIdx         = 29
 	FeatureProtocolFeatures = 30 // VHOST_USER_F_PROTOCOL_FEATURES
 	FeatureVersion1         = 32
+	FeatureRingPacked       = 34 // VIRTIO_F_RING_PACKED (virtqueue/packed.go)
 )
 
 // Virtio device status bits (SET_STATUS / GET_STATUS).

@@ -358,7 +358,12 @@ func (s *session) remMemReg(a memRegion) error {
 
 func (s *session) setVringNum(a vringArg[protocol.VringState]) error {
 	n := a.v.Num
-	if n == 0 || n > virtqueue.MaxSize || n&(n-1) != 0 {
+	if s.packed() {
+		// A packed ring's size need not be a power of two (virtio 1.2, 2.8.10.1).
+		if n == 0 || n > virtqueue.MaxSize {
+			return fmt.Errorf("vring %d: packed ring size %d not in 1..%d", a.idx, n, virtqueue.MaxSize)
+		}
+	} else if n == 0 || n > virtqueue.MaxSize || n&(n-1) != 0 {
 		return fmt.Errorf("vring %d: size %d is not a power of two in 1..%d", a.idx, n, virtqueue.MaxSize)
 	}
 	a.vr.num = n
@@ -367,22 +372,33 @@ func (s *session) setVringNum(a vringArg[protocol.VringState]) error {
 
 // setVringAddr records where the rings are. Split rings must be aligned
 // as virtio 1.2 (2.7) requires: descriptor table 16, available ring 2,
-// used ring 4. The check is made here on the frontend's addresses, so the
-// frontend hears about it at once, and again on the guest-physical ones
-// when the queue starts (virtqueue.Setup).
+// used ring 4; packed rings (2.8.10.1): descriptor ring 16, the driver and
+// device event suppression areas (sent in the avail and used fields) 4.
+// The check is made here on the frontend's addresses, so the frontend
+// hears about it at once, and again on the guest-physical ones when the
+// queue starts (virtqueue.Setup).
 func (s *session) setVringAddr(a vringArg[protocol.VringAddr]) error {
-	if a.v.Desc%16 != 0 || a.v.Avail%2 != 0 || a.v.Used%4 != 0 {
-		return fmt.Errorf("vring %d: misaligned rings: desc %#x (align 16) avail %#x (2) used %#x (4)", a.idx, a.v.Desc, a.v.Avail, a.v.Used)
+	availAlign := uint64(2)
+	if s.packed() {
+		availAlign = 4
+	}
+	if a.v.Desc%16 != 0 || a.v.Avail%availAlign != 0 || a.v.Used%4 != 0 {
+		return fmt.Errorf("vring %d: misaligned rings: desc %#x (align 16) avail %#x (%d) used %#x (4)", a.idx, a.v.Desc, a.v.Avail, availAlign, a.v.Used)
 	}
 	a.vr.addr, a.vr.hasAddr = a.v, true
 	return s.update(a.idx)
 }
 
+// setVringBase records where the ring continues: a split ring's next
+// available index (16 bits), or a packed ring's next available and next
+// used slot with their wrap counters (bits 0-15 and 16-31, vhost-user
+// "Ring states"). Slots past the ring size are refused when the queue
+// starts (virtqueue.Setup), when the size is sure to be known.
 func (s *session) setVringBase(a vringArg[protocol.VringState]) error {
-	if a.v.Num > 0xffff {
+	if a.v.Num > 0xffff && !s.packed() {
 		return fmt.Errorf("vring %d: base %d out of range", a.idx, a.v.Num)
 	}
-	a.vr.base = uint16(a.v.Num)
+	a.vr.base = a.v.Num
 	return nil
 }
 
@@ -395,7 +411,7 @@ func (s *session) getVringBase(a vringArg[protocol.VringState]) ([]byte, error) 
 		a.vr.kick.Close()
 		a.vr.kick = nil
 	}
-	return protocol.EncodeVringState(nil, protocol.VringState{Index: a.v.Index, Num: uint32(a.vr.base)}), nil
+	return protocol.EncodeVringState(nil, protocol.VringState{Index: a.v.Index, Num: a.vr.base}), nil
 }
 
 func (s *session) setVringEnable(a vringArg[protocol.VringState]) error {

@@ -26,7 +26,7 @@ const protocolFeatures = 1<<protocol.ProtoMQ | 1<<protocol.ProtoRARP | 1<<protoc
 // transportFeatures are the virtio bits the control plane and virtqueue
 // package implement regardless of device.
 const transportFeatures = 1<<FeatureVersion1 | 1<<FeatureIndirectDesc | 1<<FeatureEventIdx |
-	1<<FeatureProtocolFeatures | 1<<FeatureNotifyOnEmpty | 1<<FeatureAnyLayout
+	1<<FeatureProtocolFeatures | 1<<FeatureNotifyOnEmpty | 1<<FeatureAnyLayout | 1<<FeatureRingPacked
 
 // ErrProtocol marks frontend misbehaviour that ends the session.
 var ErrProtocol = errors.New("vhost-user protocol error")
@@ -66,7 +66,7 @@ type vring struct {
 	num     uint32
 	addr    protocol.VringAddr
 	hasAddr bool
-	base    uint16
+	base    uint32 // SET_VRING_BASE / GET_VRING_BASE (packed: avail and used states)
 	kick    *virtqueue.EventFD
 	call    *virtqueue.EventFD
 	errFD   *virtqueue.EventFD
@@ -110,6 +110,9 @@ func (s *session) newVring(i int) *vring {
 
 func (s *session) offered() uint64 { return s.backend.Features() | transportFeatures }
 
+// packed reports whether the rings are in the packed format.
+func (s *session) packed() bool { return s.features&(1<<FeatureRingPacked) != 0 }
+
 // update starts or stops queue idx according to its state.
 func (s *session) update(idx int) error {
 	vr := s.vrings[idx]
@@ -138,7 +141,9 @@ func (s *session) startVring(idx int) error {
 		Size: uint16(vr.num), DescAddr: addrs[0], AvailAddr: addrs[1], UsedAddr: addrs[2],
 		EventIdx:  s.features&(1<<FeatureEventIdx) != 0,
 		Indirect:  s.features&(1<<FeatureIndirectDesc) != 0,
-		NextAvail: vr.base,
+		Packed:    s.packed(),
+		NextAvail: uint16(vr.base),
+		NextUsed:  uint16(vr.base >> 16),
 	}
 	var err error
 	vr.q.Lock()
@@ -154,7 +159,7 @@ func (s *session) startVring(idx int) error {
 	vr.kick.Resume()
 	vr.running = true
 	s.stats.QueueStarts.Add(1)
-	s.log.Debug("queue started", "queue", idx, "size", vr.num, "next_avail", vr.base, "event_idx", cfg.EventIdx)
+	s.log.Debug("queue started", "queue", idx, "size", vr.num, "next_avail", vr.base, "event_idx", cfg.EventIdx, "packed", cfg.Packed)
 	s.backend.StartQueue(idx, vr.q, vr.kick)
 	return nil
 }

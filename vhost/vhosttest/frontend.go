@@ -26,8 +26,10 @@ type Frontend struct {
 	MemFD int
 	// Drivers are the per-queue mock drivers, each with its own slice of Mem.
 	Drivers []*virtqueuetest.Driver
-	Kicks   []*virtqueue.EventFD
-	Calls   []*virtqueue.EventFD
+	// PackedDrivers replace Drivers with Options.Packed.
+	PackedDrivers []*virtqueuetest.PackedDriver
+	Kicks         []*virtqueue.EventFD
+	Calls         []*virtqueue.EventFD
 	// KickFDs and CallFDs are the descriptors Setup sends for each queue:
 	// those of Kicks and Calls unless a test replaces them (with a pipe,
 	// say, to play a hostile frontend). The Frontend does not own them.
@@ -51,6 +53,9 @@ type Options struct {
 	// MmapOffset is the offset of guest memory in the memfd; not page-aligned
 	// values exercise the backend's offset handling.
 	MmapOffset uint64
+	// Packed lays out packed rings and acks VIRTIO_F_RING_PACKED if it
+	// is offered (otherwise the bit is never acked: the rings are split).
+	Packed bool
 }
 
 func (o *Options) defaults() {
@@ -107,7 +112,11 @@ func New(c *net.UnixConn, opts Options) (*Frontend, error) {
 	chunk := opts.MemSize / opts.Queues &^ 4095
 	for i := 0; i < opts.Queues; i++ {
 		mem := f.Mem[i*chunk : (i+1)*chunk]
-		f.Drivers = append(f.Drivers, virtqueuetest.NewOn(mem, opts.GuestBase+uint64(i*chunk), opts.QueueSize, false))
+		if opts.Packed {
+			f.PackedDrivers = append(f.PackedDrivers, virtqueuetest.NewPackedOn(mem, opts.GuestBase+uint64(i*chunk), opts.QueueSize, false))
+		} else {
+			f.Drivers = append(f.Drivers, virtqueuetest.NewOn(mem, opts.GuestBase+uint64(i*chunk), opts.QueueSize, false))
+		}
 		k, err := virtqueue.CreateEventFD()
 		if err != nil {
 			return nil, err
@@ -182,6 +191,9 @@ func (f *Frontend) Ack(req protocol.Request, payload []byte, fds []int) error {
 	return nil
 }
 
+// ringPackedBit is VIRTIO_F_RING_PACKED.
+const ringPackedBit = 34
+
 func u64(v uint64) []byte {
 	return []byte{byte(v), byte(v >> 8), byte(v >> 16), byte(v >> 24), byte(v >> 32), byte(v >> 40), byte(v >> 48), byte(v >> 56)}
 }
@@ -194,7 +206,13 @@ func (f *Frontend) Setup(want uint64) error {
 	if err != nil {
 		return err
 	}
+	if !f.opts.Packed {
+		want &^= 1 << ringPackedBit
+	}
 	f.Features = offered & want
+	if f.opts.Packed && f.Features&(1<<ringPackedBit) == 0 {
+		return errors.New("backend does not offer VIRTIO_F_RING_PACKED")
+	}
 	const protoBit = 1 << 30
 	if _, err := f.U64(protocol.SetFeatures, f.Features, false); err != nil {
 		return err
@@ -219,17 +237,28 @@ func (f *Frontend) Setup(want uint64) error {
 		return err
 	}
 	const eventIdxBit = 1 << 29
-	for i, d := range f.Drivers {
+	var cfgs []virtqueue.Config
+	for _, d := range f.Drivers {
 		d.EventIdx = f.Features&eventIdxBit != 0
-		cfg := d.Config()
+		cfgs = append(cfgs, d.Config())
+	}
+	for _, d := range f.PackedDrivers {
+		d.EventIdx = f.Features&eventIdxBit != 0
+		cfgs = append(cfgs, d.Config())
+	}
+	for i, cfg := range cfgs {
 		idx := uint32(i)
+		// A split ring's base is the next available index; a packed
+		// ring's both positions with their wrap counters (QEMU sends
+		// 0x80008000 for a fresh ring).
+		base := uint32(cfg.NextAvail) | uint32(cfg.NextUsed)<<16
 		steps := []struct {
 			req     protocol.Request
 			payload []byte
 			fds     []int
 		}{
 			{protocol.SetVringNum, protocol.EncodeVringState(nil, protocol.VringState{Index: idx, Num: uint32(cfg.Size)}), nil},
-			{protocol.SetVringBase, protocol.EncodeVringState(nil, protocol.VringState{Index: idx}), nil},
+			{protocol.SetVringBase, protocol.EncodeVringState(nil, protocol.VringState{Index: idx, Num: base}), nil},
 			{protocol.SetVringAddr, protocol.EncodeVringAddr(nil, protocol.VringAddr{Index: idx,
 				Desc: f.user(cfg.DescAddr), Used: f.user(cfg.UsedAddr), Avail: f.user(cfg.AvailAddr)}), nil},
 			{protocol.SetVringCall, u64(uint64(idx)), []int{f.CallFDs[i]}},
