@@ -17,7 +17,7 @@ import (
 // continues the ring.
 func TestPackedSession(t *testing.T) {
 	b := newSink()
-	_, path := startServer(t, b)
+	srv, path := startServer(t, b)
 	f, err := vhosttest.Dial(path, vhosttest.Options{Packed: true, QueueSize: 4})
 	if err != nil {
 		t.Fatal(err)
@@ -25,6 +25,9 @@ func TestPackedSession(t *testing.T) {
 	defer f.Close()
 	if err := f.Setup(allFeatures); err != nil {
 		t.Fatal(err)
+	}
+	if n := srv.Stats.PackedQueueStarts.Load(); n != 2 {
+		t.Fatalf("packed queue starts %d, want 2", n)
 	}
 	if f.Features&(1<<vhost.FeatureRingPacked) == 0 {
 		t.Fatalf("features %#x acked without RING_PACKED", f.Features)

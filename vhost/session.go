@@ -38,6 +38,8 @@ type Stats struct {
 	Sessions    atomic.Uint64 `metric:"vhost_sessions_total" help:"vhost-user frontends served."`
 	MapFailures atomic.Uint64 `metric:"vhost_map_failures_total" help:"Guest memory regions that could not be mapped." hostile:"vhost_memory"`
 	QueueStarts atomic.Uint64 `metric:"vhost_queue_starts_total" help:"Virtqueues started."`
+	// PackedQueueStarts says which ring format the frontend chose.
+	PackedQueueStarts atomic.Uint64 `metric:"vhost_packed_queue_starts_total" help:"Virtqueues started in the packed ring format (VIRTIO_F_RING_PACKED negotiated)."`
 	// BadFDs counts descriptors refused for their kind: a kick, call or
 	// error fd that is not an eventfd, a memory region that is not a
 	// regular file or memfd. Also counted in BadMessages (so not in the
@@ -159,6 +161,9 @@ func (s *session) startVring(idx int) error {
 	vr.kick.Resume()
 	vr.running = true
 	s.stats.QueueStarts.Add(1)
+	if cfg.Packed {
+		s.stats.PackedQueueStarts.Add(1)
+	}
 	s.log.Debug("queue started", "queue", idx, "size", vr.num, "next_avail", vr.base, "event_idx", cfg.EventIdx, "packed", cfg.Packed)
 	s.backend.StartQueue(idx, vr.q, vr.kick)
 	return nil
