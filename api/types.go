@@ -181,7 +181,11 @@ const (
 // RingState is a virtqueue's indexes, for diagnosing a stalled queue:
 // avail_idx ahead of next_avail means buffers the device has not taken;
 // with EVENT_IDX the guest kicks when avail_idx passes avail_event and
-// wants an interrupt when used_idx passes used_event.
+// wants an interrupt when used_idx passes used_event. On a packed ring
+// (Packed) each index is a ring position: the slot in bits 0-14 and the
+// wrap counter in bit 15; avail_idx is the position after the chains the
+// guest has made available, avail_event and used_event are the positions
+// in the device and driver event suppression structures.
 type RingState struct {
 	Queue      int    `json:"queue"`
 	Direction  string `json:"direction"` // ToGuest or FromGuest
@@ -192,6 +196,7 @@ type RingState struct {
 	EventIdx   bool   `json:"event_idx"`
 	AvailEvent uint16 `json:"avail_event,omitempty"`
 	UsedEvent  uint16 `json:"used_event,omitempty"`
+	Packed     bool   `json:"packed,omitempty"`
 }
 
 // Lease is one bound DHCP lease.

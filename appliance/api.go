@@ -95,7 +95,7 @@ func (a *Appliance) Stats() api.Stats {
 		if rs := a.Link.RingState(i); rs.Ready {
 			st.Rings = append(st.Rings, api.RingState{Queue: i, Direction: direction(i), Size: rs.Size,
 				AvailIdx: rs.AvailIdx, NextAvail: rs.NextAvail, UsedIdx: rs.UsedIdx,
-				EventIdx: rs.EventIdx, AvailEvent: rs.AvailEvent, UsedEvent: rs.UsedEvent})
+				EventIdx: rs.EventIdx, AvailEvent: rs.AvailEvent, UsedEvent: rs.UsedEvent, Packed: rs.Packed})
 		}
 	}
 	for _, l := range a.DHCP.Leases() {

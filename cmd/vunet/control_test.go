@@ -55,7 +55,9 @@ func (f *fakeAPI) Stats() api.Stats {
 			m("dhcpv6", "vunet_dhcpv6_leases", 1),
 			m("dns", "vunet_dns_queries_total", 4, "transport", "udp"),
 		},
-		Rings: []api.RingState{{Queue: 1, Direction: api.FromGuest, Size: 256, AvailIdx: 9, NextAvail: 8, UsedIdx: 8}},
+		Rings: []api.RingState{{Queue: 1, Direction: api.FromGuest, Size: 256, AvailIdx: 9, NextAvail: 8, UsedIdx: 8},
+			{Queue: 0, Direction: api.ToGuest, Size: 256, AvailIdx: 0x8000 | 5, NextAvail: 0x8000 | 3, UsedIdx: 2,
+				EventIdx: true, AvailEvent: 0x8000 | 3, UsedEvent: 2, Packed: true}},
 		Leases: []api.Lease{{MAC: "52:54:00:12:34:56", Addr: netip.MustParseAddr("10.0.2.15"), Expiry: time.Unix(1e9, 0)},
 			{MAC: "52:54:00:12:34:56", Addr: netip.MustParseAddr("fd00::100"), Expiry: time.Unix(1e9, 0), DUID: "00030001525400123456", IAID: 7}},
 	}
@@ -209,6 +211,7 @@ func TestStatsCommand(t *testing.T) {
 	for _, w := range []string{"vunet fake, up 1h1m1s\n\nlink\n", "  frames   0 to_guest 5\n", "  bytes    0 to_guest 3.0 MiB\n",
 		"  drops    tx_short 2\n", "\n\nvirtqueue\n  bad_chains   1 from_guest 1\n",
 		"  ring         1 from_guest: size 256, avail 9, next 8, used 8\n",
+		"  ring         0 to_guest: size 256, avail 5/w1, next 3/w1, used 2/w0, avail_event 3/w1, used_event 2/w0, packed\n",
 		"  lease    52:54:00:12:34:56 10.0.2.15 until ", "  port_forwards   2\n",
 		"\n\ndhcpv6\n  leases   1\n  lease    duid 00030001525400123456 iaid 7 fd00::100 until "} {
 		if !strings.Contains(r.stdout, w) {

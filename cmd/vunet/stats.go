@@ -258,10 +258,18 @@ func extras(b *strings.Builder, layer string, st api.Stats, width int) {
 	switch layer {
 	case "virtqueue":
 		for _, r := range st.Rings {
-			fmt.Fprintf(b, "  %-*s   %d %s: size %d, avail %d, next %d, used %d", width, "ring", r.Queue, r.Direction,
-				r.Size, r.AvailIdx, r.NextAvail, r.UsedIdx)
+			// A packed ring's indexes are positions: slot and wrap counter.
+			idx := func(v uint16) string { return strconv.Itoa(int(v)) }
+			if r.Packed {
+				idx = func(v uint16) string { return fmt.Sprintf("%d/w%d", v&0x7fff, v>>15) }
+			}
+			fmt.Fprintf(b, "  %-*s   %d %s: size %d, avail %s, next %s, used %s", width, "ring", r.Queue, r.Direction,
+				r.Size, idx(r.AvailIdx), idx(r.NextAvail), idx(r.UsedIdx))
 			if r.EventIdx {
-				fmt.Fprintf(b, ", avail_event %d, used_event %d", r.AvailEvent, r.UsedEvent)
+				fmt.Fprintf(b, ", avail_event %s, used_event %s", idx(r.AvailEvent), idx(r.UsedEvent))
+			}
+			if r.Packed {
+				b.WriteString(", packed")
 			}
 			b.WriteString("\n")
 		}
