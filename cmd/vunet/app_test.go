@@ -546,6 +546,7 @@ func TestQEMUArgsGolden(t *testing.T) {
 		{"qemu-args-connect.golden", []string{"qemu-args", "--connect", "/tmp/a,b'<c>.sock", "--mem", "4G", "--mac", "52:54:00:00:00:01"}},
 		{"qemu-args-plain.golden", []string{"qemu-args", "--socket", "/run/vunet.sock", "--plain"}},
 		{"qemu-args-tcg.golden", []string{"qemu-args", "--connect", "/var/lib/vunet/vm1.sock", "--accel", "tcg", "--mem", "1G"}},
+		{"qemu-args-packed.golden", []string{"qemu-args", "--socket", "/run/vunet.sock", "--accel", "tcg", "--packed"}},
 	}
 	update := os.Getenv("VUNET_UPDATE_GOLDEN") == "1"
 	for _, tt := range tests {

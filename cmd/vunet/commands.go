@@ -29,7 +29,7 @@ func qemuArgsCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "qemu-args",
 		Usage:     "print the QEMU arguments and libvirt XML that attach a VM to vunet",
-		UsageText: "vunet qemu-args [--socket PATH | --connect PATH] [--mem 512M] [--mac MAC] [--accel kvm|tcg] [--plain]",
+		UsageText: "vunet qemu-args [--socket PATH | --connect PATH] [--mem 512M] [--mac MAC] [--accel kvm|tcg] [--packed] [--plain]",
 		Description: "The memory size must equal the guest's -m: vhost-user needs the guest RAM in a\n" +
 			"shared memory backend so vunet can access the virtqueues. With --plain only the\n" +
 			"arguments are printed, one per line, for `mapfile -t args < <(vunet qemu-args --plain ...)`.",
@@ -40,6 +40,7 @@ func qemuArgsCommand() *cli.Command {
 			&cli.StringFlag{Name: flagMAC, Usage: "guest `MAC` address", EnvVars: envVar(flagMAC), DefaultText: config.Default().MAC.String()},
 			&cli.StringFlag{Name: "mem", Usage: "guest RAM `SIZE`; must equal -m", EnvVars: envVar("mem"), Value: "512M"},
 			&cli.StringFlag{Name: "accel", Usage: "the VM's accelerator, `kvm` or tcg (libvirt domain type='qemu'): tcg adds the vectors=0 workaround QEMU 7.2 needs", EnvVars: envVar("accel"), Value: accelKVM},
+			&cli.BoolFlag{Name: "packed", Usage: "give the NIC packed virtqueues (packed=on, VIRTIO_F_RING_PACKED) instead of split ones", EnvVars: envVar("packed")},
 			&cli.BoolFlag{Name: "plain", Usage: "print only the arguments, one per line, without comments or XML"},
 		},
 		Action:          qemuArgsAction,
@@ -91,7 +92,7 @@ func qemuArgsAction(c *cli.Context) error {
 	if accel != accelKVM && accel != accelTCG {
 		return flagError("accel", accel, fmt.Errorf("expected %s or %s", accelKVM, accelTCG))
 	}
-	return writeQEMUArgs(c.App.Writer, cfg, mem, accel, c.Bool("plain"))
+	return writeQEMUArgs(c.App.Writer, cfg, mem, accel, c.Bool("packed"), c.Bool("plain"))
 }
 
 // qemuArg is one QEMU option with its value and the reason it is needed.
@@ -99,7 +100,7 @@ type qemuArg struct{ opt, val, why string }
 
 // qemuArgs returns the arguments that attach a VM with mem of RAM to the
 // vunet cfg describes, and the socket path and whether QEMU listens on it.
-func qemuArgs(cfg *config.Config, mem, accel string) (args []qemuArg, sock string, qemuServer bool) {
+func qemuArgs(cfg *config.Config, mem, accel string, packed bool) (args []qemuArg, sock string, qemuServer bool) {
 	sock, qemuServer = cfg.Socket, false
 	if cfg.Connect != "" {
 		sock, qemuServer = cfg.Connect, true
@@ -120,6 +121,10 @@ func qemuArgs(cfg *config.Config, mem, accel string) (args []qemuArg, sock strin
 		{"-device", "virtio-net-pci,netdev=net0,mac=" + mac,
 			"the guest NIC; the MAC matches vunet's (DHCP hands it " + cfg.IPv4.Guest.String() + ")"},
 	}
+	if packed {
+		args[len(args)-1].val += ",packed=on"
+		args[len(args)-1].why += "; packed=on for packed virtqueues (vunet serves both ring formats)"
+	}
 	if accel == accelTCG {
 		args[len(args)-1].val += ",vectors=0"
 		args[len(args)-1].why += "; vectors=0 because QEMU 7.2 crashes with vhost-user and MSI-X under TCG"
@@ -129,8 +134,8 @@ func qemuArgs(cfg *config.Config, mem, accel string) (args []qemuArg, sock strin
 
 // writeQEMUArgs prints the arguments for cfg. In listen mode (--socket)
 // QEMU is the vhost-user client; in connect mode it must be the server.
-func writeQEMUArgs(w io.Writer, cfg *config.Config, mem, accel string, plain bool) error {
-	args, sock, qemuServer := qemuArgs(cfg, mem, accel)
+func writeQEMUArgs(w io.Writer, cfg *config.Config, mem, accel string, packed, plain bool) error {
+	args, sock, qemuServer := qemuArgs(cfg, mem, accel, packed)
 
 	var b strings.Builder
 	if plain {
@@ -144,7 +149,7 @@ func writeQEMUArgs(w io.Writer, cfg *config.Config, mem, accel string, plain boo
 	for _, a := range args {
 		fmt.Fprintf(&b, "# %s\n%s %s\n", a.why, a.opt, a.val)
 	}
-	writeLibvirtXML(&b, cfg, sock, qemuServer, mem, accel)
+	writeLibvirtXML(&b, cfg, sock, qemuServer, mem, accel, packed)
 	_, err := io.WriteString(w, b.String())
 	return err
 }
@@ -153,7 +158,7 @@ func writeQEMUArgs(w io.Writer, cfg *config.Config, mem, accel string, plain boo
 // how to attach QEMU to it, as one shell-ready line (passt does the same).
 func writeStartupHint(w io.Writer, cfg *config.Config) error {
 	const mem = "512M"
-	args, sock, _ := qemuArgs(cfg, mem, accelKVM)
+	args, sock, _ := qemuArgs(cfg, mem, accelKVM, false)
 	var b strings.Builder
 	fmt.Fprintf(&b, "vunet listens on the default socket %s (no --socket or --connect given); attach a VM with\n", sock)
 	fmt.Fprintf(&b, "  qemu-system-x86_64 -m %s ...", mem)
@@ -187,7 +192,7 @@ const libvirtAlias = "ua-vunet0"
 // writeLibvirtXML writes a libvirt <domain> fragment (libvirt 9.0, Debian
 // 12) for the same setup: shared memfd RAM, the vhostuser interface and,
 // under TCG, the vectors=0 override (libvirt ≥ 8.2).
-func writeLibvirtXML(b *strings.Builder, cfg *config.Config, sock string, qemuServer bool, mem, accel string) {
+func writeLibvirtXML(b *strings.Builder, cfg *config.Config, sock string, qemuServer bool, mem, accel string, packed bool) {
 	mode, who := "client", "vunet listens on the socket (vunet --socket); libvirt's QEMU (user libvirt-qemu on Debian) must be able to connect: --socket-group libvirt-qemu --socket-mode 0660, in a directory that user may enter"
 	if qemuServer {
 		mode, who = "server", "QEMU listens on the socket and vunet --connect dials it (again after every restart of the domain); libvirt starts QEMU with server=on and without wait=off, so the VM waits for vunet before it runs; vunet's user (--runas libvirt-qemu when started as root) must be able to connect"
@@ -205,7 +210,11 @@ func writeLibvirtXML(b *strings.Builder, cfg *config.Config, sock string, qemuSe
 	b.WriteString("  <memoryBacking>\n    <source type='memfd'/>\n    <access mode='shared'/>\n  </memoryBacking>\n")
 	b.WriteString("  <devices>\n")
 	fmt.Fprintf(b, "    <interface type='vhostuser'>\n      <alias name='%s'/>\n      <mac address='%s'/>\n", libvirtAlias, xmlAttr(cfg.MAC.String()))
-	fmt.Fprintf(b, "      <source type='unix' path='%s' mode='%s'/>\n      <model type='virtio'/>\n    </interface>\n", xmlAttr(sock), mode)
+	fmt.Fprintf(b, "      <source type='unix' path='%s' mode='%s'/>\n      <model type='virtio'/>\n", xmlAttr(sock), mode)
+	if packed {
+		b.WriteString("      <driver packed='on'/>\n")
+	}
+	b.WriteString("    </interface>\n")
 	b.WriteString("  </devices>\n")
 	if accel == accelTCG {
 		b.WriteString("  <!-- TCG only: QEMU 7.2 crashes with vhost-user and MSI-X, so the NIC gets vectors=0 (libvirt 8.2 or later) -->\n")
