@@ -248,7 +248,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		peers.GIDs = []uint32{uint32(a.socketGID)}
 	}
 	if a.VHost, err = vhost.NewServer(vhost.Options{Backend: a.Link, Logger: log.With("layer", "vhost"),
-		SetupTimeout: cfg.SetupTimeout, Peers: peers}); err != nil {
+		SetupTimeout: cfg.SetupTimeout, Peers: peers, State: deviceState{a}}); err != nil {
 		return nil, err
 	}
 	if a.metrics, err = a.registerMetrics(); err != nil {

@@ -187,6 +187,16 @@ func (a *Appliance) LoadState(b []byte) (api.StateSummary, error) {
 	return sum, nil
 }
 
+// deviceState is the appliance as the vhost-user DEVICE_STATE back-end.
+type deviceState struct{ a *Appliance }
+
+func (d deviceState) SaveState() ([]byte, error) { return d.a.SaveState() }
+
+func (d deviceState) LoadState(b []byte) error {
+	_, err := d.a.LoadState(b)
+	return err
+}
+
 // errPending says a forward waits for its host port in the background.
 var errPending = errors.New("host port in use; retrying")
 

@@ -12,6 +12,7 @@ import (
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/devstate"
 	"github.com/vunet/vunet/netstack/netstacktest"
+	"github.com/vunet/vunet/vhost/vhosttest"
 )
 
 // TestStateMoves plays a migration between two appliances on one host:
@@ -125,4 +126,52 @@ func hasForward(a *Appliance, host netip.AddrPort) bool {
 		}
 	}
 	return false
+}
+
+// TestStateOverVhostUser moves the state the way QEMU 10 does, through
+// the vhost-user DEVICE_STATE pipes of two mock frontends.
+func TestStateOverVhostUser(t *testing.T) {
+	newApp := func() (*Appliance, *vhosttest.Frontend) {
+		cfg := testConfig(t, t.TempDir())
+		a, err := New(cfg, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(a.Close)
+		start(t, a)
+		f, err := vhosttest.Dial(cfg.Socket, vhosttest.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		if err := f.Setup(^uint64(0)); err != nil {
+			t.Fatal(err)
+		}
+		return a, f
+	}
+	src, sf := newApp()
+	dst, df := newApp()
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x12, 0x34, 0x56}
+	if err := src.DHCP.RestoreLease(mac, netip.MustParseAddr("10.0.2.15"), time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	blob, err := sf.SaveState(10 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := df.LoadState(blob); err != nil || c != 0 {
+		t.Fatalf("load: CHECK_DEVICE_STATE %d, %v", c, err)
+	}
+	if ls := dst.DHCP.Leases(); len(ls) != 1 || ls[0].MAC != mac.String() {
+		t.Errorf("destination leases %+v", ls)
+	}
+	// A corrupt state fails CHECK_DEVICE_STATE, so QEMU fails the
+	// migration instead of running the guest on a half-restored vunet.
+	blob[len(blob)/2] ^= 1
+	if c, err := df.LoadState(blob); err != nil || c == 0 {
+		t.Errorf("corrupt state: CHECK_DEVICE_STATE %d, %v", c, err)
+	}
+	if dst.migStats.Invalid.Load() != 1 || src.migStats.Saves.Load() != 1 {
+		t.Errorf("invalid %d saves %d", dst.migStats.Invalid.Load(), src.migStats.Saves.Load())
+	}
 }

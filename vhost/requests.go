@@ -81,6 +81,8 @@ var handlers = map[protocol.Request]handler{
 	protocol.NetSetMTU:           set(u64Arg, (*session).netSetMTU),
 	protocol.SetStatus:           set(u64Arg, (*session).setStatus),
 	protocol.GetStatus:           get(noArgs, (*session).getStatus),
+	protocol.SetDeviceStateFD:    get(deviceStateArg, (*session).setDeviceStateFD),
+	protocol.CheckDeviceState:    get(noArgs, (*session).checkDeviceState),
 }
 
 // expectsReply says which requests always answer, NEED_REPLY or not.
@@ -206,10 +208,10 @@ func (s *session) setFeatures(v uint64) error {
 	return s.backend.SetFeatures(v)
 }
 
-func (s *session) getProtocolFeatures(struct{}) ([]byte, error) { return u64(protocolFeatures), nil }
+func (s *session) getProtocolFeatures(struct{}) ([]byte, error) { return u64(s.protocolOffered()), nil }
 
 func (s *session) setProtocolFeatures(v uint64) error {
-	s.protoAcked = v & protocolFeatures
+	s.protoAcked = v & s.protocolOffered()
 	return nil
 }
 
@@ -219,6 +221,7 @@ func (s *session) setOwner(struct{}) error {
 }
 
 func (s *session) resetDevice(struct{}) error {
+	s.abortTransfer()
 	s.reset()
 	return nil
 }

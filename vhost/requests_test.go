@@ -13,12 +13,13 @@ func TestRequestTable(t *testing.T) {
 	replying := map[protocol.Request]bool{
 		protocol.GetFeatures: true, protocol.GetProtocolFeatures: true, protocol.GetVringBase: true,
 		protocol.GetQueueNum: true, protocol.GetConfig: true, protocol.GetMaxMemSlots: true, protocol.GetStatus: true,
+		protocol.SetDeviceStateFD: true, protocol.CheckDeviceState: true,
 	}
 	unsupported := map[protocol.Request]bool{
 		protocol.SetLogBase: true, protocol.SetLogFD: true, protocol.SetBackendReqFD: true, protocol.IOTLBMsg: true,
 		protocol.SetVringEndian: true, protocol.GetInflightFD: true, protocol.SetInflightFD: true, protocol.VringKick: true,
 	}
-	for r := protocol.Request(0); r <= protocol.GetStatus+1; r++ {
+	for r := protocol.Request(0); r <= protocol.CheckDeviceState+1; r++ {
 		h, ok := handlers[r]
 		switch {
 		case unsupported[r] && ok:
@@ -29,7 +30,7 @@ func TestRequestTable(t *testing.T) {
 			t.Errorf("%s missing from the table", r)
 		}
 	}
-	if len(handlers) != 26 {
-		t.Errorf("%d handlers, want 26 (update this test with the table)", len(handlers))
+	if len(handlers) != 28 {
+		t.Errorf("%d handlers, want 28 (update this test with the table)", len(handlers))
 	}
 }

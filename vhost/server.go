@@ -62,6 +62,12 @@ type Options struct {
 	// Peers says which local users may connect to a listening socket
 	// (Serve); the zero value allows vunet's own user and root.
 	Peers PeerPolicy
+	// State, if set, is offered to frontends as PROTOCOL_F_DEVICE_STATE:
+	// the back-end state a live migration moves.
+	State DeviceState
+	// StateTimeout bounds one device-state transfer; 0 means
+	// DefaultStateTimeout.
+	StateTimeout time.Duration
 }
 
 // PeerPolicy lists the users (by uid) and groups (by the gid SO_PEERCRED
@@ -393,6 +399,10 @@ func (s *Server) serveConn(ctx context.Context, c *net.UnixConn) error {
 		}
 	}
 	sess := newSession(s.log, s.opts.Backend, &s.Stats, onQueueErr)
+	sess.state, sess.stateTimeout = s.opts.State, s.opts.StateTimeout
+	if sess.stateTimeout <= 0 {
+		sess.stateTimeout = DefaultStateTimeout
+	}
 	defer sess.close()
 	s.log.Info("frontend connected")
 	for {

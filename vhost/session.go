@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync/atomic"
+	"time"
 
 	"github.com/vunet/vunet/vhost/memory"
 	"github.com/vunet/vunet/vhost/protocol"
@@ -61,6 +62,10 @@ type Stats struct {
 	MemRegionsAdded   atomic.Uint64 `metric:"vhost_mem_regions_added_total" help:"Guest memory regions added while the virtqueues run (ADD_MEM_REG, memory hotplug)."`
 	MemRegionsRemoved atomic.Uint64 `metric:"vhost_mem_regions_removed_total" help:"Guest memory regions removed while the virtqueues run (REM_MEM_REG, memory unplug)."`
 	HotMemBuffers     atomic.Uint64 `metric:"vhost_hotplugged_memory_buffers_total" help:"Descriptor buffers found in guest memory added while the virtqueues run (memory hotplug)."`
+	// Live migration: back-end state through DEVICE_STATE (devstate.go).
+	DeviceStateSaves  atomic.Uint64 `metric:"vhost_device_state_transfers_total{direction=save}" help:"Device-state transfers (vhost-user DEVICE_STATE) completed, by direction."`
+	DeviceStateLoads  atomic.Uint64 `metric:"vhost_device_state_transfers_total{direction=load}"`
+	DeviceStateErrors atomic.Uint64 `metric:"vhost_device_state_errors_total" help:"Device-state transfers refused or failed: not negotiated, bad direction, phase or descriptor, pipe error or deadline, size limit, or a state the device refused."`
 }
 
 // vring is the control-plane view of one queue.
@@ -93,6 +98,11 @@ type session struct {
 	mem        *memory.Table
 	vrings     []*vring
 	rarp       [6]byte
+
+	// Device-state transfer (devstate.go); state nil: not offered.
+	state        DeviceState
+	stateTimeout time.Duration
+	xfer         *transfer
 }
 
 func newSession(log *slog.Logger, b Backend, stats *Stats, onQueueErr func(int, error)) *session {
@@ -235,6 +245,7 @@ func (vr *vring) close() {
 
 // close releases everything the frontend gave us.
 func (s *session) close() {
+	s.abortTransfer()
 	s.pauseAll()
 	for _, vr := range s.vrings {
 		vr.close()

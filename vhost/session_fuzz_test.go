@@ -1,6 +1,7 @@
 package vhost
 
 import (
+	"bytes"
 	"encoding/binary"
 	"log/slog"
 	"os"
@@ -10,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vunet/vunet/devstate"
 	"github.com/vunet/vunet/vhost/protocol"
 	"github.com/vunet/vunet/vhost/virtqueue"
 )
@@ -44,12 +46,25 @@ func (b *nopBackend) StartQueue(i int, q *virtqueue.Queue, kick *virtqueue.Event
 // Fuzz message framing: one control byte, the vhost-user header, the
 // payload. The control byte's low two bits are the number of fds; bits 2-3
 // choose their kind: 0 and 1 the kind the request needs (a memfd for memory
-// regions, an eventfd otherwise), 2 the wrong kind, 3 an invalid fd (-1).
+// regions, a pipe for SET_DEVICE_STATE_FD: its read end with 0, its write
+// end with 1; an eventfd otherwise), 2 the wrong kind, 3 an invalid fd (-1).
 const (
 	fdRight   = 0 << 2
+	fdWrite   = 1 << 2 // the write end of a pipe, for a save
 	fdWrong   = 2 << 2
 	fdInvalid = 3 << 2
 )
+
+// fuzzState is the session's device state: it saves a fixed blob and
+// loads through devstate.Decode, so fuzzed loads reach the decoder.
+type fuzzState struct{}
+
+func (fuzzState) SaveState() ([]byte, error) { return bytes.Repeat([]byte("state"), 100), nil }
+
+func (fuzzState) LoadState(b []byte) error {
+	_, err := devstate.Decode(b)
+	return err
+}
 
 // fuzzMemSize is the size of the memfd behind every memory region: regions
 // are slices of it at fuzzed offsets.
@@ -120,11 +135,24 @@ func fuzzFDs(t testing.TB, memfd int, r protocol.Request, ctl byte) []int {
 	if kind == fdWrong {
 		mem = !mem
 	}
+	pipe := r == protocol.SetDeviceStateFD && kind != fdWrong
 	for i := range fds {
 		var err error
 		switch {
 		case kind == fdInvalid:
 			fds[i] = -1
+		case pipe:
+			// The peer's end is closed at once: a save sees EPIPE, a
+			// load an empty state.
+			var p [2]int
+			if err = unix.Pipe2(p[:], unix.O_CLOEXEC); err == nil {
+				end := 0
+				if kind == fdWrite {
+					end = 1
+				}
+				fds[i] = p[end]
+				unix.Close(p[1-end])
+			}
 		case mem:
 			fds[i], err = unix.Dup(memfd)
 		default:
@@ -188,6 +216,7 @@ func newFuzzEnv(t testing.TB) *fuzzEnv {
 	}
 	e := &fuzzEnv{t: t, memfd: memfd, b: &nopBackend{t: t, started: map[int]bool{}}}
 	e.s = newSession(slog.New(slog.DiscardHandler), e.b, &e.st, func(int, error) {})
+	e.s.state, e.s.stateTimeout = fuzzState{}, 50*time.Millisecond
 	return e
 }
 
@@ -280,6 +309,21 @@ func FuzzSession(f *testing.F) {
 	f.Add(seqOf(startSeq(oneRegion(), 0, fuzzUser),
 		fuzzMsg(protocol.SetMemTable, 1|fdWrong, protocol.EncodeMemTable(nil, oneRegion())),
 		fuzzMsg(protocol.SetStatus, 0, fuzzU64(0))))
+	// Device-state transfers: a save and a load, each checked; a load
+	// aborted by another and by a reset; a check without a transfer.
+	stateFD := func(ctl byte, dir uint32) []byte {
+		return fuzzMsg(protocol.SetDeviceStateFD, ctl, protocol.EncodeDeviceStateTransfer(nil, protocol.DeviceStateTransfer{Direction: dir}))
+	}
+	check := fuzzMsg(protocol.CheckDeviceState, 0, nil)
+	withState := seqOf(fuzzMsg(protocol.SetFeatures, 0, fuzzU64(1<<30|1<<32)),
+		fuzzMsg(protocol.SetProtocolFeatures, 0, fuzzU64(1<<3|1<<protocol.ProtoDeviceState)))
+	f.Add(seqOf(startSeq(oneRegion(), 0, fuzzUser), getBase(0),
+		fuzzMsg(protocol.SetProtocolFeatures, 0, fuzzU64(1<<3|1<<protocol.ProtoDeviceState)),
+		stateFD(1|fdWrite, protocol.DirectionSave), check))
+	f.Add(seqOf(withState, stateFD(1|fdRight, protocol.DirectionLoad), check, check))
+	f.Add(seqOf(withState, stateFD(1|fdRight, protocol.DirectionLoad), stateFD(1|fdWrite, protocol.DirectionSave),
+		stateFD(1|fdRight, protocol.DirectionLoad), fuzzMsg(protocol.ResetDevice, 0, nil), check))
+	f.Add(seqOf(withState, stateFD(1|fdWrong, protocol.DirectionLoad), stateFD(1|fdRight, 9), stateFD(0, 1), check))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		runSession(t, data)
 	})

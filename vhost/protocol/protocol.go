@@ -52,6 +52,8 @@ const (
 	RemMemReg           Request = 38
 	SetStatus           Request = 39
 	GetStatus           Request = 40
+	SetDeviceStateFD    Request = 42
+	CheckDeviceState    Request = 43
 )
 
 var requestNames = map[Request]string{
@@ -65,6 +67,7 @@ var requestNames = map[Request]string{
 	GetConfig: "GET_CONFIG", SetConfig: "SET_CONFIG", GetInflightFD: "GET_INFLIGHT_FD", SetInflightFD: "SET_INFLIGHT_FD",
 	ResetDevice: "RESET_DEVICE", VringKick: "VRING_KICK", GetMaxMemSlots: "GET_MAX_MEM_SLOTS", AddMemReg: "ADD_MEM_REG",
 	RemMemReg: "REM_MEM_REG", SetStatus: "SET_STATUS", GetStatus: "GET_STATUS",
+	SetDeviceStateFD: "SET_DEVICE_STATE_FD", CheckDeviceState: "CHECK_DEVICE_STATE",
 }
 
 // String returns the specification's name for r.
@@ -87,6 +90,7 @@ const (
 	ProtoResetDevice       = 13
 	ProtoConfigureMemSlots = 15
 	ProtoStatus            = 16
+	ProtoDeviceState       = 18
 )
 
 // Header flags.
@@ -173,7 +177,7 @@ func FDsAllowed(r Request) (lo, hi int) {
 	switch r {
 	case SetMemTable:
 		return 1, MaxFDs
-	case AddMemReg, SetLogFD, SetBackendReqFD, SetInflightFD:
+	case AddMemReg, SetLogFD, SetBackendReqFD, SetInflightFD, SetDeviceStateFD:
 		return 1, 1
 	case SetVringKick, SetVringCall, SetVringErr, RemMemReg, SetLogBase:
 		return 0, 1
@@ -377,4 +381,31 @@ func EncodeConfig(b []byte, c ConfigPayload) []byte {
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(c.Data)))
 	b = binary.LittleEndian.AppendUint32(b, c.Flags)
 	return append(b, c.Data...)
+}
+
+// Device-state transfer directions and phases (SET_DEVICE_STATE_FD).
+const (
+	DirectionSave = 0 // back-end to front-end (the migration source)
+	DirectionLoad = 1 // front-end to back-end (the destination)
+	PhaseStopped  = 0 // the device and all its rings are stopped
+)
+
+// DeviceStateTransfer is the payload of SET_DEVICE_STATE_FD.
+type DeviceStateTransfer struct {
+	Direction uint32
+	Phase     uint32
+}
+
+// DeviceStateTransfer decodes a SET_DEVICE_STATE_FD payload.
+func (m *Message) DeviceStateTransfer() (DeviceStateTransfer, error) {
+	if err := m.want(8); err != nil {
+		return DeviceStateTransfer{}, err
+	}
+	return DeviceStateTransfer{binary.LittleEndian.Uint32(m.Payload), binary.LittleEndian.Uint32(m.Payload[4:])}, nil
+}
+
+// EncodeDeviceStateTransfer appends t to b.
+func EncodeDeviceStateTransfer(b []byte, t DeviceStateTransfer) []byte {
+	b = binary.LittleEndian.AppendUint32(b, t.Direction)
+	return binary.LittleEndian.AppendUint32(b, t.Phase)
 }

@@ -91,3 +91,17 @@ func typeName(mode uint32) string {
 	}
 	return fmt.Sprintf("file of type %#o", mode&unix.S_IFMT)
 }
+
+// Stream checks that fd is a pipe or a socket: what a device-state
+// transfer is read from or written to. Both poll, so a transfer can be
+// bounded by a deadline; a regular file or a device could not be.
+func Stream(fd int) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("%w: fd %d: fstat: %v", ErrWrongKind, fd, err)
+	}
+	if t := st.Mode & unix.S_IFMT; t != unix.S_IFIFO && t != unix.S_IFSOCK {
+		return fmt.Errorf("%w: fd %d is a %s, want a pipe or a socket", ErrWrongKind, fd, typeName(st.Mode))
+	}
+	return nil
+}
