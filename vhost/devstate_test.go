@@ -29,6 +29,20 @@ type memState struct {
 
 func (m *memState) SaveState() ([]byte, error) { return m.saved, nil }
 
+// got returns the states loaded so far. The server's goroutine writes
+// them; the socket orders that, but the race detector cannot see it.
+func (m *memState) got() [][]byte {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.loaded
+}
+
+func (m *memState) setRefuse(err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.refuse = err
+}
+
 func (m *memState) LoadState(b []byte) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -98,8 +112,8 @@ func TestDeviceStateMigration(t *testing.T) {
 	if c, err := dst.LoadState(got); err != nil || c != 0 {
 		t.Fatalf("load: CHECK_DEVICE_STATE %d, %v", c, err)
 	}
-	if len(dstState.loaded) != 1 || !bytes.Equal(dstState.loaded[0], blob) {
-		t.Fatalf("destination loaded %d states", len(dstState.loaded))
+	if l := dstState.got(); len(l) != 1 || !bytes.Equal(l[0], blob) {
+		t.Fatalf("destination loaded %d states", len(l))
 	}
 	if srcSrv.Stats.DeviceStateSaves.Load() != 1 || dstSrv.Stats.DeviceStateLoads.Load() != 1 ||
 		srcSrv.Stats.DeviceStateErrors.Load()+dstSrv.Stats.DeviceStateErrors.Load() != 0 {
@@ -132,10 +146,10 @@ func TestDeviceStateHostile(t *testing.T) {
 		}
 	}
 
-	st.refuse = errors.New("bad state")
+	st.setRefuse(errors.New("bad state"))
 	c, err := f.LoadState([]byte("whatever"))
 	check("refused by the device", c, err)
-	st.refuse = nil
+	st.setRefuse(nil)
 
 	c, err = f.LoadState(make([]byte, devstate.MaxSize+1))
 	check("over the size limit", c, err)
@@ -196,8 +210,8 @@ func TestDeviceStateHostile(t *testing.T) {
 			t.Errorf("%s: SET_DEVICE_STATE_FD = %#x, %v, errors %d", name, v, err, errs())
 		}
 	}
-	if len(st.loaded) != 0 {
-		t.Errorf("the device loaded %d states", len(st.loaded))
+	if l := st.got(); len(l) != 0 {
+		t.Errorf("the device loaded %d states", len(l))
 	}
 }
 

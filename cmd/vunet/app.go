@@ -30,7 +30,8 @@ func buildApp(run runFunc) *cli.App {
 			"vunet --connect PATH [flags]       run the appliance, connecting to QEMU's socket\n" +
 			"vunet qemu-args --socket PATH      print the matching QEMU arguments\n" +
 			"vunet forward add|list|remove ...  change the port forwards of a running vunet (--api)\n" +
-			"vunet stats --api PATH             print the counters of a running vunet",
+			"vunet stats --api PATH             print the counters of a running vunet\n" +
+			"vunet state save|load --api PATH   move a migrating VM's device state between vunets",
 		Description: "Flags may also be given as VUNET_<FLAG> environment variables (VUNET_LOG_LEVEL=debug)\n" +
 			"and as keys of the --config TOML file. A flag beats its environment variable, which\n" +
 			"beats the file, which beats the default. See docs/cli.md and docs/configuration.md.",
@@ -42,6 +43,7 @@ func buildApp(run runFunc) *cli.App {
 		Commands: []*cli.Command{
 			qemuArgsCommand(),
 			forwardCommand(),
+			stateCommand(),
 			statsCommand(),
 			completionCommand(),
 			versionCommand(),
