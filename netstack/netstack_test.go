@@ -7,7 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/netstack/netstacktest"
@@ -102,4 +104,22 @@ func TestAccessors(t *testing.T) {
 	}
 	p.Host.Close()
 	p.Host.Close() // idempotent
+}
+
+// TestNoTailLossProbes: the stack runs TCP without RACK (and so without
+// tail loss probes, which a guest with stalling ACKs answered with
+// spurious full-segment retransmissions), with SACK on.
+func TestNoTailLossProbes(t *testing.T) {
+	p := netstacktest.NewPair(t, 0)
+	var rec tcpip.TCPRecovery
+	if err := p.Host.Stack().TransportProtocolOption(tcp.ProtocolNumber, &rec); err != nil {
+		t.Fatal(err)
+	}
+	if rec != 0 {
+		t.Fatalf("TCPRecovery = %#x, want 0 (no RACK, no TLP)", rec)
+	}
+	var sack tcpip.TCPSACKEnabled
+	if err := p.Host.Stack().TransportProtocolOption(tcp.ProtocolNumber, &sack); err != nil || !sack {
+		t.Fatalf("SACK enabled %v (%v), want true", sack, err)
+	}
 }
