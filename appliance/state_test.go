@@ -133,6 +133,11 @@ func hasForward(a *Appliance, host netip.AddrPort) bool {
 func TestStateOverVhostUser(t *testing.T) {
 	newApp := func() (*Appliance, *vhosttest.Frontend) {
 		cfg := testConfig(t, t.TempDir())
+		cfg.IPv6.Enable = true
+		cfg.IPv6.DHCPv6 = config.DHCPv6Stateful
+		if err := cfg.Validate(); err != nil {
+			t.Fatal(err)
+		}
 		a, err := New(cfg, slog.New(slog.DiscardHandler))
 		if err != nil {
 			t.Fatal(err)
@@ -155,6 +160,11 @@ func TestStateOverVhostUser(t *testing.T) {
 	if err := src.DHCP.RestoreLease(mac, netip.MustParseAddr("10.0.2.15"), time.Now().Add(time.Hour)); err != nil {
 		t.Fatal(err)
 	}
+	duid := []byte{0, 3, 0, 1, 0x52, 0x54, 0, 0x12, 0x34, 0x56}
+	addr6 := netip.MustParseAddr("fd00::123")
+	if err := src.DHCPv6.RestoreLease(duid, 7, addr6, time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
 	blob, err := sf.SaveState(10 * time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -164,6 +174,9 @@ func TestStateOverVhostUser(t *testing.T) {
 	}
 	if ls := dst.DHCP.Leases(); len(ls) != 1 || ls[0].MAC != mac.String() {
 		t.Errorf("destination leases %+v", ls)
+	}
+	if ls := dst.DHCPv6.Leases(); len(ls) != 1 || ls[0].Addr != addr6 || ls[0].IAID != 7 || ls[0].MAC != mac.String() {
+		t.Errorf("destination DHCPv6 leases %+v", ls)
 	}
 	// A corrupt state fails CHECK_DEVICE_STATE, so QEMU fails the
 	// migration instead of running the guest on a half-restored vunet.
