@@ -100,6 +100,8 @@ type Appliance struct {
 	migStats MigrationStats
 	stop     chan struct{}  // closed by Close: background work ends
 	bg       sync.WaitGroup // background work (forward retries)
+	bgMu     sync.Mutex     // orders goBackground against Close
+	bgDone   bool           // Close began: no new background work
 }
 
 // New builds every layer from cfg (already validated) without serving yet.
@@ -232,7 +234,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	a.closers = append(a.closers, func() { a.Forward.Close() })
 	// Runs before the forwarder closes: retries of carried-over forwards
 	// end first.
-	a.closers = append(a.closers, func() { close(a.stop); a.bg.Wait() })
+	a.closers = append(a.closers, a.stopBackground)
 	for _, f := range cfg.Forwards {
 		pf, err := a.Forward.AddPortForward(forward.PortForward{
 			Proto: f.Proto, Host: f.Host, Path: f.Path, Guest: netip.AddrPortFrom(cfg.IPv4.Guest, f.GuestPort),

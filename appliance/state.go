@@ -55,8 +55,27 @@ func keyOf(pf forward.PortForward) fwdKey { return fwdKey{pf.Proto, pf.Host, pf.
 // (through the API or a loaded state): those move with the guest, the
 // configured ones are each vunet's own.
 type runtimeForwards struct {
-	mu   sync.Mutex
-	keys map[fwdKey]bool
+	mu      sync.Mutex
+	keys    map[fwdKey]bool
+	pending map[fwdKey]bool // waiting for their host port
+}
+
+// wait marks k as waiting for its port; false if it already was.
+func (r *runtimeForwards) wait(k fwdKey, on bool) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.pending == nil {
+		r.pending = map[fwdKey]bool{}
+	}
+	if on && r.pending[k] {
+		return false
+	}
+	if on {
+		r.pending[k] = true
+	} else {
+		delete(r.pending, k)
+	}
+	return true
 }
 
 func (r *runtimeForwards) set(k fwdKey, on bool) {
@@ -212,14 +231,18 @@ func (a *Appliance) restoreForward(pf forward.PortForward) error {
 			return fmt.Errorf("forward %s: this vunet forwards %s to guest port %d", pf, pf.Host, cur.Guest.Port())
 		}
 	}
+	k := keyOf(pf)
+	if !a.runtime.wait(k, true) {
+		return errPending // a retry of an earlier load is on it
+	}
 	err := a.addRuntimeForward(pf)
 	if !errors.Is(err, syscall.EADDRINUSE) {
+		a.runtime.wait(k, false)
 		return err
 	}
 	a.migStats.PendingForwards.Add(1)
-	a.bg.Add(1)
-	go func() {
-		defer a.bg.Done()
+	started := a.goBackground(func() {
+		defer a.runtime.wait(k, false)
 		defer a.migStats.PendingForwards.Add(-1)
 		t := time.NewTicker(forwardRetryEvery)
 		defer t.Stop()
@@ -240,8 +263,40 @@ func (a *Appliance) restoreForward(pf forward.PortForward) error {
 				return
 			}
 		}
-	}()
+	})
+	if !started {
+		a.migStats.PendingForwards.Add(-1)
+		a.runtime.wait(k, false)
+		return fmt.Errorf("forward %s: vunet is shutting down", pf)
+	}
 	return errPending
+}
+
+// goBackground runs f in a goroutine that Close waits for, unless Close
+// has begun.
+func (a *Appliance) goBackground(f func()) bool {
+	a.bgMu.Lock()
+	defer a.bgMu.Unlock()
+	if a.bgDone {
+		return false
+	}
+	a.bg.Add(1)
+	go func() {
+		defer a.bg.Done()
+		f()
+	}()
+	return true
+}
+
+// stopBackground ends background work and waits for it (a closer).
+func (a *Appliance) stopBackground() {
+	a.bgMu.Lock()
+	if !a.bgDone {
+		a.bgDone = true
+		close(a.stop)
+	}
+	a.bgMu.Unlock()
+	a.bg.Wait()
 }
 
 // addRuntimeForward starts pf and marks it as one that moves with the

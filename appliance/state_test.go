@@ -67,6 +67,10 @@ func TestStateMoves(t *testing.T) {
 	if ls := dst.DHCP.Leases(); len(ls) != 1 || ls[0].Addr != lease || ls[0].MAC != mac.String() {
 		t.Errorf("destination leases %+v", ls)
 	}
+	// Loading again while the forward waits starts no second retry.
+	if sum, err := dst.LoadState(blob); err != nil || sum.Pending != 1 {
+		t.Fatalf("second load while pending: %+v, %v", sum, err)
+	}
 	// The source vunet exits.
 	if err := stopSrc(); err != nil {
 		t.Fatal(err)
@@ -104,8 +108,8 @@ func TestStateMoves(t *testing.T) {
 	if sum, err := dst.LoadState(blob); err != nil || sum.Pending != 0 || len(sum.Problems) != 0 {
 		t.Errorf("second load: %+v, %v", sum, err)
 	}
-	if got := dst.migStats.RestoredForwards.Load(); got != 1 {
-		t.Errorf("restored forwards %d, want 1", got)
+	if got, refused := dst.migStats.RestoredForwards.Load(), dst.migStats.RefusedForwards.Load(); got != 1 || refused != 0 {
+		t.Errorf("restored forwards %d, refused %d; want 1 and 0", got, refused)
 	}
 
 	// A state that does not decode changes nothing and is counted.
@@ -114,7 +118,7 @@ func TestStateMoves(t *testing.T) {
 	if _, err := dst.LoadState(bad); !errors.Is(err, api.ErrInvalid) || !errors.Is(err, devstate.ErrCorrupt) {
 		t.Errorf("corrupt state: %v", err)
 	}
-	if dst.migStats.Invalid.Load() != 1 || dst.migStats.Loads.Load() != 2 {
+	if dst.migStats.Invalid.Load() != 1 || dst.migStats.Loads.Load() != 3 {
 		t.Errorf("invalid %d loads %d", dst.migStats.Invalid.Load(), dst.migStats.Loads.Load())
 	}
 }
