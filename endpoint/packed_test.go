@@ -7,6 +7,7 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/vunet/vunet/vhost/virtqueue"
 	vqt "github.com/vunet/vunet/vhost/virtqueue/virtqueuetest"
@@ -180,4 +181,133 @@ func TestPackedRXBacklogKick(t *testing.T) {
 			t.Fatalf("backlog order: packet %d has %d", i+1, f[14])
 		}
 	}
+}
+
+// FuzzRXPacked is FuzzRX on a packed ring: hostile RX buffer layouts
+// (tiny, zero-length and split buffers, chains outside guest memory
+// between good ones, device-readable chains, indirect tables) and frames
+// of fuzzed sizes, with and without mergeable buffers. The device must
+// return exactly the chains it took (a prefix of those posted, in any
+// order), each once (the driver panics on an id it does not have in
+// flight), and stop with nothing in flight:
+// its available position just after the last chain it took, its used
+// position where the driver expects the next used descriptor.
+func FuzzRXPacked(f *testing.F) {
+	f.Add(uint8(0), []byte{0x3f, 0x3f, 0x3f}, []byte{0, 100, 5, 220})
+	f.Add(uint8(0), []byte{0x02, 0x80, 0x02, 0x02}, []byte{30, 0})
+	f.Add(uint8(1), []byte{0x3f, 0x80, 0x3f, 0x40, 0xff}, []byte{40, 0, 40})
+	f.Add(uint8(0), []byte{0xc1, 0x41, 0x00, 0x80, 0xc0}, []byte{255, 255, 1})
+	f.Add(uint8(0), []byte{0x40, 0x4a, 0x3f, 0x40, 0x3f}, []byte{10, 60, 10, 10}) // chains of three slots
+	f.Fuzz(func(t *testing.T, feat uint8, layout []byte, frames []byte) {
+		features := []uint64{v1, v1 &^ (1 << FeatureMrgRxbuf), v1 &^ (1 << 29), 1 << FeatureMrgRxbuf}[int(feat)%4]
+		ep, err := New(Options{LinkAddress: gwMAC, GuestMAC: guestMAC})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ep.SetFeatures(features)
+		d := vqt.NewPacked(1<<20, 48, features&(1<<29) != 0) // not a power of two
+		q := d.Queue(nil)
+		ep.rx.mu.Lock()
+		ep.rx.q = q
+		ep.rx.mu.Unlock()
+
+		type chain struct {
+			id    uint16
+			after uint16 // the driver's available state after it
+		}
+		var order []chain
+		var returned []uint16
+		reap := func() {
+			for _, u := range d.Reap() {
+				returned = append(returned, u.Head)
+			}
+		}
+		post := func(b byte) {
+			size := (int(b&0x3f) + 1) * 24
+			slot := d.AvailState() & 0x7fff
+			var id uint16
+			var err error
+			switch b >> 6 {
+			case 0: // one writable buffer
+				id, err = d.Post(nil, nil, []int{size}, false)
+			case 1: // split in three, the first empty
+				id, err = d.Post(nil, nil, []int{0, size / 2, size - size/2}, b&1 == 1)
+			case 2: // a buffer outside guest memory: a bad chain
+				id, err = d.Post(nil, nil, []int{size}, false)
+				if err == nil {
+					s := d.Slot(slot)
+					s.Addr = 1 << 50
+					d.WriteSlot(slot, s)
+				}
+			case 3: // device-readable only, or readable then writable
+				id, err = d.Post(make([]byte, 8), nil, []int{size * int(b&1)}, b&2 == 2)
+			}
+			if err != nil {
+				return // ring full
+			}
+			order = append(order, chain{id, d.AvailState()})
+		}
+		for i, b := range layout {
+			if i >= 48 {
+				break
+			}
+			post(b)
+		}
+		for i, b := range frames {
+			if i >= 32 {
+				break
+			}
+			n := int(b) * 8
+			if b >= 0xf0 {
+				n = int(b-0xf0+1) * 4000
+			}
+			var l stack.PacketBufferList
+			l.PushBack(rxPacket(ep, n, b))
+			ep.WritePackets(l)
+			l.DecRef()
+			reap()
+			if i%4 == 3 && len(layout) > 48+i/4 {
+				post(layout[48+i/4])
+				ep.rx.drainLocked(ep, q)
+				reap()
+			}
+		}
+		ep.rx.drainLocked(ep, q)
+		reap()
+		q.Lock()
+		broken := q.Broken()
+		base := q.Stop()
+		q.Unlock()
+		ep.rx.mu.Lock()
+		ep.rx.q = nil
+		ep.rx.mu.Unlock()
+		ep.rx.dropBacklog()
+		reap()
+		if broken {
+			t.Fatalf("ring broken by a layout a driver may post (layout %x, frames %x)", layout, frames)
+		}
+		if len(returned) > len(order) {
+			t.Fatalf("%d chains returned, %d posted", len(returned), len(order))
+		}
+		// The device takes chains in ring order but may complete them out
+		// of order (a bad chain is returned as soon as it is met, before
+		// the good ones collected around it for a frame): the returned
+		// ids are exactly those of the first len(returned) chains posted.
+		want := map[uint16]int{}
+		for _, c := range order[:len(returned)] {
+			want[c.id]++
+		}
+		for _, id := range returned {
+			if want[id]--; want[id] < 0 {
+				t.Fatalf("id %d returned but not among the first %d chains posted (layout %x, frames %x)", id, len(returned), layout, frames)
+			}
+		}
+		wantAvail := uint16(0x8000)
+		if k := len(returned); k > 0 {
+			wantAvail = order[k-1].after
+		}
+		if uint16(base) != wantAvail || uint16(base>>16) != d.UsedState() {
+			t.Fatalf("stopped at avail %#x used %#x; %d chains returned, so want avail %#x used %#x", uint16(base), base>>16, len(returned), wantAvail, d.UsedState())
+		}
+	})
 }
