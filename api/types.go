@@ -187,6 +187,8 @@ const (
 // guest has made available, avail_event and used_event are the positions
 // in the device and driver event suppression structures.
 type RingState struct {
+	// Guest is the guest's port (the `guest` label of its counters).
+	Guest      int    `json:"guest"`
 	Queue      int    `json:"queue"`
 	Direction  string `json:"direction"` // ToGuest or FromGuest
 	Size       uint16 `json:"size"`

@@ -12,6 +12,7 @@ import (
 
 	"github.com/vunet/vunet/api"
 	"github.com/vunet/vunet/budget"
+	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/forward"
 	"github.com/vunet/vunet/internal/metrics"
 	"github.com/vunet/vunet/internal/version"
@@ -27,10 +28,15 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 	r := metrics.New()
 	var errs []error
 	add := func(layer string, set any, labels ...string) { errs = append(errs, r.Register(layer, set, labels...)) }
-	add("link", &a.Link.Stats)
-	for i := range a.Link.NumQueues() {
-		add("virtqueue", &a.VHost.Stats.Queues[i], "queue", strconv.Itoa(i), "direction", direction(i))
+	// Each guest port's counters carry its port index as `guest`.
+	for _, p := range a.Link.Ports() {
+		g := strconv.Itoa(p.PortID())
+		add("link", &p.Stats, "guest", g)
+		for i := range p.NumQueues() {
+			add("virtqueue", p.QueueStats(i), "guest", g, "queue", strconv.Itoa(i), "direction", direction(i))
+		}
 	}
+	add("switch", &a.Link.Stats)
 	add("vhost", &a.VHost.Stats)
 	add("vhost", &a.dialStats)
 	add("forward", a.Forward.Stats())
@@ -91,12 +97,8 @@ func (a *Appliance) Health() api.Health {
 func (a *Appliance) Stats() api.Stats {
 	st := api.Stats{Version: version.Version, Started: a.started, UptimeSeconds: time.Since(a.started).Seconds(),
 		Metrics: a.metrics.Snapshot(), Rings: []api.RingState{}, Leases: []api.Lease{}}
-	for i := range a.Link.NumQueues() {
-		if rs := a.Link.RingState(i); rs.Ready {
-			st.Rings = append(st.Rings, api.RingState{Queue: i, Direction: direction(i), Size: rs.Size,
-				AvailIdx: rs.AvailIdx, NextAvail: rs.NextAvail, UsedIdx: rs.UsedIdx,
-				EventIdx: rs.EventIdx, AvailEvent: rs.AvailEvent, UsedEvent: rs.UsedEvent, Packed: rs.Packed})
-		}
+	for _, g := range a.Link.Guests() {
+		st.Rings = append(st.Rings, rings(g.Endpoint)...)
 	}
 	for _, l := range a.DHCP.Leases() {
 		st.Leases = append(st.Leases, api.Lease{MAC: l.MAC, Addr: l.Addr, Expiry: l.Expiry})
@@ -198,4 +200,17 @@ func (a *Appliance) serveAPI(ctx context.Context, l *net.UnixListener) error {
 		return fmt.Errorf("serving %s: %w", a.cfg.API, err)
 	}
 	return nil
+}
+
+// rings are the running rings of guest port p.
+func rings(p *endpoint.Endpoint) []api.RingState {
+	out := []api.RingState{}
+	for i := range p.NumQueues() {
+		if rs := p.RingState(i); rs.Ready {
+			out = append(out, api.RingState{Guest: p.PortID(), Queue: i, Direction: direction(i), Size: rs.Size,
+				AvailIdx: rs.AvailIdx, NextAvail: rs.NextAvail, UsedIdx: rs.UsedIdx,
+				EventIdx: rs.EventIdx, AvailEvent: rs.AvailEvent, UsedEvent: rs.UsedEvent, Packed: rs.Packed})
+		}
+	}
+	return out
 }

@@ -195,8 +195,8 @@ func TestApplianceAPI(t *testing.T) {
 		t.Errorf("Stats = %+v", st)
 	}
 	for _, want := range [][]string{
-		{"vunet_link_drops_total", "reason", "tx_bad_header"},
-		{"vunet_virtqueue_popped_total", "direction", "from_guest", "queue", "1"},
+		{"vunet_link_drops_total", "guest", "0", "reason", "tx_bad_header"},
+		{"vunet_virtqueue_popped_total", "direction", "from_guest", "guest", "0", "queue", "1"},
 	} {
 		if _, ok := st.Find(want[0], want[1:]...); !ok {
 			t.Errorf("stats lack %v", want)
@@ -209,7 +209,7 @@ func TestApplianceAPI(t *testing.T) {
 	}
 	for _, want := range []string{
 		"# TYPE vunet_link_frames_total counter\n",
-		`vunet_link_frames_total{direction="from_guest",queue="1"} 0` + "\n",
+		`vunet_link_frames_total{direction="from_guest",guest="0",queue="1"} 0` + "\n",
 		"vunet_port_forwards 1\n",
 		"# TYPE vunet_ra_sent_total counter\n",
 		`vunet_hostile_input_total{source="vhost"} 0` + "\n",

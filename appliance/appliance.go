@@ -44,9 +44,11 @@ const HostAlias = "host.vunet.internal"
 
 // Appliance is a running vunet instance.
 type Appliance struct {
-	cfg     *config.Config
-	log     *slog.Logger
-	Link    *endpoint.Endpoint
+	cfg *config.Config
+	log *slog.Logger
+	// Link is the network's switch: the stack's link endpoint, with one
+	// port (an endpoint.Endpoint) per guest, up to cfg.MaxGuests.
+	Link    *endpoint.Switch
 	Stack   *netstack.Stack
 	Forward *forward.Forwarder
 	DHCP    *dhcp4.Server
@@ -134,7 +136,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	// Frames waiting for guest RX buffers may take an eighth of the
 	// budget; TCP and UDP buffers are the forwarder's (its shares).
 	a.linkMem = a.Memory.Share(cfg.MaxMemory / 8)
-	a.Link, err = endpoint.New(endpoint.Options{
+	port := endpoint.Options{
 		Memory:      a.linkMem,
 		MTU:         uint32(cfg.MTU),
 		LinkAddress: tcpip.LinkAddress(cfg.GatewayMAC),
@@ -142,6 +144,14 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		ARPTargets:  []netip.Addr{cfg.IPv4.Gateway, cfg.IPv4.DNS},
 		Pcap:        a.pcap,
 		Logger:      log.With("layer", "endpoint"),
+	}
+	if cfg.IPv6.Enable {
+		port.NDPTargets = []netip.Addr{cfg.IPv6.Gateway, cfg.IPv6.DNS, ra.DefaultRouterAddr}
+	}
+	a.Link, err = endpoint.NewSwitch(endpoint.SwitchOptions{
+		Ports: cfg.MaxGuests, Port: port, Isolate: cfg.IsolateGuests,
+		OnPortDown: a.guestLeft,
+		Logger:     log.With("layer", "switch"),
 	})
 	if err != nil {
 		return nil, err
@@ -249,7 +259,8 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	if a.socketGID >= 0 {
 		peers.GIDs = []uint32{uint32(a.socketGID)}
 	}
-	if a.VHost, err = vhost.NewServer(vhost.Options{Backend: a.Link, Logger: log.With("layer", "vhost"),
+	if a.VHost, err = vhost.NewServer(vhost.Options{Backend: a.Link.Ports()[0], Backends: a.Link,
+		MaxSessions: cfg.MaxGuests, Logger: log.With("layer", "vhost"),
 		SetupTimeout: cfg.SetupTimeout, Peers: peers, State: deviceState{a}}); err != nil {
 		return nil, err
 	}

@@ -59,6 +59,9 @@ const (
 	MaxMTU = 65520
 )
 
+// MaxGuestsLimit bounds max_guests (the switch's ports; endpoint.MaxPorts).
+const MaxGuestsLimit = 64
+
 // DefaultMaxMemory is the default memory budget: fits a laptop, and is
 // enough for a few fast connections plus the minimum share of thousands
 // of stalled ones. MinMaxMemory is the least vunet runs with.
@@ -158,6 +161,13 @@ type Config struct {
 	// MaxUDPFlowsPerSource caps the flows one remote address may hold on
 	// one UDP port forward; 0 is unlimited.
 	MaxUDPFlowsPerSource int
+	// MaxGuests is how many VMs (vhost-user frontends) may share the
+	// network at once, each on its own port of vunet's switch; a frontend
+	// beyond it is refused at once. 1..MaxGuests.
+	MaxGuests int
+	// IsolateGuests drops frames between guests: each reaches the gateway
+	// (and through it the host and the outside) but not the others.
+	IsolateGuests bool
 	// MaxMemory is the byte budget for everything the guest (and clients
 	// of port forwards) can make vunet hold: TCP buffers, UDP flow
 	// buffers, frames waiting for guest RX buffers. The Go runtime's soft
@@ -292,6 +302,9 @@ func Default() *Config {
 		MaxInboundConnections: 256,
 		MaxUDPFlowsPerSource:  64,
 		MaxMemory:             DefaultMaxMemory,
+		// One VM per vunet unless asked: guest-to-guest traffic is a
+		// reachability the user opts into.
+		MaxGuests: 1,
 		Boot: Boot{
 			DHCPLeaseTime: time.Hour,
 		},

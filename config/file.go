@@ -50,6 +50,8 @@ type fileConfig struct {
 	MaxInboundConns  int               `toml:"max_inbound_connections"`
 	MaxUDPPerSource  int               `toml:"max_udp_flows_per_source"`
 	MaxMemory        string            `toml:"max_memory"`
+	MaxGuests        int               `toml:"max_guests"`
+	IsolateGuests    bool              `toml:"isolate_guests"`
 	Hosts            map[string]string `toml:"hosts,omitempty"`
 	IPv4             fileIPv4          `toml:"ipv4"`
 	IPv6             fileIPv6          `toml:"ipv6"`
@@ -307,6 +309,12 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	if has("max_udp_flows_per_source") {
 		c.MaxUDPFlowsPerSource = f.MaxUDPPerSource
 	}
+	if has("max_guests") {
+		c.MaxGuests = f.MaxGuests
+	}
+	if has("isolate_guests") {
+		c.IsolateGuests = f.IsolateGuests
+	}
 	str([]string{"max_memory"}, f.MaxMemory, func(s string) (err error) { c.MaxMemory, err = ParseSize(s); return })
 
 	setPath(&c.Boot.TFTPRoot, f.Boot.TFTPRoot, "boot", "tftp_root")
@@ -370,6 +378,8 @@ func (c *Config) WriteTOML(w io.Writer) error {
 		MaxInboundConns:  c.MaxInboundConnections,
 		MaxUDPPerSource:  c.MaxUDPFlowsPerSource,
 		MaxMemory:        FormatSize(c.MaxMemory),
+		MaxGuests:        c.MaxGuests,
+		IsolateGuests:    c.IsolateGuests,
 		IPv4: fileIPv4{
 			Subnet:  c.IPv4.Subnet.String(),
 			Gateway: c.IPv4.Gateway.String(),

@@ -106,6 +106,9 @@ func (c *Config) Validate() error {
 	if c.MaxUDPFlowsPerSource < 0 {
 		es.add("max_udp_flows_per_source", "%d is negative; use 0 for unlimited", c.MaxUDPFlowsPerSource)
 	}
+	if c.MaxGuests < 1 || c.MaxGuests > MaxGuestsLimit {
+		es.add("max_guests", "%d is out of range 1..%d", c.MaxGuests, MaxGuestsLimit)
+	}
 	if c.MaxMemory < MinMaxMemory {
 		es.add("max_memory", "%s is below the minimum %s", FormatSize(c.MaxMemory), FormatSize(MinMaxMemory))
 	}

@@ -37,6 +37,7 @@ const (
 	FeatureMAC       = 5
 	FeatureGuestTSO4 = 7
 	FeatureGuestTSO6 = 8
+	FeatureGuestECN  = 9 // not offered: ECN-marked TSO frames are segmented for guests
 	FeatureHostTSO4  = 11
 	FeatureHostTSO6  = 12
 	FeatureHostECN   = 13
@@ -92,6 +93,11 @@ type Options struct {
 	// client probing for conflicts (udhcpc -a, iPXE) would decline every
 	// lease. Requests for other addresses are dropped. Empty: answer all.
 	ARPTargets []netip.Addr
+	// NDPTargets are the IPv6 addresses the stack answers neighbour
+	// solicitations for (gateway, DNS, the router's link-local address),
+	// for the same reason; solicitations for other targets are dropped
+	// (another guest answers for its own). Empty: answer all.
+	NDPTargets []netip.Addr
 	// Memory, if set, accounts the packets waiting in the RX backlog; a
 	// packet it has no room for is dropped (RXBacklogMemory) as if the
 	// backlog were full. Nil: only RXBacklog bounds the backlog.
@@ -127,6 +133,7 @@ type Stats struct {
 	// RXBacklog is set by New: it reads the backlog's length under its lock.
 	RXBacklog  func() int64  `metric:"link_rx_backlog" kind:"gauge" help:"Frames to the guest waiting for receive buffers now."`
 	ARPIgnored atomic.Uint64 `metric:"link_arp_ignored_total" help:"ARP requests from the guest for addresses vunet does not answer (neither the gateway nor the DNS address)."`
+	NDPIgnored atomic.Uint64 `metric:"link_ndp_ignored_total" help:"IPv6 neighbour solicitations from the guest for addresses vunet does not answer (neither the gateway, the DNS nor the router's link-local address)."`
 	TXFaults   atomic.Uint64 `metric:"link_guest_memory_faults_total{direction=from_guest}" help:"Guest memory faults while reading or writing frames (the frontend removed memory under a running queue)." hostile:"vhost_memory"`
 	RXFaults   atomic.Uint64 `metric:"link_guest_memory_faults_total{direction=to_guest}" hostile:"vhost_memory"`
 }
@@ -147,6 +154,11 @@ type Endpoint struct {
 
 	rx rxState
 	tx txState
+
+	// sw is the switch this endpoint is a port of, or nil (a lone
+	// endpoint, attached to a stack itself); port is its state there.
+	sw   *Switch
+	port portState
 
 	// Stats counts frames, bytes and drops.
 	Stats Stats

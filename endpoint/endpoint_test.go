@@ -451,7 +451,8 @@ func benchTX(b *testing.B, packed bool) {
 					if err := q.Pop(&el); err != nil {
 						b.Fatal(err)
 					}
-					ep.readFrame(&el, scratch[:]).DecRef()
+					pkt, _ := ep.readFrame(&el, scratch[:])
+					pkt.DecRef()
 					q.Push(el.Head, 0)
 				}
 				q.Flush()

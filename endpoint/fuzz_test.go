@@ -168,7 +168,7 @@ func FuzzTX(f *testing.F) {
 		if err := q.Pop(&el); err != nil {
 			t.Fatalf("posted chain not popped: %v", err)
 		}
-		if pkt := r.ep.readFrame(&el, scratch[:]); pkt != nil {
+		if pkt, _ := r.ep.readFrame(&el, scratch[:]); pkt != nil {
 			r.ep.deliver(pkt)
 		}
 		q.Push(el.Head, 0)

@@ -13,6 +13,14 @@ import (
 	"github.com/vunet/vunet/vhost/virtqueue"
 )
 
+// rxItem is one packet on its way to the guest: from the stack, or
+// switched from another guest with that guest's virtio-net header.
+type rxItem struct {
+	pkt      *stack.PacketBuffer
+	hdr      vnetHdr // the sending guest's header (switched only)
+	switched bool
+}
+
 // rxState is the stack → guest direction. WritePackets (from any stack
 // goroutine) and the worker (woken by guest kicks when it adds buffers)
 // share it under mu; the queue's own lock is taken inside mu.
@@ -21,7 +29,7 @@ type rxState struct {
 	q          *virtqueue.Queue
 	kick       *virtqueue.EventFD
 	done       chan struct{}
-	backlog    []*stack.PacketBuffer
+	backlog    []rxItem
 	backlogMax int
 	mem        *budget.Budget // accounts each backlogged packet's MemSize
 	// Scratch for collecting one frame's elements; owned by whoever holds mu.
@@ -62,10 +70,10 @@ func (r *rxState) stop() {
 func (r *rxState) dropBacklog() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for i, p := range r.backlog {
-		r.mem.Release(int64(p.MemSize()))
-		p.DecRef()
-		r.backlog[i] = nil
+	for i, it := range r.backlog {
+		r.mem.Release(int64(it.pkt.MemSize()))
+		it.pkt.DecRef()
+		r.backlog[i] = rxItem{}
 	}
 	r.backlog = r.backlog[:0]
 }
@@ -115,9 +123,9 @@ func (r *rxState) drain(e *Endpoint, q *virtqueue.Queue) {
 		if !ok && retry {
 			break
 		}
-		r.mem.Release(int64(r.backlog[sent].MemSize()))
-		r.backlog[sent].DecRef()
-		r.backlog[sent] = nil
+		r.mem.Release(int64(r.backlog[sent].pkt.MemSize()))
+		r.backlog[sent].pkt.DecRef()
+		r.backlog[sent] = rxItem{}
 		sent++
 	}
 	if sent > 0 {
@@ -137,18 +145,25 @@ func (r *rxState) drain(e *Endpoint, q *virtqueue.Queue) {
 // memory breaks the ring (Queue.Guard) instead of the process.
 func (r *rxState) write(e *Endpoint, pkts stack.PacketBufferList) int {
 	list := pkts.AsSlice()
+	e.writeSlice(list)
+	return len(list)
+}
+
+// writeSlice writes packets from the stack (WritePackets, or a switch's
+// run of packets to this port).
+func (e *Endpoint) writeSlice(list []*stack.PacketBuffer) {
+	r := &e.rx
 	r.mu.Lock()
 	q := r.q
 	r.mu.Unlock()
 	if q == nil {
 		e.Stats.RXNotConnected.Add(uint64(len(list)))
-		return len(list)
+		return
 	}
 	if err := q.Guard(func() { r.writeList(e, list) }); err != nil {
 		e.Stats.RXFaults.Add(1)
 		e.warn("RX queue broken", "err", err)
 	}
-	return len(list)
 }
 
 func (r *rxState) writeList(e *Endpoint, list []*stack.PacketBuffer) {
@@ -162,22 +177,35 @@ func (r *rxState) writeList(e *Endpoint, list []*stack.PacketBuffer) {
 	q.Lock()
 	defer q.Unlock()
 	for _, pkt := range list {
-		if len(r.backlog) == 0 {
-			if ok, retry := r.writeOne(e, q, pkt); ok || !retry {
-				continue
-			}
-		}
-		if len(r.backlog) >= r.backlogMax {
-			e.Stats.RXBacklogFull.Add(1)
-			continue
-		}
-		if !r.mem.Take(int64(pkt.MemSize())) {
-			e.Stats.RXBacklogMem.Add(1)
-			continue
-		}
-		e.Stats.RXBacklogged.Add(1)
-		r.backlog = append(r.backlog, pkt.IncRef())
+		r.put(e, q, rxItem{pkt: pkt})
 	}
+	r.flushLocked(q)
+}
+
+// put writes one item, or backlogs it (with a reference) while the guest
+// has no buffers. Callers hold mu and the queue lock.
+func (r *rxState) put(e *Endpoint, q *virtqueue.Queue, it rxItem) {
+	if len(r.backlog) == 0 {
+		if ok, retry := r.writeOne(e, q, it); ok || !retry {
+			return
+		}
+	}
+	if len(r.backlog) >= r.backlogMax {
+		e.Stats.RXBacklogFull.Add(1)
+		return
+	}
+	if !r.mem.Take(int64(it.pkt.MemSize())) {
+		e.Stats.RXBacklogMem.Add(1)
+		return
+	}
+	e.Stats.RXBacklogged.Add(1)
+	it.pkt.IncRef()
+	r.backlog = append(r.backlog, it)
+}
+
+// flushLocked publishes what was pushed and arms the kick while packets
+// wait. Callers hold mu and the queue lock.
+func (r *rxState) flushLocked(q *virtqueue.Queue) {
 	// Flush whatever was pushed (a partly segmented packet included).
 	if q.Flush() {
 		q.Notify()
@@ -194,7 +222,11 @@ func (r *rxState) writeList(e *Endpoint, list []*stack.PacketBuffer) {
 // segmented here, depending on what the guest negotiated. ok means it was
 // written; otherwise retry says whether waiting for buffers can help (the
 // ring is empty) or the packet was dropped (it can never fit).
-func (r *rxState) writeOne(e *Endpoint, q *virtqueue.Queue, pkt *stack.PacketBuffer) (ok, retry bool) {
+func (r *rxState) writeOne(e *Endpoint, q *virtqueue.Queue, it rxItem) (ok, retry bool) {
+	if it.switched {
+		return r.writeSwitched(e, q, it.pkt, it.hdr)
+	}
+	pkt := it.pkt
 	var h vnetHdr
 	plan, l := e.plan(pkt, &h)
 	r.pktSlices = packetSlices(r.pktSlices[:0], pkt)

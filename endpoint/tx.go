@@ -47,7 +47,7 @@ func (t *txState) stop() {
 // notify, then hands the frames to the stack outside the queue lock.
 func (t *txState) run(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD, done chan struct{}) {
 	defer close(done)
-	b := txBatchState{pkts: make([]*stack.PacketBuffer, 0, txBatch)}
+	b := txBatchState{pkts: make([]*stack.PacketBuffer, 0, txBatch), hdrs: make([]vnetHdr, 0, txBatch)}
 	for {
 		more := false
 		if err := q.Guard(func() { more = b.pop(e, q) }); err != nil {
@@ -57,10 +57,15 @@ func (t *txState) run(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD, 
 			e.warn("TX queue broken", "err", err)
 		}
 		for i, pkt := range b.pkts {
-			e.deliver(pkt)
+			if sw := e.sw; sw != nil {
+				sw.input(e, pkt, b.hdrs[i])
+			} else {
+				e.deliver(pkt)
+			}
 			b.pkts[i] = nil
 		}
 		b.pkts = b.pkts[:0]
+		b.hdrs = b.hdrs[:0]
 		// A guest that keeps the ring full must not keep StopQueue
 		// waiting: the stop is checked after every batch.
 		if more && !kick.Interrupted() {
@@ -77,6 +82,9 @@ type txBatchState struct {
 	el   virtqueue.Element
 	hdr  [hdrLenMrg]byte
 	pkts []*stack.PacketBuffer
+	// hdrs[i] is pkts[i]'s virtio-net header, which a switch carries
+	// with frames to other guests (checksum and TSO metadata).
+	hdrs []vnetHdr
 }
 
 // pop takes up to txBatch frames off the ring and returns their elements
@@ -89,8 +97,9 @@ func (b *txBatchState) pop(e *Endpoint, q *virtqueue.Queue) bool {
 		if q.Pop(&b.el) != nil {
 			break
 		}
-		if pkt := e.readFrame(&b.el, b.hdr[:]); pkt != nil {
+		if pkt, h := e.readFrame(&b.el, b.hdr[:]); pkt != nil {
 			b.pkts = append(b.pkts, pkt)
+			b.hdrs = append(b.hdrs, h)
 		}
 		// TX buffers are only read: the used length is 0.
 		q.Push(b.el.Head, 0)
@@ -104,15 +113,16 @@ func (b *txBatchState) pop(e *Endpoint, q *virtqueue.Queue) bool {
 
 // readFrame decodes one TX element: the virtio-net header, which may span
 // descriptors, then the frame, copied once into a new packet buffer. It
-// returns nil (and counts why) for frames it drops.
-func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.PacketBuffer {
+// returns nil (and counts why) for frames it drops; the header is returned
+// with the frame.
+func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) (*stack.PacketBuffer, vnetHdr) {
 	hl := int(e.hdrLen.Load())
 	cur := iov.Tail{V: el.Out}
 	hb := cur.Remove(hl, scratch)
 	if hb == nil {
 		e.Stats.TXBadHeader.Add(1)
 		e.warn("guest frame shorter than its virtio-net header", "bytes", cur.Size(), "header", hl)
-		return nil
+		return nil, vnetHdr{}
 	}
 	h := decodeHdr(hb)
 	frameLen := cur.Size()
@@ -120,11 +130,11 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.Packe
 	case frameLen < header.EthernetMinimumSize:
 		e.Stats.TXShort.Add(1)
 		e.warn("guest frame shorter than an Ethernet header", "bytes", frameLen)
-		return nil
+		return nil, vnetHdr{}
 	case frameLen > maxFrame:
 		e.Stats.TXTooBig.Add(1)
 		e.warn("guest frame too large", "bytes", frameLen, "max", maxFrame)
-		return nil
+		return nil, vnetHdr{}
 	}
 	validated := h.Flags&(hdrFNeedsCsum|hdrFDataValid) != 0
 	switch h.GSOType &^ gsoECN {
@@ -133,7 +143,7 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.Packe
 		if !e.has(FeatureHostTSO4) && !e.has(FeatureHostTSO6) {
 			e.Stats.TXBadGSO.Add(1)
 			e.warn("guest sent a TSO frame without negotiating HOST_TSO", "gso_type", h.GSOType)
-			return nil
+			return nil, vnetHdr{}
 		}
 		// The stack takes the whole segment: TCP does not require
 		// segments to be MSS-sized on receive, and the guest filled in
@@ -142,7 +152,7 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.Packe
 	default:
 		e.Stats.TXBadGSO.Add(1)
 		e.warn("guest frame with an unsupported GSO type", "gso_type", h.GSOType)
-		return nil
+		return nil, vnetHdr{}
 	}
 	// One copy, into pooled chunks. gVisor pools chunks of up to
 	// buffer.MaxChunkSize (64 KiB) and allocates anything larger afresh,
@@ -158,7 +168,7 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.Packe
 			v.Release()
 			payload.Release()
 			e.Stats.TXShort.Add(1)
-			return nil
+			return nil, vnetHdr{}
 		}
 		off += n
 		if nv < len(slices) {
@@ -178,7 +188,7 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) *stack.Packe
 	pkt.RXChecksumValidated = validated
 	e.Stats.TXFrames.Add(1)
 	e.Stats.TXBytes.Add(uint64(frameLen))
-	return pkt
+	return pkt, h
 }
 
 // deliver passes one frame to the stack and releases our reference.
@@ -206,9 +216,17 @@ func (e *Endpoint) deliver(pkt *stack.PacketBuffer) {
 	default:
 		pkt.PktType = tcpip.PacketOtherHost
 	}
-	if eth.Type() == header.ARPProtocolNumber && !e.answersARP(pkt) {
-		e.Stats.ARPIgnored.Add(1)
-		return
+	switch eth.Type() {
+	case header.ARPProtocolNumber:
+		if !e.answersARP(pkt) {
+			e.Stats.ARPIgnored.Add(1)
+			return
+		}
+	case header.IPv6ProtocolNumber:
+		if !e.answersNS(pkt) {
+			e.Stats.NDPIgnored.Add(1)
+			return
+		}
 	}
 	d.DeliverNetworkPacket(eth.Type(), pkt)
 }
@@ -229,6 +247,33 @@ func (e *Endpoint) answersARP(pkt *stack.PacketBuffer) bool {
 	}
 	target, _ := netip.AddrFromSlice(arp.ProtocolAddressTarget())
 	for _, a := range e.opts.ARPTargets {
+		if a == target {
+			return true
+		}
+	}
+	return false
+}
+
+// answersNS reports whether an IPv6 packet may reach the stack: all do
+// except neighbour solicitations for addresses other than
+// Options.NDPTargets. The stack spoofs every address (it is the NAT), so
+// it would answer a solicitation for another guest's address, or for the
+// guest's own tentative one (failing its duplicate address detection),
+// with the gateway's MAC.
+func (e *Endpoint) answersNS(pkt *stack.PacketBuffer) bool {
+	if len(e.opts.NDPTargets) == 0 {
+		return true
+	}
+	const nsEnd = header.IPv6MinimumSize + header.ICMPv6NeighborSolicitMinimumSize
+	b, ok := pkt.Data().PullUp(header.IPv6MinimumSize)
+	if !ok || header.IPv6(b).NextHeader() != uint8(header.ICMPv6ProtocolNumber) {
+		return true
+	}
+	if b, ok = pkt.Data().PullUp(nsEnd); !ok || header.ICMPv6(b[header.IPv6MinimumSize:]).Type() != header.ICMPv6NeighborSolicit {
+		return true
+	}
+	target, _ := netip.AddrFromSlice(b[nsEnd-16 : nsEnd])
+	for _, a := range e.opts.NDPTargets {
 		if a == target {
 			return true
 		}

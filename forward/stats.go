@@ -37,6 +37,10 @@ type Stats struct {
 	ExposeConns    atomic.Uint64 `metric:"forward_expose_total{outcome=connected}" help:"Guest connections to exposed gateway ports (--expose), by outcome of the host socket connect."`
 	ExposeFailures atomic.Uint64 `metric:"forward_expose_total{outcome=failed}"`
 
+	// GuestFlowsClosed counts flows closed because their guest's
+	// frontend went away (CloseGuest).
+	GuestFlowsClosed atomic.Uint64 `metric:"forward_guest_gone_closed_total" help:"NAT flows closed because their guest's frontend went away (its VM stopped or disconnected)."`
+
 	TCPDialsInFlight atomic.Int64 `metric:"forward_tcp_dials_in_flight" kind:"gauge" help:"Outbound host connects under way."`
 	// Host connects that failed; the guest got a RST (or, for errors such
 	// as an unreachable network, the ICMP error when there is one).

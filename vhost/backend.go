@@ -36,3 +36,26 @@ type Backend interface {
 type QueueNumReporter interface {
 	QueueNum() uint64
 }
+
+// BackendPool gives each frontend a device of its own: several guests on
+// one network, each on its own port of the appliance's switch. Set it in
+// Options.Backends; Options.Backend is then the template whose NumQueues
+// and features every device of the pool shares.
+type BackendPool interface {
+	// AcquireBackend returns the device for a newly admitted frontend, or
+	// an error (the frontend is refused). hangUp ends that frontend's
+	// session; the device may call it from any goroutine (its guest
+	// turned out to be unacceptable, e.g. its MAC is in use).
+	AcquireBackend(hangUp func()) (Backend, error)
+	// ReleaseBackend returns b once its session no longer uses it (every
+	// queue stopped, Reset called), before the frontend's socket closes,
+	// so a frontend that reconnects at once finds the device free.
+	ReleaseBackend(b Backend)
+}
+
+// QueueStatser is implemented by a Backend that keeps its own virtqueue
+// counters (one set per guest); the session counts in those instead of
+// Stats.Queues.
+type QueueStatser interface {
+	QueueStats(idx int) *virtqueue.Stats
+}

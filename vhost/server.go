@@ -49,8 +49,12 @@ type Options struct {
 	// OnQueueError, if set, is told about malformed chains and broken
 	// rings (in addition to the rate-limited log line).
 	OnQueueError func(queue int, err error)
+	// Backends, if set, gives each session its own device (see
+	// BackendPool); Backend is then the template for queue count checks.
+	Backends BackendPool
 	// MaxSessions is how many frontends are served at once; 0 means 1. The
-	// Backend must be able to serve that many (the endpoint serves one).
+	// Backend (or Backends) must be able to serve that many (one endpoint
+	// serves one; the pool of a switch serves one per port).
 	MaxSessions int
 	// SetupTimeout bounds the handshake: a frontend that has not sent
 	// SET_OWNER within it is dropped, so that a client that connects and
@@ -398,7 +402,19 @@ func (s *Server) serveConn(ctx context.Context, c *net.UnixConn) error {
 			s.log.Warn("bad virtqueue input from guest", "queue", idx, "err", err)
 		}
 	}
-	sess := newSession(s.log, s.opts.Backend, &s.Stats, onQueueErr)
+	backend := s.opts.Backend
+	if pool := s.opts.Backends; pool != nil {
+		b, err := pool.AcquireBackend(func() { c.SetReadDeadline(time.Unix(1, 0)) })
+		if err != nil {
+			s.Stats.SessionsRefused.Add(1)
+			s.log.Warn("frontend refused: no device for it", "err", err)
+			return nil
+		}
+		// Deferred before the session's close, so it runs after it.
+		defer pool.ReleaseBackend(b)
+		backend = b
+	}
+	sess := newSession(s.log, backend, &s.Stats, onQueueErr)
 	sess.state, sess.stateTimeout = s.opts.State, s.opts.StateTimeout
 	if sess.stateTimeout <= 0 {
 		sess.stateTimeout = DefaultStateTimeout

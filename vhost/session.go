@@ -117,6 +117,11 @@ func newSession(log *slog.Logger, b Backend, stats *Stats, onQueueErr func(int, 
 func (s *session) newVring(i int) *vring {
 	q := virtqueue.New(nil, func(err error) { s.onQueueErr(i, err) })
 	q.Stats = &s.stats.Queues[i]
+	if qs, ok := s.backend.(QueueStatser); ok {
+		if st := qs.QueueStats(i); st != nil {
+			q.Stats = st
+		}
+	}
 	return &vring{q: q}
 }
 

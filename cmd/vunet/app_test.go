@@ -413,7 +413,8 @@ func TestEveryFlagHasEnvAndKey(t *testing.T) {
 		flagDeny: true} // --deny shares egress.rules with --allow
 	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url",
 		"egress.mode", "egress.allow_metadata", "egress.host_addresses", "egress.rules", "max_memory",
-		"socket_mode", "socket_group", "setup_timeout", "pcap_max_size", "sandbox", "runas", "ipv6.dhcpv6", "expose"} {
+		"socket_mode", "socket_group", "setup_timeout", "pcap_max_size", "sandbox", "runas", "ipv6.dhcpv6", "expose",
+		"max_guests", "isolate_guests"} {
 		keyed[flagForKey(key)] = true
 	}
 	for _, f := range runFlags() {

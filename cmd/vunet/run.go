@@ -53,6 +53,8 @@ const (
 	flagBootFileEFI       = "boot-file-efi"
 	flagIPXEScriptURL     = "ipxe-script-url"
 	flagMaxMemory         = "max-memory"
+	flagMaxGuests         = "max-guests"
+	flagIsolateGuests     = "isolate-guests"
 	flagPrintConfig       = "print-config"
 	flagSandbox           = "sandbox"
 	flagRunAs             = "runas"
@@ -65,6 +67,10 @@ func flagForKey(key string) string {
 	switch key {
 	case "socket", "connect", "api", "pcap", "mtu", "mac", "sandbox", "runas":
 		return key
+	case "max_guests":
+		return flagMaxGuests
+	case "isolate_guests":
+		return flagIsolateGuests
 	case "pid_file":
 		return flagPIDFile
 	case "ipv4.subnet", "ipv6.subnet":
@@ -160,6 +166,8 @@ func runFlags() []cli.Flag {
 		boolean(flagNoIPv6, catNetwork, "disable IPv6 for the guest"),
 		str(flagDHCPv6, catNetwork, "DHCPv6 `MODE`: stateless (addresses from SLAAC; DHCPv6 gives DNS only) or stateful (also leases addresses from the guest prefix's ::100-::1ff and sets the M flag in router advertisements)", string(d.IPv6.DHCPv6)),
 		boolean(flagNoMapHostLoopback, catNetwork, "do not map the gateway address to the host's loopback"),
+		str(flagMaxGuests, catNetwork, "serve up to `N` VMs at once on one network, each on its own switch port with its own MAC (QEMU's mac=), DHCP lease and SLAAC address; guests reach each other unless --isolate-guests ("+"1.."+strconv.Itoa(config.MaxGuestsLimit)+")", strconv.Itoa(d.MaxGuests)),
+		boolean(flagIsolateGuests, catNetwork, "with --max-guests above 1: drop frames between guests (each still reaches the gateway, the host and the outside)"),
 
 		list(flagForward, catForward, "forward a host port to the guest; `SPEC` is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, HOSTADDR defaults to 127.0.0.1, ports may be ranges like 8000-8010:8000-8010; an IPv6 HOSTADDR reaches the guest over IPv6 when its address is known (DHCPv6 lease or SLAAC), else over IPv4; or unix:PATH:GUESTPORT, a Unix socket (created like --socket: --socket-mode, --socket-group) whose connections reach the guest's TCP port (repeatable)", ""),
 		list(flagExpose, catForward, "let the guest reach a host Unix socket: `SPEC` is tcp:GATEWAYPORT:unix:PATH; connections to the gateway address on GATEWAYPORT are relayed to PATH, whatever --no-map-host-loopback and the egress policy say (repeatable)", ""),
@@ -296,6 +304,17 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 		cfg.MapHostLoopback = !c.Bool(flagNoMapHostLoopback)
 	}
 
+	if c.IsSet(flagIsolateGuests) {
+		cfg.IsolateGuests = c.Bool(flagIsolateGuests)
+	}
+	if c.IsSet(flagMaxGuests) {
+		v := c.String(flagMaxGuests)
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			return flagError(flagMaxGuests, v, fmt.Errorf("expected an integer 1..%d", config.MaxGuestsLimit))
+		}
+		cfg.MaxGuests = n
+	}
 	if c.IsSet(flagMTU) {
 		v := c.String(flagMTU)
 		n, err := strconv.Atoi(v)

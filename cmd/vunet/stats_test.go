@@ -46,7 +46,8 @@ func declared(t *testing.T, a *appliance.Appliance) int {
 			}
 		}
 	}
-	count(endpoint.Stats{}, 1)
+	count(endpoint.Stats{}, 1) // one guest port (max_guests 1)
+	count(endpoint.SwitchStats{}, 1)
 	count(virtqueue.Stats{}, 2)
 	count(vhost.Stats{}, 1)
 	count(vhost.DialStats{}, 1)
@@ -128,7 +129,7 @@ func TestEveryCounterInEveryOutput(t *testing.T) {
 			t.Errorf("metrics lack %s", name)
 		}
 	}
-	if _, ok := st.Find("vunet_link_drops_total", "reason", "rx_segment_no_buffer"); !ok {
+	if _, ok := st.Find("vunet_link_drops_total", "guest", "0", "reason", "rx_segment_no_buffer"); !ok {
 		t.Error("stats lack the RX segment drops")
 	}
 	// And every family is documented.
