@@ -76,7 +76,10 @@ func TestBackendPool(t *testing.T) {
 	if g, _ := p.counts(); g != 2 {
 		t.Fatalf("%d backends acquired, want 2", g)
 	}
-	for i, b := range p.given {
+	p.mu.Lock()
+	given := append([]*sinkBackend(nil), p.given...)
+	p.mu.Unlock()
+	for i, b := range given {
 		b.mu.Lock()
 		n := len(b.workers)
 		b.mu.Unlock()
@@ -85,7 +88,10 @@ func TestBackendPool(t *testing.T) {
 		}
 	}
 	// The first device hangs up its frontend: the second is unaffected.
-	p.hangUps[0]()
+	p.mu.Lock()
+	hangUp := p.hangUps[0]
+	p.mu.Unlock()
+	hangUp()
 	waitClosed(t, fs[0], 5*time.Second)
 	deadline := time.Now().Add(5 * time.Second)
 	for _, r := p.counts(); r != 1; _, r = p.counts() {
@@ -94,12 +100,14 @@ func TestBackendPool(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	b0 := p.given[0]
+	p.mu.Lock()
+	b0, r0 := p.given[0], p.released[0]
+	p.mu.Unlock()
 	b0.mu.Lock()
 	resets := b0.resets
 	b0.mu.Unlock()
-	if p.released[0] != vhost.Backend(b0) || resets == 0 {
-		t.Fatalf("released %v (reset %d), want the first backend, reset", p.released, resets)
+	if r0 != vhost.Backend(b0) || resets == 0 {
+		t.Fatalf("released %v (reset %d), want the first backend, reset", r0, resets)
 	}
 	if _, err := fs[1].U64(protocol.GetFeatures, 0, true); err != nil {
 		t.Fatalf("second frontend disturbed: %v", err)
