@@ -119,7 +119,7 @@ type portState struct {
 // read lock-free by the data path.
 type macTable struct {
 	macs  map[[6]byte]*Endpoint
-	ports []*Endpoint // guests with a learned MAC, which floods reach
+	ports []*Endpoint // connected guests (not refused): floods reach them
 }
 
 // Switch is the network's L2 switch: one gVisor link endpoint (the
@@ -239,6 +239,7 @@ func (s *Switch) AcquireBackend(hangUp func()) (vhost.Backend, error) {
 		}
 		s.session++
 		p.inUse, p.session, p.since, p.hangUp = true, s.session, time.Now(), hangUp
+		s.rebuildLocked(func(map[[6]byte]*Endpoint) {})
 		s.log.Info("guest port opened", "guest", p.id, "session", p.session)
 		return e, nil
 	}
@@ -258,17 +259,15 @@ func (s *Switch) ReleaseBackend(b vhost.Backend) {
 		return
 	}
 	g := e.guestLocked()
-	if p.macs > 0 {
-		s.rebuildLocked(func(m map[[6]byte]*Endpoint) {
-			for k, v := range m {
-				if v == e {
-					delete(m, k)
-				}
-			}
-		})
-	}
 	queues := p.queues
 	*p = portState{id: p.id, queues: queues}
+	s.rebuildLocked(func(m map[[6]byte]*Endpoint) {
+		for k, v := range m {
+			if v == e {
+				delete(m, k)
+			}
+		}
+	})
 	s.mu.Unlock()
 	s.log.Info("guest left", "guest", g.Port, "session", g.Session, "mac", macString(g.MAC), "addrs", g.Addrs)
 	if s.opts.OnPortDown != nil {
@@ -293,7 +292,7 @@ func (s *Switch) rebuildLocked(change func(map[[6]byte]*Endpoint)) {
 	change(m)
 	t := &macTable{macs: m}
 	for _, e := range s.ports {
-		if e.port.known && !e.port.refused {
+		if e.port.inUse && !e.port.refused {
 			t.ports = append(t.ports, e)
 		}
 	}
@@ -400,6 +399,7 @@ func (s *Switch) learn(e *Endpoint, mac [6]byte) bool {
 		return true
 	case owner != nil && !p.known:
 		p.refused = true
+		s.rebuildLocked(func(map[[6]byte]*Endpoint) {})
 		s.Stats.MACInUse.Add(1)
 		s.log.Warn("guest refused: its MAC is already in use by another guest (give each VM its own mac=)",
 			"guest", p.id, "session", p.session, "mac", net.HardwareAddr(mac[:]).String(), "in_use_by", owner.port.id)

@@ -1,0 +1,230 @@
+package appliance
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/vunet/vunet/endpoint/endpointtest"
+	"github.com/vunet/vunet/netstack/netstacktest"
+	"github.com/vunet/vunet/vhost/vhosttest"
+)
+
+// testGuest is a gVisor guest stack behind a mock vhost-user frontend.
+type testGuest struct {
+	f   *vhosttest.Frontend
+	gl  *endpointtest.GuestLink
+	s   *stack.Stack
+	mac tcpip.LinkAddress
+}
+
+// connectGuest attaches a guest with mac, its IPv4 address set to addr.
+func connectGuest(t *testing.T, sock string, mac tcpip.LinkAddress, addr netip.Addr) *testGuest {
+	t.Helper()
+	f, err := vhosttest.Dial(sock, vhosttest.Options{MemSize: 32 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Setup(^uint64(0)); err != nil {
+		t.Fatal(err)
+	}
+	g := &testGuest{f: f, mac: mac, gl: endpointtest.New(f, mac, 1500, 1526)}
+	if g.s, err = netstacktest.NewGuest(g.gl); err != nil {
+		t.Fatal(err)
+	}
+	if addr != netstacktest.Guest4 {
+		if err := g.s.RemoveAddress(netstacktest.GuestNIC, tcpip.AddrFrom4(netstacktest.Guest4.As4())); err != nil {
+			t.Fatal(err)
+		}
+		if err := g.s.AddProtocolAddress(netstacktest.GuestNIC, tcpip.ProtocolAddress{Protocol: ipv4.ProtocolNumber,
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom4(addr.As4()), PrefixLen: 24}}, stack.AddressProperties{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(g.close)
+	return g
+}
+
+func (g *testGuest) close() {
+	g.f.Close()
+	g.gl.Stop()
+	g.s.Destroy()
+}
+
+func (g *testGuest) dial(t *testing.T, to netip.AddrPort) net.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := gonet.DialContextTCP(ctx, g.s, tcpip.FullAddress{NIC: netstacktest.GuestNIC,
+		Addr: tcpip.AddrFrom4(to.Addr().As4()), Port: to.Port()}, ipv4.ProtocolNumber)
+	if err != nil {
+		t.Fatalf("dial %s: %v", to, err)
+	}
+	return c
+}
+
+func eventuallyTrue(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestTwoGuests runs two guests on one appliance (--max-guests 2): a TCP
+// transfer between them goes through the switch, not the NAT; Guests
+// lists both; a third frontend is refused; when one guest's frontend goes
+// away its NAT flow to the host is torn down at once while the other
+// guest's connection carries on.
+func TestTwoGuests(t *testing.T) {
+	cfg := testConfig(t, t.TempDir())
+	cfg.MaxGuests = 2
+	a, err := New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start(t, a)
+	a1, a2 := netstacktest.Guest4, netip.MustParseAddr("10.0.2.16")
+	g1 := connectGuest(t, cfg.Socket, "\x52\x54\x00\x00\x00\x01", a1)
+	g2 := connectGuest(t, cfg.Socket, "\x52\x54\x00\x00\x00\x02", a2)
+
+	// Guest 1 serves; guest 2 sends it 512 KiB directly (the mock driver drops
+	// frames when its TX ring is full, so TCP may retransmit).
+	ln, err := gonet.ListenTCP(g1.s, tcpip.FullAddress{NIC: netstacktest.GuestNIC, Port: 7000}, ipv4.ProtocolNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan [32]byte, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- [32]byte{}
+			return
+		}
+		defer c.Close()
+		h := sha256.New()
+		io.Copy(h, c)
+		got <- [32]byte(h.Sum(nil))
+	}()
+	payload := bytes.Repeat([]byte("guest to guest, switched ring to ring. "), 512<<10/39)
+	c := g2.dial(t, netip.AddrPortFrom(a1, 7000))
+	if _, err := c.Write(payload); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	select {
+	case sum := <-got:
+		if sum != sha256.Sum256(payload) {
+			t.Fatal("guest 1 received other bytes than guest 2 sent")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("guest-to-guest transfer did not finish")
+	}
+	if n := a.Forward.Stats().TCPConnsTotal.Load(); n != 0 {
+		t.Errorf("the NAT carried %d connections; guest to guest must not enter it", n)
+	}
+	if n := a.Link.Stats.Unicast.Load(); n < 100 {
+		t.Errorf("switch unicast frames %d, want the transfer's", n)
+	}
+
+	gs := a.Guests()
+	if len(gs) != 2 || gs[0].MAC != "52:54:00:00:00:01" || gs[1].MAC != "52:54:00:00:00:02" ||
+		len(gs[1].IPv4) == 0 || gs[1].IPv4[0] != a2 || len(gs[0].Rings) != 2 {
+		t.Fatalf("Guests = %+v", gs)
+	}
+
+	// A third frontend is refused at once.
+	f3, err := vhosttest.Dial(cfg.Socket, vhosttest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f3.Close()
+	if err := f3.Setup(^uint64(0)); err == nil {
+		t.Fatal("a third frontend was served with --max-guests 2")
+	}
+	if n := a.VHost.Stats.SessionsRefused.Load(); n != 1 {
+		t.Errorf("frontends refused %d, want 1", n)
+	}
+
+	// Both guests hold a connection to a host server.
+	hostConns := make(chan net.Conn, 2)
+	ended := make(chan netip.AddrPort, 2)
+	hl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hl.Close()
+	go func() {
+		for {
+			c, err := hl.Accept()
+			if err != nil {
+				return
+			}
+			hostConns <- c
+			go func() {
+				io.Copy(c, c) // echo until the guest side goes away
+				ended <- c.RemoteAddr().(*net.TCPAddr).AddrPort()
+			}()
+		}
+	}()
+	port := uint16(hl.Addr().(*net.TCPAddr).Port)
+	c1 := g1.dial(t, netip.AddrPortFrom(cfg.IPv4.Gateway, port))
+	defer c1.Close()
+	c2 := g2.dial(t, netip.AddrPortFrom(cfg.IPv4.Gateway, port))
+	defer c2.Close()
+	for range 2 {
+		select {
+		case <-hostConns:
+		case <-time.After(10 * time.Second):
+			t.Fatal("host connection missing")
+		}
+	}
+
+	// Registered (TCPConnsTotal counts at registration, once the splice
+	// runs), not only admitted: a flow the forwarder has not registered
+	// yet is not found by CloseGuest.
+	eventuallyTrue(t, "both NAT flows registered", func() bool { return a.Forward.Stats().TCPConnsTotal.Load() == 2 })
+
+	// Guest 2's VM is killed (its frontend goes away, its stack says
+	// nothing more): its flow ends at once, guest 1's does not.
+	g2.f.Close()
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the departed guest's host connection is still open")
+	}
+	eventuallyTrue(t, "guest list shrinks", func() bool { return len(a.Guests()) == 1 })
+	eventuallyTrue(t, "the departed guest's flow counted", func() bool { return a.Forward.Stats().GuestFlowsClosed.Load() == 1 })
+	c1.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c1.Write([]byte("still here")); err != nil {
+		t.Fatalf("guest 1's connection broke: %v", err)
+	}
+	buf := make([]byte, 10)
+	if _, err := io.ReadFull(c1, buf); err != nil || string(buf) != "still here" {
+		t.Fatalf("guest 1's echo: %q, %v", buf, err)
+	}
+	select {
+	case <-ended:
+		t.Fatal("guest 1's host connection ended too")
+	default:
+	}
+	// The DHCP lease, if any, is kept; the port serves the next frontend.
+	g3 := connectGuest(t, cfg.Socket, "\x52\x54\x00\x00\x00\x02", a2)
+	c3 := g3.dial(t, netip.AddrPortFrom(a1, 7000)) // nobody accepts a second time, but the SYN is answered
+	c3.Close()
+}
+
