@@ -184,7 +184,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	if a.DHCP, err = dhcp4.New(dhcp4.Options{
 		Stack: s, NIC: nic, Logger: log,
 		ServerAddr: cfg.IPv4.Gateway, Prefix: cfg.IPv4.Subnet, Router: cfg.IPv4.Gateway,
-		DNS: []netip.Addr{cfg.IPv4.DNS}, PoolStart: cfg.IPv4.Guest,
+		DNS: []netip.Addr{cfg.IPv4.DNS}, PoolStart: cfg.IPv4.Guest, Static: staticLeases(cfg),
 		LeaseTime: cfg.Boot.DHCPLeaseTime, MTU: cfg.MTU,
 		DomainName: cfg.Boot.Domain, DomainSearch: cfg.DNSSearch, Hostname: cfg.Boot.Hostname,
 		Boot: dhcp4.Boot{TFTPFile: cfg.Boot.BootFile, TFTPFileEFI: cfg.Boot.BootFileEFI,
@@ -609,6 +609,17 @@ func staticHosts(cfg *config.Config) map[string][]netip.Addr {
 	for name, addr := range cfg.Hosts {
 		name = strings.TrimSuffix(strings.ToLower(name), ".")
 		m[name] = append(m[name], addr)
+	}
+	return m
+}
+
+// staticLeases is cfg's ipv4.static_leases for the DHCP server.
+func staticLeases(cfg *config.Config) map[[6]byte]netip.Addr {
+	m := map[[6]byte]netip.Addr{}
+	for _, l := range cfg.IPv4.StaticLeases {
+		if len(l.MAC) == 6 { // validated; never panic on a hand-built config
+			m[[6]byte(l.MAC)] = l.Addr
+		}
 	}
 	return m
 }

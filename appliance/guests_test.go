@@ -227,4 +227,3 @@ func TestTwoGuests(t *testing.T) {
 	c3 := g3.dial(t, netip.AddrPortFrom(a1, 7000)) // nobody accepts a second time, but the SYN is answered
 	c3.Close()
 }
-

@@ -208,6 +208,15 @@ type IPv4 struct {
 	DNS netip.Addr
 	// Guest is the first address DHCP hands out (to MAC).
 	Guest netip.Addr
+	// StaticLeases are fixed DHCP leases by MAC (ipv4.static_leases):
+	// that guest always gets its address, and no other guest does.
+	StaticLeases []StaticLease
+}
+
+// StaticLease is one fixed DHCP lease.
+type StaticLease struct {
+	MAC  net.HardwareAddr
+	Addr netip.Addr
 }
 
 // IPv6 describes the guest's IPv6 network.

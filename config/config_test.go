@@ -445,6 +445,8 @@ func TestWriteTOMLRoundTrip(t *testing.T) {
 	c.DNSSearch = []string{"example"}
 	c.Hosts = map[string]netip.Addr{"db.example": netip.MustParseAddr("10.0.2.40")}
 	c.MaxInflightDials = 0
+	c.MaxGuests, c.IsolateGuests = 4, true
+	c.IPv4.StaticLeases = []StaticLease{{MAC: net.HardwareAddr{0x52, 0x54, 0, 0, 0, 1}, Addr: netip.MustParseAddr("10.0.2.50")}}
 	c.Boot = Boot{TFTPRoot: "/srv", BootFile: "boot.efi", BootFileEFI: "uefi/boot.efi", HTTPBootURL: "http://h/x", IPXEScriptURL: "tftp://h/boot.ipxe",
 		DHCPLeaseTime: 90 * time.Minute, Hostname: "h", Domain: "d"}
 
@@ -540,6 +542,46 @@ func TestParseSize(t *testing.T) {
 	for _, in := range []string{"", "MiB", "-1", "1.5GiB", "12XB", "99999999999TiB"} {
 		if _, err := ParseSize(in); err == nil {
 			t.Errorf("ParseSize(%q) accepted", in)
+		}
+	}
+}
+
+// TestStaticLeasesFromFile: ipv4.static_leases maps MACs to addresses;
+// bad MACs, addresses outside the subnet, the gateway, duplicates are
+// reported under their key.
+func TestStaticLeasesFromFile(t *testing.T) {
+	c := valid()
+	if err := c.ApplyTOML([]byte(`
+[ipv4.static_leases]
+"52:54:00:00:00:02" = "10.0.2.60"
+"52:54:00:00:00:01" = "10.0.2.50"
+`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	want := []StaticLease{
+		{MAC: net.HardwareAddr{0x52, 0x54, 0, 0, 0, 1}, Addr: netip.MustParseAddr("10.0.2.50")},
+		{MAC: net.HardwareAddr{0x52, 0x54, 0, 0, 0, 2}, Addr: netip.MustParseAddr("10.0.2.60")},
+	}
+	if !reflect.DeepEqual(c.IPv4.StaticLeases, want) {
+		t.Fatalf("static leases %v, want %v", c.IPv4.StaticLeases, want)
+	}
+	for _, bad := range []string{
+		`"nope" = "10.0.2.50"`,
+		`"52:54:00:00:00:01" = "10.0.3.50"`,
+		`"52:54:00:00:00:01" = "10.0.2.2"`,
+		`"53:54:00:00:00:01" = "10.0.2.50"`,
+		`"52:54:00:00:00:01" = "10.0.2.50"` + "\n" + `"52:54:00:00:00:02" = "10.0.2.50"`,
+	} {
+		c := valid()
+		err := c.ApplyTOML([]byte("[ipv4.static_leases]\n" + bad))
+		if err == nil {
+			err = c.Validate()
+		}
+		if err == nil || !strings.Contains(err.Error(), "ipv4.static_leases") {
+			t.Errorf("%s: err %v, want one naming ipv4.static_leases", bad, err)
 		}
 	}
 }

@@ -71,6 +71,8 @@ type fileIPv4 struct {
 	Gateway string `toml:"gateway"`
 	DNS     string `toml:"dns"`
 	Guest   string `toml:"guest"`
+	// StaticLeases maps MAC → address.
+	StaticLeases map[string]string `toml:"static_leases,omitempty"`
 }
 
 type fileIPv6 struct {
@@ -234,6 +236,23 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	addr([]string{"ipv4", "gateway"}, &c.IPv4.Gateway, f.IPv4.Gateway, true)
 	addr([]string{"ipv4", "dns"}, &c.IPv4.DNS, f.IPv4.DNS, true)
 	addr([]string{"ipv4", "guest"}, &c.IPv4.Guest, f.IPv4.Guest, true)
+	if has("ipv4", "static_leases") {
+		c.IPv4.StaticLeases = nil
+		for _, m := range slices.Sorted(maps.Keys(f.IPv4.StaticLeases)) {
+			key := toml.Key{"ipv4", "static_leases", m}.String()
+			hw, err := ParseMAC(m)
+			if err != nil {
+				es.add(key, "%q: %v", m, err)
+				continue
+			}
+			a, err := ParseAddr(f.IPv4.StaticLeases[m])
+			if err != nil {
+				es.add(key, "%q: %v", f.IPv4.StaticLeases[m], err)
+				continue
+			}
+			c.IPv4.StaticLeases = append(c.IPv4.StaticLeases, StaticLease{MAC: hw, Addr: a})
+		}
+	}
 	if has("ipv6", "enable") {
 		c.IPv6.Enable = f.IPv6.Enable
 	}
@@ -381,10 +400,11 @@ func (c *Config) WriteTOML(w io.Writer) error {
 		MaxGuests:        c.MaxGuests,
 		IsolateGuests:    c.IsolateGuests,
 		IPv4: fileIPv4{
-			Subnet:  c.IPv4.Subnet.String(),
-			Gateway: c.IPv4.Gateway.String(),
-			DNS:     c.IPv4.DNS.String(),
-			Guest:   c.IPv4.Guest.String(),
+			Subnet:       c.IPv4.Subnet.String(),
+			Gateway:      c.IPv4.Gateway.String(),
+			DNS:          c.IPv4.DNS.String(),
+			Guest:        c.IPv4.Guest.String(),
+			StaticLeases: staticLeaseMap(c.IPv4.StaticLeases),
 		},
 		IPv6: fileIPv6{
 			Enable:  c.IPv6.Enable,
@@ -431,4 +451,16 @@ func (c *Config) WriteTOML(w io.Writer) error {
 	enc := toml.NewEncoder(w)
 	enc.Indent = "" // flat tables read like the hand-written example file
 	return enc.Encode(f)
+}
+
+// staticLeaseMap is the file form of static leases (nil without any).
+func staticLeaseMap(ls []StaticLease) map[string]string {
+	if len(ls) == 0 {
+		return nil
+	}
+	m := make(map[string]string, len(ls))
+	for _, l := range ls {
+		m[l.MAC.String()] = l.Addr.String()
+	}
+	return m
 }

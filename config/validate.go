@@ -267,6 +267,27 @@ func (c *Config) validateIPv4(es *Errors) {
 		ok[i] = validateMember(es, keys[i], addrs[i], v.Subnet, "ipv4.subnet")
 	}
 	validateDistinct(es, keys, addrs, ok)
+	macs := map[string]bool{}
+	for _, l := range v.StaticLeases {
+		key := "ipv4.static_leases." + l.MAC.String()
+		switch {
+		case len(l.MAC) != 6 || l.MAC[0]&1 != 0:
+			es.add(key, "%s is not a unicast 48-bit MAC", l.MAC)
+		case macs[l.MAC.String()]:
+			es.add(key, "given twice")
+		case !validateMember(es, key, l.Addr, v.Subnet, "ipv4.subnet"):
+		case l.Addr == v.Gateway || l.Addr == v.DNS:
+			es.add(key, "%s is the gateway or DNS address", l.Addr)
+		default:
+			for _, o := range v.StaticLeases {
+				if o.Addr == l.Addr && o.MAC.String() != l.MAC.String() {
+					es.add(key, "%s is also %s's static lease", l.Addr, o.MAC)
+					break
+				}
+			}
+		}
+		macs[l.MAC.String()] = true
+	}
 }
 
 func (c *Config) validateIPv6(es *Errors) {

@@ -101,6 +101,10 @@ type Options struct {
 	// PoolSize is the number of addresses in the pool (default: up to the
 	// end of the subnet, at most MaxPoolSize).
 	PoolSize int
+	// Static are fixed leases by MAC: that client always gets its
+	// address (inside the pool or anywhere else in Prefix except the
+	// service addresses), and no other client gets it.
+	Static map[[6]byte]netip.Addr
 	// LeaseTime is the lease duration (default 24h).
 	LeaseTime time.Duration
 	// MTU, if non-zero, is sent as the interface MTU (option 26).
@@ -162,11 +166,16 @@ func New(opts Options) (*Server, error) {
 	if err := opts.setDefaults(); err != nil {
 		return nil, fmt.Errorf("dhcp4: %w", err)
 	}
+	lt := newLeaseTable(opts.PoolStart, opts.PoolSize)
+	for m, a := range opts.Static {
+		lt.static[m] = a
+		lt.reserved[a] = m
+	}
 	s := &Server{
 		opts:   opts,
 		log:    opts.Logger.With("service", "dhcp4"),
 		now:    time.Now,
-		leases: newLeaseTable(opts.PoolStart, opts.PoolSize),
+		leases: lt,
 		closed: make(chan struct{}),
 	}
 	s.stats.ActiveLeases = func() int64 {
@@ -254,6 +263,22 @@ func (o *Options) setDefaults() error {
 		if pool.inPool(a) {
 			return fmt.Errorf("pool %s+%d contains service address %s", o.PoolStart, o.PoolSize, a)
 		}
+	}
+	taken := map[netip.Addr]bool{o.ServerAddr: true, o.Router: true}
+	for _, d := range o.DNS {
+		taken[d] = true
+	}
+	for m, a := range o.Static {
+		hw := net.HardwareAddr(m[:]).String()
+		switch {
+		case m[0]&1 != 0 || m == [6]byte{}:
+			return fmt.Errorf("static lease for %s: not a unicast MAC", hw)
+		case !a.Is4() || !o.Prefix.Contains(a) || a == o.Prefix.Addr() || a == bcast:
+			return fmt.Errorf("static lease %s for %s: want a host address in %s", a, hw, o.Prefix)
+		case taken[a]:
+			return fmt.Errorf("static lease %s for %s: a service address or another static lease's", a, hw)
+		}
+		taken[a] = true
 	}
 	if o.LeaseTime < time.Minute || o.LeaseTime > 365*24*time.Hour {
 		return fmt.Errorf("lease time %s: want 1m..8760h", o.LeaseTime)

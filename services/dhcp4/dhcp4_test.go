@@ -449,3 +449,70 @@ func TestRestoreLease(t *testing.T) {
 		}
 	}
 }
+
+// TestStaticLeases: a MAC with a static lease always gets its address,
+// also outside the pool and when it asks for another; nobody else gets a
+// statically reserved address, even one inside the pool.
+func TestStaticLeases(t *testing.T) {
+	inPool, outside := netip.MustParseAddr("10.0.2.15"), netip.MustParseAddr("10.0.2.5")
+	s, err := New(Options{PoolSize: 3, Logger: testnet.Logger(t), Static: map[[6]byte]netip.Addr{
+		{2, 0, 0, 0, 0, 1}: inPool, {2, 0, 0, 0, 0, 2}: outside,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dora := func(i byte, want string) *dhcpv4.DHCPv4 {
+		t.Helper()
+		hw := net.HardwareAddr{2, 0, 0, 0, 0, i}
+		mods := []dhcpv4.Modifier{}
+		if want != "" {
+			mods = append(mods, dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(net.ParseIP(want))))
+		}
+		d, _ := dhcpv4.NewDiscovery(hw, mods...)
+		o, _ := s.handle(d)
+		if o == nil {
+			return nil
+		}
+		r, _ := dhcpv4.NewRequestFromOffer(o)
+		a, _ := s.handle(r)
+		return a
+	}
+	// A dynamic client first, asking for the reserved address: it gets
+	// the next free pool address instead.
+	if a := dora(9, "10.0.2.15"); a == nil || a.YourIPAddr.String() != "10.0.2.16" {
+		t.Fatalf("dynamic client: %v", a)
+	}
+	if a := dora(1, "10.0.2.17"); a == nil || a.YourIPAddr.String() != inPool.String() {
+		t.Fatalf("static client in the pool: %v", a)
+	}
+	if a := dora(2, ""); a == nil || a.YourIPAddr.String() != outside.String() {
+		t.Fatalf("static client outside the pool: %v", a)
+	}
+	// The pool (15, 16, 17) has one address left for dynamic clients.
+	if a := dora(10, ""); a == nil || a.YourIPAddr.String() != "10.0.2.17" {
+		t.Fatalf("second dynamic client: %v", a)
+	}
+	if a := dora(11, ""); a != nil {
+		t.Fatalf("third dynamic client got %s; the rest is reserved", a.YourIPAddr)
+	}
+	// A static client asking to keep another address (INIT-REBOOT) is
+	// told no.
+	hw := net.HardwareAddr{2, 0, 0, 0, 0, 1}
+	r, _ := dhcpv4.NewDiscovery(hw)
+	r.UpdateOption(dhcpv4.OptMessageType(dhcpv4.MessageTypeRequest))
+	r.UpdateOption(dhcpv4.OptRequestedIPAddress(net.ParseIP("10.0.2.17")))
+	if a, _ := s.handle(r); a == nil || a.MessageType() != dhcpv4.MessageTypeNak {
+		t.Fatalf("static client's request for another address: %v", a)
+	}
+	for _, bad := range []map[[6]byte]netip.Addr{
+		{{2, 0, 0, 0, 0, 1}: netip.MustParseAddr("10.0.2.2")},   // the server
+		{{2, 0, 0, 0, 0, 1}: netip.MustParseAddr("10.0.3.9")},   // outside the subnet
+		{{3, 0, 0, 0, 0, 1}: netip.MustParseAddr("10.0.2.9")},   // multicast MAC
+		{{2, 0, 0, 0, 0, 1}: netip.MustParseAddr("10.0.2.255")}, // broadcast
+		{{2, 0, 0, 0, 0, 1}: netip.MustParseAddr("10.0.2.9"), {2, 0, 0, 0, 0, 2}: netip.MustParseAddr("10.0.2.9")},
+	} {
+		if _, err := New(Options{Static: bad}); err == nil {
+			t.Errorf("New with static leases %v succeeded", bad)
+		}
+	}
+}

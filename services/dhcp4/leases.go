@@ -33,14 +33,20 @@ type leaseTable struct {
 	size   int
 	byMAC  map[mac]*lease
 	byAddr map[netip.Addr]*lease
+	// static are fixed leases (Options.Static) and reserved their
+	// addresses, which no other client gets.
+	static   map[mac]netip.Addr
+	reserved map[netip.Addr]mac
 }
 
 func newLeaseTable(start netip.Addr, size int) *leaseTable {
 	return &leaseTable{
-		start:  start,
-		size:   size,
-		byMAC:  make(map[mac]*lease),
-		byAddr: make(map[netip.Addr]*lease),
+		start:    start,
+		size:     size,
+		byMAC:    make(map[mac]*lease),
+		byAddr:   make(map[netip.Addr]*lease),
+		static:   make(map[mac]netip.Addr),
+		reserved: make(map[netip.Addr]mac),
 	}
 }
 
@@ -82,9 +88,14 @@ func (t *leaseTable) remove(l *lease) {
 	}
 }
 
-// free reports whether a is in the pool and nobody (other than m) holds it.
+// free reports whether m may have a: its static address, or, for a client
+// without one, a pool address that is not reserved and nobody (other than
+// m) holds.
 func (t *leaseTable) free(a netip.Addr, m mac, now time.Time) bool {
-	if !t.inPool(a) {
+	if s, ok := t.static[m]; ok {
+		return a == s
+	}
+	if _, ok := t.reserved[a]; ok || !t.inPool(a) {
 		return false
 	}
 	o := t.owner(a, now)
@@ -95,6 +106,9 @@ func (t *leaseTable) free(a netip.Addr, m mac, now time.Time) bool {
 // for if free, else the lowest free pool address. ok is false when the pool is
 // exhausted.
 func (t *leaseTable) pick(m mac, requested netip.Addr, now time.Time) (netip.Addr, bool) {
+	if s, ok := t.static[m]; ok {
+		return s, true
+	}
 	if l := t.lookup(m, now); l != nil {
 		return l.addr, true
 	}
@@ -103,7 +117,7 @@ func (t *leaseTable) pick(m mac, requested netip.Addr, now time.Time) (netip.Add
 	}
 	a := t.start
 	for i := 0; i < t.size; i++ {
-		if t.owner(a, now) == nil {
+		if _, res := t.reserved[a]; !res && t.owner(a, now) == nil {
 			return a, true
 		}
 		a = a.Next()
