@@ -31,7 +31,9 @@ func TestCloseGuest(t *testing.T) {
 	udpSrv := udpEchoServer(t, netip.MustParseAddr("127.0.0.1"))
 	udpRoundTrip(t, e, netip.AddrPortFrom(gw4, udpSrv.Port()), []byte("ping"))
 	s := e.f.Stats()
-	eventually(t, "flows", func() bool { return s.TCPConns.Load() == 1 && s.UDPFlows.Load() == 1 })
+	// TCPConnsTotal counts a splice once it is registered (TCPConns
+	// already when the dial starts).
+	eventually(t, "flows", func() bool { return s.TCPConnsTotal.Load() == 1 && s.UDPFlows.Load() == 1 })
 	select {
 	case <-hostSide:
 	case <-time.After(5 * time.Second):
