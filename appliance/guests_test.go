@@ -227,3 +227,67 @@ func TestTwoGuests(t *testing.T) {
 	c3 := g3.dial(t, netip.AddrPortFrom(a1, 7000)) // nobody accepts a second time, but the SYN is answered
 	c3.Close()
 }
+
+// TestRebootedGuestReusesFourTuple: with one guest (the default), a VM
+// that goes away and comes back connects again at once from the same
+// address and port to the same host service. Before its flows were torn
+// down with it, the new SYN met the old connection in the stack and the
+// connect hung for tens of seconds.
+func TestRebootedGuestReusesFourTuple(t *testing.T) {
+	cfg := testConfig(t, t.TempDir())
+	a, err := New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start(t, a)
+	hl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hl.Close()
+	go func() {
+		for {
+			c, err := hl.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	dst := tcpip.FullAddress{NIC: netstacktest.GuestNIC, Addr: tcpip.AddrFrom4(cfg.IPv4.Gateway.As4()), Port: uint16(hl.Addr().(*net.TCPAddr).Port)}
+	src := tcpip.FullAddress{NIC: netstacktest.GuestNIC, Addr: tcpip.AddrFrom4(netstacktest.Guest4.As4()), Port: 40000}
+	echo := func(g *testGuest, within time.Duration) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), within)
+		defer cancel()
+		c, err := gonet.DialTCPWithBind(ctx, g.s, src, dst, ipv4.ProtocolNumber)
+		if err != nil {
+			t.Fatalf("connect from %s:%d: %v", netstacktest.Guest4, src.Port, err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(within))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, 4)
+		if _, err := io.ReadFull(c, b); err != nil || string(b) != "ping" {
+			t.Fatalf("echo %q, %v", b, err)
+		}
+	}
+	g := connectGuest(t, cfg.Socket, netstacktest.GuestMAC, netstacktest.Guest4)
+	// The first connection stays open when the VM dies.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	old, err := gonet.DialTCPWithBind(ctx, g.s, src, dst, ipv4.ProtocolNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	eventuallyTrue(t, "the flow registered", func() bool { return a.Forward.Stats().TCPConnsTotal.Load() == 1 })
+	g.f.Close() // the VM is killed: its stack sends nothing more
+	eventuallyTrue(t, "the flow torn down", func() bool { return a.Forward.Stats().GuestFlowsClosed.Load() == 1 })
+
+	// The VM boots again: same MAC, same address, same port.
+	g2 := connectGuest(t, cfg.Socket, netstacktest.GuestMAC, netstacktest.Guest4)
+	echo(g2, 5*time.Second)
+}
