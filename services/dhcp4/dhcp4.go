@@ -426,13 +426,21 @@ func (s *Server) RestoreLease(mac net.HardwareAddr, addr netip.Addr, expiry time
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
-	switch {
-	case !expiry.After(now):
+	if !expiry.After(now) {
 		return fmt.Errorf("dhcp4: restored lease %s for %s: already expired", addr, mac)
-	case !s.leases.inPool(addr):
-		return fmt.Errorf("dhcp4: restored lease %s for %s: not in the pool %s+%d", addr, mac, s.opts.PoolStart, s.opts.PoolSize)
-	case !s.leases.free(addr, m, now):
-		return fmt.Errorf("dhcp4: restored lease %s for %s: the address is held by %s", addr, mac, s.leases.owner(addr, now).mac)
+	}
+	// free knows static leases: a client with one may have only it (in
+	// the pool or not), others only unreserved pool addresses.
+	if !s.leases.free(addr, m, now) {
+		why := fmt.Sprintf("not in the pool %s+%d", s.opts.PoolStart, s.opts.PoolSize)
+		if st, ok := s.leases.static[m]; ok {
+			why = fmt.Sprintf("this client's static lease is %s", st)
+		} else if _, ok := s.leases.reserved[addr]; ok {
+			why = "another client's static lease"
+		} else if o := s.leases.owner(addr, now); o != nil {
+			why = "held by " + o.mac.String()
+		}
+		return fmt.Errorf("dhcp4: restored lease %s for %s: %s", addr, mac, why)
 	}
 	s.leases.set(m, addr, expiry, true)
 	return nil

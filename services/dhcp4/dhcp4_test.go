@@ -516,3 +516,28 @@ func TestStaticLeases(t *testing.T) {
 		}
 	}
 }
+
+// Restored leases respect static leases: a client's static address is
+// restored even outside the pool, another address for it is refused, and
+// no other client gets a static lease's address (no panic: the reserved
+// address has no lease entry).
+func TestRestoreLeaseStatic(t *testing.T) {
+	a, b := [6]byte{2, 0, 0, 0, 0, 1}, [6]byte{2, 0, 0, 0, 0, 2}
+	out := netip.MustParseAddr("10.0.2.200") // outside the 4-address pool
+	in := netip.MustParseAddr("10.0.2.16")
+	s, err := New(Options{PoolSize: 4, Logger: testnet.Logger(t), Static: map[[6]byte]netip.Addr{a: out, b: in}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	exp := time.Now().Add(time.Hour)
+	if err := s.RestoreLease(net.HardwareAddr(a[:]), out, exp); err != nil {
+		t.Errorf("static address outside the pool: %v", err)
+	}
+	if err := s.RestoreLease(net.HardwareAddr(a[:]), netip.MustParseAddr("10.0.2.15"), exp); err == nil || !strings.Contains(err.Error(), "static lease is 10.0.2.200") {
+		t.Errorf("another address for a static client: %v", err)
+	}
+	other := net.HardwareAddr{2, 0, 0, 0, 0, 3}
+	if err := s.RestoreLease(other, in, exp); err == nil || !strings.Contains(err.Error(), "another client's static lease") {
+		t.Errorf("a static lease's address for another client: %v", err)
+	}
+}
