@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 	"strconv"
 	"syscall"
 	"time"
@@ -67,6 +68,7 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 	add("log", a.logLimit.Stats())
 	add("sandbox", &a.Sandbox)
 	add("migration", &a.migStats)
+	add("process", &ProcessStats{Goroutines: func() int64 { return int64(runtime.NumGoroutine()) }})
 	memOut, memIn := a.Forward.MemoryShares()
 	for _, m := range []struct {
 		share string
@@ -75,6 +77,13 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 		add("memory", m.b.Counters(), "share", m.share)
 	}
 	return r, errors.Join(errs...)
+}
+
+// ProcessStats are gauges of the vunet process itself.
+type ProcessStats struct {
+	// Goroutines shows what connections and flows hold: an idle TCP
+	// connection holds none (docs/performance.md, connection scale).
+	Goroutines func() int64 `metric:"process_goroutines" kind:"gauge" help:"Goroutines in the vunet process."`
 }
 
 // direction names virtio-net queue i seen from the guest: even queues

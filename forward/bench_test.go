@@ -14,7 +14,7 @@ import (
 
 const benchChunk = 64 << 10
 
-func benchEnv(b *testing.B) *env {
+func benchEnv(b testing.TB) *env {
 	return newEnv(b, func(o *Options) { o.Logger = slog.New(slog.DiscardHandler) })
 }
 

@@ -177,8 +177,9 @@ type Forwarder struct {
 	egress *egress.Policy // opts.Egress, or the default policy
 
 	ping  *pinger
-	syns  *synTable // guest SYNs being dialed, for ICMP errors
-	epoch time.Time // monotonic base for flow activity stamps
+	poll  *hostPoller // wakes splice directions parked on host sockets
+	syns  *synTable   // guest SYNs being dialed, for ICMP errors
+	epoch time.Time   // monotonic base for flow activity stamps
 	c     Stats
 	bufs  sync.Pool // *[]byte of maxDatagram, borrowed by UDP relays per datagram
 
@@ -298,6 +299,12 @@ func New(opts Options) (*Forwarder, error) {
 	f.memOut = opts.Memory.Share(opts.OutboundMemory)
 	f.memIn = opts.Memory.Share(opts.Memory.Limit())
 	f.ping = newPinger(f)
+	poll, err := newHostPoller()
+	if err != nil {
+		stop()
+		return nil, fmt.Errorf("forward: %w", err)
+	}
+	f.poll = poll
 	f.syns = newSYNTable(max(4*opts.MaxInFlightDials, 1024))
 
 	// gVisor's forwarder drops SYNs silently beyond its own in-flight
@@ -423,5 +430,6 @@ func (f *Forwarder) Close() error {
 		p.close()
 	}
 	f.wg.Wait()
+	f.poll.close() // after every splice ended: none can arm it any more
 	return nil
 }

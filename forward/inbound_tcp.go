@@ -92,7 +92,8 @@ func (p *portForward) serveTCP(c net.Conn) {
 		reject()
 		return
 	}
-	defer f.c.InboundTCPOpen.Add(-1)
+	slot := &connSlot{n: &f.c.InboundTCPOpen}
+	defer slot.release()
 	guest := p.target()
 	src, ok := f.guestSource(client, guest.Addr())
 	if !ok {
@@ -118,6 +119,7 @@ func (p *portForward) serveTCP(c net.Conn) {
 		return
 	}
 	sp.owner = p
+	sp.onEnd = slot.handOver()
 	f.log.Debug("inbound tcp connection", "client", client, "as", src, "guest", guest)
 	sp.run()
 }

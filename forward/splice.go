@@ -3,8 +3,8 @@ package forward
 import (
 	"errors"
 	"net"
-	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -73,14 +73,22 @@ func setGuestKeepalive(ep tcpip.Endpoint) {
 
 // tcpSplice joins a guest TCP endpoint (inside gVisor) to a host socket.
 //
-// Neither direction owns a copy buffer. Host → guest, the splice waits
-// for the host socket to be readable and then lets gVisor read, straight
-// from the socket into its send queue, at most the bytes the socket holds
-// and the send buffer has room for; with no room it waits for gVisor's
-// writable event and leaves the data in the kernel. Guest → host, it waits
-// for the host socket to be writable and lets gVisor hand its queued
-// segments straight to a non-blocking write(2), consuming only what the
-// kernel took.
+// Neither direction owns a copy buffer. Host → guest, the splice lets
+// gVisor read, straight from the host socket into its send queue, at most
+// the bytes the socket holds and the send buffer has room for; guest →
+// host, it lets gVisor hand its queued segments straight to a
+// non-blocking write(2), consuming only what the kernel took.
+//
+// Nor does an idle connection hold a goroutine. Each direction runs in a
+// goroutine only while it has work; when it would wait (nothing to read,
+// or no room to write) it parks: it records what it waits for and
+// returns. Guest-side events (gVisor's waiter queue, one callback entry
+// per connection) and host-side events (the Forwarder's hostPoller) start
+// a parked direction again in a fresh goroutine. A direction is in
+// exactly one state at a time (running, parked on the guest, parked on
+// the host, done), changed only by compare-and-swap, so it never runs
+// twice at once and a wakeup that races with parking is never lost: the
+// parking goroutine checks readiness again after publishing its state.
 type tcpSplice struct {
 	f     *Forwarder
 	gep   tcpip.Endpoint
@@ -90,13 +98,67 @@ type tcpSplice struct {
 	mem   *budget.Budget // the share this connection draws from
 	desc  string         // for logs
 	owner *portForward   // inbound forward it came through, or nil
+	// onEnd runs once when the splice has ended (the caller's slot
+	// accounting).
+	onEnd func()
 
 	// Budget held by each direction; written by that direction's
-	// goroutine, released by run after both have ended.
+	// goroutine, released when both have ended.
 	snd, rcv window
 
+	tg, th direction // host → guest, guest → host
+	live   atomic.Int32
+	entry  waiter.Entry // guest events; the splice is its listener
+
+	// host → guest state, owned by whoever runs tg.
+	r       hostReader
+	res     pushResult
+	pushFn  func(uintptr) bool
+	fullAt  time.Time // when the send buffer was last found full
+	noRoom  bool      // tg parked for room in the send buffer
+	lastSnd time.Time // data last moved host → guest
+
+	// guest → host state, owned by whoever runs th.
+	w       hostWriter
+	rres    tcpip.ReadResult
+	rterr   tcpip.Error
+	pullFn  func(uintptr) bool
+	since   time.Time // start of the current growth interval
+	moved   int64     // bytes moved since then
+	waited  bool      // th parked for room in the host socket
+	lastRcv time.Time // data last moved guest → host
+	// budgetWait: a goroutine waits for the budget to release memory
+	// for a floored receive direction.
+	budgetWait atomic.Bool
+
+	// Host socket registration in the poller, under pmu.
+	pmu      sync.Mutex
+	pid      int32  // id in the poller's events
+	interest uint32 // EPOLLIN (tg parked) | EPOLLOUT (th parked)
+	polled   bool   // the socket is in the epoll set
+	unpolled bool   // removed for good (abort, end): never park on the host again
+	ctlOp    int    // for ctlFn
+	ctlErr   error
+	ctlFn    func(uintptr)
+
 	abortOnce sync.Once
-	aborted   chan struct{}
+	stopOnce  sync.Once
+	stop      chan struct{} // closed by abort (and at the end)
+}
+
+// Direction states.
+const (
+	dirRunning     int32 = iota // a goroutine owns the direction
+	dirParkedGuest              // waits for a gVisor event
+	dirParkedHost               // waits for the host socket (hostPoller)
+	dirDone
+)
+
+// direction is the scheduling state of one direction of a splice.
+type direction struct {
+	state atomic.Int32
+	run   func()      // its loop: returns when parked or done
+	timer *time.Timer // wakes it to shrink a grown buffer; owned by the running goroutine
 }
 
 // window is one direction's gVisor buffer: its size and the bytes of it
@@ -118,42 +180,226 @@ func (f *Forwarder) newSplice(gep tcpip.Endpoint, wq *waiter.Queue, host net.Con
 	if err != nil {
 		return nil, err
 	}
-	return &tcpSplice{f: f, gep: gep, wq: wq, host: host, rc: rc, mem: mem, desc: desc,
-		aborted: make(chan struct{})}, nil
+	c := &tcpSplice{f: f, gep: gep, wq: wq, host: host, rc: rc, mem: mem, desc: desc,
+		stop: make(chan struct{})}
+	c.tg.run, c.th.run = c.toGuest, c.toHost
+	c.pushFn, c.pullFn, c.ctlFn = c.pushFD, c.pullFD, c.ctlFD
+	return c, nil
 }
 
-// run copies both directions until both have finished, then closes both
-// sides. The caller's goroutine (already counted in f.wg) copies host to
-// guest and one more goroutine copies guest to host: exactly two
-// goroutines per connection, and both end when either side goes away or
-// abort is called.
+// run starts both directions and returns: host → guest first runs in the
+// caller's goroutine until it parks, guest → host in a goroutine of its
+// own. The splice holds one count of the Forwarder's WaitGroup until both
+// directions have ended; then it closes both sides and calls onEnd.
 func (c *tcpSplice) run() {
 	f := c.f
-	defer c.releaseAll()
 	if !f.addConn(c) {
 		c.abort()
 		c.closeBoth()
+		c.ended()
 		return
 	}
-	defer f.removeConn(c)
 	if !f.enter() {
 		c.abort()
 		c.closeBoth()
+		f.removeConn(c)
+		c.ended()
 		return
 	}
 	so := c.gep.SocketOptions()
 	c.setShare(&c.snd, so.SetSendBufferSize)
 	c.setShare(&c.rcv, so.SetReceiveBufferSize)
-	done := make(chan struct{})
+	f.poll.add(c)
+	c.entry.Init(c, waiter.ReadableEvents|waiter.WritableEvents|waiter.EventHUp|waiter.EventErr)
+	c.wq.EventRegister(&c.entry)
+	c.live.Store(2)
+	f.wg.Add(1) // within the splice's count: safe against Close's Wait
 	go func() {
 		defer f.wg.Done()
-		defer close(done)
 		c.toHost()
 	}()
 	c.toGuest()
-	<-done
+}
+
+// ended runs the caller's end-of-connection accounting once.
+func (c *tcpSplice) ended() {
+	if c.onEnd != nil {
+		c.onEnd()
+		c.onEnd = nil
+	}
+}
+
+// finish runs when both directions are done.
+func (c *tcpSplice) finish() {
+	f := c.f
+	for _, d := range []*direction{&c.tg, &c.th} {
+		if d.timer != nil {
+			d.timer.Stop()
+		}
+	}
+	c.stopOnce.Do(func() { close(c.stop) })
+	c.wq.EventUnregister(&c.entry)
+	c.unpoll()
+	f.poll.remove(c)
 	c.closeBoth()
+	f.removeConn(c)
+	c.releaseAll()
+	c.ended()
 	f.log.Debug("tcp connection closed", "conn", c.desc)
+	f.wg.Done()
+}
+
+// NotifyEvent implements waiter.EventListener for the guest endpoint. It
+// runs inside gVisor with the waiter queue locked, so it only wakes.
+func (c *tcpSplice) NotifyEvent(m waiter.EventMask) {
+	if m&(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) != 0 {
+		c.wake(&c.th, dirParkedGuest)
+	}
+	if m&(waiter.WritableEvents|waiter.EventHUp|waiter.EventErr) != 0 {
+		c.wake(&c.tg, dirParkedGuest)
+	}
+}
+
+// hostReady is called by the poller with the epoll events of the host
+// socket. The registration is one-shot, so it is armed again for a
+// direction that still waits.
+func (c *tcpSplice) hostReady(ev uint32) {
+	var in, out bool
+	c.pmu.Lock()
+	all := ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0
+	if c.interest&unix.EPOLLIN != 0 && (all || ev&(unix.EPOLLIN|unix.EPOLLRDHUP) != 0) {
+		in = true
+		c.interest &^= unix.EPOLLIN
+	}
+	if c.interest&unix.EPOLLOUT != 0 && (all || ev&unix.EPOLLOUT != 0) {
+		out = true
+		c.interest &^= unix.EPOLLOUT
+	}
+	if c.interest != 0 && c.polled && !c.unpolled {
+		c.armLocked()
+	}
+	c.pmu.Unlock()
+	if in {
+		c.wake(&c.tg, dirParkedHost)
+	}
+	if out {
+		c.wake(&c.th, dirParkedHost)
+	}
+}
+
+// wake starts direction d in a new goroutine if it is parked in state
+// from.
+func (c *tcpSplice) wake(d *direction, from int32) {
+	if !d.state.CompareAndSwap(from, dirRunning) {
+		return
+	}
+	c.f.c.TCPWakeups.Add(1)
+	c.f.wg.Add(1) // the splice still holds its count: d is not done
+	go func() {
+		defer c.f.wg.Done()
+		d.run()
+	}()
+}
+
+// done ends direction d; the last one to end finishes the splice.
+func (c *tcpSplice) done(d *direction) {
+	d.state.Store(dirDone)
+	if c.live.Add(-1) == 0 {
+		c.finish()
+	}
+}
+
+func (c *tcpSplice) stopped() bool {
+	select {
+	case <-c.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// parkGuest parks d until the guest endpoint reports one of mask. It
+// returns true if the caller must return (d is parked, or another
+// goroutine already runs it), false if it should go on at once.
+func (c *tcpSplice) parkGuest(d *direction, mask waiter.EventMask) bool {
+	d.state.Store(dirParkedGuest)
+	// An event between the caller's last look and the Store found d
+	// running and was dropped: look again.
+	if c.gep.Readiness(mask|waiter.EventHUp|waiter.EventErr) == 0 && !c.stopped() {
+		return true
+	}
+	return !d.state.CompareAndSwap(dirParkedGuest, dirRunning)
+}
+
+// parkHost parks d until the host socket reports want (EPOLLIN or
+// EPOLLOUT), with the same result as parkGuest.
+func (c *tcpSplice) parkHost(d *direction, want uint32) bool {
+	d.state.Store(dirParkedHost)
+	c.pmu.Lock()
+	ok := !c.unpolled && !c.stopped()
+	if ok {
+		c.interest |= want
+		ok = c.armLocked() == nil
+	}
+	c.pmu.Unlock()
+	if ok {
+		return true
+	}
+	// Aborted, or the socket cannot be polled: go on, and the next
+	// socket operation reports why.
+	return !d.state.CompareAndSwap(dirParkedHost, dirRunning)
+}
+
+// armLocked (re)arms the one-shot host interest. c.pmu is held.
+func (c *tcpSplice) armLocked() error {
+	c.ctlOp = unix.EPOLL_CTL_MOD
+	if !c.polled {
+		c.ctlOp = unix.EPOLL_CTL_ADD
+	}
+	c.ctlErr = errNotPolled
+	if err := c.rc.Control(c.ctlFn); err != nil {
+		return err
+	}
+	if c.ctlErr == nil {
+		c.polled = true
+	}
+	return c.ctlErr
+}
+
+// ctlFD runs inside RawConn.Control, with c.pmu held.
+func (c *tcpSplice) ctlFD(fd uintptr) {
+	ev := c.interest | unix.EPOLLONESHOT
+	if c.ctlOp == unix.EPOLL_CTL_DEL {
+		ev = 0
+	}
+	c.ctlErr = c.f.poll.ctl(c.ctlOp, int(fd), ev, c.pid)
+}
+
+// unpoll takes the host socket out of the poller for good; it must run
+// before the socket is closed (a closed fd number can be reused).
+func (c *tcpSplice) unpoll() {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	if c.unpolled {
+		return
+	}
+	c.unpolled = true
+	if c.polled {
+		c.ctlOp = unix.EPOLL_CTL_DEL
+		_ = c.rc.Control(c.ctlFn)
+		c.polled = false
+	}
+	c.interest = 0
+}
+
+// armTimer wakes d (parked in state from) after dur, to shrink a grown
+// buffer. Only d's running goroutine calls it.
+func (c *tcpSplice) armTimer(d *direction, dur time.Duration, from int32) {
+	if d.timer == nil {
+		d.timer = time.AfterFunc(dur, func() { c.wake(d, from) })
+		return
+	}
+	d.timer.Reset(dur)
 }
 
 // setShare gives a direction its minimum share, or the unaccounted floor
@@ -209,70 +455,86 @@ const (
 	pushFailed                   // a host or guest error: abort
 )
 
-// toGuest moves host data into the guest endpoint's send queue.
+// toGuest moves host data into the guest endpoint's send queue until
+// it has to wait: for host data (parked on the host socket) or for room
+// in the send queue (parked on the guest's writable event).
 func (c *tcpSplice) toGuest() {
+	d := &c.tg
 	so := c.gep.SocketOptions()
-	entry, ch := waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventHUp | waiter.EventErr)
-	c.wq.EventRegister(&entry)
-	defer c.wq.EventUnregister(&entry)
-	var (
-		r        hostReader
-		res      pushResult
-		fullAt   time.Time // when the send buffer was last found full
-		deadline bool      // a read deadline (for shrinking) is set
-	)
-	push := func(fd uintptr) bool {
-		res = r.push(int(fd), c.gep)
-		return res != pushWait
+	if c.noRoom {
+		// Woken for room.
+		c.noRoom = false
+		c.settleSend()
+		if c.snd.charged == 0 {
+			c.retryShare(&c.snd, so.SetSendBufferSize)
+		} else if time.Since(c.fullAt) < growWithin {
+			c.grow(&c.snd, so.SetSendBufferSize)
+		}
 	}
 	for {
-		// A grown buffer shrinks when the host has been quiet.
-		if grown := c.snd.size > MinTCPBuffer; grown || deadline {
-			var d time.Time
-			if grown {
-				d = time.Now().Add(shrinkAfter)
-			}
-			_ = c.host.SetReadDeadline(d)
-			deadline = grown
-		}
-		err := c.rc.Read(push)
-		if err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				c.shrinkSend()
-				continue
-			}
-			c.abort() // closed under us (abort) or failed
+		if c.stopped() {
+			c.done(d)
 			return
 		}
-		switch res {
+		if err := c.rc.Read(c.pushFn); err != nil {
+			c.abort() // closed under us (abort) or failed
+			c.done(d)
+			return
+		}
+		switch c.res {
 		case pushMoved:
+			if c.snd.size > MinTCPBuffer {
+				c.lastSnd = time.Now()
+			}
 			continue
-		case pushNoRoom:
-			fullAt = time.Now()
-			select {
-			case <-ch:
-			case <-c.aborted:
+		case pushWait:
+			// A grown buffer shrinks when the host has been quiet.
+			if c.snd.size > MinTCPBuffer {
+				if quiet := time.Since(c.lastSnd); quiet >= shrinkAfter {
+					c.shrinkSend()
+				} else {
+					c.armTimer(d, shrinkAfter-quiet, dirParkedHost)
+				}
+			}
+			if c.parkHost(d, unix.EPOLLIN) {
 				return
 			}
+		case pushNoRoom:
+			c.fullAt = time.Now()
+			c.lastSnd = c.fullAt
+			c.noRoom = true
+			if c.parkGuest(d, waiter.WritableEvents) {
+				return
+			}
+			c.noRoom = false
 			c.settleSend()
 			if c.snd.charged == 0 {
 				c.retryShare(&c.snd, so.SetSendBufferSize)
-			} else if time.Since(fullAt) < growWithin {
+			} else if time.Since(c.fullAt) < growWithin {
 				c.grow(&c.snd, so.SetSendBufferSize)
 			}
 		case pushEOF:
 			if c.gep.Shutdown(tcpip.ShutdownWrite) != nil {
 				c.abort()
 			}
+			c.done(d)
 			return
 		default:
-			if r.lost {
+			if c.r.lost {
 				c.f.c.TCPLostReads.Add(1)
 			}
 			c.abort()
+			c.done(d)
 			return
 		}
 	}
+}
+
+// pushFD runs inside RawConn.Read: one attempt, never a wait in Go's
+// netpoller (parking replaces that).
+func (c *tcpSplice) pushFD(fd uintptr) bool {
+	c.res = c.r.push(int(fd), c.gep)
+	return true
 }
 
 // shrinkSend returns a quiet send buffer to the minimum share. Bytes the
@@ -376,57 +638,49 @@ func (r *hostReader) Read(p []byte) (int, error) {
 var errLostRead = errors.New("host socket returned less than it announced")
 
 // toHost moves guest data from the endpoint's receive queue to the host
-// socket.
+// socket until it has to wait: for guest data (parked on the guest's
+// readable event) or for room in the host socket (parked on the host).
 func (c *tcpSplice) toHost() {
+	d := &c.th
 	so := c.gep.SocketOptions()
-	entry, ch := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
-	c.wq.EventRegister(&entry)
-	defer c.wq.EventUnregister(&entry)
-	var (
-		w      hostWriter
-		res    tcpip.ReadResult
-		terr   tcpip.Error
-		idle   *time.Timer
-		waitCh <-chan struct{} // budget release, while floored
-		since  time.Time       // start of the current growth interval
-		moved  int64           // bytes moved since then
-	)
-	defer func() {
-		if idle != nil {
-			idle.Stop()
-		}
-	}()
-	calls := 0
-	pull := func(fd uintptr) bool {
-		calls++
-		w.fd, w.again, w.err = int(fd), false, nil
-		res, terr = c.gep.Read(&w, tcpip.ReadOptions{})
-		// The kernel took part (or none) of it: wait for room, then hand
-		// over the rest.
-		return !w.again || w.err != nil
-	}
 	for {
-		calls = 0
-		err := c.rc.Write(pull)
-		switch {
-		case err != nil || w.err != nil:
-			c.abort()
+		if c.stopped() {
+			c.done(d)
 			return
-		case terr == nil:
+		}
+		err := c.rc.Write(c.pullFn)
+		switch {
+		case err != nil || c.w.err != nil:
+			c.abort()
+			c.done(d)
+			return
+		case c.w.again:
+			// The kernel took part (or none) of it: wait for room, then
+			// hand over the rest.
+			if c.rterr == nil {
+				c.moved += int64(c.rres.Count)
+			}
+			c.waited = true
+			if c.parkHost(d, unix.EPOLLOUT) {
+				return
+			}
+			continue
+		case c.rterr == nil:
 			// Like Linux's receive autotuning: a guest that sent a whole
 			// window's worth within growWithin, to a host that kept up
 			// (no wait for room), is limited by the window.
 			now := time.Now()
-			if now.Sub(since) > growWithin || calls > 1 {
-				since, moved = now, 0
+			c.lastRcv = now
+			if now.Sub(c.since) > growWithin || c.waited {
+				c.since, c.moved, c.waited = now, 0, false
 			}
-			if moved += int64(res.Count); moved >= c.rcv.size/2 {
+			if c.moved += int64(c.rres.Count); c.moved >= c.rcv.size/2 {
 				c.grow(&c.rcv, so.SetReceiveBufferSize)
-				since, moved = now, 0
+				c.since, c.moved = now, 0
 			}
 			continue
 		}
-		switch terr.(type) {
+		switch c.rterr.(type) {
 		case *tcpip.ErrWouldBlock:
 		case *tcpip.ErrClosedForReceive:
 			// The guest half-closed: pass it on, keep the other way open.
@@ -435,43 +689,64 @@ func (c *tcpSplice) toHost() {
 			if hc, ok := c.host.(interface{ CloseWrite() error }); !ok || hc.CloseWrite() != nil {
 				c.abort()
 			}
+			c.done(d)
 			return
 		default:
 			c.abort()
+			c.done(d)
 			return
 		}
 		// Nothing queued. A grown buffer shrinks after a quiet spell; a
 		// floored one retries its share when memory is released.
-		var idleC <-chan time.Time
 		if c.rcv.size > MinTCPBuffer {
-			if idle == nil {
-				idle = time.NewTimer(shrinkAfter)
+			if quiet := time.Since(c.lastRcv); quiet >= shrinkAfter {
+				c.shrinkRecv()
 			} else {
-				idle.Reset(shrinkAfter)
+				c.armTimer(d, shrinkAfter-quiet, dirParkedGuest)
 			}
-			idleC = idle.C
 		}
-		if c.rcv.charged == 0 && waitCh == nil {
-			waitCh = c.mem.Wait()
-			c.retryShare(&c.rcv, so.SetReceiveBufferSize)
+		if c.rcv.charged == 0 {
+			c.waitBudget()
 		}
-		select {
-		case <-ch:
-		case <-idleC:
-			c.shrinkRecv()
-		case <-waitCh:
-			waitCh = nil
-			c.retryShare(&c.rcv, so.SetReceiveBufferSize)
-		case <-c.aborted:
+		if c.parkGuest(d, waiter.ReadableEvents) {
 			return
 		}
-		if idle != nil && !idle.Stop() {
-			select {
-			case <-idle.C:
-			default:
-			}
-		}
 	}
+}
+
+// pullFD runs inside RawConn.Write: one attempt, never a wait in Go's
+// netpoller.
+func (c *tcpSplice) pullFD(fd uintptr) bool {
+	c.w.fd, c.w.again, c.w.err = int(fd), false, nil
+	c.rres, c.rterr = c.gep.Read(&c.w, tcpip.ReadOptions{})
+	return true
+}
+
+// waitBudget retries a floored receive direction's share and, if the
+// budget still has none, has a goroutine wake the direction at the next
+// release. Only connections starved by a full budget hold one.
+func (c *tcpSplice) waitBudget() {
+	so := c.gep.SocketOptions()
+	if !c.budgetWait.CompareAndSwap(false, true) {
+		return // one is waiting already
+	}
+	ch := c.mem.Wait()
+	c.retryShare(&c.rcv, so.SetReceiveBufferSize)
+	if c.rcv.charged != 0 || ch == nil {
+		c.budgetWait.Store(false)
+		return
+	}
+	c.f.wg.Add(1) // within the splice's count
+	go func() {
+		defer c.f.wg.Done()
+		select {
+		case <-ch:
+			c.budgetWait.Store(false)
+			c.wake(&c.th, dirParkedGuest)
+		case <-c.stop:
+			c.budgetWait.Store(false)
+		}
+	}()
 }
 
 // shrinkRecv returns an idle receive buffer to the minimum share. It runs
@@ -521,15 +796,20 @@ func (w *hostWriter) Write(p []byte) (int, error) {
 
 // abort resets both sides: the guest gets a RST from gVisor and the host
 // peer gets one too (zero linger), mirroring what a real router would make
-// visible. It unblocks both copy goroutines.
+// visible. A parked direction is woken to see it and end.
 func (c *tcpSplice) abort() {
 	c.abortOnce.Do(func() {
-		close(c.aborted)
+		c.stopOnce.Do(func() { close(c.stop) })
 		c.gep.Abort()
+		c.unpoll()
 		if tc, ok := c.host.(*net.TCPConn); ok {
 			_ = tc.SetLinger(0)
 		}
 		_ = c.host.Close()
+		for _, d := range []*direction{&c.tg, &c.th} {
+			c.wake(d, dirParkedGuest)
+			c.wake(d, dirParkedHost)
+		}
 	})
 }
 

@@ -57,6 +57,10 @@ type Stats struct {
 	// share because the memory budget was used up: they move data through
 	// gVisor's smallest window until memory is released.
 	TCPBudgetFloor atomic.Uint64 `metric:"forward_tcp_budget_floor_total" help:"TCP connection directions started at the smallest window because the memory budget was used up."`
+	// TCPWakeups counts restarts of a parked splice direction: an idle
+	// connection holds no goroutine, and each guest or host event that
+	// gives a parked direction work starts one.
+	TCPWakeups atomic.Uint64 `metric:"forward_tcp_wakeups_total" help:"Restarts of parked TCP splice directions (an idle connection holds no goroutine; a guest or host event that gives it work starts one)."`
 	// TCPLostReads counts connections aborted because a host socket
 	// returned less than it announced (should never happen).
 	TCPLostReads atomic.Uint64 `metric:"forward_tcp_lost_reads_total" help:"TCP connections aborted because a host socket returned less than it announced."`

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync/atomic"
 	"syscall"
 
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -52,7 +53,8 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	if !f.admitTCP(r, log) {
 		return
 	}
-	defer f.c.TCPConns.Add(-1)
+	slot := &connSlot{n: &f.c.TCPConns}
+	defer slot.release()
 	target := netip.AddrPortFrom(to, dst.Port())
 	ctx, cancel := context.WithTimeout(f.ctx, f.opts.DialTimeout)
 	hc, err := f.opts.dial(ctx, tcpNetwork(to), target.String())
@@ -96,6 +98,7 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 		_ = hc.Close()
 		return
 	}
+	sp.onEnd = slot.handOver()
 	sp.run()
 }
 
@@ -156,7 +159,8 @@ func (f *Forwarder) serveExposed(r *tcp.ForwarderRequest, path string, src netip
 	if !f.admitTCP(r, log) {
 		return
 	}
-	defer f.c.TCPConns.Add(-1)
+	slot := &connSlot{n: &f.c.TCPConns}
+	defer slot.release()
 	ctx, cancel := context.WithTimeout(f.ctx, f.opts.DialTimeout)
 	var d net.Dialer
 	hc, err := d.DialContext(ctx, "unix", path)
@@ -186,6 +190,7 @@ func (f *Forwarder) serveExposed(r *tcp.ForwarderRequest, path string, src netip
 		_ = hc.Close()
 		return
 	}
+	sp.onEnd = slot.handOver()
 	sp.run()
 }
 
@@ -208,4 +213,23 @@ func (f *Forwarder) admitTCP(r *tcp.ForwarderRequest, log *slog.Logger) bool {
 		return false
 	}
 	return true
+}
+
+// connSlot is a reserved connection slot (a gauge counted up by reserve):
+// released when the handler returns, unless a splice took it over and
+// releases it when the connection ends.
+type connSlot struct{ n *atomic.Int64 }
+
+func (s *connSlot) release() {
+	if s.n != nil {
+		s.n.Add(-1)
+		s.n = nil
+	}
+}
+
+// handOver passes the slot to whoever calls the returned function.
+func (s *connSlot) handOver() func() {
+	n := s.n
+	s.n = nil
+	return func() { n.Add(-1) }
 }
