@@ -20,7 +20,7 @@
 # vunet is built from this tree into build/perf/vunet (VUNET_PERF_VUNET=PATH
 # overrides). Every VUNET_PERF_* variable of e2e/perf/compare_test.go passes
 # through (VUNET_PERF_BACKENDS, _REPS, _SECONDS, _STREAMS, _MEM, _OUT,
-# _PROFILE). The markdown report is printed and written to
+# _PROFILE), and the VUNET_PERF_SCALE_* ones of e2e/perf/scale_test.go. The markdown report is printed and written to
 # build/perf/report.md unless VUNET_PERF_OUT says otherwise; every sample
 # goes to build/perf/report.json (VUNET_PERF_JSON).
 set -euo pipefail
@@ -43,4 +43,10 @@ fi
 export VUNET_PERF=1
 export VUNET_PERF_OUT=${VUNET_PERF_OUT:-$out/report.md}
 export VUNET_PERF_JSON=${VUNET_PERF_JSON:-$out/report.json}
-exec go test -count=1 -timeout 90m -run '^TestCompare$' -v "$@" ./e2e/perf/
+export VUNET_PERF_SCALE_OUT=${VUNET_PERF_SCALE_OUT:-$out/scale.md}
+export VUNET_PERF_SCALE_JSON=${VUNET_PERF_SCALE_JSON:-$out/scale.json}
+# TestConnScale (10 000 idle connections per backend through e2e/tapfront,
+# about a minute) runs after the throughput comparison;
+# VUNET_PERF_SCALE_CONNS=0 skips it, and `-run '^TestConnScale$'` runs it
+# alone (a later -run wins).
+exec go test -count=1 -timeout 90m -run '^(TestCompare|TestConnScale)$' -v "$@" ./e2e/perf/

@@ -215,9 +215,9 @@ func (b *backend) guest(script string, memMB int, timeout time.Duration) *qemute
 	return g
 }
 
-// startBackend starts spec on a fresh socket in dir and waits until it
-// accepts connections.
-func startBackend(ctx context.Context, bins *binaries, spec backendSpec, dir string) (*backend, error) {
+// startBackend starts spec on a fresh socket in dir, with extra arguments
+// appended to its command line, and waits until it accepts connections.
+func startBackend(ctx context.Context, bins *binaries, spec backendSpec, dir string, extra ...string) (*backend, error) {
 	sock := filepath.Join(dir, spec.Kind+".sock")
 	pidFile := filepath.Join(dir, spec.Kind+".pid")
 	os.Remove(sock)
@@ -289,7 +289,7 @@ func startBackend(ctx context.Context, bins *binaries, spec backendSpec, dir str
 	if bin == "" {
 		return nil, fmt.Errorf("%s: %s", spec.Kind, bins.missing[spec.Kind])
 	}
-	p, err := startProc(bin, args...)
+	p, err := startProc(bin, append(args, extra...)...)
 	if err != nil {
 		return nil, err
 	}

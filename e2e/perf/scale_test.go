@@ -1,0 +1,472 @@
+package perf
+
+import (
+	"bufio"
+	"cmp"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vunet/vunet/e2e/tapfront"
+	"github.com/vunet/vunet/internal/qemutest"
+)
+
+// Connection scale (issue 11): N idle guest TCP connections to a listener
+// on the host's loopback, through each backend in turn, in one run. The
+// guest is the Linux stack of a network namespace behind e2e/tapfront (the
+// VM-less vhost-user frontend), so opening thousands of connections is
+// not slowed by an emulated CPU, and both backends are attached exactly
+// the same way. Per backend: the time until every connection is open on
+// both ends, the backend's resident set before and with the connections
+// (VmRSS, RssAnon) and its peak (VmHWM), its threads and, for vunet, its
+// goroutines (vunet_process_goroutines).
+//
+//	VUNET_PERF_SCALE_CONNS     connections (default 10000; 0 skips)
+//	VUNET_PERF_SCALE_BACKENDS  default "vunet,passt-vhost"
+//	VUNET_PERF_SCALE_OUT       markdown report file (bench-compare.sh:
+//	                           build/perf/scale.md)
+//	VUNET_PERF_SCALE_JSON      JSON report file (build/perf/scale.json)
+
+// scaleResult is one backend's measurement.
+type scaleResult struct {
+	Backend      string  `json:"backend"`
+	Conns        int     `json:"connections"`
+	Opened       int     `json:"opened"`
+	DialErrors   int     `json:"dial_errors"`
+	FirstError   string  `json:"first_error,omitempty"`
+	OpenSeconds  float64 `json:"open_seconds"`
+	RSSIdleKB    int64   `json:"rss_idle_kb"`
+	RSSOpenKB    int64   `json:"rss_open_kb"`
+	AnonIdleKB   int64   `json:"anon_idle_kb"`
+	AnonOpenKB   int64   `json:"anon_open_kb"`
+	HWMKB        int64   `json:"hwm_kb"`
+	RSSClosedKB  int64   `json:"rss_closed_kb"`
+	Threads      int64   `json:"threads"`
+	Goroutines   int64   `json:"goroutines"` // -1: not reported by the backend
+	GoroutinesIn int64   `json:"goroutines_idle"`
+	Err          string  `json:"error,omitempty"`
+}
+
+// perConnKB is the resident set the open connections added, per
+// connection.
+func (r scaleResult) perConnKB() float64 {
+	if r.Opened == 0 {
+		return 0
+	}
+	return float64(r.RSSOpenKB-r.RSSIdleKB) / float64(r.Opened)
+}
+
+func (r scaleResult) anonPerConnKB() float64 {
+	if r.Opened == 0 {
+		return 0
+	}
+	return float64(r.AnonOpenKB-r.AnonIdleKB) / float64(r.Opened)
+}
+
+// guestNet is how a backend's guest is addressed.
+type guestNet struct{ addr, gateway string }
+
+func scaleGuestNet(kind string) guestNet {
+	if kind == "passt-vhost" {
+		// passt gives its guest the address of the namespace's uplink
+		// (setupFakeUplink) and maps the gateway to the host's loopback.
+		return guestNet{fakeAddr, fakeGateway}
+	}
+	return guestNet{"10.0.2.15/24", vunetTarget}
+}
+
+func TestConnScale(t *testing.T) {
+	if os.Getenv(enabledEnv) != "1" {
+		t.Skipf("set %s=1 to run the connection-scale comparison (see docs/performance.md)", enabledEnv)
+	}
+	if testing.Short() {
+		t.Skip("skipped with -short")
+	}
+	if !isolated {
+		t.Fatal("needs a private network namespace: run as root with unshare(1) available")
+	}
+	n := 10000
+	if v := os.Getenv("VUNET_PERF_SCALE_CONNS"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 0 {
+			t.Fatalf("VUNET_PERF_SCALE_CONNS=%q", v)
+		}
+	}
+	if n == 0 {
+		t.Skip("VUNET_PERF_SCALE_CONNS=0")
+	}
+	specs, err := parseBackends(cmp.Or(os.Getenv("VUNET_PERF_SCALE_BACKENDS"), "vunet,passt-vhost"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range specs {
+		if s.Kind != "vunet" && s.Kind != "passt-vhost" {
+			t.Fatalf("backend %s: the scale run needs a vhost-user backend (vunet, passt-vhost)", s)
+		}
+	}
+	root, err := qemutest.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each connection is two sockets here (the namespace's and the
+	// listener's) and one in the backend, which inherits the limit.
+	want := uint64(3*n + 4096)
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	if lim.Cur < want {
+		lim.Cur, lim.Max = want, max(lim.Max, want)
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+			t.Fatalf("raising the open-file limit to %d: %v", want, err)
+		}
+	}
+	bins := findBinaries(t, root)
+	meta := describeMachine(root, bins)
+	var results []scaleResult
+	for _, spec := range specs {
+		r := scaleOne(t, bins, spec, n)
+		t.Logf("%s: %+v", spec, r)
+		results = append(results, r)
+	}
+	report := formatScale(results, meta)
+	t.Log("\n" + report)
+	if out := os.Getenv("VUNET_PERF_SCALE_OUT"); out != "" {
+		if err := os.WriteFile(out, []byte(report), 0o644); err != nil {
+			t.Error(err)
+		}
+	}
+	if out := os.Getenv("VUNET_PERF_SCALE_JSON"); out != "" {
+		data, _ := json.MarshalIndent(results, "", "  ")
+		if err := os.WriteFile(out, append(data, '\n'), 0o644); err != nil {
+			t.Error(err)
+		}
+	}
+	for _, r := range results {
+		if r.Err != "" && !strings.HasPrefix(r.Err, "unavailable") {
+			t.Errorf("%s: %s", r.Backend, firstLine(r.Err))
+		} else if r.Err == "" && r.Opened != r.Conns {
+			t.Errorf("%s: opened %d of %d connections (%d dial errors, first: %s)", r.Backend, r.Opened, r.Conns, r.DialErrors, r.FirstError)
+		}
+	}
+}
+
+// scaleOne measures one backend. Failures to set up are reported in the
+// result, so the other backends still run.
+func scaleOne(t *testing.T, bins *binaries, spec backendSpec, n int) (res scaleResult) {
+	res = scaleResult{Backend: spec.String(), Conns: n, Goroutines: -1, GoroutinesIn: -1}
+	fail := func(err error) scaleResult { res.Err = err.Error(); t.Logf("%s: %v", spec, err); return res }
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dir := t.TempDir()
+	var extra []string
+	if spec.Kind == "vunet" {
+		// The appliance's default max_connections is 4096; it is a
+		// configuration-file key.
+		cfg := filepath.Join(dir, "scale.toml")
+		if err := os.WriteFile(cfg, []byte(fmt.Sprintf("max_connections = %d\n", n+64)), 0o644); err != nil {
+			return fail(err)
+		}
+		extra = []string{"--config", cfg}
+	}
+	if why, ok := bins.missing[spec.Kind]; ok {
+		return fail(fmt.Errorf("unavailable: %s", why))
+	}
+	b, err := startBackend(ctx, bins, spec, dir, extra...)
+	if err != nil {
+		return fail(err)
+	}
+	defer b.proc.Stop(10 * time.Second)
+
+	ns := fmt.Sprintf("vunetscale%d", os.Getpid())
+	_ = exec.Command("ip", "netns", "del", ns).Run()
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		return fail(fmt.Errorf("ip netns add: %v: %s", err, out))
+	}
+	defer exec.Command("ip", "netns", "del", ns).Run()
+	const dev = "vsc0"
+	tap, err := tapfront.OpenTap(dev)
+	if err != nil {
+		return fail(err)
+	}
+	if out, err := exec.Command("ip", "link", "set", dev, "netns", ns).CombinedOutput(); err != nil {
+		tap.Close()
+		return fail(fmt.Errorf("ip link set netns: %v: %s", err, out))
+	}
+	fe, err := tapfront.Dial(b.socket, tap, tapfront.Options{FillDataValid: spec.Kind == "passt-vhost"})
+	if err != nil {
+		tap.Close()
+		return fail(fmt.Errorf("tapfront: %v\n%s", err, b.proc.Output()))
+	}
+	if err := fe.SetTapOffload(); err != nil {
+		return fail(err)
+	}
+	feCtx, feStop := context.WithCancel(ctx)
+	feDone := make(chan error, 1)
+	go func() { feDone <- fe.Run(feCtx) }()
+	defer func() { feStop(); <-feDone }()
+	gn := scaleGuestNet(spec.Kind)
+	for _, args := range [][]string{
+		{"link", "set", "lo", "up"},
+		{"link", "set", dev, "address", "52:54:00:12:34:56"},
+		{"addr", "add", gn.addr, "dev", dev},
+		{"link", "set", dev, "up"},
+		{"route", "add", "default", "via", gn.gateway},
+	} {
+		if out, err := exec.Command("ip", append([]string{"-n", ns}, args...)...).CombinedOutput(); err != nil {
+			return fail(fmt.Errorf("ip -n %s %s: %v: %s", ns, strings.Join(args, " "), err, out))
+		}
+	}
+
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return fail(err)
+	}
+	var (
+		mu       sync.Mutex
+		accepted []net.Conn
+		acc      atomic.Int64
+	)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			accepted = append(accepted, c)
+			mu.Unlock()
+			acc.Add(1)
+		}
+	}()
+	closeHost := func() {
+		_ = l.Close()
+		mu.Lock()
+		for _, c := range accepted {
+			_ = c.Close()
+		}
+		accepted = nil
+		mu.Unlock()
+	}
+	defer closeHost()
+	target := net.JoinHostPort(gn.gateway, strconv.Itoa(l.Addr().(*net.TCPAddr).Port))
+
+	// One connection first: ARP, and whatever the backend sets up lazily,
+	// are not charged to the n.
+	warm, err := dialInNS(ns, 1, target)
+	if err != nil || len(warm.conns) != 1 {
+		diag, _ := exec.Command("sh", "-c", "ip -n "+ns+" neigh; ip -n "+ns+" -s link show "+dev+"; ip netns exec "+ns+" nstat -az | grep -E \"InCsum|InSegs|OutSegs|InReceives|InHdrErr|InAddrErr|Discards|SynRetrans|InErrs|RcvPruned\"").CombinedOutput()
+		st := &fe.Stats
+		return fail(fmt.Errorf("first connection to %s: %v %v\n%s\ntapfront: to backend %d frames, from backend %d (%d bad)\n%s",
+			target, err, warm.errs, diag, st.TXFrames.Load(), st.RXFrames.Load(), st.RXBad.Load(), b.proc.Output()))
+	}
+	defer warm.close()
+	for acc.Load() < 1 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(2 * time.Second)
+	pid := b.pidOf()
+	st0, err := procStatus(pid)
+	if err != nil {
+		return fail(err)
+	}
+	res.RSSIdleKB, res.AnonIdleKB = st0["VmRSS"], st0["RssAnon"]
+	res.GoroutinesIn = b.goroutines()
+
+	start := time.Now()
+	d, err := dialInNS(ns, n, target)
+	if err != nil {
+		return fail(err)
+	}
+	defer d.close()
+	res.Opened, res.DialErrors = len(d.conns), len(d.errs)
+	if len(d.errs) > 0 {
+		res.FirstError = d.errs[0].Error()
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for acc.Load() < int64(1+res.Opened) && time.Now().Before(deadline) {
+		time.Sleep(2 * time.Millisecond)
+	}
+	res.OpenSeconds = time.Since(start).Seconds()
+	if got := acc.Load() - 1; got < int64(res.Opened) {
+		res.Err = fmt.Sprintf("the host accepted %d of %d connections the guest opened", got, res.Opened)
+	}
+	// Idle: let what opening left behind (handshake goroutines, garbage)
+	// settle before measuring.
+	time.Sleep(3 * time.Second)
+	st1, err := procStatus(pid)
+	if err != nil {
+		return fail(err)
+	}
+	res.RSSOpenKB, res.AnonOpenKB, res.HWMKB, res.Threads = st1["VmRSS"], st1["RssAnon"], st1["VmHWM"], st1["Threads"]
+	res.Goroutines = b.goroutines()
+
+	d.close()
+	closeHost()
+	time.Sleep(3 * time.Second)
+	if st2, err := procStatus(pid); err == nil {
+		res.RSSClosedKB = st2["VmRSS"]
+	}
+	return res
+}
+
+// dialed holds the connections opened from the namespace.
+type dialed struct {
+	conns []net.Conn
+	errs  []error
+}
+
+func (d *dialed) close() {
+	for _, c := range d.conns {
+		_ = c.Close()
+	}
+	d.conns = nil
+}
+
+// dialInNS opens n TCP connections to target from network namespace ns,
+// 32 at a time. Each worker's OS thread joins the namespace (its sockets
+// are created there) and is never returned to the Go scheduler.
+func dialInNS(ns string, n int, target string) (*dialed, error) {
+	const workers = 32
+	var (
+		mu   sync.Mutex
+		out  = &dialed{}
+		wg   sync.WaitGroup
+		next atomic.Int64
+		serr error
+	)
+	for w := 0; w < min(workers, n); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			runtime.LockOSThread() // never unlocked: the thread ends with us
+			f, err := os.Open(filepath.Join("/run/netns", ns))
+			if err == nil {
+				err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+				f.Close()
+			}
+			if err != nil {
+				mu.Lock()
+				serr = fmt.Errorf("joining %s: %w", ns, err)
+				mu.Unlock()
+				return
+			}
+			dl := net.Dialer{Timeout: 30 * time.Second}
+			for next.Add(1) <= int64(n) {
+				c, err := dl.Dial("tcp", target)
+				mu.Lock()
+				if err != nil {
+					out.errs = append(out.errs, err)
+				} else {
+					out.conns = append(out.conns, c)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if serr != nil {
+		out.close()
+		return nil, serr
+	}
+	return out, nil
+}
+
+// procStatus reads the numeric fields of /proc/PID/status (kB values in
+// kB).
+func procStatus(pid int) (map[string]int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	out := map[string]int64{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), ":")
+		if !ok {
+			continue
+		}
+		if fs := strings.Fields(v); len(fs) > 0 {
+			if n, err := strconv.ParseInt(fs[0], 10, 64); err == nil {
+				out[k] = n
+			}
+		}
+	}
+	for _, k := range []string{"VmRSS", "RssAnon", "VmHWM", "Threads"} {
+		if _, ok := out[k]; !ok {
+			return nil, fmt.Errorf("/proc/%d/status has no %s", pid, k)
+		}
+	}
+	return out, sc.Err()
+}
+
+// goroutines asks vunet's API for vunet_process_goroutines; -1 for other
+// backends or on error.
+func (b *backend) goroutines() int64 {
+	if b.api == "" {
+		return -1
+	}
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", b.api)
+		}}}
+	resp, err := c.Get("http://vunet/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "vunet_process_goroutines "); ok {
+			if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil {
+				return n
+			}
+		}
+	}
+	return -1
+}
+
+// formatScale renders the scale results as markdown.
+func formatScale(results []scaleResult, meta string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "## Connection scale (%s)\n\n%s\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"), meta)
+	b.WriteString("| backend | connections | open s | RSS idle MiB | RSS open MiB | KiB/conn (RSS) | KiB/conn (anon) | VmHWM MiB | RSS after close MiB | threads | goroutines idle → open |\n")
+	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+	mib := func(kb int64) string { return strconv.FormatFloat(float64(kb)/1024, 'f', 1, 64) }
+	for _, r := range results {
+		if r.Err != "" && r.Opened == 0 {
+			fmt.Fprintf(&b, "| %s | %d | failed: %s | | | | | | | | |\n", r.Backend, r.Conns, strings.ReplaceAll(firstLine(r.Err), "|", "/"))
+			continue
+		}
+		g := "—"
+		if r.Goroutines >= 0 {
+			g = fmt.Sprintf("%d → %d", r.GoroutinesIn, r.Goroutines)
+		}
+		fmt.Fprintf(&b, "| %s | %d of %d | %.2f | %s | %s | %.1f | %.1f | %s | %s | %d | %s |\n",
+			r.Backend, r.Opened, r.Conns, r.OpenSeconds, mib(r.RSSIdleKB), mib(r.RSSOpenKB), r.perConnKB(), r.anonPerConnKB(),
+			mib(r.HWMKB), mib(r.RSSClosedKB), r.Threads, g)
+	}
+	for _, r := range results {
+		if r.DialErrors > 0 || r.Err != "" {
+			fmt.Fprintf(&b, "\n%s: %d dial errors (first: %s) %s", r.Backend, r.DialErrors, r.FirstError, r.Err)
+		}
+	}
+	b.WriteString("\n")
+	return b.String()
+}
