@@ -120,7 +120,7 @@ type tcpSplice struct {
 
 	// guest → host state, owned by whoever runs th.
 	w       hostWriter
-	rres    tcpip.ReadResult
+	rcount  int // bytes the last gVisor read moved
 	rterr   tcpip.Error
 	pullFn  func(uintptr) bool
 	since   time.Time // start of the current growth interval
@@ -157,7 +157,6 @@ const (
 // direction is the scheduling state of one direction of a splice.
 type direction struct {
 	state atomic.Int32
-	run   func()      // its loop: returns when parked or done
 	timer *time.Timer // wakes it to shrink a grown buffer; owned by the running goroutine
 }
 
@@ -182,7 +181,6 @@ func (f *Forwarder) newSplice(gep tcpip.Endpoint, wq *waiter.Queue, host net.Con
 	}
 	c := &tcpSplice{f: f, gep: gep, wq: wq, host: host, rc: rc, mem: mem, desc: desc,
 		stop: make(chan struct{})}
-	c.tg.run, c.th.run = c.toGuest, c.toHost
 	c.pushFn, c.pullFn, c.ctlFn = c.pushFD, c.pullFD, c.ctlFD
 	return c, nil
 }
@@ -297,7 +295,11 @@ func (c *tcpSplice) wake(d *direction, from int32) {
 	c.f.wg.Add(1) // the splice still holds its count: d is not done
 	go func() {
 		defer c.f.wg.Done()
-		d.run()
+		if d == &c.tg {
+			c.toGuest()
+		} else {
+			c.toHost()
+		}
 	}()
 }
 
@@ -658,7 +660,7 @@ func (c *tcpSplice) toHost() {
 			// The kernel took part (or none) of it: wait for room, then
 			// hand over the rest.
 			if c.rterr == nil {
-				c.moved += int64(c.rres.Count)
+				c.moved += int64(c.rcount)
 			}
 			c.waited = true
 			if c.parkHost(d, unix.EPOLLOUT) {
@@ -674,7 +676,7 @@ func (c *tcpSplice) toHost() {
 			if now.Sub(c.since) > growWithin || c.waited {
 				c.since, c.moved, c.waited = now, 0, false
 			}
-			if c.moved += int64(c.rres.Count); c.moved >= c.rcv.size/2 {
+			if c.moved += int64(c.rcount); c.moved >= c.rcv.size/2 {
 				c.grow(&c.rcv, so.SetReceiveBufferSize)
 				c.since, c.moved = now, 0
 			}
@@ -718,7 +720,8 @@ func (c *tcpSplice) toHost() {
 // netpoller.
 func (c *tcpSplice) pullFD(fd uintptr) bool {
 	c.w.fd, c.w.again, c.w.err = int(fd), false, nil
-	c.rres, c.rterr = c.gep.Read(&c.w, tcpip.ReadOptions{})
+	res, terr := c.gep.Read(&c.w, tcpip.ReadOptions{})
+	c.rcount, c.rterr = res.Count, terr
 	return true
 }
 
