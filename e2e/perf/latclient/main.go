@@ -14,10 +14,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func main() {
@@ -35,28 +37,59 @@ func main() {
 }
 
 func run(mode, addr string, dur time.Duration, warm int) ([]time.Duration, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil || !ap.Addr().Is4() {
+		return nil, fmt.Errorf("-addr %q: want IPv4:port", addr)
+	}
+	sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
 	switch mode {
 	case "rr":
-		c, err := net.Dial("tcp", addr)
+		fd, err := dial(sa)
 		if err != nil {
 			return nil, err
 		}
-		defer c.Close()
-		return measure(dur, warm, func() error { return roundTrip(c) })
+		defer unix.Close(fd)
+		return measure(dur, warm, func() error { return roundTrip(fd) })
 	case "crr":
 		return measure(dur, warm, func() error {
-			c, err := net.Dial("tcp", addr)
+			fd, err := dial(sa)
 			if err != nil {
 				return err
 			}
-			err = roundTrip(c)
-			if cerr := c.Close(); err == nil {
+			err = roundTrip(fd)
+			if cerr := unix.Close(fd); err == nil {
 				err = cerr
 			}
 			return err
 		})
 	}
 	return nil, fmt.Errorf("unknown mode %q", mode)
+}
+
+// dial connects a blocking TCP socket with Nagle off. Plain blocking
+// system calls, not the net package: under an emulated CPU every trip
+// through Go's network poller and scheduler would add tens of µs of the
+// client's own to each round trip, and this measures the backend.
+func dial(sa *unix.SockaddrInet4) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	for {
+		err = unix.Connect(fd, sa)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
 }
 
 // measure calls op until dur has passed after warm uncounted calls and
@@ -79,14 +112,32 @@ func measure(dur time.Duration, warm int, op func() error) ([]time.Duration, err
 }
 
 // roundTrip sends one byte and waits for the echo.
-func roundTrip(c net.Conn) error {
-	var b [1]byte
-	b[0] = 'x'
-	if _, err := c.Write(b[:]); err != nil {
-		return err
+func roundTrip(fd int) error {
+	b := []byte{'x'}
+	for {
+		n, err := unix.Write(fd, b)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 1 {
+			break
+		}
 	}
-	_, err := io.ReadFull(c, b[:])
-	return err
+	for {
+		n, err := unix.Read(fd, b)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return err
+		case n == 0:
+			return io.ErrUnexpectedEOF
+		}
+		return nil
+	}
 }
 
 func summary(mode string, lat []time.Duration) string {
