@@ -29,9 +29,13 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 	r := metrics.New()
 	var errs []error
 	add := func(layer string, set any, labels ...string) { errs = append(errs, r.Register(layer, set, labels...)) }
-	// Each guest port's counters carry its port index as `guest`.
+	// Each guest port's counters carry its port index as `guest`; its
+	// queues' as well `queue` and `direction`.
 	for _, p := range a.Link.Ports() {
 		g := strconv.Itoa(p.PortID())
+		for i := range p.NumQueues() {
+			add("link", &p.Stats.Queues[i], "guest", g, "queue", strconv.Itoa(i), "direction", direction(i))
+		}
 		add("link", &p.Stats, "guest", g)
 		for i := range p.NumQueues() {
 			add("virtqueue", p.QueueStats(i), "guest", g, "queue", strconv.Itoa(i), "direction", direction(i))

@@ -43,14 +43,25 @@ const (
 	FeatureHostECN   = 13
 	FeatureMrgRxbuf  = 15
 	FeatureStatus    = 16
-	featureVersion1  = 32
+	// FeatureMQ (VIRTIO_NET_F_MQ) is offered with more than one queue
+	// pair. The spec makes it depend on CTRL_VQ, which is not offered:
+	// vhost-user frontends (QEMU, DPDK's virtio-user) keep the control
+	// queue to themselves and tell the backend which pairs the driver
+	// uses by SET_VRING_ENABLE (see docs/architecture.md, "Queue pairs").
+	FeatureMQ       = 22
+	featureVersion1 = 32
 )
 
-// Queue indices: virtio-net puts receiveq1 at 0 and transmitq1 at 1.
+// Queue indices: virtio-net puts receiveqN at 2N and transmitqN at 2N+1.
 const (
 	rxQueue = 0
 	txQueue = 1
 )
+
+// MaxQueuePairs bounds Options.QueuePairs. Each pair costs two goroutines
+// and its own RX backlog (bounded by Options.RXBacklog and the memory
+// budget); 16 covers every vCPU count this appliance is sized for.
+const MaxQueuePairs = 16
 
 const (
 	// ethZLen is the minimum Ethernet frame length without FCS; shorter
@@ -102,20 +113,29 @@ type Options struct {
 	// packet it has no room for is dropped (RXBacklogMemory) as if the
 	// backlog were full. Nil: only RXBacklog bounds the backlog.
 	Memory *budget.Budget
+	// QueuePairs is the number of receive/transmit queue pairs offered
+	// (VIRTIO_NET_F_MQ when above 1); 1..MaxQueuePairs, default 1.
+	QueuePairs int
 	// Pcap, if set, receives every frame in both directions.
 	Pcap *pcap.Writer
 	// Logger receives rate-limited warnings; nil discards.
 	Logger *slog.Logger
 }
 
+// QueueStats are one virtqueue's frame counters; the owner registers each
+// with its queue's labels (queue, direction), as it does virtqueue.Stats.
+type QueueStats struct {
+	Frames atomic.Uint64 `metric:"link_frames_total" help:"Ethernet frames carried, by virtqueue and direction (to_guest, from_guest)."`
+	Bytes  atomic.Uint64 `metric:"link_bytes_total" help:"Ethernet bytes carried, by virtqueue and direction (to_guest, from_guest)."`
+}
+
 // Stats are the endpoint's counters, updated atomically and declared for
 // the metrics registry (internal/metrics). tx is guest → host, rx host →
-// guest; vunet serves one queue pair, receiveq 0 and transmitq 1.
+// guest.
 type Stats struct {
-	RXFrames atomic.Uint64 `metric:"link_frames_total{queue=0,direction=to_guest}" help:"Ethernet frames carried, by virtqueue and direction (to_guest, from_guest)."`
-	TXFrames atomic.Uint64 `metric:"link_frames_total{queue=1,direction=from_guest}"`
-	RXBytes  atomic.Uint64 `metric:"link_bytes_total{queue=0,direction=to_guest}" help:"Ethernet bytes carried, by virtqueue and direction (to_guest, from_guest)."`
-	TXBytes  atomic.Uint64 `metric:"link_bytes_total{queue=1,direction=from_guest}"`
+	// Queues are each virtqueue's frame counters, by virtqueue index
+	// (receiveqN at 2N, transmitqN at 2N+1); the first NumQueues are used.
+	Queues [2 * MaxQueuePairs]QueueStats `metric:"-"`
 
 	// Drops by reason.
 	TXBadHeader    atomic.Uint64 `metric:"link_drops_total{reason=tx_bad_header}" help:"Frames dropped by the virtio-net endpoint, by reason." hostile:"link"`
@@ -138,7 +158,30 @@ type Stats struct {
 	RXFaults   atomic.Uint64 `metric:"link_guest_memory_faults_total{direction=to_guest}" hostile:"vhost_memory"`
 }
 
-// Endpoint implements stack.LinkEndpoint over a virtio-net queue pair.
+// ToGuest returns the frames and bytes written to every receive queue.
+func (s *Stats) ToGuest() (frames, bytes uint64) { return s.sum(rxQueue) }
+
+// FromGuest returns the frames and bytes read from every transmit queue.
+func (s *Stats) FromGuest() (frames, bytes uint64) { return s.sum(txQueue) }
+
+func (s *Stats) sum(first int) (frames, bytes uint64) {
+	for i := first; i < len(s.Queues); i += 2 {
+		frames += s.Queues[i].Frames.Load()
+		bytes += s.Queues[i].Bytes.Load()
+	}
+	return frames, bytes
+}
+
+// pair is one receive/transmit queue pair (receiveqN and transmitqN) and
+// its workers. Pairs share nothing but the endpoint's negotiated features
+// and the stack: each queue has its own worker and lock.
+type pair struct {
+	rx rxState
+	tx txState
+}
+
+// Endpoint implements stack.LinkEndpoint over one or more virtio-net queue
+// pairs.
 type Endpoint struct {
 	opts Options
 	log  *slog.Logger
@@ -152,8 +195,12 @@ type Endpoint struct {
 	features atomic.Uint64
 	hdrLen   atomic.Int32
 
-	rx rxState
-	tx txState
+	pairs []pair
+	// ctl serialises queue starts and stops with the rebuild of activeRX.
+	ctl sync.Mutex
+	// activeRX are the receive queues that run now, in pair order: the
+	// queues WritePackets steers flows over (see steer.go).
+	activeRX atomic.Pointer[[]*rxState]
 
 	// sw is the switch this endpoint is a port of, or nil (a lone
 	// endpoint, attached to a stack itself); port is its state there.
@@ -189,6 +236,12 @@ func New(opts Options) (*Endpoint, error) {
 	if opts.RXBacklog <= 0 {
 		opts.RXBacklog = DefaultRXBacklog
 	}
+	if opts.QueuePairs == 0 {
+		opts.QueuePairs = 1
+	}
+	if opts.QueuePairs < 1 || opts.QueuePairs > MaxQueuePairs {
+		return nil, fmt.Errorf("endpoint: %d queue pairs out of range 1..%d", opts.QueuePairs, MaxQueuePairs)
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -196,8 +249,15 @@ func New(opts Options) (*Endpoint, error) {
 	e := &Endpoint{opts: opts, log: log, mtu: opts.MTU, linkAddr: opts.LinkAddress}
 	e.Stats.RXBacklog = func() int64 { return int64(e.RXBacklog()) }
 	e.hdrLen.Store(hdrLenLegacy)
-	e.rx.backlogMax = opts.RXBacklog
-	e.rx.mem = opts.Memory
+	e.pairs = make([]pair, opts.QueuePairs)
+	for i := range e.pairs {
+		p := &e.pairs[i]
+		p.rx.backlogMax = opts.RXBacklog
+		p.rx.mem = opts.Memory
+		p.rx.stats = &e.Stats.Queues[2*i+rxQueue]
+		p.tx.stats = &e.Stats.Queues[2*i+txQueue]
+	}
+	e.activeRX.Store(&[]*rxState{})
 	return e, nil
 }
 
@@ -209,6 +269,9 @@ func (e *Endpoint) Features() uint64 {
 	if !e.opts.NoOffloads {
 		f |= 1<<FeatureCsum | 1<<FeatureHostTSO4 | 1<<FeatureHostTSO6 | 1<<FeatureHostECN |
 			1<<FeatureGuestCsum | 1<<FeatureGuestTSO4 | 1<<FeatureGuestTSO6
+	}
+	if len(e.pairs) > 1 {
+		f |= 1 << FeatureMQ
 	}
 	return f
 }
@@ -229,14 +292,18 @@ func (e *Endpoint) SetFeatures(acked uint64) error {
 
 func (e *Endpoint) has(bit uint) bool { return e.features.Load()&(1<<bit) != 0 }
 
-// NumQueues implements vhost.Backend.NumQueues: one RX/TX pair.
-func (e *Endpoint) NumQueues() int { return 2 }
+// NumQueues implements vhost.Backend.NumQueues: a receive and a transmit
+// queue per pair.
+func (e *Endpoint) NumQueues() int { return 2 * len(e.pairs) }
 
-// QueueNum implements vhost.QueueNumReporter: one receive/transmit pair.
-// QEMU counts GET_QUEUE_NUM in pairs for virtio-net, so `queues=2` on the
-// netdev is refused up front ("you are asking more queues than
-// supported: 1") instead of failing on vring 2 later.
-func (e *Endpoint) QueueNum() uint64 { return 1 }
+// QueuePairs returns the number of queue pairs offered.
+func (e *Endpoint) QueuePairs() int { return len(e.pairs) }
+
+// QueueNum implements vhost.QueueNumReporter: the number of queue pairs.
+// QEMU counts GET_QUEUE_NUM in pairs for virtio-net and refuses a netdev
+// with more (`queues=3` against 2: "you are asking more queues than
+// supported: 2") up front instead of failing on a vring later.
+func (e *Endpoint) QueueNum() uint64 { return uint64(len(e.pairs)) }
 
 // Config implements vhost.Backend.Config: the virtio-net config space
 // (mac, status, max_virtqueue_pairs, mtu).
@@ -244,42 +311,80 @@ func (e *Endpoint) Config() []byte {
 	c := make([]byte, 12)
 	copy(c, e.opts.GuestMAC)
 	binary.LittleEndian.PutUint16(c[6:], 1) // VIRTIO_NET_S_LINK_UP
-	binary.LittleEndian.PutUint16(c[8:], 1)
+	binary.LittleEndian.PutUint16(c[8:], uint16(len(e.pairs)))
 	binary.LittleEndian.PutUint16(c[10:], uint16(e.opts.MTU))
 	return c
 }
 
+// queue returns the pair of virtqueue idx and whether idx is its receive
+// queue; nil for an index the device does not have (the control plane
+// range-checks indexes against NumQueues, so only a bug gets here).
+func (e *Endpoint) queue(idx int) (p *pair, rx bool) {
+	if idx < 0 || idx >= 2*len(e.pairs) {
+		return nil, false
+	}
+	return &e.pairs[idx/2], idx%2 == rxQueue
+}
+
 // StartQueue implements vhost.Backend.StartQueue.
 func (e *Endpoint) StartQueue(idx int, q *virtqueue.Queue, kick *virtqueue.EventFD) {
-	switch idx {
-	case rxQueue:
-		e.rx.start(e, q, kick)
-	case txQueue:
-		e.tx.start(e, q, kick)
+	p, rx := e.queue(idx)
+	if p == nil {
+		return
+	}
+	e.ctl.Lock()
+	defer e.ctl.Unlock()
+	if rx {
+		p.rx.start(e, q, kick)
+		e.updateActiveRX()
+	} else {
+		p.tx.start(e, q, kick)
 	}
 }
 
 // StopQueue implements vhost.Backend.StopQueue.
 func (e *Endpoint) StopQueue(idx int) {
-	switch idx {
-	case rxQueue:
-		e.rx.stop()
-	case txQueue:
-		e.tx.stop()
+	p, rx := e.queue(idx)
+	if p == nil {
+		return
+	}
+	e.ctl.Lock()
+	defer e.ctl.Unlock()
+	if rx {
+		// Steer away first, so that WritePackets stops choosing it.
+		p.rx.stopping()
+		e.updateActiveRX()
+		p.rx.stop()
+	} else {
+		p.tx.stop()
 	}
 }
 
-// RingState returns the indexes of the receive (to the guest) or transmit
-// queue, or a zero state when it is not running.
+// updateActiveRX republishes the running receive queues. Callers hold ctl.
+func (e *Endpoint) updateActiveRX() {
+	act := make([]*rxState, 0, len(e.pairs))
+	for i := range e.pairs {
+		if e.pairs[i].rx.steerable() {
+			act = append(act, &e.pairs[i].rx)
+		}
+	}
+	e.activeRX.Store(&act)
+}
+
+// RingState returns the indexes of virtqueue idx (receiveqN at 2N,
+// transmitqN at 2N+1), or a zero state when it is not running.
 func (e *Endpoint) RingState(idx int) virtqueue.RingState {
+	p, rx := e.queue(idx)
+	if p == nil {
+		return virtqueue.RingState{}
+	}
 	var q *virtqueue.Queue
-	switch idx {
-	case rxQueue:
-		e.rx.mu.Lock()
-		q = e.rx.q
-		e.rx.mu.Unlock()
-	case txQueue:
-		q = e.tx.queue()
+	if rx {
+		p.rx.mu.Lock()
+		q = p.rx.q
+		p.rx.mu.Unlock()
+	} else {
+		q = p.tx.queue()
 	}
 	if q == nil {
 		return virtqueue.RingState{}
@@ -287,18 +392,31 @@ func (e *Endpoint) RingState(idx int) virtqueue.RingState {
 	return q.State()
 }
 
-// RXBacklog returns how many packets to the guest wait for receive buffers.
+// RXBacklog returns how many packets to the guest wait for receive
+// buffers, over every receive queue.
 func (e *Endpoint) RXBacklog() int {
-	e.rx.mu.Lock()
-	defer e.rx.mu.Unlock()
-	return len(e.rx.backlog)
+	n := 0
+	for i := range e.pairs {
+		r := &e.pairs[i].rx
+		r.mu.Lock()
+		n += len(r.backlog)
+		r.mu.Unlock()
+	}
+	return n
 }
 
 // Reset implements vhost.Backend.Reset.
 func (e *Endpoint) Reset() {
-	e.rx.stop()
-	e.tx.stop()
-	e.rx.dropBacklog()
+	e.ctl.Lock()
+	for i := range e.pairs {
+		p := &e.pairs[i]
+		p.rx.stopping()
+		e.updateActiveRX()
+		p.rx.stop()
+		p.tx.stop()
+		p.rx.dropBacklog()
+	}
+	e.ctl.Unlock()
 	e.features.Store(0)
 	e.Stats.RXBacklog = func() int64 { return int64(e.RXBacklog()) }
 	e.hdrLen.Store(hdrLenLegacy)
@@ -412,8 +530,11 @@ func (e *Endpoint) SetOnCloseAction(f func()) {
 }
 
 // WritePackets implements stack.LinkWriter.WritePackets.
+// Packets are steered over the running receive queues by flow (steer.go).
 func (e *Endpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
-	return e.rx.write(e, pkts), nil
+	list := pkts.AsSlice()
+	e.writeSlice(list)
+	return len(list), nil
 }
 
 // warn logs a problem with guest input. A hostile guest can produce one

@@ -180,8 +180,8 @@ func TestTXHostileFrames(t *testing.T) {
 		}
 	}
 	s := &r.ep.Stats
-	if s.TXBadHeader.Load() != 2 || s.TXShort.Load() != 1 || s.TXBadGSO.Load() != 2 || s.TXFrames.Load() != 1 {
-		t.Fatalf("stats badhdr %d short %d badgso %d frames %d", s.TXBadHeader.Load(), s.TXShort.Load(), s.TXBadGSO.Load(), s.TXFrames.Load())
+	if s.TXBadHeader.Load() != 2 || s.TXShort.Load() != 1 || s.TXBadGSO.Load() != 2 || s.Queues[txQueue].Frames.Load() != 1 {
+		t.Fatalf("stats badhdr %d short %d badgso %d frames %d", s.TXBadHeader.Load(), s.TXShort.Load(), s.TXBadGSO.Load(), s.Queues[txQueue].Frames.Load())
 	}
 }
 
@@ -451,7 +451,7 @@ func benchTX(b *testing.B, packed bool) {
 					if err := q.Pop(&el); err != nil {
 						b.Fatal(err)
 					}
-					pkt, _ := ep.readFrame(&el, scratch[:])
+					pkt, _ := ep.readFrame(&el, scratch[:], &ep.Stats.Queues[txQueue])
 					pkt.DecRef()
 					q.Push(el.Head, 0)
 				}

@@ -47,10 +47,10 @@ func TestGuestMemoryTruncated(t *testing.T) {
 	if err := g.Setup(^uint64(0)); err != nil {
 		t.Fatal(err)
 	}
-	before := ep.Stats.TXFrames.Load()
+	before := ep.Stats.Queues[1].Frames.Load()
 	g.Drivers[1].Post(append(make([]byte, 12), make([]byte, 60)...), []int{12}, nil, false)
 	g.Kick(1)
-	for ep.Stats.TXFrames.Load() == before {
+	for ep.Stats.Queues[1].Frames.Load() == before {
 		if time.Now().After(deadline) {
 			t.Fatal("second frontend not served")
 		}

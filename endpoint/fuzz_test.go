@@ -102,7 +102,7 @@ func newTXRig(tb testing.TB) *txRig {
 }
 
 func txOutcomes(s *Stats) uint64 {
-	return s.TXFrames.Load() + s.TXBadHeader.Load() + s.TXShort.Load() + s.TXTooBig.Load() + s.TXBadGSO.Load()
+	return s.Queues[txQueue].Frames.Load() + s.TXBadHeader.Load() + s.TXShort.Load() + s.TXTooBig.Load() + s.TXBadGSO.Load()
 }
 
 // FuzzTX feeds guest TX chains to readFrame and delivers the result into
@@ -168,7 +168,7 @@ func FuzzTX(f *testing.F) {
 		if err := q.Pop(&el); err != nil {
 			t.Fatalf("posted chain not popped: %v", err)
 		}
-		if pkt, _ := r.ep.readFrame(&el, scratch[:]); pkt != nil {
+		if pkt, _ := r.ep.readFrame(&el, scratch[:], &r.ep.Stats.Queues[txQueue]); pkt != nil {
 			r.ep.deliver(pkt)
 		}
 		q.Push(el.Head, 0)

@@ -91,8 +91,8 @@ func TestPackedTX(t *testing.T) {
 		if n != frames || got.proto != header.IPv4ProtocolNumber || !bytes.Equal(got.data, payload) || got.pktType != tcpip.PacketHost {
 			t.Fatalf("eventIdx %d: %d delivered, last proto %d data %x", eventIdx, n, got.proto, got.data)
 		}
-		if r.ep.Stats.TXFrames.Load() != frames {
-			t.Fatalf("TX frames %d", r.ep.Stats.TXFrames.Load())
+		if r.ep.Stats.Queues[txQueue].Frames.Load() != frames {
+			t.Fatalf("TX frames %d", r.ep.Stats.Queues[txQueue].Frames.Load())
 		}
 	}
 }
@@ -207,9 +207,11 @@ func FuzzRXPacked(f *testing.F) {
 		ep.SetFeatures(features)
 		d := vqt.NewPacked(1<<20, 48, features&(1<<29) != 0) // not a power of two
 		q := d.Queue(nil)
-		ep.rx.mu.Lock()
-		ep.rx.q = q
-		ep.rx.mu.Unlock()
+		rx := &ep.pairs[0].rx
+		rx.mu.Lock()
+		rx.q = q
+		rx.mu.Unlock()
+		ep.updateActiveRX()
 
 		type chain struct {
 			id    uint16
@@ -268,20 +270,21 @@ func FuzzRXPacked(f *testing.F) {
 			reap()
 			if i%4 == 3 && len(layout) > 48+i/4 {
 				post(layout[48+i/4])
-				ep.rx.drainLocked(ep, q)
+				rx.drainLocked(ep, q)
 				reap()
 			}
 		}
-		ep.rx.drainLocked(ep, q)
+		rx.drainLocked(ep, q)
 		reap()
 		q.Lock()
 		broken := q.Broken()
 		base := q.Stop()
 		q.Unlock()
-		ep.rx.mu.Lock()
-		ep.rx.q = nil
-		ep.rx.mu.Unlock()
-		ep.rx.dropBacklog()
+		rx.mu.Lock()
+		rx.q = nil
+		rx.mu.Unlock()
+		ep.updateActiveRX()
+		rx.dropBacklog()
 		reap()
 		if broken {
 			t.Fatalf("ring broken by a layout a driver may post (layout %x, frames %x)", layout, frames)

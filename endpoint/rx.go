@@ -32,6 +32,10 @@ type rxState struct {
 	backlog    []rxItem
 	backlogMax int
 	mem        *budget.Budget // accounts each backlogged packet's MemSize
+	stats      *QueueStats    // this receive queue's frames and bytes
+	// leaving is set while the queue is being stopped: it is no longer
+	// steered to, though packets already on their way may still land.
+	leaving bool
 	// Scratch for collecting one frame's elements; owned by whoever holds mu.
 	elems []virtqueue.Element
 	iovs  [][]byte
@@ -47,7 +51,7 @@ type rxState struct {
 func (r *rxState) start(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD) {
 	r.stop()
 	r.mu.Lock()
-	r.q, r.kick, r.done = q, kick, make(chan struct{})
+	r.q, r.kick, r.done, r.leaving = q, kick, make(chan struct{}), false
 	done := r.done
 	r.mu.Unlock()
 	go r.run(e, q, kick, done)
@@ -63,8 +67,23 @@ func (r *rxState) stop() {
 	kick.Interrupt()
 	<-done
 	r.mu.Lock()
-	r.q, r.kick, r.done = nil, nil, nil
+	r.q, r.kick, r.done, r.leaving = nil, nil, nil, false
 	r.mu.Unlock()
+}
+
+// stopping marks the queue as about to stop, so that it is steered around.
+func (r *rxState) stopping() {
+	r.mu.Lock()
+	r.leaving = r.q != nil
+	r.mu.Unlock()
+}
+
+// steerable reports whether flows may be steered to this queue: it runs
+// and is not being stopped.
+func (r *rxState) steerable() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.q != nil && !r.leaving
 }
 
 func (r *rxState) dropBacklog() {
@@ -140,19 +159,16 @@ func (r *rxState) drain(e *Endpoint, q *virtqueue.Queue) {
 	}
 }
 
-// write is WritePackets: it copies each packet into guest buffers, or
-// queues it (with a reference) while the guest has none. A fault on guest
-// memory breaks the ring (Queue.Guard) instead of the process.
-func (r *rxState) write(e *Endpoint, pkts stack.PacketBufferList) int {
-	list := pkts.AsSlice()
-	e.writeSlice(list)
-	return len(list)
-}
-
 // writeSlice writes packets from the stack (WritePackets, or a switch's
-// run of packets to this port).
-func (e *Endpoint) writeSlice(list []*stack.PacketBuffer) {
-	r := &e.rx
+// run of packets to this port), each to its flow's receive queue
+// (steer.go).
+func (e *Endpoint) writeSlice(list []*stack.PacketBuffer) { e.steer(list) }
+
+// write writes the packets steered to this queue: it copies each packet
+// into guest buffers, or queues it (with a reference) while the guest has
+// none. A fault on guest memory breaks the ring (Queue.Guard) instead of
+// the process.
+func (r *rxState) write(e *Endpoint, list []*stack.PacketBuffer) {
 	r.mu.Lock()
 	q := r.q
 	r.mu.Unlock()
@@ -349,7 +365,7 @@ func (r *rxState) writeFrame(e *Endpoint, q *virtqueue.Queue, slices [][]byte, f
 	if e.opts.Pcap != nil {
 		e.opts.Pcap.Write(time.Now(), r.iovs, hl, frameLen)
 	}
-	e.Stats.RXFrames.Add(1)
-	e.Stats.RXBytes.Add(uint64(frameLen))
+	r.stats.Frames.Add(1)
+	r.stats.Bytes.Add(uint64(frameLen))
 	return true, false
 }

@@ -44,9 +44,11 @@ func FuzzRX(f *testing.F) {
 		q := d.Queue(nil)
 		// The worker is not started: the target drains the backlog itself
 		// (as the worker does on a kick), so each input runs to the end.
-		ep.rx.mu.Lock()
-		ep.rx.q = q
-		ep.rx.mu.Unlock()
+		rx := &ep.pairs[0].rx
+		rx.mu.Lock()
+		rx.q = q
+		rx.mu.Unlock()
+		ep.updateActiveRX()
 
 		posted := map[uint16]int{} // head -> times posted and not yet returned
 		var order []uint16         // heads in avail order
@@ -104,19 +106,20 @@ func FuzzRX(f *testing.F) {
 			reap()
 			if i%4 == 3 && len(layout) > 48+i/4 { // the guest adds buffers later
 				post(layout[48+i/4])
-				ep.rx.drainLocked(ep, q)
+				rx.drainLocked(ep, q)
 				reap()
 			}
 		}
-		ep.rx.drainLocked(ep, q)
+		rx.drainLocked(ep, q)
 		reap()
 		q.Lock()
 		next := q.Stop()
 		q.Unlock()
-		ep.rx.mu.Lock()
-		ep.rx.q = nil
-		ep.rx.mu.Unlock()
-		ep.rx.dropBacklog()
+		rx.mu.Lock()
+		rx.q = nil
+		rx.mu.Unlock()
+		ep.updateActiveRX()
+		rx.dropBacklog()
 		reap()
 		// The device took the first next-start entries of the avail ring;
 		// each of those heads must have come back exactly once.

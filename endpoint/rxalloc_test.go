@@ -71,9 +71,9 @@ func TestRXWriteAllocatesNothing(t *testing.T) {
 			var list stack.PacketBufferList
 			list.PushBack(pkt)
 			defer list.DecRef()
-			before := ep.Stats.RXFrames.Load()
+			before := ep.Stats.Queues[rxQueue].Frames.Load()
 			allocs := testing.AllocsPerRun(runs, func() { ep.WritePackets(list) })
-			if got := ep.Stats.RXFrames.Load() - before; got != runs+1 {
+			if got := ep.Stats.Queues[rxQueue].Frames.Load() - before; got != runs+1 {
 				t.Fatalf("%d frames written, want %d (backlogged %d)", got, runs+1, ep.Stats.RXBacklogged.Load())
 			}
 			if allocs != 0 {

@@ -71,7 +71,7 @@ func TestStopWhileGuestFloods(t *testing.T) {
 	if took > time.Second {
 		t.Fatalf("GET_VRING_BASE took %v while the guest flooded the ring, want < 1s", took)
 	}
-	t.Logf("queue stopped in %v under a flood; %d TX frames, %d bad header, ring %+v", took, ep.Stats.TXFrames.Load(), ep.Stats.TXBadHeader.Load(), ep.RingState(1))
+	t.Logf("queue stopped in %v under a flood; %d TX frames, %d bad header, ring %+v", took, ep.Stats.Queues[1].Frames.Load(), ep.Stats.TXBadHeader.Load(), ep.RingState(1))
 	if ep.Stats.TXFaults.Load() != 0 {
 		t.Fatal("ring faulted")
 	}

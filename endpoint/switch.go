@@ -533,7 +533,11 @@ func switchedLayout(b []byte, n int, h vnetHdr) (gsoLayout, bool) {
 // sendSwitched queues a frame from another guest, with that guest's
 // virtio-net header, for this port's guest.
 func (e *Endpoint) sendSwitched(pkt *stack.PacketBuffer, h vnetHdr) {
-	r := &e.rx
+	r := e.rxFor(pkt) // the flow's receive queue, as for the stack's packets
+	if r == nil {
+		e.Stats.RXNotConnected.Add(1)
+		return
+	}
 	r.mu.Lock()
 	q := r.q
 	r.mu.Unlock()

@@ -120,7 +120,7 @@ func runTwoStacks(t *testing.T, features uint64, bufSize int, split []int) {
 	if err != nil {
 		st := &ep.Stats
 		t.Fatalf("guest read: %v (got %d bytes); endpoint tx %d rx %d backlogged %d full %d toobig %d notconn %d; guest: tcp csum errs %d, ip malformed %d, valid segs %d, tcp invalid %d; host: csum errs %d malformed %d valid %d; guestlink delivered %d posted %d ringfull %d rxused %d",
-			err, len(recv), st.TXFrames.Load(), st.RXFrames.Load(), st.RXBacklogged.Load(), st.RXBacklogFull.Load(), st.RXTooBig.Load(), st.RXNotConnected.Load(), guest.Stats().TCP.ChecksumErrors.Value(), guest.Stats().IP.MalformedPacketsReceived.Value(), guest.Stats().TCP.ValidSegmentsReceived.Value(), guest.Stats().TCP.InvalidSegmentsReceived.Value(),
+			err, len(recv), st.Queues[1].Frames.Load(), st.Queues[0].Frames.Load(), st.RXBacklogged.Load(), st.RXBacklogFull.Load(), st.RXTooBig.Load(), st.RXNotConnected.Load(), guest.Stats().TCP.ChecksumErrors.Value(), guest.Stats().IP.MalformedPacketsReceived.Value(), guest.Stats().TCP.ValidSegmentsReceived.Value(), guest.Stats().TCP.InvalidSegmentsReceived.Value(),
 			host.Stack().Stats().TCP.ChecksumErrors.Value(), host.Stack().Stats().IP.MalformedPacketsReceived.Value(), host.Stack().Stats().TCP.ValidSegmentsReceived.Value(), gl.Delivered.Load(), gl.Posted.Load(), gl.RingFull.Load(), gl.RXUsed.Load())
 	}
 	if !bytes.Equal(recv, down) {
@@ -134,7 +134,7 @@ func runTwoStacks(t *testing.T, features uint64, bufSize int, split []int) {
 	case <-time.After(60 * time.Second):
 		t.Fatal("host side never finished")
 	}
-	if ep.Stats.TXFrames.Load() == 0 || ep.Stats.RXFrames.Load() == 0 {
+	if ep.Stats.Queues[1].Frames.Load() == 0 || ep.Stats.Queues[0].Frames.Load() == 0 {
 		t.Fatal("no frames counted")
 	}
 	_ = tcpip.LinkAddress("")

@@ -20,6 +20,8 @@ type txState struct {
 	q    *virtqueue.Queue
 	kick *virtqueue.EventFD
 	done chan struct{}
+	// stats are this transmit queue's frames and bytes.
+	stats *QueueStats
 	// running is q for readers on other goroutines (RingState).
 	running atomic.Pointer[virtqueue.Queue]
 }
@@ -47,7 +49,7 @@ func (t *txState) stop() {
 // notify, then hands the frames to the stack outside the queue lock.
 func (t *txState) run(e *Endpoint, q *virtqueue.Queue, kick *virtqueue.EventFD, done chan struct{}) {
 	defer close(done)
-	b := txBatchState{pkts: make([]*stack.PacketBuffer, 0, txBatch), hdrs: make([]vnetHdr, 0, txBatch)}
+	b := txBatchState{pkts: make([]*stack.PacketBuffer, 0, txBatch), hdrs: make([]vnetHdr, 0, txBatch), stats: t.stats}
 	for {
 		more := false
 		if err := q.Guard(func() { more = b.pop(e, q) }); err != nil {
@@ -84,7 +86,8 @@ type txBatchState struct {
 	pkts []*stack.PacketBuffer
 	// hdrs[i] is pkts[i]'s virtio-net header, which a switch carries
 	// with frames to other guests (checksum and TSO metadata).
-	hdrs []vnetHdr
+	hdrs  []vnetHdr
+	stats *QueueStats
 }
 
 // pop takes up to txBatch frames off the ring and returns their elements
@@ -97,7 +100,7 @@ func (b *txBatchState) pop(e *Endpoint, q *virtqueue.Queue) bool {
 		if q.Pop(&b.el) != nil {
 			break
 		}
-		if pkt, h := e.readFrame(&b.el, b.hdr[:]); pkt != nil {
+		if pkt, h := e.readFrame(&b.el, b.hdr[:], b.stats); pkt != nil {
 			b.pkts = append(b.pkts, pkt)
 			b.hdrs = append(b.hdrs, h)
 		}
@@ -114,8 +117,9 @@ func (b *txBatchState) pop(e *Endpoint, q *virtqueue.Queue) bool {
 // readFrame decodes one TX element: the virtio-net header, which may span
 // descriptors, then the frame, copied once into a new packet buffer. It
 // returns nil (and counts why) for frames it drops; the header is returned
-// with the frame.
-func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) (*stack.PacketBuffer, vnetHdr) {
+// with the frame, and frames it returns are counted in stats (their
+// transmit queue's).
+func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte, stats *QueueStats) (*stack.PacketBuffer, vnetHdr) {
 	hl := int(e.hdrLen.Load())
 	cur := iov.Tail{V: el.Out}
 	hb := cur.Remove(hl, scratch)
@@ -186,8 +190,8 @@ func (e *Endpoint) readFrame(el *virtqueue.Element, scratch []byte) (*stack.Pack
 	// a NIC offload would do. (The stack's NIC also sets this from our
 	// capabilities; see Capabilities.)
 	pkt.RXChecksumValidated = validated
-	e.Stats.TXFrames.Add(1)
-	e.Stats.TXBytes.Add(uint64(frameLen))
+	stats.Frames.Add(1)
+	stats.Bytes.Add(uint64(frameLen))
 	return pkt, h
 }
 

@@ -48,6 +48,7 @@ func declared(t *testing.T, a *appliance.Appliance) int {
 	}
 	count(endpoint.Stats{}, 1) // one guest port (max_guests 1)
 	count(endpoint.SwitchStats{}, 1)
+	count(endpoint.QueueStats{}, 2)
 	count(virtqueue.Stats{}, 2)
 	count(vhost.Stats{}, 1)
 	count(vhost.DialStats{}, 1)

@@ -21,52 +21,81 @@ import (
 
 const hdrLen = 12
 
-// GuestLink is a stack.LinkEndpoint over a vhosttest.Frontend's queues
-// (0 = RX, 1 = TX). Frames are posted with the header and the frame split
-// over several descriptors, as iPXE and Linux do.
+// GuestLink is a stack.LinkEndpoint over a vhosttest.Frontend's queue
+// pairs (2N = RX, 2N+1 = TX; as many pairs as the frontend has queues for).
+// Frames are posted with the header and the frame split over several
+// descriptors, as iPXE and Linux do. With several pairs it behaves like a
+// multiqueue guest driver: it receives on every pair and transmits each
+// flow on one pair (chosen by the stack's per-connection hash, as Linux
+// chooses by the sending CPU).
 type GuestLink struct {
 	f       *vhosttest.Frontend
 	mac     tcpip.LinkAddress
 	mtu     uint32
 	bufSize int
+	pairs   int
 
-	mu         sync.Mutex // guards the TX driver
+	mu         sync.Mutex // guards the TX drivers
 	dispatcher stack.NetworkDispatcher
 	dmu        sync.RWMutex
-	done       chan struct{}
+	wg         sync.WaitGroup
 	stop       chan struct{}
+	// active is how many pairs the link transmits on (SetActivePairs).
+	active atomic.Int32
 	// Counters for test diagnostics.
 	Delivered, Posted, RingFull, RXUsed atomic.Uint64
 	// TXSplit is the descriptor layout for transmitted frames (sizes of
 	// the leading pieces; the rest follows in one more descriptor).
 	TXSplit []int
+	// onRX is SetOnRX's function.
+	onRX atomic.Pointer[func(pair int, frame []byte)]
 }
 
 var _ stack.LinkEndpoint = (*GuestLink)(nil)
 
 // New returns a guest link on f (already Setup). It posts RX buffers of
-// bufSize bytes and starts reaping received frames.
+// bufSize bytes on every pair and starts reaping received frames.
 func New(f *vhosttest.Frontend, mac tcpip.LinkAddress, mtu uint32, bufSize int) *GuestLink {
-	l := &GuestLink{f: f, mac: mac, mtu: mtu, bufSize: bufSize, done: make(chan struct{}), stop: make(chan struct{}), TXSplit: []int{5, 7}}
-	rx := f.Drivers[0]
-	for i := 0; i < int(rx.Size)/2; i++ {
-		rx.Post(nil, nil, []int{bufSize}, false)
+	l := &GuestLink{f: f, mac: mac, mtu: mtu, bufSize: bufSize, pairs: max(len(f.Drivers)/2, 1), stop: make(chan struct{}), TXSplit: []int{5, 7}}
+	l.active.Store(int32(l.pairs))
+	for p := range l.pairs {
+		rx := f.Drivers[2*p]
+		for i := 0; i < int(rx.Size)/2; i++ {
+			rx.Post(nil, nil, []int{bufSize}, false)
+		}
+		f.Kick(2 * p)
+		l.wg.Add(1)
+		go l.rxLoop(p)
 	}
-	f.Kick(0)
-	go l.rxLoop()
 	return l
 }
 
-// Stop ends the receive loop.
-func (l *GuestLink) Stop() {
-	close(l.stop)
-	l.f.Calls[0].Interrupt()
-	<-l.done
+// SetOnRX sets a function called with each frame received and the pair it
+// came on (from that pair's receive goroutine); nil removes it.
+func (l *GuestLink) SetOnRX(fn func(pair int, frame []byte)) {
+	if fn == nil {
+		l.onRX.Store(nil)
+		return
+	}
+	l.onRX.Store(&fn)
 }
 
-func (l *GuestLink) rxLoop() {
-	defer close(l.done)
-	rx := l.f.Drivers[0]
+// SetActivePairs makes the link transmit on the first n pairs only, as a
+// Linux guest does after `ethtool -L eth0 combined n`.
+func (l *GuestLink) SetActivePairs(n int) { l.active.Store(int32(min(max(n, 1), l.pairs))) }
+
+// Stop ends the receive loops.
+func (l *GuestLink) Stop() {
+	close(l.stop)
+	for p := range l.pairs {
+		l.f.Calls[2*p].Interrupt()
+	}
+	l.wg.Wait()
+}
+
+func (l *GuestLink) rxLoop(p int) {
+	defer l.wg.Done()
+	rx := l.f.Drivers[2*p]
 	var pending []byte
 	var hdr [hdrLen]byte
 	need := 0
@@ -86,6 +115,9 @@ func (l *GuestLink) rxLoop() {
 			l.RXUsed.Add(1)
 			if need == 0 {
 				finishPartial(hdr[:], pending)
+				if fn := l.onRX.Load(); fn != nil {
+					(*fn)(p, pending)
+				}
 				l.deliver(pending)
 			}
 		}
@@ -95,7 +127,7 @@ func (l *GuestLink) rxLoop() {
 			rx.Post(nil, nil, []int{l.bufSize}, false)
 		}
 		if len(used) > 0 {
-			l.f.Kick(0)
+			l.f.Kick(2 * p)
 			continue
 		}
 		select {
@@ -103,7 +135,7 @@ func (l *GuestLink) rxLoop() {
 			return
 		default:
 		}
-		if _, err := l.f.Calls[0].Wait(); err != nil {
+		if _, err := l.f.Calls[2*p].Wait(); err != nil {
 			return
 		}
 	}
@@ -142,14 +174,20 @@ func (l *GuestLink) deliver(frame []byte) {
 }
 
 // WritePackets implements stack.LinkWriter.WritePackets: each frame is
-// posted on the TX ring behind a zero virtio-net header.
+// posted on its flow's TX ring behind a zero virtio-net header.
 func (l *GuestLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	tx := l.f.Drivers[1]
-	tx.Reap()
+	kicked := uint64(0)
 	n := 0
 	for _, pkt := range pkts.AsSlice() {
+		// The stack's hash is per connection (0 for ARP and the like).
+		p := int(pkt.Hash % uint32(l.active.Load()))
+		tx := l.f.Drivers[2*p+1]
+		if kicked&(1<<p) == 0 {
+			tx.Reap()
+		}
+		kicked |= 1 << p
 		buf := make([]byte, hdrLen, hdrLen+pkt.Size())
 		for _, s := range pkt.AsSlices() {
 			buf = append(buf, s...)
@@ -161,7 +199,11 @@ func (l *GuestLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error)
 		l.Posted.Add(1)
 		n++
 	}
-	l.f.Kick(1)
+	for p := range l.pairs {
+		if kicked&(1<<p) != 0 {
+			l.f.Kick(2*p + 1)
+		}
+	}
 	return n, nil
 }
 
