@@ -139,6 +139,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	port := endpoint.Options{
 		Memory:      a.linkMem,
 		MTU:         uint32(cfg.MTU),
+		QueuePairs:  cfg.Queues,
 		LinkAddress: tcpip.LinkAddress(cfg.GatewayMAC),
 		GuestMAC:    tcpip.LinkAddress(cfg.MAC),
 		ARPTargets:  []netip.Addr{cfg.IPv4.Gateway, cfg.IPv4.DNS},

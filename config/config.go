@@ -62,6 +62,10 @@ const (
 // MaxGuestsLimit bounds max_guests (the switch's ports; endpoint.MaxPorts).
 const MaxGuestsLimit = 64
 
+// MaxQueues bounds Queues (virtio-net queue pairs); the endpoint's
+// endpoint.MaxQueuePairs, which appliance tests check it equals.
+const MaxQueues = 16
+
 // DefaultMaxMemory is the default memory budget: fits a laptop, and is
 // enough for a few fast connections plus the minimum share of thousands
 // of stalled ones. MinMaxMemory is the least vunet runs with.
@@ -114,6 +118,9 @@ type Config struct {
 
 	// MTU is the link MTU offered to the guest.
 	MTU int
+	// Queues is the number of virtio-net queue pairs offered (multiqueue
+	// above 1; QEMU's -netdev vhost-user,queues= must not exceed it).
+	Queues int
 	// MAC is the guest's MAC address; DHCP reserves IPv4.Guest for it.
 	MAC net.HardwareAddr
 	// GatewayMAC is the MAC address the appliance answers with for the
@@ -284,6 +291,7 @@ func Default() *Config {
 		Sandbox:      SandboxOn,
 		RunAs:        DefaultRunAs,
 		MTU:          1500,
+		Queues:       1,
 		MAC:          net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}, // QEMU's default guest MAC
 		GatewayMAC:   net.HardwareAddr{0x52, 0x55, 0x0a, 0x00, 0x02, 0x02}, // locally administered, embeds 10.0.2.2 like slirp
 		IPv4: IPv4{

@@ -59,6 +59,8 @@ func TestValidateMessages(t *testing.T) {
 		{"log format", func(c *Config) { c.LogFormat = "xml" }, `log_format: "xml" is not one of text or json`},
 		{"mtu high", func(c *Config) { c.MTU = 70000 }, "mtu: 70000 is out of range 68..65520"},
 		{"mtu low", func(c *Config) { c.MTU = 67 }, "mtu: 67 is out of range 68..65520"},
+		{"no queues", func(c *Config) { c.Queues = 0 }, "queues: 0 is out of range 1..16"},
+		{"too many queues", func(c *Config) { c.Queues = 17 }, "queues: 17 is out of range 1..16"},
 		{"mac length", func(c *Config) { c.MAC = net.HardwareAddr{1, 2, 3} }, `mac: "01:02:03" is not a 48-bit MAC address`},
 		{"mac multicast", func(c *Config) { c.MAC = net.HardwareAddr{1, 0, 0, 0, 0, 1} }, "mac: 01:00:00:00:00:01 is a multicast address; the first octet must be even"},
 		{"mac zero", func(c *Config) { c.MAC = make(net.HardwareAddr, 6) }, "mac: 00:00:00:00:00:00 is the all-zero address"},
@@ -266,6 +268,7 @@ func TestApplyTOMLOverlaysOnlyPresentKeys(t *testing.T) {
 	c.Once = true
 	err := c.ApplyTOML([]byte(`
 mtu = 9000
+queues = 4
 once = false
 log_level = "debug"
 log_format = "json"
@@ -300,6 +303,7 @@ hostname = "vm"
 	want.Socket = "/from/lower/layer" // untouched: not in the file
 	want.Once = false                 // explicitly false in the file wins
 	want.MTU = 9000
+	want.Queues = 4
 	want.LogLevel = slog.LevelDebug
 	want.LogFormat = LogJSON
 	want.Forwards = []Forward{fwd("tcp", "127.0.0.1:8000", 80), fwd("tcp", "127.0.0.1:8001", 81), fwd("udp", "[::1]:53", 53)}

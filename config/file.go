@@ -35,6 +35,7 @@ type fileConfig struct {
 	Sandbox          string            `toml:"sandbox"`
 	RunAs            string            `toml:"runas"`
 	MTU              int               `toml:"mtu"`
+	Queues           int               `toml:"queues"`
 	MAC              string            `toml:"mac"`
 	GatewayMAC       string            `toml:"gateway_mac"`
 	MapHostLoopback  bool              `toml:"map_host_loopback"`
@@ -227,6 +228,9 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	if has("mtu") {
 		c.MTU = f.MTU
 	}
+	if has("queues") {
+		c.Queues = f.Queues
+	}
 	str([]string{"mac"}, f.MAC, func(s string) (err error) { c.MAC, err = ParseMAC(s); return })
 	str([]string{"gateway_mac"}, f.GatewayMAC, func(s string) (err error) { c.GatewayMAC, err = ParseMAC(s); return })
 
@@ -385,6 +389,7 @@ func (c *Config) WriteTOML(w io.Writer) error {
 		Sandbox:          string(c.Sandbox),
 		RunAs:            c.RunAs,
 		MTU:              c.MTU,
+		Queues:           c.Queues,
 		MAC:              c.MAC.String(),
 		GatewayMAC:       c.GatewayMAC.String(),
 		MapHostLoopback:  c.MapHostLoopback,

@@ -83,6 +83,9 @@ func (c *Config) Validate() error {
 	if c.MTU < MinMTU || c.MTU > MaxMTU {
 		es.add("mtu", "%d is out of range %d..%d", c.MTU, MinMTU, MaxMTU)
 	}
+	if c.Queues < 1 || c.Queues > MaxQueues {
+		es.add("queues", "%d is out of range 1..%d", c.Queues, MaxQueues)
+	}
 	validateMAC(&es, "mac", c.MAC)
 	validateMAC(&es, "gateway_mac", c.GatewayMAC)
 	if len(c.MAC) == 6 && bytes.Equal(c.MAC, c.GatewayMAC) {

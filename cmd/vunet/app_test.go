@@ -96,6 +96,7 @@ func TestFlags(t *testing.T) {
 		"--log-format", "json",
 		"--pcap", "/tmp/v.pcap",
 		"--mtu", "9000",
+		"--queues", "2",
 		"--mac", "52:54:00:aa:bb:cc",
 		"--subnet", "192.168.77.0/24", "--subnet", "fd77::/64",
 		"--gateway", "192.168.77.1",
@@ -122,6 +123,7 @@ func TestFlags(t *testing.T) {
 	want.LogFormat = config.LogJSON
 	want.PCAP = "/tmp/v.pcap"
 	want.MTU = 9000
+	want.Queues = 2
 	want.MAC = net.HardwareAddr{0x52, 0x54, 0, 0xaa, 0xbb, 0xcc}
 	want.IPv4 = config.IPv4{
 		Subnet:  netip.MustParsePrefix("192.168.77.0/24"),
@@ -202,6 +204,7 @@ func TestBadInvocations(t *testing.T) {
 		{append(sock, "--forward", "tcp:::1:8080:80"), nil, `vunet: --forward "tcp:::1:8080:80": IPv6 host address must be in brackets, as in "tcp:[::1]:8080:80"`},
 		{sock, map[string]string{"VUNET_FORWARD": "udp:70000:53"}, `vunet: --forward "udp:70000:53": host port 70000 is out of range 1..65535`},
 		{append(sock, "--mtu", "big"), nil, `vunet: --mtu "big": expected an integer 68..65520`},
+		{append(sock, "--queues", "two"), nil, `vunet: --queues "two": expected an integer 1..16`},
 		{append(sock, "--mac", "52:54:00"), nil, `vunet: --mac "52:54:00": expected a MAC address like 52:54:00:12:34:56`},
 		{append(sock, "--subnet", "10.0.2/24"), nil, `vunet: --subnet "10.0.2/24": expected a subnet like 10.0.2.0/24 or fd00::/64`},
 		{append(sock, "--subnet", "10.1.0.0/24", "--subnet", "10.2.0.0/24"), nil, `vunet: --subnet "10.2.0.0/24": IPv4 already given as "10.1.0.0/24"; give at most one per family`},
@@ -218,6 +221,7 @@ func TestBadInvocations(t *testing.T) {
 		{append(sock, "qemuargs"), nil, `vunet: unknown command "qemuargs" (see 'vunet --help')`},
 		// Values that parse but do not validate are reported under the flag.
 		{append(sock, "--mtu", "70000"), nil, "vunet: --mtu: 70000 is out of range 68..65520"},
+		{append(sock, "--queues", "17"), nil, "vunet: --queues: 17 is out of range 1..16"},
 		{append(sock, "--gateway", "10.9.9.9"), nil, "vunet: --gateway: 10.9.9.9 is not inside ipv4.subnet 10.0.2.0/24"},
 		{append(sock, "--forward", "tcp:8080:80", "--forward", "tcp:8079-8080:79-80"), nil, "vunet: --forward: tcp:127.0.0.1:8080 is forwarded more than once"},
 		{append(sock, "--connect", "/run/q.sock"), nil, "vunet: --connect: socket and connect are mutually exclusive; set only one"},
@@ -411,7 +415,7 @@ func TestEveryFlagHasEnvAndKey(t *testing.T) {
 	noKey := map[string]bool{flagConfig: true, flagPrintConfig: true}
 	keyed := map[string]bool{flagOnce: true, flagLogLevel: true, flagLogFormat: true, flagNoIPv6: true, flagNoMapHostLoopback: true,
 		flagDeny: true} // --deny shares egress.rules with --allow
-	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url",
+	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "queues", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url",
 		"egress.mode", "egress.allow_metadata", "egress.host_addresses", "egress.rules", "max_memory",
 		"socket_mode", "socket_group", "setup_timeout", "pcap_max_size", "sandbox", "runas", "ipv6.dhcpv6", "expose",
 		"max_guests", "isolate_guests"} {
@@ -548,6 +552,8 @@ func TestQEMUArgsGolden(t *testing.T) {
 		{"qemu-args-plain.golden", []string{"qemu-args", "--socket", "/run/vunet.sock", "--plain"}},
 		{"qemu-args-tcg.golden", []string{"qemu-args", "--connect", "/var/lib/vunet/vm1.sock", "--accel", "tcg", "--mem", "1G"}},
 		{"qemu-args-packed.golden", []string{"qemu-args", "--socket", "/run/vunet.sock", "--accel", "tcg", "--packed"}},
+		{"qemu-args-mq-tcg.golden", []string{"qemu-args", "--socket", "/run/vunet.sock", "--queues", "2", "--accel", "tcg"}},
+		{"qemu-args-mq-plain.golden", []string{"qemu-args", "--socket", "/run/vunet.sock", "--queues", "4", "--plain"}},
 	}
 	update := os.Getenv("VUNET_UPDATE_GOLDEN") == "1"
 	for _, tt := range tests {
@@ -573,12 +579,12 @@ func TestQEMUArgsGolden(t *testing.T) {
 }
 
 func TestQEMUArgsFromConfigAndEnv(t *testing.T) {
-	file := writeFile(t, "vunet.toml", "socket = \"/file.sock\"\nmac = \"52:54:00:00:00:99\"\n")
+	file := writeFile(t, "vunet.toml", "socket = \"/file.sock\"\nmac = \"52:54:00:00:00:99\"\nqueues = 3\n")
 	r := runVunet(t, map[string]string{"VUNET_MEM": "1G"}, "qemu-args", "--config", file, "--plain")
 	if r.err != nil {
 		t.Fatal(r.line())
 	}
-	for _, want := range []string{"size=1G\n", "path=/file.sock\n", "mac=52:54:00:00:00:99\n"} {
+	for _, want := range []string{"size=1G\n", "path=/file.sock\n", "mac=52:54:00:00:00:99,mq=on\n", "chardev=vunet0,queues=3\n"} {
 		if !strings.Contains(r.stdout, want) {
 			t.Errorf("output lacks %q:\n%s", want, r.stdout)
 		}
@@ -597,6 +603,8 @@ func TestQEMUArgsErrors(t *testing.T) {
 		{[]string{"qemu-args", "--socket", "/s", "--connect", "/c"}, "vunet: qemu-args: --socket and --connect are mutually exclusive"},
 		{[]string{"qemu-args", "--socket", "/s", "extra"}, `vunet: qemu-args: unexpected argument "extra"`},
 		{[]string{"qemu-args", "--socket", "/s", "--accel", "hvf"}, `vunet: --accel "hvf": expected kvm or tcg`},
+		{[]string{"qemu-args", "--socket", "/s", "--queues", "0"}, `vunet: --queues "0": expected an integer 1..16`},
+		{[]string{"qemu-args", "--socket", "/s", "--queues", "two"}, `vunet: --queues "two": expected an integer 1..16`},
 		{[]string{"qemu-args", "--bogus"}, "vunet: flag provided but not defined: -bogus (see 'vunet qemu-args --help')"},
 	}
 	for _, tt := range tests {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"strconv"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -29,7 +30,7 @@ func qemuArgsCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "qemu-args",
 		Usage:     "print the QEMU arguments and libvirt XML that attach a VM to vunet",
-		UsageText: "vunet qemu-args [--socket PATH | --connect PATH] [--mem 512M] [--mac MAC] [--accel kvm|tcg] [--packed] [--plain]",
+		UsageText: "vunet qemu-args [--socket PATH | --connect PATH] [--mem 512M] [--mac MAC] [--queues N] [--accel kvm|tcg] [--packed] [--plain]",
 		Description: "The memory size must equal the guest's -m: vhost-user needs the guest RAM in a\n" +
 			"shared memory backend so vunet can access the virtqueues. With --plain only the\n" +
 			"arguments are printed, one per line, for `mapfile -t args < <(vunet qemu-args --plain ...)`.",
@@ -38,6 +39,7 @@ func qemuArgsCommand() *cli.Command {
 			&cli.StringFlag{Name: flagSocket, Usage: "the vhost-user socket `PATH` vunet listens on (default: the one vunet picks without --socket)", EnvVars: envVar(flagSocket), TakesFile: true},
 			&cli.StringFlag{Name: flagConnect, Usage: "the socket `PATH` QEMU listens on (vunet --connect)", EnvVars: envVar(flagConnect), TakesFile: true},
 			&cli.StringFlag{Name: flagMAC, Usage: "guest `MAC` address", EnvVars: envVar(flagMAC), DefaultText: config.Default().MAC.String()},
+			&cli.StringFlag{Name: flagQueues, Usage: "queue pairs vunet offers (its --queues `N`): above 1, queues=N on the netdev and mq=on on the device", EnvVars: envVar(flagQueues), DefaultText: strconv.Itoa(config.Default().Queues)},
 			&cli.StringFlag{Name: "mem", Usage: "guest RAM `SIZE`; must equal -m", EnvVars: envVar("mem"), Value: "512M"},
 			&cli.StringFlag{Name: "accel", Usage: "the VM's accelerator, `kvm` or tcg (libvirt domain type='qemu'): tcg adds the vectors=0 workaround QEMU 7.2 needs", EnvVars: envVar("accel"), Value: accelKVM},
 			&cli.BoolFlag{Name: "packed", Usage: "give the NIC packed virtqueues (packed=on, VIRTIO_F_RING_PACKED) instead of split ones", EnvVars: envVar("packed")},
@@ -65,6 +67,14 @@ func qemuArgsAction(c *cli.Context) error {
 	if err := parseFlag(c, flagMAC, config.ParseMAC, &cfg.MAC); err != nil {
 		return err
 	}
+	if c.IsSet(flagQueues) {
+		v := c.String(flagQueues)
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > config.MaxQueues {
+			return flagError(flagQueues, v, fmt.Errorf("expected an integer 1..%d", config.MaxQueues))
+		}
+		cfg.Queues = n
+	}
 	switch {
 	case cfg.Socket == "" && cfg.Connect == "":
 		// The socket vunet listens on when it is given none.
@@ -82,7 +92,7 @@ func qemuArgsAction(c *cli.Context) error {
 		var es config.Errors
 		if errors.As(err, &es) {
 			for _, e := range es {
-				if e.Key == "mac" || e.Key == "socket" || e.Key == "connect" {
+				if e.Key == "mac" || e.Key == "socket" || e.Key == "connect" || e.Key == "queues" {
 					return usagef("qemu-args: %v", e)
 				}
 			}
@@ -124,6 +134,13 @@ func qemuArgs(cfg *config.Config, mem, accel string, packed bool) (args []qemuAr
 	if packed {
 		args[len(args)-1].val += ",packed=on"
 		args[len(args)-1].why += "; packed=on for packed virtqueues (vunet serves both ring formats)"
+	}
+	if q := cfg.Queues; q > 1 {
+		n := strconv.Itoa(q)
+		args[3].val += ",queues=" + n
+		args[3].why += ", with " + n + " queue pairs (vunet --queues " + n + ")"
+		args[4].val += ",mq=on"
+		args[4].why += "; mq=on: multiqueue, one pair per vCPU up to " + n
 	}
 	if accel == accelTCG {
 		args[len(args)-1].val += ",vectors=0"
@@ -211,8 +228,15 @@ func writeLibvirtXML(b *strings.Builder, cfg *config.Config, sock string, qemuSe
 	b.WriteString("  <devices>\n")
 	fmt.Fprintf(b, "    <interface type='vhostuser'>\n      <alias name='%s'/>\n      <mac address='%s'/>\n", libvirtAlias, xmlAttr(cfg.MAC.String()))
 	fmt.Fprintf(b, "      <source type='unix' path='%s' mode='%s'/>\n      <model type='virtio'/>\n", xmlAttr(sock), mode)
+	var driver []string
+	if cfg.Queues > 1 {
+		driver = append(driver, fmt.Sprintf("queues='%d'", cfg.Queues))
+	}
 	if packed {
-		b.WriteString("      <driver packed='on'/>\n")
+		driver = append(driver, "packed='on'")
+	}
+	if len(driver) > 0 {
+		fmt.Fprintf(b, "      <driver %s/>\n", strings.Join(driver, " "))
 	}
 	b.WriteString("    </interface>\n")
 	b.WriteString("  </devices>\n")

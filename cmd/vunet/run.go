@@ -38,6 +38,7 @@ const (
 	flagLogFormat         = "log-format"
 	flagPCAP              = "pcap"
 	flagMTU               = "mtu"
+	flagQueues            = "queues"
 	flagMAC               = "mac"
 	flagSubnet            = "subnet"
 	flagGateway           = "gateway"
@@ -65,7 +66,7 @@ const (
 // under the flag the user typed; "" when no flag sets the key.
 func flagForKey(key string) string {
 	switch key {
-	case "socket", "connect", "api", "pcap", "mtu", "mac", "sandbox", "runas":
+	case "socket", "connect", "api", "pcap", "mtu", "queues", "mac", "sandbox", "runas":
 		return key
 	case "max_guests":
 		return flagMaxGuests
@@ -159,6 +160,7 @@ func runFlags() []cli.Flag {
 		boolean(flagOnce, catEndpoint, "exit when the first VM disconnects (with --connect: instead of dialling again)"),
 
 		str(flagMTU, catNetwork, "link `MTU` ("+strconv.Itoa(config.MinMTU)+".."+strconv.Itoa(config.MaxMTU)+")", strconv.Itoa(d.MTU)),
+		str(flagQueues, catNetwork, "offer `N` virtio-net queue pairs (multiqueue above 1, 1.."+strconv.Itoa(config.MaxQueues)+"); start QEMU with queues=N on the netdev and mq=on on the device (vunet qemu-args --queues N)", strconv.Itoa(d.Queues)),
 		str(flagMAC, catNetwork, "guest `MAC` address", d.MAC.String()),
 		list(flagSubnet, catNetwork, "guest `SUBNET`, IPv4 or IPv6 (repeatable: once per family)", d.IPv4.Subnet.String()+", "+d.IPv6.Subnet.String()),
 		list(flagGateway, catNetwork, "gateway `ADDR`, IPv4 or IPv6 (repeatable: once per family)", d.IPv4.Gateway.String()+", "+d.IPv6.Gateway.String()),
@@ -322,6 +324,14 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 			return flagError(flagMTU, v, fmt.Errorf("expected an integer %d..%d", config.MinMTU, config.MaxMTU))
 		}
 		cfg.MTU = n
+	}
+	if c.IsSet(flagQueues) {
+		v := c.String(flagQueues)
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			return flagError(flagQueues, v, fmt.Errorf("expected an integer 1..%d", config.MaxQueues))
+		}
+		cfg.Queues = n
 	}
 	if err := parseFlag(c, flagMAC, config.ParseMAC, &cfg.MAC); err != nil {
 		return err

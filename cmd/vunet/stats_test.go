@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -32,10 +33,10 @@ import (
 
 // declared walks the metric tags of every layer's counter struct, the
 // way internal/metrics does, independently of it: the counters a real
-// appliance (IPv6, TFTP and --no-host-addresses on, one queue pair) must
+// appliance (IPv6, TFTP and --no-host-addresses on, --queues pairs) must
 // export. A new counter
 // struct is added here once; a new field of one of these needs nothing.
-func declared(t *testing.T, a *appliance.Appliance) int {
+func declared(t *testing.T, a *appliance.Appliance, pairs int) int {
 	t.Helper()
 	n := 0
 	count := func(v any, times int) {
@@ -48,8 +49,8 @@ func declared(t *testing.T, a *appliance.Appliance) int {
 	}
 	count(endpoint.Stats{}, 1) // one guest port (max_guests 1)
 	count(endpoint.SwitchStats{}, 1)
-	count(endpoint.QueueStats{}, 2)
-	count(virtqueue.Stats{}, 2)
+	count(endpoint.QueueStats{}, 2*pairs)
+	count(virtqueue.Stats{}, 2*pairs)
 	count(vhost.Stats{}, 1)
 	count(vhost.DialStats{}, 1)
 	count(forward.Stats{}, 1)
@@ -71,7 +72,8 @@ func declared(t *testing.T, a *appliance.Appliance) int {
 
 // TestEveryCounterInEveryOutput: every series the layers declare appears
 // in GET /v1/stats (vunet stats --json), GET /metrics (--metrics) and the
-// human `vunet stats`, served by a real appliance.
+// human `vunet stats`, served by a real appliance with two queue pairs:
+// each of the four queues has its link and virtqueue counters everywhere.
 func TestEveryCounterInEveryOutput(t *testing.T) {
 	dir := t.TempDir()
 	cfg := config.Default()
@@ -81,6 +83,7 @@ func TestEveryCounterInEveryOutput(t *testing.T) {
 	cfg.Boot.TFTPRoot = dir
 	cfg.Egress.HostAddresses = false
 	cfg.PCAP = filepath.Join(dir, "capture.pcap")
+	cfg.Queues = 2
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +95,7 @@ func TestEveryCounterInEveryOutput(t *testing.T) {
 	sock := fakeServer(t, a)
 
 	want := a.Stats().Metrics
-	if n := declared(t, a); len(want) != n {
+	if n := declared(t, a, cfg.Queues); len(want) != n {
 		t.Fatalf("the appliance exports %d series, the layers declare %d", len(want), n)
 	}
 
@@ -137,6 +140,14 @@ func TestEveryCounterInEveryOutput(t *testing.T) {
 	} {
 		if !strings.Contains(metrics.stdout, "\n"+name) {
 			t.Errorf("metrics lack %s", name)
+		}
+	}
+	for q := range 2 * cfg.Queues {
+		dir := map[int]string{0: "to_guest", 1: "from_guest"}[q%2]
+		for _, name := range []string{"vunet_link_frames_total", "vunet_virtqueue_popped_total"} {
+			if _, ok := st.Find(name, "guest", "0", "queue", strconv.Itoa(q), "direction", dir); !ok {
+				t.Errorf("stats lack %s of queue %d (%s)", name, q, dir)
+			}
 		}
 	}
 	if _, ok := st.Find("vunet_link_drops_total", "guest", "0", "reason", "rx_segment_no_buffer"); !ok {

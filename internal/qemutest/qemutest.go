@@ -207,6 +207,9 @@ type Guest struct {
 	// "mrg_rxbuf=off" or "mac=52:54:00:00:00:01,host_mtu=9000" (a leading
 	// comma is optional).
 	DeviceOpts string
+	// NetdevOpts is appended to the vhost-user -netdev options, e.g.
+	// "queues=2" (a leading comma is optional).
+	NetdevOpts string
 	// NoNet boots without any network device (-nic none).
 	NoNet bool
 
@@ -411,6 +414,13 @@ func (g *Guest) args(kernel, initrd string) []string {
 		args = append(args, "-nic", "none")
 	} else {
 		args = append(args, NetArgs(g.Socket, g.ChardevOpts, g.DeviceOpts)...)
+		if opts := strings.TrimPrefix(g.NetdevOpts, ","); opts != "" {
+			for i := range args[:len(args)-1] {
+				if args[i] == "-netdev" {
+					args[i+1] += "," + opts
+				}
+			}
+		}
 	}
 	return append(args, g.ExtraArgs...)
 }
