@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -18,6 +19,8 @@ import (
 	"github.com/vunet/vunet/endpoint/endpointtest"
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/netstack/netstacktest"
+	"github.com/vunet/vunet/vhost"
+	"github.com/vunet/vunet/vhost/protocol"
 	"github.com/vunet/vunet/vhost/vhosttest"
 )
 
@@ -208,4 +211,110 @@ func echoOnce(ctx context.Context, guest *stack.Stack, i, size int) error {
 		return fmt.Errorf("connection %d: got %d of %d bytes back (equal %v): %v", i, len(back), size, bytes.Equal(back, up), err)
 	}
 	return nil
+}
+
+// startPairs is a vunet stack behind a 2-pair endpoint, served on a fresh
+// socket, with a mock frontend of queues queues dialled (not yet set up).
+func startPairs(t *testing.T, queues int) (*endpoint.Endpoint, *vhost.Server, *netstack.Stack, *vhosttest.Frontend) {
+	t.Helper()
+	ep, err := endpoint.New(endpoint.Options{LinkAddress: netstacktest.HostMAC, GuestMAC: netstacktest.GuestMAC, QueuePairs: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, err := netstack.New(netstack.Options{Endpoint: ep, Gateway4: netstacktest.Gateway4, DNS4: netstacktest.DNS4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(host.Close)
+	srv, sock := vhosttest.StartServer(t, ep)
+	f, err := vhosttest.Dial(sock, vhosttest.Options{MemSize: 64 << 20, Queues: queues})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	ln, err := netstacktest.ListenTCP(host.Stack(), netip.AddrPortFrom(netstacktest.Gateway4.Addr(), 80))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go echoServer(ln)
+	return ep, srv, host, f
+}
+
+// guestOn attaches a gVisor guest stack to f's pairs.
+func guestOn(t *testing.T, f *vhosttest.Frontend) (*endpointtest.GuestLink, *stack.Stack) {
+	t.Helper()
+	gl := endpointtest.New(f, netstacktest.GuestMAC, 1500, 1526)
+	t.Cleanup(gl.Stop)
+	guest, err := netstacktest.NewGuest(gl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(guest.Destroy)
+	return gl, guest
+}
+
+// TestPairsEnabledOutOfOrder: a frontend that enables only receive queue 2
+// and transmit queue 1 (one ring of each pair, so neither pair is whole)
+// still gets a working link: every frame to the guest goes to queue 2,
+// every frame from it comes on queue 1, nothing is dropped as
+// rx_not_connected. Mutation checked by hand: steering over every pair's
+// receive queue instead of the running ones (updateActiveRX keeping
+// stopped queues) fails the transfers.
+func TestPairsEnabledOutOfOrder(t *testing.T) {
+	ep, _, _, f := startPairs(t, 4)
+	if err := f.Setup(^uint64(0)); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []uint32{3, 0} { // odd order: pair 1's TX first
+		if err := f.Ack(protocol.SetVringEnable, protocol.EncodeVringState(nil, protocol.VringState{Index: q, Num: 0}), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for q, want := range []bool{false, true, true, false} {
+		if got := ep.RingState(q).Ready; got != want {
+			t.Fatalf("queue %d running %v, want %v", q, got, want)
+		}
+	}
+	gl, guest := guestOn(t, f)
+	gl.SetActivePairs(1)
+	before := [4]uint64{}
+	for i := range before {
+		before[i] = ep.Stats.Queues[i].Frames.Load()
+	}
+	if err := parallelEcho(guest, 4, 64<<10); err != nil {
+		t.Fatalf("%v (rx_not_connected %d)", err, ep.Stats.RXNotConnected.Load())
+	}
+	for q, moved := range []bool{false, true, true, false} {
+		if got := ep.Stats.Queues[q].Frames.Load() != before[q]; got != moved {
+			t.Errorf("queue %d carried frames: %v, want %v", q, got, moved)
+		}
+	}
+	if n := ep.Stats.RXNotConnected.Load(); n != 0 {
+		t.Errorf("%d frames dropped as rx_not_connected with queue 2 running", n)
+	}
+}
+
+// TestFrontendMoreQueuesThanOffered: a frontend that sets up six rings on a
+// device of two pairs is refused ring 4 (REPLY_ACK failure, counted as a
+// bad message), and the four rings the device has work.
+func TestFrontendMoreQueuesThanOffered(t *testing.T) {
+	ep, srv, _, f := startPairs(t, 6)
+	err := f.Setup(^uint64(0))
+	if err == nil || !strings.Contains(err.Error(), "queue 4") {
+		t.Fatalf("Setup of 6 rings on 2 pairs: %v, want ring 4 refused", err)
+	}
+	if n := srv.Stats.BadMessages.Load(); n == 0 {
+		t.Error("the refused ring was not counted as a bad message")
+	}
+	f.Drivers, f.Kicks, f.Calls = f.Drivers[:4], f.Kicks[:4], f.Calls[:4]
+	_, guest := guestOn(t, f)
+	if err := parallelEcho(guest, 8, 32<<10); err != nil {
+		t.Fatal(err)
+	}
+	for q := range 4 {
+		if ep.Stats.Queues[q].Frames.Load() == 0 {
+			t.Errorf("queue %d idle", q)
+		}
+	}
 }
