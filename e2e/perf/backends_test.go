@@ -39,6 +39,9 @@ type backendSpec struct {
 	// Bin, for vunet only, runs this vunet binary instead of the default
 	// one: two builds compared in one interleaved run (before/after).
 	Bin string
+	// Queues is vunet's --queues (0: the default, 1); above 1 the guest's
+	// NIC gets queues=N and mq=on.
+	Queues int
 }
 
 func (b backendSpec) String() string {
@@ -49,13 +52,16 @@ func (b backendSpec) String() string {
 	if b.Bin != "" {
 		s += ":bin=" + b.Bin
 	}
+	if b.Queues != 0 {
+		s += fmt.Sprintf(":queues=%d", b.Queues)
+	}
 	return s
 }
 
 // parseBackends reads a comma-separated list such as
 // "vunet,passt-vhost,passt,gvproxy,vunet:mtu=65520"; options follow the
 // kind, each after a colon: mtu=N (576..65520) and, for vunet,
-// bin=PATH ("vunet:mtu=65520:bin=/tmp/vunet-old").
+// bin=PATH ("vunet:mtu=65520:bin=/tmp/vunet-old") and queues=N (1..16).
 func parseBackends(s string) ([]backendSpec, error) {
 	var out []backendSpec
 	for _, f := range strings.Split(s, ",") {
@@ -82,8 +88,14 @@ func parseBackends(s string) ([]backendSpec, error) {
 				spec.MTU = n
 			case k == "bin" && kind == "vunet" && v != "":
 				spec.Bin = v
+			case k == "queues" && kind == "vunet":
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 1 || n > 16 {
+					return nil, fmt.Errorf("backend %q: queues=N wants 1..16", f)
+				}
+				spec.Queues = n
 			default:
-				return nil, fmt.Errorf("backend %q: unknown option %q (mtu=N; bin=PATH for vunet)", f, opt)
+				return nil, fmt.Errorf("backend %q: unknown option %q (mtu=N; bin=PATH and queues=N for vunet)", f, opt)
 			}
 		}
 		out = append(out, spec)
@@ -193,13 +205,17 @@ type backend struct {
 // -chardev socket + -netdev vhost-user); passt and gvproxy speak QEMU's stream
 // netdev (4-byte length-prefixed frames over a unix socket). The device is
 // the same virtio-net-pci (vectors=0, no ROM) in every case.
-func (b *backend) guest(script string, memMB int, timeout time.Duration) *qemutest.Guest {
+func (b *backend) guest(script string, memMB, smp int, timeout time.Duration) *qemutest.Guest {
 	g := &qemutest.Guest{Script: script, MemMB: memMB, Timeout: timeout,
 		// Names QEMU's threads ("CPU 0/TCG"), so vcpuTime can find them.
-		ExtraArgs: []string{"-name", "perf,debug-threads=on"}}
+		ExtraArgs: []string{"-name", "perf,debug-threads=on", "-smp", strconv.Itoa(smp)}}
 	switch b.spec.Kind {
 	case "vunet", "passt-vhost":
 		g.Socket = b.socket
+		if b.spec.Queues > 1 {
+			g.NetdevOpts = "queues=" + strconv.Itoa(b.spec.Queues)
+			g.DeviceOpts = "mq=on"
+		}
 	default:
 		dev := "virtio-net-pci,netdev=n0,romfile=,vectors=0"
 		if b.spec.Kind == "gvproxy" {
@@ -238,6 +254,9 @@ func startBackend(ctx context.Context, bins *binaries, spec backendSpec, dir str
 		args = []string{"--socket", sock, "--log-level", "info", "--api", b.api}
 		if spec.MTU != 0 {
 			args = append(args, "--mtu", strconv.Itoa(spec.MTU))
+		}
+		if spec.Queues != 0 {
+			args = append(args, "--queues", strconv.Itoa(spec.Queues))
 		}
 		ready = func(p *proc) bool { return sockExists(p) && strings.Contains(p.Output(), "vunet ready") }
 	case "passt", "passt-vhost":

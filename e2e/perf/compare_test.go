@@ -28,7 +28,10 @@ import (
 //	VUNET_PERF_BACKENDS          default "vunet,passt,gvproxy"; also
 //	                             "passt-vhost" (passt --vhost-user); each
 //	                             entry may carry ":mtu=N" (e.g.
-//	                             vunet:mtu=65520)
+//	                             vunet:mtu=65520), vunet also
+//	                             ":queues=N" (multiqueue; the NIC gets
+//	                             queues=N,mq=on)
+//	VUNET_PERF_SMP               guest vCPUs, -smp (default 1)
 //	VUNET_PERF_REPS              repetitions of the whole round (default 3)
 //	VUNET_PERF_SECONDS           iperf3 -t (default 10)
 //	VUNET_PERF_STREAMS           iperf3 -P values (default "1,4")
@@ -135,6 +138,7 @@ func TestCompare(t *testing.T) {
 	reps := envInt(t, "VUNET_PERF_REPS", 3)
 	secs := envInt(t, "VUNET_PERF_SECONDS", 10)
 	memMB := envInt(t, "VUNET_PERF_MEM", 512)
+	smp := envInt(t, "VUNET_PERF_SMP", 1)
 	maxOther := float64(envInt(t, "VUNET_PERF_MAX_OTHER", 10)) / 100
 	retries := 2
 	if v := os.Getenv("VUNET_PERF_RETRIES"); v != "" {
@@ -201,7 +205,7 @@ func TestCompare(t *testing.T) {
 			for attempt := 0; ; attempt++ {
 				var err error
 				var started bool
-				res, started, err = runOne(t, bins, spec, rep, tests, secs, memMB, dir, profDir, gf)
+				res, started, err = runOne(t, bins, spec, rep, tests, secs, memMB, smp, dir, profDir, gf)
 				if err != nil {
 					t.Errorf("rep %d %s: %v", rep, spec, err)
 					if !started {
@@ -232,7 +236,7 @@ func TestCompare(t *testing.T) {
 		}
 	}
 
-	report := formatReport(specs, tests, samples, unavailable, reps, secs, memMB, maxOther, meta)
+	report := formatReport(specs, tests, samples, unavailable, reps, secs, memMB, smp, maxOther, meta)
 	fmt.Fprintf(os.Stdout, "\n%s\n", report)
 	if out := os.Getenv("VUNET_PERF_OUT"); out != "" {
 		if err := os.WriteFile(out, []byte(report), 0o644); err != nil {
@@ -400,7 +404,7 @@ type guestFiles struct {
 	latSecs   int
 }
 
-func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []perfTest, secs, memMB int, dir, profDir string, gf guestFiles) (_ []sample, started bool, _ error) {
+func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []perfTest, secs, memMB, smp int, dir, profDir string, gf guestFiles) (_ []sample, started bool, _ error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(len(tests)*(secs+30)+180)*time.Second)
 	defer cancel()
@@ -439,7 +443,7 @@ func runOne(t *testing.T, bins *binaries, spec backendSpec, rep int, tests []per
 	}
 	defer b.proc.Stop(5 * time.Second)
 
-	g := b.guest(guestScript(b.target, basePort, tests, secs, gf), memMB, time.Duration(len(tests)*(secs+30)+120)*time.Second)
+	g := b.guest(guestScript(b.target, basePort, tests, secs, gf), memMB, smp, time.Duration(len(tests)*(secs+30)+120)*time.Second)
 	if gf.latClient != nil {
 		g.Files = map[string][]byte{"/bin/latclient": gf.latClient}
 	}
@@ -667,10 +671,10 @@ func describeMachine(root string, bins *binaries) string {
 
 // formatReport renders the per-run results, the summary and the ratios as
 // markdown.
-func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unavailable map[string]string, reps, secs, memMB int, maxOther float64, meta string) string {
+func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unavailable map[string]string, reps, secs, memMB, smp int, maxOther float64, meta string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "## Throughput comparison (%s)\n\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"))
-	fmt.Fprintf(&b, "%s- iperf3 -t %d, %d repetition(s) interleaved, guest RAM %d MiB\n\n", meta, secs, reps, memMB)
+	fmt.Fprintf(&b, "%s- iperf3 -t %d, %d repetition(s) interleaved, guest RAM %d MiB, %d vCPU(s)\n\n", meta, secs, reps, memMB, smp)
 	for k, v := range unavailable {
 		fmt.Fprintf(&b, "**%s unavailable**: %s\n\n", k, v)
 	}

@@ -47,6 +47,24 @@ func TestParseBackendsPasstVhost(t *testing.T) {
 	}
 }
 
+// TestParseBackendsQueues: vunet takes queues=N next to mtu=N, in either
+// order; other backends and bad counts are refused.
+func TestParseBackendsQueues(t *testing.T) {
+	specs, err := parseBackends("vunet:queues=2,vunet:queues=2:mtu=65520,vunet:mtu=9000:queues=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []backendSpec{{Kind: "vunet", Queues: 2}, {Kind: "vunet", MTU: 65520, Queues: 2}, {Kind: "vunet", MTU: 9000, Queues: 1}}
+	if len(specs) != 3 || specs[0] != want[0] || specs[1] != want[1] || specs[2] != want[2] || specs[1].String() != "vunet:mtu=65520:queues=2" {
+		t.Fatalf("parseBackends: %+v", specs)
+	}
+	for _, bad := range []string{"passt-vhost:queues=2", "vunet:queues=0", "vunet:queues=17", "vunet:mq=on"} {
+		if _, err := parseBackends(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
 // TestMemKB reads this process's own VmHWM and RssAnon: both present and
 // the peak at least the private part.
 func TestMemKB(t *testing.T) {
@@ -171,7 +189,7 @@ func TestLatencyReport(t *testing.T) {
 		{Spec: p, Rep: 1, Test: tests[0], Lat: latResult{N: 900, P50: 100, P99: 500}},
 		{Spec: v, Rep: 1, Test: up, Mbps: 1000, Bytes: 1e9},
 	}
-	r := formatReport([]backendSpec{v, p}, append([]perfTest{up}, tests...), samples, nil, 1, 10, 512, 0.1, "m")
+	r := formatReport([]backendSpec{v, p}, append([]perfTest{up}, tests...), samples, nil, 1, 10, 512, 1, 0.1, "m")
 	for _, want := range []string{
 		"| vunet | TCP_RR | 1 | 120 | 400 | 1000 | 1000.0 |",
 		"| passt-vhost | TCP_RR | 1 | 100 | 500 | 900 | 0.0 |",
