@@ -310,6 +310,7 @@ func (s *session) setMemTable(a memTable) error {
 	paused := s.pauseAll()
 	s.mem.Close()
 	s.mem = t
+	clear(s.memDups)
 	s.log.Debug("memory table set", "regions", len(a.regions))
 	for i := range s.vrings {
 		paused = append(paused, i) // queues waiting for memory may start now
@@ -318,6 +319,16 @@ func (s *session) setMemTable(a memTable) error {
 }
 
 func (s *session) addMemReg(a memRegion) error {
+	if k := (memKey{a.r.GuestAddr, a.r.UserAddr, a.r.Size}); s.mem.Has(k.guest, k.user, k.size) {
+		// The same region again: another queue pair's vhost device
+		// (QEMU < 8.0). Nothing to map; the queues keep running.
+		if s.memDups[k] >= maxQueues {
+			return fmt.Errorf("ADD_MEM_REG: region guest %#x+%#x added %d times", k.guest, k.size, s.memDups[k]+1)
+		}
+		s.memDups[k]++
+		s.log.Debug("memory region added again", "guest_addr", fmt.Sprintf("%#x", k.guest), "size", k.size, "references", s.memDups[k]+1)
+		return nil
+	}
 	reg, err := s.mapRegion(a.r, a.fd)
 	if err != nil {
 		return err
@@ -347,6 +358,13 @@ func (s *session) addMemReg(a memRegion) error {
 }
 
 func (s *session) remMemReg(a memRegion) error {
+	if k := (memKey{a.r.GuestAddr, a.r.UserAddr, a.r.Size}); s.memDups[k] > 0 {
+		s.memDups[k]-- // another queue pair's device still has it
+		if s.memDups[k] == 0 {
+			delete(s.memDups, k)
+		}
+		return nil
+	}
 	paused := s.pauseAll()
 	err := s.mem.Remove(a.r.GuestAddr, a.r.UserAddr, a.r.Size)
 	if err == nil && len(paused) > 0 {

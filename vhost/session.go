@@ -96,8 +96,15 @@ type session struct {
 	protoAcked uint64
 	status     uint8
 	mem        *memory.Table
-	vrings     []*vring
-	rarp       [6]byte
+	// memDups counts the extra ADD_MEM_REGs of regions already in mem:
+	// QEMU before 8.0 sends every ADD_MEM_REG and REM_MEM_REG once per
+	// vhost device, that is once per queue pair, all with the same
+	// region. A repeat is a reference, not a new mapping; REM_MEM_REG
+	// drops a reference first and unmaps with the last one. At most
+	// maxQueues per region (more is refused as an overlap).
+	memDups map[memKey]int
+	vrings  []*vring
+	rarp    [6]byte
 
 	// Device-state transfer (devstate.go); state nil: not offered.
 	state        DeviceState
@@ -105,9 +112,12 @@ type session struct {
 	xfer         *transfer
 }
 
+// memKey names a memory region as ADD_MEM_REG and REM_MEM_REG do.
+type memKey struct{ guest, user, size uint64 }
+
 func newSession(log *slog.Logger, b Backend, stats *Stats, onQueueErr func(int, error)) *session {
 	n := min(b.NumQueues(), maxQueues)
-	s := &session{log: log, backend: b, stats: stats, mem: &memory.Table{}, vrings: make([]*vring, n), onQueueErr: onQueueErr}
+	s := &session{log: log, backend: b, stats: stats, mem: &memory.Table{}, memDups: map[memKey]int{}, vrings: make([]*vring, n), onQueueErr: onQueueErr}
 	for i := range s.vrings {
 		s.vrings[i] = s.newVring(i)
 	}

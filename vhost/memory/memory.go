@@ -116,6 +116,17 @@ func (t *Table) Add(r Region) error {
 	return nil
 }
 
+// Has reports whether the table holds a region with exactly this guest
+// address, user address and size (what Remove would remove).
+func (t *Table) Has(guestAddr, userAddr, size uint64) bool {
+	for i := range t.regions {
+		if r := &t.regions[i]; r.GuestAddr == guestAddr && r.UserAddr == userAddr && r.Size() == size {
+			return true
+		}
+	}
+	return false
+}
+
 // Remove deletes the region with the given guest address, user address and
 // size, releases its mapping and returns any error from doing so.
 func (t *Table) Remove(guestAddr, userAddr, size uint64) error {
