@@ -359,7 +359,7 @@ func (r *rxState) writeFrame(e *Endpoint, q *virtqueue.Queue, slices [][]byte, f
 	rem := total
 	for i := 0; i < count; i++ {
 		c := min(iov.Size(elems[i].In), rem)
-		q.Push(elems[i].Head, uint32(c))
+		q.PushElement(&elems[i], uint32(c)) // marks the pages written during a migration
 		rem -= c
 	}
 	if e.opts.Pcap != nil {

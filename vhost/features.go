@@ -3,7 +3,10 @@ package vhost
 // Virtio feature bits used by the vhost-user layer itself. Device-specific
 // bits (offloads and so on) come from the Backend.
 const (
-	FeatureNotifyOnEmpty    = 24
+	FeatureNotifyOnEmpty = 24
+	// FeatureLogAll is VHOST_F_LOG_ALL: while acked (a live migration),
+	// every write to guest memory is marked in the dirty log.
+	FeatureLogAll           = 26
 	FeatureAnyLayout        = 27
 	FeatureIndirectDesc     = 28
 	FeatureEventIdx         = 29

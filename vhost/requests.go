@@ -14,7 +14,7 @@ import (
 // pairing a decoder (payload bytes → a typed, validated argument, with the
 // vring looked up for the per-queue requests) with a handler that only
 // says what the request means. A request missing from the table is refused
-// as unsupported (SET_LOG_BASE, SET_LOG_FD, IOTLB_MSG, ... are not offered).
+// as unsupported (IOTLB_MSG, SET_INFLIGHT_FD, ... are not offered).
 
 // handler executes one request.
 type handler struct {
@@ -83,6 +83,8 @@ var handlers = map[protocol.Request]handler{
 	protocol.GetStatus:           get(noArgs, (*session).getStatus),
 	protocol.SetDeviceStateFD:    get(deviceStateArg, (*session).setDeviceStateFD),
 	protocol.CheckDeviceState:    get(noArgs, (*session).checkDeviceState),
+	protocol.SetLogBase:          get(logBaseArg, (*session).setLogBase),
+	protocol.SetLogFD:            set(logFDArg, (*session).setLogFD),
 }
 
 // expectsReply says which requests always answer, NEED_REPLY or not.
@@ -200,12 +202,21 @@ func memRegionArg(_ *session, m *protocol.Message) (memRegion, error) {
 
 func (s *session) getFeatures(struct{}) ([]byte, error) { return u64(s.offered()), nil }
 
+// setFeatures records the acked bits. VHOST_F_LOG_ALL is the control
+// plane's own: the backend never sees it, and turning it on or off (at the
+// start or end of a migration, while the queues run) restarts the running
+// queues with buffer logging on or off.
 func (s *session) setFeatures(v uint64) error {
 	if v&^s.offered() != 0 {
 		return fmt.Errorf("features %#x not offered (offered %#x)", v, s.offered())
 	}
+	var paused []int
+	if (v^s.features)&(1<<FeatureLogAll) != 0 {
+		paused = s.pauseAll()
+		s.log.Info("dirty-page logging", "on", v&(1<<FeatureLogAll) != 0)
+	}
 	s.features = v
-	return s.backend.SetFeatures(v)
+	return errors.Join(s.backend.SetFeatures(v&^(1<<FeatureLogAll)), s.resume(paused))
 }
 
 func (s *session) getProtocolFeatures(struct{}) ([]byte, error) { return u64(s.protocolOffered()), nil }
@@ -406,6 +417,16 @@ func (s *session) setVringAddr(a vringArg[protocol.VringAddr]) error {
 	if a.v.Desc%16 != 0 || a.v.Avail%availAlign != 0 || a.v.Used%4 != 0 {
 		return fmt.Errorf("vring %d: misaligned rings: desc %#x (align 16) avail %#x (%d) used %#x (4)", a.idx, a.v.Desc, a.v.Avail, availAlign, a.v.Used)
 	}
+	if a.v.Flags&^protocol.VringFLog != 0 {
+		return fmt.Errorf("vring %d: unknown address flags %#x", a.idx, a.v.Flags)
+	}
+	if a.v.Flags&protocol.VringFLog != 0 && s.dirty != nil && !s.dirty.Covers(a.v.Log, usedRingSize(a.vr.num)) {
+		return fmt.Errorf("vring %d: used ring log at %#x outside the dirty log (%#x bytes)", a.idx, a.v.Log, s.dirty.Size())
+	}
+	// A running queue is restarted so that a change of its logging
+	// (VHOST_VRING_F_LOG, sent while it runs when a migration starts or
+	// ends) takes effect; the ring itself continues where it was.
+	s.stopVring(a.idx)
 	a.vr.addr, a.vr.hasAddr = a.v, true
 	return s.update(a.idx)
 }

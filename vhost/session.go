@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/vunet/vunet/vhost/dirtylog"
 	"github.com/vunet/vunet/vhost/memory"
 	"github.com/vunet/vunet/vhost/protocol"
 	"github.com/vunet/vunet/vhost/virtqueue"
@@ -16,18 +17,18 @@ import (
 const maxQueues = 64
 
 // protocolFeatures are the vhost-user protocol extensions we offer.
-// LOG_SHMFD (live migration dirty logging) is not offered, so SET_LOG_BASE
-// and SET_LOG_FD are refused. GET_CONFIG/SET_CONFIG are answered, but
+// LOG_SHMFD is live migration's dirty-page log (SET_LOG_BASE with a shared
+// memory file, see log.go). GET_CONFIG/SET_CONFIG are answered, but
 // CONFIG is not offered: QEMU's virtio-net keeps its own config space and
 // warns at every start when a net backend offers it.
 const protocolFeatures = 1<<protocol.ProtoMQ | 1<<protocol.ProtoRARP | 1<<protocol.ProtoReplyAck |
 	1<<protocol.ProtoNetMTU | 1<<protocol.ProtoResetDevice |
-	1<<protocol.ProtoConfigureMemSlots | 1<<protocol.ProtoStatus
+	1<<protocol.ProtoConfigureMemSlots | 1<<protocol.ProtoStatus | 1<<protocol.ProtoLogSHMFD
 
 // transportFeatures are the virtio bits the control plane and virtqueue
 // package implement regardless of device.
 const transportFeatures = 1<<FeatureVersion1 | 1<<FeatureIndirectDesc | 1<<FeatureEventIdx |
-	1<<FeatureProtocolFeatures | 1<<FeatureNotifyOnEmpty | 1<<FeatureAnyLayout | 1<<FeatureRingPacked
+	1<<FeatureProtocolFeatures | 1<<FeatureNotifyOnEmpty | 1<<FeatureAnyLayout | 1<<FeatureRingPacked | 1<<FeatureLogAll
 
 // ErrProtocol marks frontend misbehaviour that ends the session.
 var ErrProtocol = errors.New("vhost-user protocol error")
@@ -66,6 +67,12 @@ type Stats struct {
 	DeviceStateSaves  atomic.Uint64 `metric:"vhost_device_state_transfers_total{direction=save}" help:"Device-state transfers (vhost-user DEVICE_STATE) completed, by direction."`
 	DeviceStateLoads  atomic.Uint64 `metric:"vhost_device_state_transfers_total{direction=load}"`
 	DeviceStateErrors atomic.Uint64 `metric:"vhost_device_state_errors_total" help:"Device-state transfers refused or failed: not negotiated, bad direction, phase or descriptor, pipe error or deadline, size limit, or a state the device refused."`
+	// Live migration: the dirty-page log (log.go). DirtyLogsRefused are
+	// also counted in BadMessages (so not in the hostile rollup twice).
+	DirtyLogs        atomic.Uint64 `metric:"vhost_dirty_logs_total" help:"Dirty-page logs mapped for a live migration (SET_LOG_BASE accepted; the frontend sends another when guest memory grows)."`
+	DirtyLogsRefused atomic.Uint64 `metric:"vhost_dirty_logs_refused_total" help:"SET_LOG_BASE requests refused: a range outside the log file, a log too small for guest memory or a ring, a descriptor that is not a memory file, no LOG_SHMFD."`
+	DirtyPages       atomic.Uint64 `metric:"vhost_dirty_pages_logged_total" help:"Guest pages vunet marked dirty in the migration log (a page counts again once the frontend has collected it)."`
+	DirtyLogOutside  atomic.Uint64 `metric:"vhost_dirty_log_outside_total" help:"Writes to guest memory during a migration that fell outside the dirty log (their pages may reach the destination stale)."`
 }
 
 // vring is the control-plane view of one queue.
@@ -110,6 +117,12 @@ type session struct {
 	state        DeviceState
 	stateTimeout time.Duration
 	xfer         *transfer
+	// dirty is the migration's dirty-page log (SET_LOG_BASE), logFD the
+	// frontend's eventfd to signal after marking it (SET_LOG_FD); both
+	// nil when not migrating. They change only while the queues are
+	// stopped.
+	dirty *dirtylog.Log
+	logFD *virtqueue.EventFD
 }
 
 // memKey names a memory region as ADD_MEM_REG and REM_MEM_REG do.
@@ -171,6 +184,11 @@ func (s *session) startVring(idx int) error {
 		Packed:    s.packed(),
 		NextAvail: uint16(vr.base),
 		NextUsed:  uint16(vr.base >> 16),
+	}
+	if s.dirty != nil {
+		cfg.Log, cfg.UsedLogAddr = s.dirty, vr.addr.Log
+		cfg.LogBuffers = s.features&(1<<FeatureLogAll) != 0
+		cfg.LogUsed = vr.addr.Flags&protocol.VringFLog != 0
 	}
 	var err error
 	vr.q.Lock()
@@ -246,6 +264,7 @@ func (s *session) reset() {
 		s.vrings[i] = s.newVring(i)
 	}
 	s.features, s.status = 0, 0
+	s.closeLog()
 	s.backend.Reset()
 }
 
@@ -266,5 +285,6 @@ func (s *session) close() {
 		vr.close()
 	}
 	s.backend.Reset()
+	s.closeLog()
 	s.mem.Close()
 }

@@ -133,7 +133,7 @@ func threeRegions() []protocol.MemRegion {
 // memfd for requests that carry memory regions.
 func fuzzFDs(t testing.TB, memfd int, r protocol.Request, ctl byte) []int {
 	fds := make([]int, ctl&3)
-	mem := r == protocol.SetMemTable || r == protocol.AddMemReg || r == protocol.RemMemReg
+	mem := r == protocol.SetMemTable || r == protocol.AddMemReg || r == protocol.RemMemReg || r == protocol.SetLogBase
 	kind := ctl & (3 << 2)
 	if kind == fdWrong {
 		mem = !mem
@@ -334,6 +334,26 @@ func FuzzSession(f *testing.F) {
 		getBase(2), fuzzMsg(protocol.RemMemReg, 1|fdRight, protocol.EncodeRegion(make([]byte, 8), oneRegion()[0]))))
 	f.Add(seqOf(startSeq(oneRegion(), 2, fuzzUser+0x30000), vringMsgs(5, fuzzUser+0x40000),
 		enableMsg(2, 0), vringMsgs(1, fuzzUser+0x10000), enableMsg(2, 1), getBase(1), getBase(2)))
+	// Live migration: a log mapped while queues run, LOG_ALL and F_LOG
+	// turned on and off under them, a log fd, bad logs (too small, past
+	// the file, the wrong kind, none).
+	logOn := func(idx uint32, ringUser uint64, flags uint32) []byte {
+		return fuzzMsg(protocol.SetVringAddr, 0, protocol.EncodeVringAddr(nil, protocol.VringAddr{Index: idx, Flags: flags,
+			Desc: ringUser, Avail: ringUser + 0x1000, Used: ringUser + 0x2000, Log: 0x2000}))
+	}
+	logBase := func(ctl byte, size, off uint64) []byte {
+		return fuzzMsg(protocol.SetLogBase, ctl, protocol.EncodeLogBase(nil, protocol.LogBase{Size: size, Offset: off}))
+	}
+	f.Add(seqOf(logSeq(oneRegion(), 0, fuzzUser), logBase(1|fdRight, 32, 0x80000),
+		fuzzMsg(protocol.SetFeatures, 0, fuzzU64(1<<30|1<<32|1<<28|1<<29|1<<FeatureLogAll)), logOn(0, fuzzUser, protocol.VringFLog),
+		fuzzMsg(protocol.SetLogFD, 1|fdRight, nil), vringMsgs(1, fuzzUser+0x10000), getBase(0),
+		fuzzMsg(protocol.SetFeatures, 0, fuzzU64(1<<30|1<<32|1<<28|1<<29)), logOn(0, fuzzUser, 0)))
+	f.Add(seqOf(logSeq(threeRegions(), 0, fuzzUser+0x40000), logBase(1|fdRight, 8, 0), logBase(1|fdRight, 0x20010, 0xfffff),
+		logBase(1|fdWrong, 0x20010, 0), logBase(0, 0x20010, 0), logBase(1|fdInvalid, 0x20010, 0),
+		fuzzMsg(protocol.SetLogFD, 1|fdWrong, nil), logBase(1|fdRight, 0x20010, 0x10000),
+		fuzzMsg(protocol.SetFeatures, 0, fuzzU64(1<<30|1<<32|1<<28|1<<29|1<<FeatureLogAll)),
+		fuzzMsg(protocol.RemMemReg, 1|fdRight, protocol.EncodeRegion(make([]byte, 8), threeRegions()[1])),
+		fuzzMsg(protocol.ResetDevice, 0, nil)))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		runSession(t, data)
 	})

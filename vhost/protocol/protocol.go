@@ -229,8 +229,13 @@ func EncodeVringState(b []byte, s VringState) []byte {
 	return binary.LittleEndian.AppendUint32(b, s.Num)
 }
 
+// VringFLog in VringAddr.Flags (VHOST_VRING_F_LOG) asks for the used
+// ring's writes to be logged at VringAddr.Log during a migration.
+const VringFLog = 1 << 0
+
 // VringAddr is the payload of SET_VRING_ADDR. Addresses are frontend
-// virtual addresses.
+// virtual addresses, except Log, the guest-physical address at which the
+// used ring's writes are logged.
 type VringAddr struct {
 	Index uint32
 	Flags uint32
@@ -350,6 +355,27 @@ func (m *Message) MemRegion() (MemRegion, error) {
 		return MemRegion{}, err
 	}
 	return decodeRegion(m.Payload[8:])
+}
+
+// LogBase is the payload of SET_LOG_BASE: where the dirty log lies in the
+// descriptor sent with it.
+type LogBase struct {
+	Size   uint64
+	Offset uint64
+}
+
+// LogBase decodes a SET_LOG_BASE payload.
+func (m *Message) LogBase() (LogBase, error) {
+	if err := m.want(16); err != nil {
+		return LogBase{}, err
+	}
+	return LogBase{binary.LittleEndian.Uint64(m.Payload), binary.LittleEndian.Uint64(m.Payload[8:])}, nil
+}
+
+// EncodeLogBase appends l to b.
+func EncodeLogBase(b []byte, l LogBase) []byte {
+	b = binary.LittleEndian.AppendUint64(b, l.Size)
+	return binary.LittleEndian.AppendUint64(b, l.Offset)
 }
 
 // ConfigPayload is the payload of GET_CONFIG and SET_CONFIG.

@@ -37,6 +37,10 @@ type Frontend struct {
 	CallFDs []int
 	// Features is what SET_FEATURES acked.
 	Features uint64
+	// Log is the dirty-page log SetLog shared with the backend (one bit
+	// per 4 KiB guest page), LogFD its memfd.
+	Log   []byte
+	LogFD int
 
 	opts Options
 }
@@ -107,7 +111,7 @@ func New(c *net.UnixConn, opts Options) (*Frontend, error) {
 		c.Close()
 		return nil, err
 	}
-	f := &Frontend{Conn: protocol.NewConn(c), Mem: m[opts.MmapOffset:], MemFD: fd}
+	f := &Frontend{Conn: protocol.NewConn(c), Mem: m[opts.MmapOffset:], MemFD: fd, LogFD: -1}
 	f.opts = opts
 	chunk := opts.MemSize / opts.Queues &^ 4095
 	for i := 0; i < opts.Queues; i++ {
@@ -140,6 +144,10 @@ func (f *Frontend) Close() error {
 		e.Close()
 	}
 	unix.Close(f.MemFD)
+	if f.Log != nil {
+		unix.Munmap(f.Log)
+		unix.Close(f.LogFD)
+	}
 	return err
 }
 
@@ -199,8 +207,9 @@ func u64(v uint64) []byte {
 }
 
 // Setup performs the full QEMU-like start sequence: feature negotiation
-// (acking the offered bits in want), SET_OWNER, SET_MEM_TABLE, and for each
-// queue NUM, BASE, ADDR, KICK, CALL and ENABLE.
+// (acking the offered bits in want, except VHOST_F_LOG_ALL, which a
+// frontend acks only while migrating: see SetLogging), SET_OWNER,
+// SET_MEM_TABLE, and for each queue NUM, BASE, ADDR, KICK, CALL and ENABLE.
 func (f *Frontend) Setup(want uint64) error {
 	offered, err := f.U64(protocol.GetFeatures, 0, true)
 	if err != nil {
@@ -209,7 +218,7 @@ func (f *Frontend) Setup(want uint64) error {
 	if !f.opts.Packed {
 		want &^= 1 << ringPackedBit
 	}
-	f.Features = offered & want
+	f.Features = offered & want &^ (1 << logAllBit)
 	if f.opts.Packed && f.Features&(1<<ringPackedBit) == 0 {
 		return errors.New("backend does not offer VIRTIO_F_RING_PACKED")
 	}
@@ -321,4 +330,106 @@ func (f *Frontend) GetVringBase(i int) (uint32, error) {
 	}
 	st, err := m.VringState()
 	return st.Num, err
+}
+
+// logAllBit is VHOST_F_LOG_ALL.
+const logAllBit = 26
+
+// LogSize returns the bytes of dirty log that cover guest memory, rounded
+// up to whole 64-bit words as QEMU does.
+func (f *Frontend) LogSize() uint64 {
+	pages := (f.opts.GuestBase + uint64(len(f.Mem)) + 4095) / 4096
+	return (pages + 63) / 64 * 8
+}
+
+// SetLog creates a memfd of size bytes, maps it and sends it with
+// SET_LOG_BASE (size, offset 0) as QEMU does when a migration starts; the
+// backend's empty reply is awaited. The log is then in f.Log.
+func (f *Frontend) SetLog(size uint64) error {
+	fd, err := unix.MemfdCreate("vhosttest-log", unix.MFD_CLOEXEC)
+	if err != nil {
+		return err
+	}
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		unix.Close(fd)
+		return err
+	}
+	m, err := unix.Mmap(fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		unix.Close(fd)
+		return err
+	}
+	if err := f.SendLogBase(size, 0, fd); err != nil {
+		unix.Munmap(m)
+		unix.Close(fd)
+		return err
+	}
+	if f.Log != nil {
+		unix.Munmap(f.Log)
+		unix.Close(f.LogFD)
+	}
+	f.Log, f.LogFD = m, fd
+	return nil
+}
+
+// SendLogBase sends SET_LOG_BASE with the given payload and descriptor
+// (none if fd < 0) and waits for the reply QEMU waits for.
+func (f *Frontend) SendLogBase(size, offset uint64, fd int) error {
+	var fds []int
+	if fd >= 0 {
+		fds = []int{fd}
+	}
+	m, err := f.Request(protocol.SetLogBase, 0, protocol.EncodeLogBase(nil, protocol.LogBase{Size: size, Offset: offset}), fds, true)
+	if err != nil {
+		return err
+	}
+	if len(m.Payload) != 0 {
+		return fmt.Errorf("SET_LOG_BASE reply with %d bytes of payload, want none", len(m.Payload))
+	}
+	return nil
+}
+
+// SetLogging turns dirty logging on or off as QEMU does at the start and
+// end of a migration: SET_FEATURES with or without VHOST_F_LOG_ALL, then
+// SET_VRING_ADDR on every queue with or without VHOST_VRING_F_LOG. The
+// used ring of queue i is logged at usedLog[i] (nil: at its own
+// guest-physical address, as QEMU does).
+func (f *Frontend) SetLogging(on bool, usedLog []uint64) error {
+	feat := f.Features &^ (1 << logAllBit)
+	var flags uint32
+	if on {
+		feat |= 1 << logAllBit
+		flags = protocol.VringFLog
+	}
+	if err := f.ack(protocol.SetFeatures, u64(feat), nil); err != nil {
+		return err
+	}
+	f.Features = feat
+	for i, d := range f.Drivers {
+		cfg := d.Config()
+		logAddr := cfg.UsedAddr
+		if usedLog != nil {
+			logAddr = usedLog[i]
+		}
+		a := protocol.VringAddr{Index: uint32(i), Flags: flags, Desc: f.user(cfg.DescAddr), Used: f.user(cfg.UsedAddr),
+			Avail: f.user(cfg.AvailAddr), Log: logAddr}
+		if err := f.ack(protocol.SetVringAddr, protocol.EncodeVringAddr(nil, a), nil); err != nil {
+			return fmt.Errorf("queue %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
+// DirtyPages returns the guest-physical page numbers whose bits are set
+// in the log, in order.
+func (f *Frontend) DirtyPages() []uint64 {
+	var out []uint64
+	for i, b := range f.Log {
+		for bit := range 8 {
+			if b&(1<<bit) != 0 {
+				out = append(out, uint64(i)*8+uint64(bit))
+			}
+		}
+	}
+	return out
 }

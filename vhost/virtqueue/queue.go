@@ -19,6 +19,7 @@
 package virtqueue
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -26,6 +27,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/vunet/vunet/vhost/dirtylog"
 	"github.com/vunet/vunet/vhost/internal/ringatomic"
 	"github.com/vunet/vunet/vhost/memory"
 )
@@ -81,6 +83,11 @@ type Element struct {
 	Head uint16
 	Out  [][]byte
 	In   [][]byte
+	// InAddr holds the guest-physical address of each In slice while
+	// the queue logs its writes (Config.Log, during live migration), so
+	// that PushElement can mark the pages written; otherwise it is left
+	// alone and costs nothing.
+	InAddr []uint64
 }
 
 // Stats are the queue's counters, declared for the metrics registry
@@ -121,6 +128,15 @@ type Config struct {
 	// 16-31 of SET_VRING_BASE); 0 means "the same as NextAvail". A split
 	// ring's used index is read from the ring itself.
 	NextUsed uint16
+	// Log, when set, is the dirty-page log of a live migration. With
+	// LogBuffers (VHOST_F_LOG_ALL acked) the bytes PushElement reports
+	// written into buffers are marked; with LogUsed (the ring's
+	// VHOST_VRING_F_LOG) every write to the used ring is marked at
+	// UsedLogAddr plus its offset in the ring.
+	Log         *dirtylog.Log
+	LogBuffers  bool
+	LogUsed     bool
+	UsedLogAddr uint64
 }
 
 // Queue is the device side of one split virtqueue.
@@ -155,6 +171,10 @@ type Queue struct {
 	notify func() error
 	// onError reports chain and ring errors (rate-limited by the owner).
 	onError func(error)
+
+	// bufLog and usedLog are cfg.Log when buffer and used-ring writes
+	// are logged, nil otherwise: logging off costs a nil check.
+	bufLog, usedLog *dirtylog.Log
 
 	broken atomic.Bool
 
@@ -240,6 +260,13 @@ func (q *Queue) Setup(mem *memory.Table, cfg Config) error {
 		return fmt.Errorf("virtqueue: used ring: %w", err)
 	}
 	q.mem, q.cfg, q.desc, q.avail, q.used = mem, cfg, desc, avail, used
+	q.bufLog, q.usedLog = nil, nil
+	if cfg.Log != nil && cfg.LogBuffers {
+		q.bufLog = cfg.Log
+	}
+	if cfg.Log != nil && cfg.LogUsed {
+		q.usedLog = cfg.Log
+	}
 	q.lastAvail = cfg.NextAvail
 	q.seenAvail = cfg.NextAvail
 	q.usedIdx = ringatomic.Load16(used, 2)
@@ -413,6 +440,9 @@ func (q *Queue) Pop(e *Element) error {
 // walk collects chain head into e.
 func (q *Queue) walk(e *Element, head uint16) error {
 	e.Out, e.In = e.Out[:0], e.In[:0]
+	if q.bufLog != nil {
+		e.InAddr = e.InAddr[:0]
+	}
 	table := q.desc
 	max := uint32(q.cfg.Size)
 	i := uint32(head)
@@ -451,7 +481,16 @@ func (q *Queue) walk(e *Element, head uint16) error {
 		}
 		var err error
 		if flags&descFWrite != 0 {
+			n0 := len(e.In)
 			e.In, err = q.mem.Translate(e.In, addr, uint64(length), MaxIovecs-len(e.In)-len(e.Out))
+			if q.bufLog != nil {
+				// A descriptor split at region boundaries is still
+				// one guest-physical range.
+				for _, b := range e.In[n0:] {
+					e.InAddr = append(e.InAddr, addr)
+					addr += uint64(len(b))
+				}
+			}
 		} else {
 			if len(e.In) > 0 {
 				return ErrWriteOrder
@@ -531,6 +570,27 @@ func (q *Queue) Push(head uint16, length uint32) {
 	binary.LittleEndian.PutUint32(q.used[slot:], uint32(head))
 	binary.LittleEndian.PutUint32(q.used[slot+4:], length)
 	q.pending++
+	if q.usedLog != nil {
+		q.usedLog.Mark(q.cfg.UsedLogAddr+uint64(slot), 8)
+	}
+}
+
+// PushElement is Push for an element the device wrote length bytes into
+// (its In buffers, in order). While the queue logs buffer writes, the
+// pages of exactly those bytes are marked dirty first; a device that
+// writes into buffers must return them this way.
+func (q *Queue) PushElement(e *Element, length uint32) {
+	if l := q.bufLog; l != nil && q.ready {
+		rem := uint64(length)
+		// InAddr was filled by the Pop that made e (logging only
+		// changes while the queue is stopped, between batches).
+		for i := 0; i < len(e.In) && i < len(e.InAddr) && rem > 0; i++ {
+			c := min(uint64(len(e.In[i])), rem)
+			l.Mark(e.InAddr[i], c)
+			rem -= c
+		}
+	}
+	q.Push(e.Head, length)
 }
 
 // Flush publishes all pushed entries with a single used-index update and
@@ -548,6 +608,12 @@ func (q *Queue) Flush() bool {
 	q.flushes++
 	// Atomic store: the entries written above are visible before the index.
 	ringatomic.Store16(q.used, 2, q.usedIdx)
+	if q.usedLog != nil {
+		q.usedLog.Mark(q.cfg.UsedLogAddr+2, 2)
+	}
+	if l := cmp.Or(q.usedLog, q.bufLog); l != nil {
+		l.Notify()
+	}
 	return true
 }
 
@@ -596,9 +662,9 @@ func (q *Queue) EnableKicks() bool {
 	}
 	if q.cfg.EventIdx {
 		// avail_event lives after the used ring.
-		ringatomic.Store16(q.used, 4+8*int(q.cfg.Size), q.lastAvail)
+		q.storeUsed16(4+8*int(q.cfg.Size), q.lastAvail)
 	} else {
-		ringatomic.Store16(q.used, 0, ringatomic.Load16(q.used, 0)&^usedFNoNotify)
+		q.storeUsed16(0, ringatomic.Load16(q.used, 0)&^usedFNoNotify)
 	}
 	// The atomics order the store above before this reload.
 	return q.Pending() > 0
@@ -628,9 +694,9 @@ func (q *Queue) ArmKick() bool {
 	}
 	seen := q.seenAvail
 	if q.cfg.EventIdx {
-		ringatomic.Store16(q.used, 4+8*int(q.cfg.Size), seen)
+		q.storeUsed16(4+8*int(q.cfg.Size), seen)
 	} else {
-		ringatomic.Store16(q.used, 0, ringatomic.Load16(q.used, 0)&^usedFNoNotify)
+		q.storeUsed16(0, ringatomic.Load16(q.used, 0)&^usedFNoNotify)
 	}
 	// The atomics order the store above before this reload.
 	return ringatomic.Load16(q.avail, 2) != seen
@@ -647,7 +713,16 @@ func (q *Queue) DisableKicks() {
 	if !q.Ready() || q.cfg.EventIdx {
 		return
 	}
-	ringatomic.Store16(q.used, 0, ringatomic.Load16(q.used, 0)|usedFNoNotify)
+	q.storeUsed16(0, ringatomic.Load16(q.used, 0)|usedFNoNotify)
+}
+
+// storeUsed16 writes a 16-bit field of the used ring (flags,
+// avail_event) and logs the write during a migration.
+func (q *Queue) storeUsed16(off int, v uint16) {
+	ringatomic.Store16(q.used, off, v)
+	if q.usedLog != nil {
+		q.usedLog.Mark(q.cfg.UsedLogAddr+uint64(off), 2)
+	}
 }
 
 // ErrFault is returned by Guard when guest memory could not be accessed.

@@ -43,3 +43,22 @@ func Store16(b []byte, off int, v uint16) {
 		}
 	}
 }
+
+// Or8 atomically sets the bits of v in the byte b[off] and returns the
+// byte's previous value. The dirty-page log is a bitmap that the frontend
+// reads and clears concurrently (QEMU exchanges whole words with zero), so
+// a plain read-modify-write could lose its update or ours. The byte's
+// containing aligned word must lie in the same mapping as b (it does for
+// memory mapped from a file: mappings start on a page boundary).
+func Or8(b []byte, off int, v uint8) uint8 {
+	_ = b[off] // bounds check without a (racy) read
+	w, sh := word(b, off)
+	return uint8(atomic.OrUint32(w, uint32(v)<<sh) >> sh)
+}
+
+// Load8 atomically reads the byte b[off].
+func Load8(b []byte, off int) uint8 {
+	_ = b[off]
+	w, sh := word(b, off)
+	return uint8(atomic.LoadUint32(w) >> sh)
+}

@@ -1,0 +1,102 @@
+package virtqueue_test
+
+import (
+	"slices"
+	"sync/atomic"
+	"testing"
+
+	"github.com/vunet/vunet/vhost/dirtylog"
+	"github.com/vunet/vunet/vhost/virtqueue"
+	vqt "github.com/vunet/vunet/vhost/virtqueue/virtqueuetest"
+)
+
+func setBits(b []byte) []uint64 {
+	var out []uint64
+	for i, v := range b {
+		for bit := range 8 {
+			if v&(1<<bit) != 0 {
+				out = append(out, uint64(i*8+bit))
+			}
+		}
+	}
+	return out
+}
+
+// TestLogUsedRingWrites: each kind of used-ring write is logged at
+// UsedLogAddr plus its offset in the ring, and only while LogUsed is set.
+// The log address is placed 4 bytes before a page boundary, so that the
+// flags and index fall in one logged page and the entries and avail_event
+// in the next. Mutations checked: deleting the mark in Push fails "entry";
+// in Flush fails "index"; logging storeUsed16 at offset 0 fails
+// "avail_event".
+func TestLogUsedRingWrites(t *testing.T) {
+	for _, eventIdx := range []bool{true, false} {
+		d := vqt.New(1<<20, 256, eventIdx)
+		bits := make([]byte, 64)
+		var pages, outside atomic.Uint64
+		l := dirtylog.New(bits, dirtylog.Counters{Pages: &pages, Outside: &outside})
+		cfg := d.Config()
+		const logAddr = 100*4096 - 4
+		cfg.Log, cfg.LogUsed, cfg.UsedLogAddr = l, true, logAddr
+		q := virtqueue.New(nil, nil)
+		if err := q.Setup(d.Table, cfg); err != nil {
+			t.Fatal(err)
+		}
+		check := func(what string, want ...uint64) {
+			t.Helper()
+			if got := setBits(bits); !slices.Equal(got, want) {
+				t.Errorf("event_idx %v, %s: pages %v, want %v", eventIdx, what, got, want)
+			}
+			clear(bits)
+		}
+		d.Post([]byte{1}, nil, nil, false)
+		var e virtqueue.Element
+		if err := q.Pop(&e); err != nil {
+			t.Fatal(err)
+		}
+		check("pop")
+		q.Push(e.Head, 0)
+		check("entry", 100)
+		q.Flush()
+		check("index", 99)
+		q.EnableKicks()
+		if eventIdx {
+			check("avail_event", 100) // offset 4+8*256
+		} else {
+			check("flags", 99)
+		}
+		q.DisableKicks()
+		if eventIdx {
+			check("no write with EVENT_IDX")
+		} else {
+			check("flags", 99)
+		}
+		if outside.Load() != 0 || pages.Load() == 0 {
+			t.Errorf("outside %d pages %d", outside.Load(), pages.Load())
+		}
+	}
+}
+
+// TestLogMarkBounds: a write beyond the log is counted, never written,
+// and a write straddling its end marks what the log covers.
+func TestLogMarkBounds(t *testing.T) {
+	bits := make([]byte, 8) // 64 pages
+	var pages, outside atomic.Uint64
+	l := dirtylog.New(bits, dirtylog.Counters{Pages: &pages, Outside: &outside})
+	l.Mark(64*4096, 1)
+	l.Mark(^uint64(0)-10, 100) // wraps
+	if setBits(bits) != nil || outside.Load() != 2 {
+		t.Fatalf("beyond the log: bits %v outside %d", setBits(bits), outside.Load())
+	}
+	l.Mark(63*4096+4095, 2)
+	if got := setBits(bits); !slices.Equal(got, []uint64{63}) || outside.Load() != 3 || pages.Load() != 1 {
+		t.Fatalf("straddling the end: bits %v outside %d pages %d", got, outside.Load(), pages.Load())
+	}
+	l.Mark(63*4096, 1) // already set: not counted again
+	if pages.Load() != 1 {
+		t.Fatalf("pages %d after marking a dirty page again", pages.Load())
+	}
+	if !l.Covers(0, 64*4096) || l.Covers(0, 64*4096+1) || l.Covers(^uint64(0), 2) {
+		t.Fatal("Covers")
+	}
+}
