@@ -541,3 +541,36 @@ func TestRestoreLeaseStatic(t *testing.T) {
 		t.Errorf("a static lease's address for another client: %v", err)
 	}
 }
+
+// TestRenewWithoutRecord: a guest that arrives with its address already
+// configured (live-migrated from another vunet, or vunet restarted) renews
+// (RENEWING: ciaddr set, no server id) or reboots (INIT-REBOOT: option 50)
+// against a server that has no lease for it. The server keeps the guest's
+// address when it is free in the pool instead of renumbering it, and NAKs
+// one another guest holds. Mutation checked: NAKing every request without
+// a record (the default branch of handleRequest) fails it.
+func TestRenewWithoutRecord(t *testing.T) {
+	s, err := New(Options{PoolSize: 8, Logger: testnet.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := net.HardwareAddr{2, 0, 0, 0, 0, 1}, net.HardwareAddr{2, 0, 0, 0, 0, 2}
+	renew, _ := dhcpv4.New(dhcpv4.WithHwAddr(a), dhcpv4.WithMessageType(dhcpv4.MessageTypeRequest),
+		dhcpv4.WithClientIP(net.IPv4(10, 0, 2, 17)))
+	if r, _ := s.handle(renew); r == nil || r.MessageType() != dhcpv4.MessageTypeAck || r.YourIPAddr.String() != "10.0.2.17" {
+		t.Fatalf("RENEWING without a record: %v", r)
+	}
+	reboot, _ := dhcpv4.New(dhcpv4.WithHwAddr(b), dhcpv4.WithMessageType(dhcpv4.MessageTypeRequest),
+		dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(net.IPv4(10, 0, 2, 18))))
+	if r, _ := s.handle(reboot); r == nil || r.MessageType() != dhcpv4.MessageTypeAck || r.YourIPAddr.String() != "10.0.2.18" {
+		t.Fatalf("INIT-REBOOT without a record: %v", r)
+	}
+	if ls := s.Leases(); len(ls) != 2 {
+		t.Fatalf("leases %+v, want both bound", ls)
+	}
+	steal, _ := dhcpv4.New(dhcpv4.WithHwAddr(b), dhcpv4.WithMessageType(dhcpv4.MessageTypeRequest),
+		dhcpv4.WithClientIP(net.IPv4(10, 0, 2, 17)))
+	if r, _ := s.handle(steal); r == nil || r.MessageType() != dhcpv4.MessageTypeNak {
+		t.Fatalf("renewing another guest's address: %v, want NAK", r)
+	}
+}
