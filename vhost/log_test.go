@@ -119,3 +119,38 @@ func memFD(e *fuzzEnv) []int {
 	}
 	return []int{fd}
 }
+
+// TestStatusZeroKeepsRingBase: QEMU 7.2 stops a device with SET_STATUS 0
+// and only then asks GET_VRING_BASE, whose answer it migrates (or uses
+// on `cont`). The answer must be where the ring was, not 0. Mutation
+// checked: not restoring the bases after the reset fails it (base 0), as
+// the first real migration did (the destination refused it: "VQ 0 ...
+// Guest index 0x142 inconsistent with Host index 0x0").
+func TestStatusZeroKeepsRingBase(t *testing.T) {
+	e := newFuzzEnv(t)
+	defer e.close()
+	e.play(seqOf(
+		fuzzMsg(protocol.SetFeatures, 0, fuzzU64(1<<30|1<<32|1<<28|1<<29)),
+		fuzzMsg(protocol.SetProtocolFeatures, 0, fuzzU64(1<<3|1<<protocol.ProtoStatus)),
+		fuzzMsg(protocol.SetMemTable, 1|fdRight, protocol.EncodeMemTable(nil, oneRegion())),
+		fuzzMsg(protocol.SetVringBase, 0, protocol.EncodeVringState(nil, protocol.VringState{Index: 0, Num: 0x142})),
+		vringMsgs(0, fuzzUser),
+	))
+	if !e.s.vrings[0].running {
+		t.Fatal("queue 0 not running")
+	}
+	e.play(fuzzMsg(protocol.SetStatus, 0, fuzzU64(0)))
+	if e.b.started[0] {
+		t.Fatal("status 0 left the queue running")
+	}
+	m := protocol.Message{Header: protocol.Header{Request: protocol.GetVringBase, Flags: protocol.FlagVersion, Size: 8},
+		Payload: protocol.EncodeVringState(nil, protocol.VringState{Index: 0})}
+	reply, err := e.s.handle(&m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := protocol.Message{Header: protocol.Header{Size: uint32(len(reply))}, Payload: reply}
+	if st, _ := r.VringState(); st.Num != 0x142 {
+		t.Fatalf("GET_VRING_BASE after SET_STATUS 0 = %#x, want 0x142", st.Num)
+	}
+}

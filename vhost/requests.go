@@ -250,7 +250,22 @@ func (s *session) setStatus(v uint64) error {
 	}
 	s.status = uint8(v)
 	if v == 0 {
+		// QEMU 7.2 stops a device by sending status 0 *before* it asks
+		// each ring's position with GET_VRING_BASE (vhost_dev_stop),
+		// and hands those positions to the destination of a migration
+		// or back to the rings after `stop`/`cont`. So the reset keeps
+		// them: a ring reset to 0 would make the destination refuse the
+		// migration ("Guest index inconsistent with Host index") and a
+		// resumed guest's rings start over.
+		bases := make([]uint32, len(s.vrings))
+		s.pauseAll()
+		for i, vr := range s.vrings {
+			bases[i] = vr.base
+		}
 		s.reset()
+		for i, vr := range s.vrings {
+			vr.base = bases[i]
+		}
 	}
 	return nil
 }
