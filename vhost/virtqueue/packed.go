@@ -1,6 +1,7 @@
 package virtqueue
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -243,6 +244,9 @@ func (q *Queue) popPacked(e *Element) error {
 // why the ring is broken.
 func (q *Queue) walkPacked(e *Element, s int, flags uint16) (slots uint32, id uint16, err error) {
 	e.Out, e.In = e.Out[:0], e.In[:0]
+	if q.bufLog != nil {
+		e.InAddr = e.InAddr[:0]
+	}
 	n := uint32(q.cfg.Size)
 	room := n - q.pk.inflight
 	for i := uint32(0); ; i++ {
@@ -308,7 +312,15 @@ func (q *Queue) packedDesc(e *Element, d []byte, flags uint16, i uint32) error {
 func (q *Queue) addBuffer(e *Element, addr uint64, length uint32, write bool) error {
 	var err error
 	if write {
+		n0 := len(e.In)
 		e.In, err = q.mem.Translate(e.In, addr, uint64(length), MaxIovecs-len(e.In)-len(e.Out))
+		if q.bufLog != nil {
+			// For PushElement's dirty logging (see walk).
+			for _, b := range e.In[n0:] {
+				e.InAddr = append(e.InAddr, addr)
+				addr += uint64(len(b))
+			}
+		}
 	} else {
 		if len(e.In) > 0 {
 			return ErrWriteOrder
@@ -369,6 +381,21 @@ func (q *Queue) flushPacked() bool {
 	}
 	// Release: everything above is visible before this.
 	ringatomic.Store16(q.desc, firstOff+14, firstFlags)
+	if q.usedLog != nil {
+		// A packed ring's used entries are written into the
+		// descriptor ring itself, so they are logged at its own
+		// address (log_guest_addr names a split ring's used ring),
+		// after every store above.
+		l := p.usedLin
+		for _, u := range p.pend {
+			s, _ := q.slot(l)
+			q.usedLog.Mark(q.cfg.DescAddr+uint64(s*descSize)+8, 8)
+			l = (l + uint32(u.n)) % n2
+		}
+	}
+	if l := cmp.Or(q.usedLog, q.bufLog); l != nil {
+		l.Notify()
+	}
 	p.usedLin = lin
 	q.Stats.Used.Add(uint64(len(p.pend)))
 	p.pend = p.pend[:0]
@@ -435,6 +462,10 @@ func (q *Queue) armPacked(lin uint32) bool {
 		ringatomic.Store16(p.deviceEvt, 2, eventFlagsDesc)
 	} else {
 		ringatomic.Store16(p.deviceEvt, 2, eventFlagsEnable)
+	}
+	if q.usedLog != nil {
+		// The device event suppression structure (at UsedAddr).
+		q.usedLog.Mark(q.cfg.UsedAddr, 4)
 	}
 	// The atomics order the stores above before this reload.
 	s, wrap := q.slot(lin)

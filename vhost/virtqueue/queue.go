@@ -230,6 +230,13 @@ func (q *Queue) SetNotify(notify func() error) {
 func (q *Queue) Setup(mem *memory.Table, cfg Config) error {
 	q.ready = false
 	q.packed = false
+	q.bufLog, q.usedLog = nil, nil
+	if cfg.Log != nil && cfg.LogBuffers {
+		q.bufLog = cfg.Log
+	}
+	if cfg.Log != nil && cfg.LogUsed {
+		q.usedLog = cfg.Log
+	}
 	if cfg.Packed {
 		if err := q.setupPacked(mem, cfg); err != nil {
 			return err
@@ -260,13 +267,6 @@ func (q *Queue) Setup(mem *memory.Table, cfg Config) error {
 		return fmt.Errorf("virtqueue: used ring: %w", err)
 	}
 	q.mem, q.cfg, q.desc, q.avail, q.used = mem, cfg, desc, avail, used
-	q.bufLog, q.usedLog = nil, nil
-	if cfg.Log != nil && cfg.LogBuffers {
-		q.bufLog = cfg.Log
-	}
-	if cfg.Log != nil && cfg.LogUsed {
-		q.usedLog = cfg.Log
-	}
 	q.lastAvail = cfg.NextAvail
 	q.seenAvail = cfg.NextAvail
 	q.usedIdx = ringatomic.Load16(used, 2)
@@ -708,6 +708,9 @@ func (q *Queue) ArmKick() bool {
 func (q *Queue) DisableKicks() {
 	if q.packed && q.Ready() {
 		ringatomic.Store16(q.pk.deviceEvt, 2, eventFlagsDisable)
+		if q.usedLog != nil {
+			q.usedLog.Mark(q.cfg.UsedAddr+2, 2)
+		}
 		return
 	}
 	if !q.Ready() || q.cfg.EventIdx {
