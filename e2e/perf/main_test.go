@@ -31,6 +31,10 @@ const enabledEnv = "VUNET_PERF"
 var isolated bool
 
 func TestMain(m *testing.M) {
+	if target := os.Getenv(scaleDialEnv); target != "" {
+		// The dialer of TestConnScale, run inside the guest namespace.
+		os.Exit(scaleDialer(target))
+	}
 	flag.Parse()
 	if os.Getenv(enabledEnv) == "1" && !testing.Short() {
 		// Re-executes this binary under `unshare --net` and exits with its

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -122,18 +121,15 @@ func TestConnScale(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Each connection is two sockets here (the namespace's and the
-	// listener's) and one in the backend, which inherits the limit.
-	want := uint64(3*n + 4096)
+	// The connections' three sockets live in three processes (the
+	// dialer in the namespace, this one, the backend), so each needs
+	// only n descriptors: Go raises the soft limit to the hard one.
 	var lim unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
 		t.Fatal(err)
 	}
-	if lim.Cur < want {
-		lim.Cur, lim.Max = want, max(lim.Max, want)
-		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
-			t.Fatalf("raising the open-file limit to %d: %v", want, err)
-		}
+	if lim.Cur < uint64(n+1024) {
+		t.Fatalf("open-file limit %d is too small for %d connections (raise it with ulimit -n)", lim.Cur, n)
 	}
 	bins := findBinaries(t, root)
 	meta := describeMachine(root, bins)
@@ -268,11 +264,16 @@ func scaleOne(t *testing.T, bins *binaries, spec backendSpec, n int) (res scaleR
 	// One connection first: ARP, and whatever the backend sets up lazily,
 	// are not charged to the n.
 	warm, err := dialInNS(ns, 1, target)
-	if err != nil || len(warm.conns) != 1 {
+	if err != nil || warm.opened != 1 {
 		diag, _ := exec.Command("sh", "-c", "ip -n "+ns+" neigh; ip -n "+ns+" -s link show "+dev+"; ip netns exec "+ns+" nstat -az | grep -E \"InCsum|InSegs|OutSegs|InReceives|InHdrErr|InAddrErr|Discards|SynRetrans|InErrs|RcvPruned\"").CombinedOutput()
 		st := &fe.Stats
-		return fail(fmt.Errorf("first connection to %s: %v %v\n%s\ntapfront: to backend %d frames, from backend %d (%d bad)\n%s",
-			target, err, warm.errs, diag, st.TXFrames.Load(), st.RXFrames.Load(), st.RXBad.Load(), b.proc.Output()))
+		first := ""
+		if warm != nil {
+			first = warm.first
+			warm.close()
+		}
+		return fail(fmt.Errorf("first connection to %s: %v %s\n%s\ntapfront: to backend %d frames, from backend %d (%d bad)\n%s",
+			target, err, first, diag, st.TXFrames.Load(), st.RXFrames.Load(), st.RXBad.Load(), b.proc.Output()))
 	}
 	defer warm.close()
 	for acc.Load() < 1 {
@@ -293,10 +294,7 @@ func scaleOne(t *testing.T, bins *binaries, spec backendSpec, n int) (res scaleR
 		return fail(err)
 	}
 	defer d.close()
-	res.Opened, res.DialErrors = len(d.conns), len(d.errs)
-	if len(d.errs) > 0 {
-		res.FirstError = d.errs[0].Error()
-	}
+	res.Opened, res.DialErrors, res.FirstError = d.opened, d.errs, d.first
 	deadline := time.Now().Add(60 * time.Second)
 	for acc.Load() < int64(1+res.Opened) && time.Now().Before(deadline) {
 		time.Sleep(2 * time.Millisecond)
@@ -324,66 +322,112 @@ func scaleOne(t *testing.T, bins *binaries, spec backendSpec, n int) (res scaleR
 	return res
 }
 
-// dialed holds the connections opened from the namespace.
+// Environment of the dialer: this test binary run inside the namespace
+// (TestMain calls scaleDialer), which opens the connections, reports, and
+// holds them until its stdin closes.
+const (
+	scaleDialEnv  = "VUNET_PERF_SCALE_DIAL"   // target host:port
+	scaleDialNEnv = "VUNET_PERF_SCALE_DIAL_N" // connections
+)
+
+// dialed is a running dialer and what it opened.
 type dialed struct {
-	conns []net.Conn
-	errs  []error
+	cmd    *exec.Cmd
+	stdin  interface{ Close() error }
+	opened int
+	errs   int
+	first  string
 }
 
 func (d *dialed) close() {
-	for _, c := range d.conns {
-		_ = c.Close()
+	if d.cmd == nil {
+		return
 	}
-	d.conns = nil
+	_ = d.stdin.Close()
+	_ = d.cmd.Wait()
+	d.cmd = nil
 }
 
-// dialInNS opens n TCP connections to target from network namespace ns,
-// 32 at a time. Each worker's OS thread joins the namespace (its sockets
-// are created there) and is never returned to the Go scheduler.
+// dialInNS opens n TCP connections to target from network namespace ns
+// (in a child process, 32 at a time) and returns once they are all open
+// or failed; they stay open until close.
 func dialInNS(ns string, n int, target string) (*dialed, error) {
-	const workers = 32
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("ip", "netns", "exec", ns, self)
+	cmd.Env = append(os.Environ(), scaleDialEnv+"="+target, scaleDialNEnv+"="+strconv.Itoa(n))
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	d := &dialed{cmd: cmd, stdin: in}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		d.close()
+		return nil, fmt.Errorf("dialer: %v", err)
+	}
+	var first string
+	if _, err := fmt.Sscanf(line, "dialed %d %d %q", &d.opened, &d.errs, &first); err != nil {
+		d.close()
+		return nil, fmt.Errorf("dialer said %q: %v", line, err)
+	}
+	d.first = first
+	return d, nil
+}
+
+// scaleDialer is the dialer process: it opens the connections, prints
+// "dialed OPENED ERRORS FIRST-ERROR", and holds them until stdin closes.
+func scaleDialer(target string) int {
+	n, err := strconv.Atoi(os.Getenv(scaleDialNEnv))
+	if err != nil || n <= 0 {
+		fmt.Fprintln(os.Stderr, "dialer: bad", scaleDialNEnv)
+		return 2
+	}
 	var (
-		mu   sync.Mutex
-		out  = &dialed{}
-		wg   sync.WaitGroup
-		next atomic.Int64
-		serr error
+		mu    sync.Mutex
+		conns []net.Conn
+		errs  int
+		first = ""
+		wg    sync.WaitGroup
+		next  atomic.Int64
 	)
-	for w := 0; w < min(workers, n); w++ {
+	for w := 0; w < min(32, n); w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			runtime.LockOSThread() // never unlocked: the thread ends with us
-			f, err := os.Open(filepath.Join("/run/netns", ns))
-			if err == nil {
-				err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
-				f.Close()
-			}
-			if err != nil {
-				mu.Lock()
-				serr = fmt.Errorf("joining %s: %w", ns, err)
-				mu.Unlock()
-				return
-			}
 			dl := net.Dialer{Timeout: 30 * time.Second}
 			for next.Add(1) <= int64(n) {
 				c, err := dl.Dial("tcp", target)
 				mu.Lock()
 				if err != nil {
-					out.errs = append(out.errs, err)
+					if errs == 0 {
+						first = err.Error()
+					}
+					errs++
 				} else {
-					out.conns = append(out.conns, c)
+					conns = append(conns, c)
 				}
 				mu.Unlock()
 			}
 		}()
 	}
 	wg.Wait()
-	if serr != nil {
-		out.close()
-		return nil, serr
+	fmt.Printf("dialed %d %d %q\n", len(conns), errs, first)
+	_, _ = bufio.NewReader(os.Stdin).ReadString('\n') // EOF: the test is done
+	for _, c := range conns {
+		_ = c.Close()
 	}
-	return out, nil
+	return 0
 }
 
 // procStatus reads the numeric fields of /proc/PID/status (kB values in
