@@ -56,7 +56,7 @@ func TestTwoQueuePairs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if n, err := f.U64(0x11, 0, true); err != nil || n != 2 { // GET_QUEUE_NUM
+	if n, err := f.U64(protocol.GetQueueNum, 0, true); err != nil || n != 2 {
 		t.Fatalf("GET_QUEUE_NUM = %d, %v; want 2 pairs", n, err)
 	}
 	if err := f.Setup(^uint64(0)); err != nil {
