@@ -17,8 +17,9 @@ import (
 	"github.com/vunet/vunet/internal/vunettest"
 )
 
-// qmp runs one QMP command on QEMU's monitor socket.
-func qmp(t *testing.T, path, command string, args any) {
+// qmp runs one QMP command on QEMU's monitor socket and returns its
+// "return" value.
+func qmp(t *testing.T, path, command string, args any) (ret json.RawMessage) {
 	t.Helper()
 	c, err := net.Dial("unix", path)
 	if err != nil {
@@ -52,6 +53,7 @@ func qmp(t *testing.T, path, command string, args any) {
 				t.Fatalf("qmp %s: %s", cmd, reply.Error.Desc)
 			}
 			if reply.Return != nil {
+				ret = reply.Return
 				return
 			}
 			// the greeting or an event
@@ -59,6 +61,7 @@ func qmp(t *testing.T, path, command string, args any) {
 	}
 	call("qmp_capabilities", nil)
 	call(command, args)
+	return ret
 }
 
 // metric reads one counter from vunet's /metrics.

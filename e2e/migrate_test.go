@@ -1,0 +1,257 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vunet/vunet/e2e/harness"
+	"github.com/vunet/vunet/internal/qemutest"
+	"github.com/vunet/vunet/internal/vunettest"
+)
+
+// migrateMemMB is the guest RAM of the migration test: small, so that the
+// copy takes a second or two under TCG.
+const migrateMemMB = 256
+
+// stepMigrate is the guest's side of TestLinuxLiveMigration. After its
+// lease it keeps udhcpc running (to renew later), pings the gateway every
+// 0.1 s and sends a slow TCP stream to the host's sink, says it is ready,
+// and waits (polling the host's flag server through the gateway) until the
+// host says the migration completed. It is then running on the
+// destination QEMU and vunet, and reports: the longest run of lost pings,
+// what became of the TCP stream, and a DHCP renewal against the new vunet.
+func stepMigrate(sinkPort, flagPort int) string {
+	return fmt.Sprintf(`begin
+udhcpc -i eth0 -f -t 10 -T 2 -O mtu >/tmp/ud.log 2>&1 &
+udpid=$!
+wait_for grep -qs "lease of" /tmp/ud.log || fail udhcpc-daemon "no lease: $(cat /tmp/ud.log)"
+ping -i 0.1 %[1]s >/tmp/ping.log 2>&1 &
+pingpid=$!
+( while :; do echo "vunet live migration stream line"; sleep 0.05; done | nc %[1]s %[2]d; echo "rc=$?" >/tmp/nc.rc ) &
+sleep 1
+echo "%[4]s"
+i=0
+# -T 2: a poll caught by the switch would otherwise wait for an answer that
+# the source vunet can no longer deliver (the connection is unknown to the
+# destination, and the guest, sending nothing, gets no RST).
+until wget -q -T 2 -O /dev/null http://%[1]s:%[3]d/migrated 2>/dev/null; do
+	i=$((i + 1)); [ $i -ge 600 ] && break; sleep 0.2
+done
+if [ $i -ge 600 ]; then fail migrated "host never said the migration completed"; else pass migrated "flag seen after $i polls"; fi
+sleep 3
+kill $pingpid
+sleep 0.2
+begin
+gap=$(awk -F'seq=' '/seq=/ { split($2, a, " "); s = a[1] + 0; if (n && s - last > max) max = s - last; last = s; n++ }
+	END { printf "max_seq_gap=%%d replies=%%d last_seq=%%d", max, n, last }' /tmp/ping.log)
+pass ping-gap "$gap"
+begin
+if wait_for [ -f /tmp/nc.rc ]; then pass tcp-after "nc ended: $(cat /tmp/nc.rc)"; else fail tcp-after "nc still running 60 s after the migration (hang)"; fi
+begin
+n=$(grep -c "lease of" /tmp/ud.log)
+kill -USR1 $udpid
+renewed() { [ "$(grep -c "lease of" /tmp/ud.log)" -gt "$n" ]; }
+if wait_for renewed; then
+	addr=$(ip -4 addr show dev eth0 | awk '/inet / { print $2 }')
+	if grep -q -i nak /tmp/ud.log || [ "$addr" != %[5]s/24 ]; then
+		fail dhcp-renew "addr=$addr log: $(tr '\n' ' ' </tmp/ud.log)"
+	else
+		pass dhcp-renew "addr=$addr $(grep 'lease of' /tmp/ud.log | tail -n1)"
+	fi
+else
+	fail dhcp-renew "no renewal: $(tr '\n' ' ' </tmp/ud.log)"
+fi
+kill $udpid
+`, harness.Gateway4, sinkPort, flagPort, harness.ReadyLine("migrate"), harness.GuestIP)
+}
+
+// TestLinuxLiveMigration live-migrates a running guest between two QEMUs,
+// each on its own vunet (the destination started with -incoming), over
+// QMP, while the guest pings the gateway every 0.1 s and streams TCP to a
+// host server. The migration must complete (QEMU refuses to start one
+// without vunet's dirty logging: VHOST_F_LOG_ALL, LOG_SHMFD), vunet A
+// must have logged dirty pages, pings must resume within a second, the
+// guest must keep its address through a DHCP renewal (RENEWING, unicast)
+// against vunet B, which has no lease on record, and the TCP stream, which
+// vunet B knows nothing of, must end (reset), not hang.
+//
+// Opt-in (VUNET_E2E_MIGRATION=1) until it has passed against QEMU 7.2:
+// its first run found the SET_STATUS 0 ring-position bug (fixed since,
+// TestStatusZeroKeepsRingBase) and none has completed after the fix.
+func TestLinuxLiveMigration(t *testing.T) {
+	if os.Getenv("VUNET_E2E_MIGRATION") != "1" {
+		t.Skip("opt-in until it has passed once: VUNET_E2E_MIGRATION=1")
+	}
+	e := setup(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*guestTimeout)
+	defer cancel()
+	dir := t.TempDir()
+	apiA, apiB := filepath.Join(dir, "a.api"), filepath.Join(dir, "b.api")
+	vnA := vunettest.Start(t, e.vunetArgs("--api", apiA)...)
+	vnB := vunettest.Start(t, e.vunetArgs("--api", apiB)...)
+
+	// The guest's TCP stream goes to this sink (host loopback, through
+	// vunet A's NAT); it counts what arrives.
+	sink, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	var sunk atomic.Int64
+	go func() {
+		for {
+			c, err := sink.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 4096)
+				for {
+					n, err := c.Read(buf)
+					sunk.Add(int64(n))
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	// The guest polls /migrated; it answers 200 once the migration has
+	// completed.
+	var migrated atomic.Bool
+	flag, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !migrated.Load() {
+			http.Error(w, "not yet", http.StatusNotFound)
+		}
+	})}
+	go srv.Serve(flag)
+	defer srv.Close()
+
+	qmpA, qmpB := filepath.Join(dir, "a.qmp"), filepath.Join(dir, "b.qmp")
+	migSock := filepath.Join(dir, "mig.sock")
+	guest := func(sock, qmpSock string, extra ...string) *qemutest.Guest {
+		return &qemutest.Guest{
+			Socket: sock,
+			MemMB:  migrateMemMB,
+			Script: script(
+				harness.StepDHCP(1500),
+				stepMigrate(sink.Addr().(*net.TCPAddr).Port, flag.Addr().(*net.TCPAddr).Port),
+			),
+			ExtraArgs: append([]string{"-qmp", "unix:" + qmpSock + ",server=on,wait=off"}, extra...),
+		}
+	}
+	src := startGuest(t, ctx, guest(vnA.Socket, qmpA))
+	if err := src.WaitFor(ctx, harness.ReadyLine("migrate")); err != nil {
+		t.Fatal(err)
+	}
+	dst := startGuest(t, ctx, guest(vnB.Socket, qmpB, "-incoming", "unix:"+migSock))
+	// The destination listens for the migration once QMP answers.
+	waitQMP(t, ctx, qmpB)
+	if sunk.Load() == 0 {
+		time.Sleep(time.Second)
+	}
+	sunkBefore := sunk.Load()
+	qmp(t, qmpA, "migrate-set-parameters", map[string]any{"max-bandwidth": 1 << 30, "downtime-limit": 300})
+	start := time.Now()
+	qmp(t, qmpA, "migrate", map[string]any{"uri": "unix:" + migSock})
+	var st struct {
+		Status     string
+		TotalTime  int64 `json:"total-time"`
+		Downtime   int64
+		RAM        struct{ Transferred, Duplicate, Normal, DirtySyncCount int64 } `json:"ram"`
+		ErrorDesc  string                                                         `json:"error-desc"`
+		SetupTime  int64                                                          `json:"setup-time"`
+		ExpectDown int64                                                          `json:"expected-downtime"`
+	}
+	for {
+		raw := qmp(t, qmpA, "query-migrate", nil)
+		if err := json.Unmarshal(raw, &st); err != nil {
+			t.Fatalf("query-migrate: %v: %s", err, raw)
+		}
+		if st.Status == "completed" || st.Status == "failed" || st.Status == "cancelled" {
+			break
+		}
+		if time.Since(start) > 2*time.Minute {
+			t.Fatalf("migration still %q after 2 minutes: %s", st.Status, raw)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if st.Status != "completed" {
+		t.Fatalf("migration %s: %s", st.Status, st.ErrorDesc)
+	}
+	t.Logf("migration completed in %v (QEMU: total %d ms, downtime %d ms, setup %d ms, %d bytes sent)",
+		time.Since(start).Round(time.Millisecond), st.TotalTime, st.Downtime, st.SetupTime, st.RAM.Transferred)
+	logged := metric(t, apiA, "vunet_vhost_dirty_pages_logged_total")
+	t.Logf("vunet A: %d dirty pages logged, %d dirty logs mapped", logged, metric(t, apiA, "vunet_vhost_dirty_logs_total"))
+	if logged == 0 {
+		t.Error("vunet A logged no dirty pages during the migration")
+	}
+	migrated.Store(true)
+	// The source stays paused (postmigrate) until it is stopped.
+	src.Kill()
+
+	res, err := dst.Wait()
+	if err != nil {
+		t.Errorf("destination guest: %v", err)
+	}
+	steps := harness.ParseSteps(src.Console() + res.Console)
+	var b strings.Builder
+	for _, s := range steps {
+		fmt.Fprintf(&b, "\n  %v %-12s %s", s.OK, s.Name, s.Detail)
+	}
+	t.Logf("steps:%s", b.String())
+	for _, name := range []string{"dhcp", "migrated", "ping-gap", "tcp-after", "dhcp-renew"} {
+		s, ok := harness.Find(steps, name)
+		if !ok || !s.OK {
+			t.Errorf("step %s: %+v", name, s)
+		}
+	}
+	if s, ok := harness.Find(steps, "ping-gap"); ok {
+		var gap, replies, last int
+		fmt.Sscanf(s.Detail, "max_seq_gap=%d replies=%d last_seq=%d", &gap, &replies, &last)
+		// Sequence numbers 0.1 s apart: a gap of g means g-1 pings
+		// lost, about (g-1)×0.1 s without connectivity.
+		t.Logf("ping gap across the migration: %d sequence numbers (about %d ms without replies); %d replies of %d", gap, (gap-1)*100, replies, last+1)
+		if gap > 10 || replies == 0 {
+			t.Errorf("pings did not resume within a second: %s", s.Detail)
+		}
+	}
+	t.Logf("TCP sink: %d bytes before the migration, %d in all", sunkBefore, sunk.Load())
+	if res.ExitCode != 0 {
+		t.Errorf("guest script exited %d", res.ExitCode)
+	}
+	if q := vnB.Log(); !strings.Contains(q, "frontend connected") {
+		t.Errorf("vunet B never served the destination")
+	}
+}
+
+// waitQMP waits until QEMU's monitor socket accepts a command.
+func waitQMP(t *testing.T, ctx context.Context, path string) {
+	t.Helper()
+	for {
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			qmp(t, path, "query-status", nil)
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("QMP %s: %v", path, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
