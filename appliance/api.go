@@ -47,6 +47,7 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 	add("forward", a.Forward.Stats())
 	add("dhcp", a.DHCP.Stats())
 	add("dns", a.DNS.Stats())
+	add("names", a.Names.Stats())
 	if a.RA != nil {
 		add("ra", a.RA.Stats())
 	}

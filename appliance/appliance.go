@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"os/user"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,13 +35,14 @@ import (
 	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/services/dhcp4"
 	"github.com/vunet/vunet/services/dns"
+	"github.com/vunet/vunet/services/names"
 	"github.com/vunet/vunet/services/ra"
 	"github.com/vunet/vunet/services/tftp"
 	"github.com/vunet/vunet/vhost"
 )
 
 // HostAlias is the name that always resolves to the gateway (the host).
-const HostAlias = "host.vunet.internal"
+const HostAlias = config.HostGatewayName
 
 // Appliance is a running vunet instance.
 type Appliance struct {
@@ -53,10 +55,13 @@ type Appliance struct {
 	Forward *forward.Forwarder
 	DHCP    *dhcp4.Server
 	DNS     *dns.Server
-	RA      *ra.Server
-	DHCPv6  *ra.DHCPv6
-	TFTP    *tftp.Server
-	VHost   *vhost.Server
+	// Names are the guests' DHCP host names (NAME.vunet.internal), written
+	// by DHCP and read by DNS.
+	Names  *names.Registry
+	RA     *ra.Server
+	DHCPv6 *ra.DHCPv6
+	TFTP   *tftp.Server
+	VHost  *vhost.Server
 	// Memory is the byte budget (cfg.MaxMemory) that the forwarder and
 	// the link take what the guest makes them hold from.
 	Memory *budget.Budget
@@ -177,6 +182,8 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	if err := a.buildEgress(); err != nil {
 		return nil, err
 	}
+	a.Names = names.New(names.Options{Reserved: zoneLabels(staticHosts(cfg)), Addrs6: a.guestAddrs6,
+		Logger: log})
 	// Services bind their ports first, so that the forwarder (which sees
 	// whatever no local endpoint claimed) never steals DNS or DHCP.
 	if err := a.startDNS(s, nic); err != nil {
@@ -188,6 +195,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		DNS: []netip.Addr{cfg.IPv4.DNS}, PoolStart: cfg.IPv4.Guest, Static: staticLeases(cfg),
 		LeaseTime: cfg.Boot.DHCPLeaseTime, MTU: cfg.MTU,
 		DomainName: cfg.Boot.Domain, DomainSearch: cfg.DNSSearch, Hostname: cfg.Boot.Hostname,
+		Names: a.Names,
 		Boot: dhcp4.Boot{TFTPFile: cfg.Boot.BootFile, TFTPFileEFI: cfg.Boot.BootFileEFI,
 			HTTPURL: cfg.Boot.HTTPBootURL, IPXEURL: cfg.Boot.IPXEScriptURL},
 	}); err != nil {
@@ -315,15 +323,49 @@ func (a *Appliance) guestIPv6() netip.Addr {
 			return best
 		}
 	}
+	if addrs := a.neighbourAddrs6(a.cfg.MAC); len(addrs) > 0 {
+		return addrs[0]
+	}
+	return netip.Addr{}
+}
+
+// guestAddrs6 are the IPv6 addresses of the guest with mac, for its DNS
+// name: its DHCPv6 leases whose DUID carries the MAC, then the global
+// addresses of the MAC seen in neighbour discovery (SLAAC EUI-64 first).
+func (a *Appliance) guestAddrs6(mac net.HardwareAddr) []netip.Addr {
+	if !a.cfg.IPv6.Enable {
+		return nil
+	}
+	var out []netip.Addr
+	if a.DHCPv6 != nil {
+		for _, l := range a.DHCPv6.Leases() {
+			if l.MAC == mac.String() && !slices.Contains(out, l.Addr) {
+				out = append(out, l.Addr)
+			}
+		}
+	}
+	for _, n := range a.neighbourAddrs6(mac) {
+		if !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// neighbourAddrs6 are the addresses in the IPv6 subnet that the stack's
+// neighbour table holds for mac (live entries), the SLAAC EUI-64 address
+// of the MAC first.
+func (a *Appliance) neighbourAddrs6(mac net.HardwareAddr) []netip.Addr {
 	ns, terr := a.Stack.Stack().Neighbors(a.Stack.NIC(), ipv6.ProtocolNumber)
 	if terr != nil {
-		return netip.Addr{}
+		return nil
 	}
-	mac := tcpip.LinkAddress(a.cfg.MAC)
-	slaac := eui64(a.cfg.IPv6.Subnet, a.cfg.MAC)
+	link := tcpip.LinkAddress(mac)
+	slaac := eui64(a.cfg.IPv6.Subnet, mac)
+	var out []netip.Addr
 	for _, n := range ns {
 		addr, ok := netip.AddrFromSlice(n.Addr.AsSlice())
-		if !ok || n.LinkAddr != mac || !a.cfg.IPv6.Subnet.Contains(addr) {
+		if !ok || n.LinkAddr != link || !a.cfg.IPv6.Subnet.Contains(addr) || slices.Contains(out, addr) {
 			continue
 		}
 		switch n.State {
@@ -332,13 +374,12 @@ func (a *Appliance) guestIPv6() netip.Addr {
 			continue
 		}
 		if addr == slaac {
-			return addr
-		}
-		if !best.IsValid() {
-			best = addr
+			out = slices.Insert(out, 0, addr)
+		} else {
+			out = append(out, addr)
 		}
 	}
-	return best
+	return out
 }
 
 // eui64 is the SLAAC address of mac in the /64 prefix p (RFC 4291 appendix A).
@@ -374,6 +415,7 @@ func (a *Appliance) startDNS(s *stack.Stack, nic tcpip.NICID) error {
 		Stack: s, NIC: nic, Logger: a.log,
 		Listen: listen, Upstreams: upstreams, Static: staticHosts(cfg),
 		StaticDenied: a.egress.AddrDenied,
+		Zone:         names.Domain, Guests: a.Names,
 	})
 	if err != nil {
 		return err
@@ -599,6 +641,21 @@ func unlimitedIfZero(v int) int {
 		return -1
 	}
 	return v
+}
+
+// zoneLabels are the labels directly under names.Domain that static names
+// use (host, and user names such as db.vunet.internal): no guest may take
+// them, the static table answers them first.
+func zoneLabels(static map[string][]netip.Addr) []string {
+	var out []string
+	for name := range static {
+		rest, ok := strings.CutSuffix(strings.TrimSuffix(strings.ToLower(name), "."), "."+names.Domain)
+		if !ok {
+			continue
+		}
+		out = append(out, rest[strings.LastIndexByte(rest, '.')+1:])
+	}
+	return out
 }
 
 // staticHosts is the DNS static table: the host alias plus user names.

@@ -16,12 +16,13 @@ import (
 	"time"
 
 	"github.com/vunet/vunet/forward/egress"
+	"github.com/vunet/vunet/services/names"
 )
 
 // HostGatewayName is the DNS name the appliance always resolves to the
 // gateway address, so the guest can reach services on the host. It cannot be
 // redefined in Hosts.
-const HostGatewayName = "host.vunet.internal"
+const HostGatewayName = "host." + names.Domain
 
 // LogFormat selects the log/slog handler.
 type LogFormat string

@@ -535,3 +535,75 @@ else
 fi
 `, name, server, qname, want, icmpUnreachCount(v6))
 }
+
+// StepNames checks guest host names (docs/services.md, "Guest names"): the
+// guest takes a lease sending host name option 12 (udhcpc -x hostname:),
+// then NAME.vunet.internal resolves through vunet's DNS to its lease (A)
+// and, once it has a SLAAC address and has talked IPv6, to that (AAAA); an
+// unknown name under vunet.internal is NXDOMAIN; after a DHCP RELEASE the
+// name is gone; a new lease sending the client FQDN option 81 (udhcpc -F)
+// brings it back.
+func StepNames(name string) string {
+	return fmt.Sprintf(`begin
+fq=%[1]s.vunet.internal
+if udhcpc -i eth0 -n -q -t 10 -T 2 -x hostname:%[1]s >/tmp/udhcpc.log 2>&1 && [ -f /run/dhcp-eth0 ]; then
+	. /run/dhcp-eth0
+	if o=$(nslookup $fq 2>&1) && echo "$o" | grep -qF "$ip"; then
+		pass name-a "$fq A $ip"
+	else
+		echo "$o"
+		fail name-a "$fq did not resolve to $ip"
+	fi
+else
+	cat /tmp/udhcpc.log
+	fail name-a "no lease"
+fi
+begin
+slaac() { a6=$(ip -6 addr show dev eth0 | awk '/inet6 fd00:/ && !/tentative/ { sub("/.*", "", $2); print $2; exit }'); [ -n "$a6" ]; }
+if wait_for slaac && ping6 -c 1 -W 5 %[2]s >/dev/null 2>&1 &&
+	o=$(nslookup -type=aaaa $fq 2>&1) && echo "$o" | grep -qF "$a6"; then
+	pass name-aaaa "$fq AAAA $a6"
+else
+	echo "$o"
+	fail name-aaaa "$fq did not resolve to the SLAAC address '$a6'"
+fi
+begin
+if o=$(nslookup nope-%[1]s.vunet.internal 2>&1); echo "$o" | grep -qF NXDOMAIN; then
+	pass name-nxdomain "nope-%[1]s.vunet.internal NXDOMAIN"
+else
+	echo "$o"
+	fail name-nxdomain "unknown name under vunet.internal was not NXDOMAIN"
+fi
+begin
+# A foreground udhcpc takes the lease and releases it on SIGUSR2 (RELEASE
+# to the server, then deconfig); the address comes back by hand so the
+# query can be sent.
+rm -f /run/dhcp-eth0
+udhcpc -i eth0 -f -t 10 -T 2 -x hostname:%[1]s >/tmp/udhcpc-r.log 2>&1 &
+upid=$!
+released=
+if wait_for test -f /run/dhcp-eth0; then
+	kill -USR2 $upid
+	wait_for sh -c '! test -f /run/dhcp-eth0' && released=1
+fi
+kill $upid 2>/dev/null
+wait $upid 2>/dev/null
+ip addr add "$ip/$mask" dev eth0 2>/dev/null
+if o=$(nslookup $fq %[3]s 2>&1); [ -n "$released" ] && echo "$o" | grep -qF NXDOMAIN; then
+	pass name-release "$fq NXDOMAIN after RELEASE"
+else
+	cat /tmp/udhcpc-r.log
+	echo "$o"
+	fail name-release "$fq still resolves after RELEASE (released=$released)"
+fi
+begin
+if udhcpc -i eth0 -n -q -t 10 -T 2 -F %[1]s >/tmp/udhcpc.log 2>&1 && . /run/dhcp-eth0 &&
+	o=$(nslookup $fq 2>&1) && echo "$o" | grep -qF "$ip"; then
+	pass name-fqdn "$fq A $ip (option 81)"
+else
+	cat /tmp/udhcpc.log
+	echo "$o"
+	fail name-fqdn "$fq did not resolve after a lease with option 81"
+fi
+`, name, Gateway6, DNS4)
+}

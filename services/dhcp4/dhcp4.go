@@ -117,6 +117,22 @@ type Options struct {
 	Hostname string
 	// Boot configures network boot.
 	Boot Boot
+	// Names, if set, is told the host name each client sends (option 81,
+	// else 12) when its lease is bound or renewed, and when the lease is
+	// released or declined, so the DNS server can resolve the guest by name.
+	// The server passes the name unchecked: Names validates it.
+	Names Names
+}
+
+// Names receives clients' host names with their leases (services/names).
+// It is called with the server's lock held and must not call back into the
+// server.
+type Names interface {
+	// Bind records the name a client sent with its bound lease ("" when it
+	// sent none); called on every ACK of a REQUEST.
+	Bind(mac net.HardwareAddr, name string, addr netip.Addr, expiry time.Time)
+	// Release drops the client's name: its lease ended early.
+	Release(mac net.HardwareAddr)
 }
 
 // Stats are the server's counters, declared for the metrics registry

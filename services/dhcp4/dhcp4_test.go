@@ -19,6 +19,7 @@ import (
 	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/services/internal/gnet"
 	"github.com/vunet/vunet/services/internal/testnet"
+	"github.com/vunet/vunet/services/names"
 )
 
 // client is a DHCP client on the guest stack: the guest has no address, so
@@ -573,4 +574,79 @@ func TestRenewWithoutRecord(t *testing.T) {
 	if r, _ := s.handle(steal); r == nil || r.MessageType() != dhcpv4.MessageTypeNak {
 		t.Fatalf("renewing another guest's address: %v, want NAK", r)
 	}
+}
+
+// TestHostNames checks that the names clients send reach the name table with
+// their leases: option 12, option 81 in both encodings (81 wins over 12),
+// renewal, release, a refused duplicate and a refused bad name.
+func TestHostNames(t *testing.T) {
+	s, err := New(Options{Logger: testnet.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1e9, 0)
+	s.now = func() time.Time { return now }
+	reg := names.New(names.Options{Logger: testnet.Logger(t), Now: func() time.Time { return now }})
+	s.opts.Names = reg
+	dora := func(i byte, opts ...dhcpv4.Modifier) *dhcpv4.DHCPv4 {
+		t.Helper()
+		hw := net.HardwareAddr{2, 0, 0, 0, 0, i}
+		d, _ := dhcpv4.NewDiscovery(hw, opts...)
+		o, _ := s.handle(d)
+		if o == nil {
+			t.Fatalf("no offer for client %d", i)
+		}
+		r, _ := dhcpv4.NewRequestFromOffer(o, opts...)
+		a, _ := s.handle(r)
+		if a == nil || a.MessageType() != dhcpv4.MessageTypeAck {
+			t.Fatalf("no ack for client %d: %v", i, a)
+		}
+		return a
+	}
+	fqdn := func(flags byte, name []byte) dhcpv4.Modifier {
+		return dhcpv4.WithOption(dhcpv4.Option{Code: dhcpv4.OptionFQDN,
+			Value: dhcpv4.OptionGeneric{Data: append([]byte{flags, 255, 255}, name...)}})
+	}
+	want := func(name, addr string) {
+		t.Helper()
+		g, ok := reg.Lookup(name)
+		if addr == "" {
+			if ok {
+				t.Errorf("%s resolves to %s, want nothing", name, g.Addr4)
+			}
+			return
+		}
+		if !ok || g.Addr4.String() != addr {
+			t.Errorf("%s = %v (%v), want %s", name, g.Addr4, ok, addr)
+		}
+	}
+
+	a1 := dora(1, dhcpv4.WithOption(dhcpv4.OptHostName("VM1")))
+	want("vm1", "10.0.2.15")
+	// Option 81, ASCII (busybox udhcpc -F), wins over option 12.
+	dora(2, fqdn(0x01, []byte("vm2.example.com")), dhcpv4.WithOption(dhcpv4.OptHostName("other")))
+	want("vm2", "10.0.2.16")
+	want("other", "")
+	// Option 81, canonical wire format (E flag).
+	dora(3, fqdn(0x05, []byte("\x03vm3\x07example\x03com\x00")))
+	want("vm3", "10.0.2.17")
+	// A duplicate: the first holder keeps the name.
+	dora(4, dhcpv4.WithOption(dhcpv4.OptHostName("vm1")))
+	want("vm1", "10.0.2.15")
+	// A bad name is refused.
+	dora(5, dhcpv4.WithOption(dhcpv4.OptHostName("bad_name;rm")))
+	if st := reg.Stats(); st.Taken.Load() != 1 || st.Invalid.Load() != 1 || st.Bound.Load() != 3 {
+		t.Errorf("taken %d invalid %d bound %d, want 1 1 3", st.Taken.Load(), st.Invalid.Load(), st.Bound.Load())
+	}
+
+	// RELEASE drops the name; the next claimant's renewal takes it.
+	rel, _ := dhcpv4.NewReleaseFromACK(a1)
+	s.handle(rel)
+	want("vm1", "")
+	dora(4, dhcpv4.WithOption(dhcpv4.OptHostName("vm1")))
+	want("vm1", "10.0.2.18")
+
+	// The name lasts as long as the lease.
+	now = now.Add(DefaultLeaseTime)
+	want("vm2", "")
 }

@@ -109,6 +109,7 @@ func (s *Server) handle(req *dhcpv4.DHCPv4) (*dhcpv4.DHCPv4, netip.AddrPort) {
 		}
 		a := ip4(req.RequestedIPAddress())
 		if s.leases.release(m, a) {
+			s.releaseName(m)
 			s.leases.set(declined, a, now.Add(declineHold), false)
 			s.log.Warn("dhcp4: client declined address (in use on the link?)", "mac", m, "addr", a)
 		}
@@ -120,6 +121,7 @@ func (s *Server) handle(req *dhcpv4.DHCPv4) (*dhcpv4.DHCPv4, netip.AddrPort) {
 			return nil, netip.AddrPort{}
 		}
 		if a := ip4(req.ClientIPAddr); s.leases.release(m, a) {
+			s.releaseName(m)
 			s.log.Info("dhcp4: lease released", "mac", m, "addr", a)
 		}
 		return nil, netip.AddrPort{}
@@ -192,12 +194,44 @@ func (s *Server) handleRequest(req *dhcpv4.DHCPv4, m mac, now time.Time) (*dhcpv
 		}
 	}
 	isNew := l == nil || !l.bound || l.addr != want
-	s.leases.set(m, want, now.Add(s.opts.LeaseTime), true)
+	expiry := now.Add(s.opts.LeaseTime)
+	s.leases.set(m, want, expiry, true)
+	name := clientName(req)
 	if isNew {
-		s.log.Info("dhcp4: lease bound", "mac", m, "addr", want, "hostname", req.HostName())
+		s.log.Info("dhcp4: lease bound", "mac", m, "addr", want, "hostname", fmt.Sprintf("%.80q", name))
+	}
+	if s.opts.Names != nil {
+		s.opts.Names.Bind(net.HardwareAddr(m[:]), name, want, expiry)
 	}
 	s.stats.Ack.Add(1)
 	return s.reply(req, dhcpv4.MessageTypeAck, want), s.dest(req, false)
+}
+
+func (s *Server) releaseName(m mac) {
+	if s.opts.Names != nil {
+		s.opts.Names.Release(net.HardwareAddr(m[:]))
+	}
+}
+
+// clientName is the host name the client sent: the client FQDN option 81
+// (RFC 4702) if present, else the host name option 12. Neither is checked
+// here (see Options.Names).
+func clientName(req *dhcpv4.DHCPv4) string {
+	if fq := req.Options.Get(dhcpv4.OptionFQDN); len(fq) > 3 {
+		flags, name := fq[0], fq[3:]
+		if flags&0x04 == 0 {
+			// E clear: deprecated ASCII encoding, which busybox udhcpc -F
+			// sends.
+			return string(name)
+		}
+		// E set: canonical wire format, a sequence of length-prefixed
+		// labels; only the first (the host name) is needed.
+		if n := int(name[0]); n > 0 && n < len(name) {
+			return string(name[1 : 1+n])
+		}
+		return ""
+	}
+	return req.HostName()
 }
 
 // reclaimOffer frees the oldest address that is only offered (not bound) so

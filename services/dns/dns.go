@@ -23,6 +23,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/vunet/vunet/services/internal/gnet"
+	"github.com/vunet/vunet/services/names"
 )
 
 // Port is the DNS port.
@@ -85,7 +86,26 @@ type Options struct {
 	MaxInFlight int
 	// MaxTCPConns bounds concurrent guest TCP connections (default 64).
 	MaxTCPConns int
+	// Zone, if set, is a domain the server owns (vunet.internal, see
+	// services/names): its names come from Static and Guests, and any other
+	// name under it gets NXDOMAIN instead of being forwarded, so a guest's
+	// name never leaks to (or is answered by) the host's resolvers.
+	Zone string
+	// Guests, if set, resolves the guests' names: LABEL.Zone (A, AAAA) and
+	// the reverse names of their addresses (PTR).
+	Guests GuestNames
 }
+
+// GuestNames looks guests up by name and address (a *names.Registry).
+type GuestNames interface {
+	Lookup(label string) (names.Guest, bool)
+	LookupAddr(a netip.Addr) (names.Guest, bool)
+}
+
+// guestTTL is the TTL of guest-name answers. Like dnsmasq's answers from
+// its DHCP leases (local-ttl, default 0) it is zero: a guest's name follows
+// its lease, and a released name must not linger in resolver caches.
+const guestTTL = 0
 
 // Stats are the server's counters, declared for the metrics registry
 // (internal/metrics).
@@ -94,6 +114,7 @@ type Stats struct {
 	TCPQueries     atomic.Uint64 `metric:"dns_queries_total{transport=tcp}"`
 	Static         atomic.Uint64 `metric:"dns_answers_total{source=static}" help:"DNS answers, by source."`
 	Forwarded      atomic.Uint64 `metric:"dns_answers_total{source=upstream}"`
+	Guests         atomic.Uint64 `metric:"dns_answers_total{source=guests}"`
 	StaticDenied   atomic.Uint64 `metric:"dns_static_denied_total" help:"Static addresses left out of DNS answers because the egress policy denies them."`
 	UpstreamErrors atomic.Uint64 `metric:"dns_upstream_errors_total" help:"Failed upstream attempts, including timeouts."`
 	Timeouts       atomic.Uint64 `metric:"dns_upstream_timeouts_total" help:"Upstream attempts that timed out."`
@@ -171,6 +192,14 @@ func New(opts Options) (*Server, error) {
 	st, err := newStaticTable(opts.Static, opts.StaticDenied)
 	if err != nil {
 		return nil, fmt.Errorf("dns: %w", err)
+	}
+	if opts.Zone != "" {
+		if _, ok := mdns.IsDomainName(opts.Zone); !ok || mdns.CountLabel(opts.Zone) == 0 {
+			return nil, fmt.Errorf("dns: zone %q is not a valid domain name", opts.Zone)
+		}
+		opts.Zone = mdns.CanonicalName(opts.Zone)
+	} else if opts.Guests != nil {
+		return nil, errors.New("dns: guest names need a zone")
 	}
 	s := &Server{
 		opts:   opts,
@@ -395,6 +424,11 @@ func (s *Server) answer(ctx context.Context, q []byte, tcp bool) []byte {
 	if resp := s.static.answer(req, uint32(s.opts.StaticTTL/time.Second), &s.stats.StaticDenied); resp != nil {
 		s.stats.Static.Add(1)
 		log.Debug("dns: static answer", "rcode", mdns.RcodeToString[resp.Rcode], "answers", len(resp.Answer))
+		return s.fit(resp, req, tcp)
+	}
+	if resp := s.zoneAnswer(req); resp != nil {
+		s.stats.Guests.Add(1)
+		log.Debug("dns: guest-name answer", "rcode", mdns.RcodeToString[resp.Rcode], "answers", len(resp.Answer))
 		return s.fit(resp, req, tcp)
 	}
 
