@@ -25,6 +25,7 @@ import (
 	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/services/dhcp4"
 	"github.com/vunet/vunet/services/dns"
+	"github.com/vunet/vunet/services/names"
 	"github.com/vunet/vunet/services/ra"
 	"github.com/vunet/vunet/services/tftp"
 	"github.com/vunet/vunet/vhost"
@@ -56,6 +57,7 @@ func declared(t *testing.T, a *appliance.Appliance, pairs int) int {
 	count(forward.Stats{}, 1)
 	count(dhcp4.Stats{}, 1)
 	count(dns.Stats{}, 1)
+	count(names.Stats{}, 1)
 	count(ra.Stats{}, 1)
 	count(ra.DHCPv6Stats{}, 1)
 	count(tftp.Stats{}, 1)
