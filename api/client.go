@@ -96,6 +96,13 @@ func (c *Client) Forwards(ctx context.Context) ([]Forward, error) {
 	return fs.Forwards, err
 }
 
+// Guests calls GET /v1/guests.
+func (c *Client) Guests(ctx context.Context) ([]Guest, error) {
+	var gs Guests
+	err := c.do(ctx, http.MethodGet, PathGuests, nil, &gs)
+	return gs.Guests, err
+}
+
 // AddForward calls POST /v1/forwards and returns the forward as started.
 func (c *Client) AddForward(ctx context.Context, f Forward) (Forward, error) {
 	f.Guest = netip.AddrPort{}

@@ -46,8 +46,16 @@ type StateBackend interface {
 	LoadState([]byte) (StateSummary, error)
 }
 
+// GuestsBackend is implemented by a Backend that lists its guests
+// (GET /v1/guests).
+type GuestsBackend interface {
+	// GuestList returns the connected guests by port.
+	GuestList() []Guest
+}
+
 // Routes.
 const (
+	PathGuests   = "/v1/guests"
 	PathHealth   = "/v1/health"
 	PathStats    = "/v1/stats"
 	PathForwards = "/v1/forwards"
@@ -92,6 +100,16 @@ func NewServer(b Backend, log *slog.Logger) *Server {
 		s.mux.HandleFunc("GET "+PathState, func(w http.ResponseWriter, r *http.Request) { s.saveState(w, r, sb) })
 		s.mux.HandleFunc("POST "+PathState, func(w http.ResponseWriter, r *http.Request) { s.loadState(w, r, sb) })
 		allow[PathState] = "GET, POST"
+	}
+	if gb, ok := b.(GuestsBackend); ok {
+		s.mux.HandleFunc("GET "+PathGuests, func(w http.ResponseWriter, r *http.Request) {
+			gs := gb.GuestList()
+			if gs == nil {
+				gs = []Guest{} // "[]", not "null"
+			}
+			s.reply(w, r, http.StatusOK, Guests{Guests: gs})
+		})
+		allow[PathGuests] = "GET"
 	}
 	// Everything else gets a JSON error too, 405 for a known path (which
 	// the method patterns above would give, were "/" not registered).

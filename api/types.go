@@ -53,17 +53,26 @@ type Forward struct {
 	Path string `json:"path,omitempty"`
 	// GuestPort is the port on the guest connections are relayed to.
 	GuestPort uint16 `json:"guest_port"`
-	// Guest is the full guest address ("10.0.2.15:22"); set in replies only.
+	// Guest is the full guest address ("10.0.2.15:22"); set in replies only,
+	// and not for a forward that names its guest.
 	Guest netip.AddrPort `json:"guest,omitzero"`
+	// GuestSelector is the guest a --forward named (tcp:2222:vm1:22): its
+	// host name, MAC or address, resolved per connection; replies only
+	// (runtime forwards always reach the first guest).
+	GuestSelector string `json:"guest_selector,omitempty"`
 }
 
 // String formats f in the --forward spec syntax, "tcp:127.0.0.1:2222:22",
 // so that output can be pasted back into `vunet forward remove`.
 func (f Forward) String() string {
-	if f.Proto == "unix" {
-		return "unix:" + f.Path + ":" + strconv.Itoa(int(f.GuestPort))
+	guest := ""
+	if f.GuestSelector != "" {
+		guest = f.GuestSelector + ":"
 	}
-	return f.Proto + ":" + f.Host.String() + ":" + strconv.Itoa(int(f.GuestPort))
+	if f.Proto == "unix" {
+		return "unix:" + f.Path + ":" + guest + strconv.Itoa(int(f.GuestPort))
+	}
+	return f.Proto + ":" + f.Host.String() + ":" + guest + strconv.Itoa(int(f.GuestPort))
 }
 
 // Forwards is the body of GET /v1/forwards. The list is wrapped in an
@@ -201,6 +210,37 @@ type RingState struct {
 	Packed     bool   `json:"packed,omitempty"`
 }
 
+// Guests is the body of GET /v1/guests.
+type Guests struct {
+	Guests []Guest `json:"guests"`
+}
+
+// Guest is one VM on the network (GET /v1/guests, `vunet guests`): a
+// connected vhost-user frontend and what vunet knows about it.
+type Guest struct {
+	// Port is the guest's switch port, the `guest` label of its counters
+	// (0 .. --max-guests-1; the next VM reuses a free port).
+	Port int `json:"port"`
+	// Session numbers the frontends accepted since start, from 1.
+	Session uint64 `json:"session"`
+	// Since is when its frontend connected.
+	Since time.Time `json:"since"`
+	// MAC is the guest's MAC, "" until it has sent a frame.
+	MAC string `json:"mac"`
+	// Name is its DHCP host name (Name.vunet.internal), "" without one.
+	Name string `json:"name,omitempty"`
+	// IPv4 and IPv6 are the addresses it uses and was leased.
+	IPv4 []netip.Addr `json:"ipv4"`
+	IPv6 []netip.Addr `json:"ipv6"`
+	// Leases are its DHCPv4 and DHCPv6 leases, with their expiry.
+	Leases []Lease `json:"leases"`
+	// Rings are its virtqueues' indexes (the queue state).
+	Rings []RingState `json:"rings"`
+	// Metrics are its series: those of Stats.Metrics with the label
+	// guest=Port (frames, bytes, drops, virtqueue counters).
+	Metrics []Metric `json:"metrics"`
+}
+
 // Lease is one bound DHCP lease.
 type Lease struct {
 	// MAC is the client's MAC address; for a DHCPv6 lease, the one in its
@@ -228,6 +268,9 @@ func (f Forward) validate(needGuest bool) error {
 	}
 	if needGuest && f.GuestPort == 0 {
 		return Errorf(ErrInvalid, "guest_port: expected 1..65535")
+	}
+	if f.GuestSelector != "" {
+		return Errorf(ErrInvalid, "guest_selector: forwards to a named guest are set at start-up only (--forward)")
 	}
 	return nil
 }

@@ -127,6 +127,9 @@ func (a *Appliance) Stats() api.Stats {
 
 // toAPI converts a running forward.
 func toAPI(pf forward.PortForward) api.Forward {
+	if pf.Select != "" {
+		return api.Forward{Proto: pf.Proto, Host: pf.Host, Path: pf.Path, GuestPort: pf.Guest.Port(), GuestSelector: pf.Select}
+	}
 	return api.Forward{Proto: pf.Proto, Host: pf.Host, Path: pf.Path, GuestPort: pf.Guest.Port(), Guest: pf.Guest}
 }
 

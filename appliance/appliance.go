@@ -247,6 +247,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		fo.Gateway6, fo.DNS6 = cfg.IPv6.Gateway, cfg.IPv6.DNS
 		fo.GuestIPv6 = a.guestIPv6
 	}
+	fo.ResolveGuest = a.resolveGuest
 	if a.Forward, err = forward.New(fo); err != nil {
 		return nil, err
 	}
@@ -257,6 +258,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	for _, f := range cfg.Forwards {
 		pf, err := a.Forward.AddPortForward(forward.PortForward{
 			Proto: f.Proto, Host: f.Host, Path: f.Path, Guest: netip.AddrPortFrom(cfg.IPv4.Guest, f.GuestPort),
+			Select: f.Guest.String(),
 		})
 		if err != nil {
 			return nil, fmt.Errorf("forward %s: %w", f, err)

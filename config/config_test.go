@@ -373,7 +373,7 @@ tftp_root = ""
 		`ipv4.subnet: "fd00::/64": expected an IPv4 subnet`,
 		`ipv4.gateway: "fd00::1": expected an IPv4 address`,
 		`ipv6.dns: "nope": expected an IP address like 10.0.2.2 or fd00::2`,
-		`forwards[1]: "tcp:x:80": expected tcp:[HOSTADDR:]HOSTPORT:GUESTPORT`,
+		`forwards[1]: "tcp:x:80": expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT`,
 		`dns_upstream[0]: "dns.google": expected IP[:PORT] like 1.1.1.1, 1.1.1.1:53 or [2606:4700::1111]:53`,
 		`hosts."a.b": "c": expected an IP address like 10.0.2.2 or fd00::2`,
 		`dial_timeout: "10": expected a duration like 30s, 5m or 1h`,

@@ -47,12 +47,12 @@ func TestParseForward(t *testing.T) {
 }
 
 func TestParseForwardErrors(t *testing.T) {
-	const tcpForm = "expected tcp:[HOSTADDR:]HOSTPORT:GUESTPORT"
+	const tcpForm = "expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT"
 	tests := []struct{ spec, want string }{
-		{"", "expected tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT"},
-		{"8080:80", "expected tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT"},
-		{"sctp:8080:80", "expected tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT"},
-		{"TCP:8080:80", "expected tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT"},
+		{"", "expected tcp|udp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT"},
+		{"8080:80", "expected tcp|udp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT"},
+		{"sctp:8080:80", "expected tcp|udp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT"},
+		{"TCP:8080:80", "expected tcp|udp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT"},
 		{"tcp", tcpForm},
 		{"tcp:80", tcpForm},
 		{"tcp:x:80", tcpForm},
@@ -65,7 +65,7 @@ func TestParseForwardErrors(t *testing.T) {
 		{"tcp:-80:80", tcpForm},
 		{"tcp:80-:80", tcpForm},
 		{"tcp:1.2.3.4:5:6:7", tcpForm},
-		{"udp:80:80:", "expected udp:[HOSTADDR:]HOSTPORT:GUESTPORT"},
+		{"udp:80:80:", "expected udp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT"},
 		{"tcp:[::1:80:80", tcpForm},
 		{"tcp:[::1]80:80", tcpForm},
 		{"tcp:[::1]:80", tcpForm},
@@ -163,11 +163,11 @@ func TestParseUnixForward(t *testing.T) {
 		}
 	}
 	for spec, msg := range map[string]string{
-		"unix:/tmp/app.sock":                       "expected unix:PATH:GUESTPORT",
+		"unix:/tmp/app.sock":                       "expected unix:PATH:[GUEST:]GUESTPORT",
 		"unix:app.sock:80":                         "not absolute",
 		"unix::80":                                 "empty",
 		"unix:/tmp/a.sock:0":                       "out of range",
-		"unix:/tmp/a.sock:80-81":                   "expected unix:PATH:GUESTPORT",
+		"unix:/tmp/a.sock:80-81":                   "expected unix:PATH:[GUEST:]GUESTPORT",
 		"unix:/" + strings.Repeat("a", 120) + ":1": "must be shorter than 108",
 	} {
 		if _, err := ParseForward(spec); err == nil || !strings.Contains(err.Error(), msg) {
@@ -243,5 +243,80 @@ func TestUnixForwardAndExposeKeys(t *testing.T) {
 	}
 	if err := Default().ApplyFile(path); err == nil || !strings.Contains(err.Error(), "expose[0]") {
 		t.Errorf("bad expose key: %v", err)
+	}
+}
+
+func TestParseForwardGuest(t *testing.T) {
+	g := func(f Forward, sel GuestSelector) Forward { f.Guest = sel; return f }
+	name := GuestSelector{Name: "vm1"}
+	for _, tt := range []struct {
+		spec string
+		want []Forward
+	}{
+		{"tcp:2222:vm1:22", []Forward{g(fwd("tcp", "127.0.0.1:2222", 22), name)}},
+		{"tcp:2222:VM1:22", []Forward{g(fwd("tcp", "127.0.0.1:2222", 22), name)}},
+		{"tcp:0.0.0.0:2222:vm1:22", []Forward{g(fwd("tcp", "0.0.0.0:2222", 22), name)}},
+		{"tcp:[::1]:2222:vm1:22", []Forward{g(fwd("tcp", "[::1]:2222", 22), name)}},
+		{"udp:5353:10.0.2.16:53", []Forward{g(fwd("udp", "127.0.0.1:5353", 53), GuestSelector{Addr: netip.MustParseAddr("10.0.2.16")})}},
+		{"tcp:2222:[fd00::16]:22", []Forward{g(fwd("tcp", "127.0.0.1:2222", 22), GuestSelector{Addr: netip.MustParseAddr("fd00::16")})}},
+		{"tcp:[::1]:2222:[fd00::16]:22", []Forward{g(fwd("tcp", "[::1]:2222", 22), GuestSelector{Addr: netip.MustParseAddr("fd00::16")})}},
+		{"tcp:2222:52-54-00-12-34-56:22", []Forward{g(fwd("tcp", "127.0.0.1:2222", 22), GuestSelector{MAC: "52:54:00:12:34:56"})}},
+		{"tcp:2222:[52:54:00:12:34:5A]:22", []Forward{g(fwd("tcp", "127.0.0.1:2222", 22), GuestSelector{MAC: "52:54:00:12:34:5a"})}},
+		{"tcp:8000-8001:web-2:80-81", []Forward{
+			g(fwd("tcp", "127.0.0.1:8000", 80), GuestSelector{Name: "web-2"}),
+			g(fwd("tcp", "127.0.0.1:8001", 81), GuestSelector{Name: "web-2"}),
+		}},
+		// The forms without a guest keep their meaning.
+		{"tcp:127.0.0.1:8080:80", []Forward{fwd("tcp", "127.0.0.1:8080", 80)}},
+		{"tcp:[::1]:8443:443", []Forward{fwd("tcp", "[::1]:8443", 443)}},
+	} {
+		got, err := ParseForward(tt.spec)
+		if err != nil || !slices.Equal(got, tt.want) {
+			t.Errorf("ParseForward(%q) = %v, %v; want %v", tt.spec, got, err, tt.want)
+			continue
+		}
+		if again, err := ParseForward(got[0].String()); err != nil || again[0] != got[0] {
+			t.Errorf("round trip of %q: %v, %v", got[0].String(), again, err)
+		}
+	}
+	for spec, msg := range map[string]string{
+		"tcp:2222:vm_1:22":                            `guest "vm_1": a guest is`,
+		"tcp:2222:-vm:22":                             `guest "-vm": a guest is`,
+		"tcp:2222:[vm1]:22":                           `guest "[vm1]": a guest is`,
+		"tcp:2222:[fe80::1%eth0]:22":                  `guest "[fe80::1%eth0]": a guest is`,
+		"tcp:2222:52:54:00:12:34:56:22":               `a guest MAC must be in brackets or written with dashes, as in "2222:[52:54:00:12:34:56]:22"`,
+		"tcp:2222:1.2.3:22":                           `guest "1.2.3": a guest is`,
+		"tcp:127.0.0.1:2222:vm1":                      "expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT",
+		"tcp:127.0.0.1:2222:22:22":                    "expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT",
+		"tcp:vm1:2222:22":                             "expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT",
+		"tcp:2222:vm1:vm2:22":                         "expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT",
+		"tcp:2222:[fd00::16:22":                       "expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT",
+		"tcp:2222:x[fd00::16]:22":                     "expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT",
+		"tcp:2222:" + strings.Repeat("a", 64) + ":22": "a guest is",
+	} {
+		if got, err := ParseForward(spec); err == nil || !strings.Contains(err.Error(), msg) {
+			t.Errorf("ParseForward(%q) = %v, %v; want an error containing %q", spec, got, err, msg)
+		}
+	}
+}
+
+func TestParseUnixForwardGuest(t *testing.T) {
+	for spec, want := range map[string]Forward{
+		"unix:/tmp/app.sock:vm1:80":          {Proto: "unix", Path: "/tmp/app.sock", GuestPort: 80, Guest: GuestSelector{Name: "vm1"}},
+		"unix:/tmp/app.sock:[fd00::16]:80":   {Proto: "unix", Path: "/tmp/app.sock", GuestPort: 80, Guest: GuestSelector{Addr: netip.MustParseAddr("fd00::16")}},
+		"unix:/tmp/app.sock:10.0.2.16:80":    {Proto: "unix", Path: "/tmp/app.sock", GuestPort: 80, Guest: GuestSelector{Addr: netip.MustParseAddr("10.0.2.16")}},
+		"unix:/tmp/a:b.sock:80":              {Proto: "unix", Path: "/tmp/a:b.sock", GuestPort: 80},
+		"unix:/tmp/a:b.sock:vm1:80":          {Proto: "unix", Path: "/tmp/a:b.sock", GuestPort: 80, Guest: GuestSelector{Name: "vm1"}},
+		"unix:/tmp/x:vm1/./:80":              {Proto: "unix", Path: "/tmp/x:vm1", GuestPort: 80},
+		"unix:/tmp/s:[52:54:00:12:34:56]:22": {Proto: "unix", Path: "/tmp/s", GuestPort: 22, Guest: GuestSelector{MAC: "52:54:00:12:34:56"}},
+	} {
+		got, err := ParseForward(spec)
+		if err != nil || len(got) != 1 || got[0] != want {
+			t.Errorf("ParseForward(%q) = %v, %v; want %v", spec, got, err, want)
+			continue
+		}
+		if again, err := ParseForward(got[0].String()); err != nil || again[0] != want {
+			t.Errorf("round trip of %q: %v, %v", got[0].String(), again, err)
+		}
 	}
 }

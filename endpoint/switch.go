@@ -259,8 +259,12 @@ func (s *Switch) ReleaseBackend(b vhost.Backend) {
 		return
 	}
 	g := e.guestLocked()
-	queues := p.queues
-	*p = portState{id: p.id, queues: queues}
+	// Reset field by field: id and queues never change and are read
+	// without the lock (PortID, QueueStats, by Guests while a guest
+	// leaves), so they must not be written, even with the same value.
+	p.inUse, p.session, p.since, p.hangUp = false, 0, time.Time{}, nil
+	p.mac, p.known, p.refused, p.macs, p.addrs = [6]byte{}, false, false, 0, nil
+	p.last4, p.last6 = [4]byte{}, [16]byte{}
 	s.rebuildLocked(func(m map[[6]byte]*Endpoint) {
 		for k, v := range m {
 			if v == e {

@@ -68,6 +68,11 @@ type Options struct {
 	// host address and aimed at an IPv4 guest address then reaches the
 	// guest over IPv6 whenever it has an address (see PortForward.target).
 	GuestIPv6 func() netip.Addr
+	// ResolveGuest, if set, resolves a port forward's Select (a guest
+	// named by host name, MAC or address) to the address of that guest to
+	// reach now: an IPv6 one if ipv6 and it has one, else IPv4. ok is
+	// false when no such guest is on the network.
+	ResolveGuest func(sel string, ipv6 bool) (addr netip.Addr, ok bool)
 	// DNS4 and DNS6 are the in-stack DNS service addresses. Traffic to them
 	// is never forwarded to the host.
 	DNS4, DNS6 netip.Addr

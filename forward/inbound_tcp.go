@@ -94,7 +94,13 @@ func (p *portForward) serveTCP(c net.Conn) {
 	}
 	slot := &connSlot{n: &f.c.InboundTCPOpen}
 	defer slot.release()
-	guest := p.target()
+	guest, ok := p.target()
+	if !ok {
+		f.c.InboundNoGuestTCP.Add(1)
+		f.log.Debug("inbound tcp refused: the forward's guest is not on the network", "client", client, "guest", p.spec.Select)
+		reject()
+		return
+	}
 	src, ok := f.guestSource(client, guest.Addr())
 	if !ok {
 		f.log.Debug("inbound tcp: no gateway address for the guest's family", "client", client)

@@ -54,7 +54,11 @@ func (p *portForward) flow(client netip.AddrPort) *udpFlow {
 	// held while the flow is set up, and must not be: closing a flow
 	// takes it.
 	p.mu.Unlock()
-	guest := p.target()
+	guest, ok := p.target()
+	if !ok {
+		f.c.InboundNoGuestUDP.Add(1)
+		return nil
+	}
 	src, ok := f.guestSource(client, guest.Addr())
 	if !ok {
 		f.c.DropUnroutable.Add(1)

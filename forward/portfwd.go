@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -31,14 +32,25 @@ type PortForward struct {
 	// Guest is the guest address and port that connections and datagrams
 	// are relayed to.
 	Guest netip.AddrPort
+	// Select, if set, names the guest instead (its host name, MAC or an
+	// address, as Options.ResolveGuest reads it): each new connection or
+	// flow goes to that guest's address of the moment, on Guest's port,
+	// and is refused and counted when the guest is not there. Guest's
+	// address is then unused.
+	Select string
 }
 
-// String formats the forward like "tcp 127.0.0.1:2222->10.0.2.15:22".
+// String formats the forward like "tcp 127.0.0.1:2222->10.0.2.15:22", or
+// "tcp 127.0.0.1:2222->vm1:22" with Select.
 func (pf PortForward) String() string {
-	if pf.Proto == "unix" {
-		return fmt.Sprintf("unix %s->%s", pf.Path, pf.Guest)
+	to := pf.Guest.String()
+	if pf.Select != "" {
+		to = pf.Select + ":" + strconv.Itoa(int(pf.Guest.Port()))
 	}
-	return fmt.Sprintf("%s %s->%s", pf.Proto, pf.Host, pf.Guest)
+	if pf.Proto == "unix" {
+		return fmt.Sprintf("unix %s->%s", pf.Path, to)
+	}
+	return fmt.Sprintf("%s %s->%s", pf.Proto, pf.Host, to)
 }
 
 // target is where a new connection or flow of the forward goes: Guest,
@@ -46,7 +58,24 @@ func (pf PortForward) String() string {
 // tcp:[::1]:2222:22) reaches the guest's IPv6 address when it has one
 // (Options.GuestIPv6), so the connection stays IPv6 end to end; over IPv4
 // otherwise. Forwards on IPv4 host addresses always use Guest.
-func (p *portForward) target() netip.AddrPort {
+// With Select, the resolver picks the guest's address; ok is false when
+// the guest is not there.
+func (p *portForward) target() (netip.AddrPort, bool) {
+	g := p.spec.Guest
+	if p.spec.Select != "" {
+		if p.f.opts.ResolveGuest == nil {
+			return netip.AddrPort{}, false
+		}
+		a, ok := p.f.opts.ResolveGuest(p.spec.Select, p.spec.Host.Addr().Is6())
+		if !ok || !a.IsValid() {
+			return netip.AddrPort{}, false
+		}
+		return netip.AddrPortFrom(a.Unmap(), g.Port()), true
+	}
+	return p.fixedTarget(), true
+}
+
+func (p *portForward) fixedTarget() netip.AddrPort {
 	g := p.spec.Guest
 	if p.f.opts.GuestIPv6 == nil || !g.Addr().Is4() || !p.spec.Host.Addr().Is6() {
 		return g
@@ -97,7 +126,10 @@ func (pf PortForward) normalize() (PortForward, error) {
 		pf.Path = filepath.Clean(pf.Path)
 		pf.Host = netip.AddrPort{}
 	}
-	if !pf.Guest.IsValid() || pf.Guest.Port() == 0 || pf.Guest.Addr().IsUnspecified() {
+	if pf.Select != "" && pf.Guest.Port() != 0 && !pf.Guest.Addr().IsValid() {
+		// A guest by selector needs only the port.
+		pf.Guest = netip.AddrPortFrom(netip.IPv4Unspecified(), pf.Guest.Port())
+	} else if !pf.Guest.IsValid() || pf.Guest.Port() == 0 || pf.Guest.Addr().IsUnspecified() {
 		return pf, fmt.Errorf("forward: port forward %s: guest address and port required", pf)
 	}
 	pf.Guest = netip.AddrPortFrom(pf.Guest.Addr().Unmap(), pf.Guest.Port())

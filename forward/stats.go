@@ -31,6 +31,10 @@ type Stats struct {
 	// InboundUnixConns counts the connections of unix port forwards
 	// (--forward unix:PATH:PORT); they are in InboundTCPConns too.
 	InboundUnixConns atomic.Uint64 `metric:"forward_inbound_unix_total" help:"Connections accepted by unix port forwards (also counted in vunet_forward_inbound_total{proto=tcp})."`
+	// Port-forward connections and flows refused because the guest their
+	// forward names (--forward tcp:2222:vm1:22) is not on the network.
+	InboundNoGuestTCP atomic.Uint64 `metric:"forward_inbound_no_guest_total{proto=tcp}" help:"Port-forward connections (tcp, unix) and flows (udp) refused because the guest the forward names is not on the network now."`
+	InboundNoGuestUDP atomic.Uint64 `metric:"forward_inbound_no_guest_total{proto=udp}"`
 	// ExposeConns counts guest connections to an exposed gateway port
 	// (--expose tcp:PORT:unix:PATH), and ExposeFailures those whose
 	// connect to the host socket failed (the guest got a RST).

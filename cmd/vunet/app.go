@@ -45,6 +45,7 @@ func buildApp(run runFunc) *cli.App {
 			forwardCommand(),
 			stateCommand(),
 			statsCommand(),
+			guestsCommand(),
 			completionCommand(),
 			versionCommand(),
 			manCommand(),

@@ -199,8 +199,8 @@ func TestBadInvocations(t *testing.T) {
 		env  map[string]string
 		want string
 	}{
-		{append(sock, "--forward", "tcp:x:80"), nil, `vunet: --forward "tcp:x:80": expected tcp:[HOSTADDR:]HOSTPORT:GUESTPORT`},
-		{append(sock, "--forward", "tcp:8080:80", "--forward", "icmp:1:1"), nil, `vunet: --forward "icmp:1:1": expected tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT`},
+		{append(sock, "--forward", "tcp:x:80"), nil, `vunet: --forward "tcp:x:80": expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT`},
+		{append(sock, "--forward", "tcp:8080:80", "--forward", "icmp:1:1"), nil, `vunet: --forward "icmp:1:1": expected tcp|udp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT`},
 		{append(sock, "--forward", "tcp:::1:8080:80"), nil, `vunet: --forward "tcp:::1:8080:80": IPv6 host address must be in brackets, as in "tcp:[::1]:8080:80"`},
 		{sock, map[string]string{"VUNET_FORWARD": "udp:70000:53"}, `vunet: --forward "udp:70000:53": host port 70000 is out of range 1..65535`},
 		{append(sock, "--mtu", "big"), nil, `vunet: --mtu "big": expected an integer 68..65520`},

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 
@@ -43,7 +44,7 @@ func forwardCommand() *cli.Command {
 			{
 				Name:         "add",
 				Usage:        "start forwarding host ports to the guest",
-				UsageText:    "vunet forward add --api PATH SPEC...   (SPEC is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, as for --forward)",
+				UsageText:    "vunet forward add --api PATH SPEC...   (SPEC is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, as for --forward; always the first guest)",
 				Flags:        []cli.Flag{apiFlag()},
 				Action:       forwardAddAction,
 				OnUsageError: onUsageError,
@@ -94,6 +95,11 @@ func parseSpecs(c *cli.Context, name string) ([]config.Forward, error) {
 		fs, err := config.ParseForward(spec)
 		if err != nil {
 			return nil, usagef("%s %q: %v", name, spec, err)
+		}
+		if !fs[0].Guest.IsZero() && name == "forward add" {
+			// Runtime forwards always reach the first guest
+			// (docs/forwarding.md); remove matches by host socket.
+			return nil, usagef("%s %q: a forward to a named guest (%s) can only be given at start-up (--forward)", name, spec, fs[0].Guest)
 		}
 		out = append(out, fs...)
 	}
@@ -185,7 +191,11 @@ func forwardListAction(c *cli.Context) error {
 		if f.Proto == "unix" {
 			host = f.Path
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", f.Proto, host, f.Guest, f)
+		guest := f.Guest.String()
+		if f.GuestSelector != "" {
+			guest = f.GuestSelector + ":" + strconv.Itoa(int(f.GuestPort))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", f.Proto, host, guest, f)
 	}
 	return tw.Flush()
 }

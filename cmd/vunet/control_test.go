@@ -175,8 +175,9 @@ func TestForwardUsageErrors(t *testing.T) {
 		want string
 	}{
 		{[]string{"forward", "add", "--api", sock}, "forward add: expected at least one SPEC"},
-		{[]string{"forward", "add", "--api", sock, "tcp:2222:22", "tcp:x:22"}, `forward add "tcp:x:22": expected tcp:[HOSTADDR:]HOSTPORT:GUESTPORT`},
+		{[]string{"forward", "add", "--api", sock, "tcp:2222:22", "tcp:x:22"}, `forward add "tcp:x:22": expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT`},
 		{[]string{"forward", "add", "tcp:2222:22"}, "forward add: --api PATH is required (or VUNET_API)"},
+		{[]string{"forward", "add", "--api", sock, "tcp:2222:vm1:22"}, `forward add "tcp:2222:vm1:22": a forward to a named guest (vm1) can only be given at start-up (--forward)`},
 		{[]string{"forward", "remove", "--api", sock, "icmp:1:1"}, `forward remove "icmp:1:1"`},
 		{[]string{"forward", "list", "--api", sock, "extra"}, `forward list: unexpected argument "extra"`},
 		{[]string{"forward", "add", "tcp:2222:22", "--api", sock}, "forward add: flag --api after a SPEC; put flags first"},

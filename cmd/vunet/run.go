@@ -171,7 +171,7 @@ func runFlags() []cli.Flag {
 		str(flagMaxGuests, catNetwork, "serve up to `N` VMs at once on one network, each on its own switch port with its own MAC (QEMU's mac=), DHCP lease and SLAAC address; guests reach each other unless --isolate-guests ("+"1.."+strconv.Itoa(config.MaxGuestsLimit)+")", strconv.Itoa(d.MaxGuests)),
 		boolean(flagIsolateGuests, catNetwork, "with --max-guests above 1: drop frames between guests (each still reaches the gateway, the host and the outside)"),
 
-		list(flagForward, catForward, "forward a host port to the guest; `SPEC` is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, HOSTADDR defaults to 127.0.0.1, ports may be ranges like 8000-8010:8000-8010; an IPv6 HOSTADDR reaches the guest over IPv6 when its address is known (DHCPv6 lease or SLAAC), else over IPv4; or unix:PATH:GUESTPORT, a Unix socket (created like --socket: --socket-mode, --socket-group) whose connections reach the guest's TCP port (repeatable)", ""),
+		list(flagForward, catForward, "forward a host port to the guest; `SPEC` is tcp|udp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT, HOSTADDR defaults to 127.0.0.1, ports may be ranges like 8000-8010:8000-8010; an IPv6 HOSTADDR reaches the guest over IPv6 when its address is known (DHCPv6 lease or SLAAC), else over IPv4; GUEST names the guest when several share the network (DHCP host name, MAC with dashes, IPv4 or [IPv6] address; default the first guest); or unix:PATH:[GUEST:]GUESTPORT, a Unix socket (created like --socket: --socket-mode, --socket-group) whose connections reach the guest's TCP port (repeatable)", ""),
 		list(flagExpose, catForward, "let the guest reach a host Unix socket: `SPEC` is tcp:GATEWAYPORT:unix:PATH; connections to the gateway address on GATEWAYPORT are relayed to PATH, whatever --no-map-host-loopback and the egress policy say (repeatable)", ""),
 		list(flagDNSUpstream, catForward, "upstream resolver `ADDR`, IP[:PORT] (repeatable)", "from /etc/resolv.conf"),
 
@@ -198,7 +198,7 @@ func runFlags() []cli.Flag {
 }
 
 // flagError reports a bad value for a flag in the one-line form
-// `--forward "tcp:x:80": expected tcp:[HOSTADDR:]HOSTPORT:GUESTPORT`.
+// `--forward "tcp:x:80": expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT`.
 func flagError(flag, value string, err error) error {
 	return usagef("--%s %q: %v", flag, value, err)
 }

@@ -1,0 +1,61 @@
+package main
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vunet/vunet/api"
+)
+
+func TestWriteGuests(t *testing.T) {
+	now := time.Date(2026, 12, 1, 18, 0, 0, 0, time.Local)
+	m := func(name, dir string, v int64, kv ...string) api.Metric {
+		l := map[string]string{"guest": "1"}
+		if dir != "" {
+			l["direction"] = dir
+		}
+		for i := 0; i+1 < len(kv); i += 2 {
+			l[kv[i]] = kv[i+1]
+		}
+		return api.Metric{Layer: "link", Name: name, Kind: "counter", Labels: l, Value: v}
+	}
+	gs := []api.Guest{{
+		Port: 1, MAC: "52:54:00:00:00:02", Name: "vm2",
+		IPv4:   []netip.Addr{netip.MustParseAddr("10.0.2.16")},
+		IPv6:   []netip.Addr{netip.MustParseAddr("fd00::5054:ff:fe00:2")},
+		Leases: []api.Lease{{MAC: "52:54:00:00:00:02", Addr: netip.MustParseAddr("10.0.2.16"), Expiry: now.Add(90 * time.Minute)}},
+		Rings: []api.RingState{
+			{Queue: 0, Direction: api.ToGuest, AvailIdx: 3, NextAvail: 65535}, // wrapped: 4 free
+			{Queue: 1, Direction: api.FromGuest, AvailIdx: 12, NextAvail: 10},
+		},
+		Metrics: []api.Metric{
+			m("vunet_link_frames_total", api.ToGuest, 5, "queue", "0"),
+			m("vunet_link_frames_total", api.FromGuest, 7, "queue", "1"),
+			m("vunet_link_bytes_total", api.ToGuest, 2048, "queue", "0"),
+			m("vunet_link_bytes_total", api.FromGuest, 100, "queue", "1"),
+			m("vunet_link_drops_total", "", 2, "reason", "tx_short"),
+			m("vunet_link_drops_total", "", 1, "reason", "rx_backlog_full"),
+		},
+	}, {Port: 0}}
+	var b strings.Builder
+	if err := writeGuests(&b, gs, now); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"52:54:00:00:00:02", "vm2.vunet.internal", "10.0.2.16,fd00::5054:ff:fe00:2",
+		"2026-12-01 19:30 (in 1h30m0s)", "5 / 2.0 KiB", "7 / 100 B", "  3  ", "2 rings, rx free 4, tx pending 2"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	// A guest that has not sent a frame yet: dashes, no panic.
+	if lines := strings.Split(strings.TrimSpace(out), "\n"); len(lines) != 3 || !strings.HasPrefix(lines[2], "0 ") || !strings.Contains(lines[2], "-") {
+		t.Errorf("second guest line: %q", lines)
+	}
+	b.Reset()
+	if err := writeGuests(&b, nil, now); err != nil || b.String() != "no guests connected\n" {
+		t.Errorf("no guests: %q, %v", b.String(), err)
+	}
+}
