@@ -1,12 +1,16 @@
 package main
 
 import (
+	"log/slog"
 	"net/netip"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/vunet/vunet/api"
+	"github.com/vunet/vunet/appliance"
+	"github.com/vunet/vunet/config"
 )
 
 func TestWriteGuests(t *testing.T) {
@@ -57,5 +61,33 @@ func TestWriteGuests(t *testing.T) {
 	b.Reset()
 	if err := writeGuests(&b, nil, now); err != nil || b.String() != "no guests connected\n" {
 		t.Errorf("no guests: %q, %v", b.String(), err)
+	}
+}
+
+// TestGuestsCommand runs `vunet guests` against a real appliance with no
+// guest connected: the table says so, --json is an empty list, and an
+// argument is a usage error.
+func TestGuestsCommand(t *testing.T) {
+	dir := t.TempDir()
+	cfg := config.Default()
+	cfg.Socket = filepath.Join(dir, "vhost.sock")
+	cfg.DNSUpstream = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:1")}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	a, err := appliance.New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	sock := fakeServer(t, a)
+	if r := runVunet(t, nil, "guests", "--api", sock); r.err != nil || r.stdout != "no guests connected\n" {
+		t.Errorf("guests: %q, %v", r.stdout, r.err)
+	}
+	if r := runVunet(t, nil, "guests", "--api", sock, "--json"); r.err != nil || strings.Join(strings.Fields(r.stdout), "") != `{"guests":[]}` {
+		t.Errorf("guests --json: %q, %v", r.stdout, r.err)
+	}
+	if r := runVunet(t, nil, "guests", "--api", sock, "extra"); r.err == nil || !strings.Contains(r.line(), `guests: unexpected argument "extra"`) {
+		t.Errorf("guests extra: %q, %v", r.line(), r.err)
 	}
 }
