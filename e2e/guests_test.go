@@ -1,0 +1,319 @@
+package e2e
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vunet/vunet/api"
+	"github.com/vunet/vunet/e2e/harness"
+	"github.com/vunet/vunet/internal/qemutest"
+	"github.com/vunet/vunet/internal/vunettest"
+)
+
+// peerFileLines is how many lines of `seq` each guest serves to the other
+// (about 1.3 MB): the guest-to-guest TCP transfer, checked by sha256.
+const peerFileLines = 200000
+
+// peerFileSHA256 is the sha256 of `seq 1 peerFileLines`.
+func peerFileSHA256() string {
+	var b strings.Builder
+	for i := 1; i <= peerFileLines; i++ {
+		fmt.Fprintf(&b, "%d\n", i)
+	}
+	sum := sha256.Sum256([]byte(b.String()))
+	return hex.EncodeToString(sum[:])
+}
+
+// slaacAddr is the EUI-64 address of mac in fd00::/64, the Linux guest's
+// SLAAC address.
+func slaacAddr(mac net.HardwareAddr) string {
+	b := netip.MustParseAddr("fd00::").As16()
+	b[8], b[9], b[10], b[11], b[12] = mac[0]^2, mac[1], mac[2], 0xff, 0xfe
+	b[13], b[14], b[15] = mac[3], mac[4], mac[5]
+	return netip.AddrFrom16(b).String()
+}
+
+// stepPeerDHCP leases an address (any of the pool's; the host checks the
+// two differ) and names the other guest's: the pool hands out .15 and .16.
+func stepPeerDHCP() string {
+	return `begin
+if udhcpc -i eth0 -n -q -t 10 -T 2 >/tmp/udhcpc.log 2>&1 && [ -f /run/dhcp-eth0 ]; then
+	. /run/dhcp-eth0
+	pass dhcp "ip=$ip"
+else
+	cat /tmp/udhcpc.log
+	fail dhcp "no lease"
+	ip=none
+fi
+case $ip in 10.0.2.15) peer=10.0.2.16 ;; *) peer=10.0.2.15 ;; esac
+mkdir -p /www && seq 1 ` + fmt.Sprint(peerFileLines) + ` >/www/f && httpd -p 8000 -h /www
+`
+}
+
+// stepPeer checks the other guest (peer, peer6): ping over IPv4 and IPv6,
+// and a TCP transfer from its httpd with the sha256 checked. With isolated,
+// the pings must fail instead (and the transfer is skipped).
+func stepPeer(peer6, sha string, isolated bool) string {
+	if isolated {
+		return fmt.Sprintf(`begin
+if ping -c 3 -W 1 $peer >/dev/null 2>&1; then fail peer-blocked "echo reply from $peer"; else pass peer-blocked "no reply from $peer"; fi
+begin
+if ping6 -c 3 -W 1 %[1]s >/dev/null 2>&1; then fail peer6-blocked "echo reply from %[1]s"; else pass peer6-blocked "no reply from %[1]s"; fi
+`, peer6)
+	}
+	return fmt.Sprintf(`begin
+if wait_for ping -c 1 -W 1 $peer >/dev/null 2>&1; then pass ping-peer "$peer"; else fail ping-peer "no reply from $peer"; fi
+begin
+slaac() { ip -6 addr show dev eth0 | grep -q 'inet6 fd00:.*scope global' && ! ip -6 addr show dev eth0 | grep -q tentative; }
+if wait_for slaac && wait_for ping6 -c 1 -W 1 %[1]s >/dev/null 2>&1; then
+	pass ping6-peer "%[1]s from $(ip -6 addr show dev eth0 | awk '/inet6 fd00:/ { print $2; exit }')"
+else
+	ip -6 addr show dev eth0; ip -6 neigh
+	fail ping6-peer "no reply from %[1]s"
+fi
+begin
+getpeer() { timeout 60 wget -q -O /tmp/g http://$peer:8000/f; }
+if wait_for getpeer; then
+	sum=$(sha256sum </tmp/g | cut -d' ' -f1)
+	if [ "$sum" = %[2]s ]; then pass peer-http "bytes=$(wc -c </tmp/g) sha256=$sum"; else fail peer-http "sha256=$sum want %[2]s"; fi
+else
+	fail peer-http "wget http://$peer:8000/f failed"
+fi
+rm -f /tmp/g
+`, peer6, sha)
+}
+
+// stepBarrier publishes done-NAME on this guest's httpd and waits until the
+// peer has published its own: neither guest leaves while the other still
+// needs it.
+func stepBarrier(name string) string {
+	return fmt.Sprintf(`touch /www/done-%[1]s
+begin
+peerdone() { timeout 5 wget -q -O /dev/null http://$peer:8000/done-%[1]s; }
+if wait_for peerdone; then pass barrier-%[1]s "peer done"; else fail barrier-%[1]s "peer never finished"; fi
+`, name)
+}
+
+// stepHostLoop downloads the host's blob again and again (sha256 checked)
+// until the host sets generation gen: a transfer that runs while the other
+// guest goes away and comes back.
+func stepHostLoop(port int, sha string, gen int) string {
+	return fmt.Sprintf(`echo %[4]s
+begin
+ok=0 bad=0 g=
+while [ $ok -lt 1000 ]; do
+	if timeout 60 wget -q -O /tmp/blob http://%[1]s:%[2]d/blob && [ "$(sha256sum </tmp/blob | cut -d' ' -f1)" = %[3]s ]; then
+		ok=$((ok + 1))
+	else
+		bad=$((bad + 1))
+	fi
+	rm -f /tmp/blob
+	g=$(timeout 5 wget -q -O - http://%[1]s:%[2]d/generation 2>/dev/null)
+	[ "$g" = %[5]d ] && break
+done
+if [ $bad = 0 ] && [ "$g" = %[5]d ]; then pass host-loop "downloads=$ok"; else fail host-loop "downloads=$ok failed=$bad generation=$g"; fi
+`, harness.Gateway4, port, sha, harness.ReadyLine("host-loop"), gen)
+}
+
+// stepIperfPeer runs iperf3 against the peer's server for secs seconds.
+func stepIperfPeer(secs int) string {
+	return fmt.Sprintf(`begin
+iperfpeer() { timeout %[2]d iperf3 -c $peer -t %[1]d -f m >/tmp/iperf.out 2>&1; }
+if wait_for iperfpeer; then
+	rate=$(grep receiver /tmp/iperf.out | tail -n1 | awk '{ for (i = 2; i <= NF; i++) if ($i == "Mbits/sec") print $(i-1) }')
+	pass iperf-peer "rate=${rate}Mbit/s"
+else
+	tail -n 12 /tmp/iperf.out
+	fail iperf-peer "iperf3 to $peer failed or stalled"
+fi
+`, secs, secs+30)
+}
+
+// dhcpIP is the address a guest's dhcp step leased.
+func dhcpIP(t *testing.T, steps []harness.Step) string {
+	t.Helper()
+	s, ok := harness.Find(steps, "dhcp")
+	if !ok || !s.OK {
+		return ""
+	}
+	return s.Field("ip")
+}
+
+func counter(t *testing.T, c *api.Client, name string, labels ...string) uint64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := c.Stats(ctx)
+	if err != nil {
+		t.Fatalf("stats: %v", err)
+	}
+	v, _ := st.Find(name, labels...)
+	return uint64(v)
+}
+
+// memKB returns fields of /proc/PID/status (VmRSS, RssAnon, RssShmem) in
+// KiB, for what a second guest costs.
+func memKB(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return err.Error()
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		for _, k := range []string{"VmRSS:", "RssAnon:", "RssShmem:"} {
+			if strings.HasPrefix(l, k) {
+				out = append(out, strings.Join(strings.Fields(l), " "))
+			}
+		}
+	}
+	return strings.Join(out, ", ")
+}
+
+var (
+	macA = net.HardwareAddr{0x52, 0x54, 0, 0, 0, 0x0a}
+	macB = net.HardwareAddr{0x52, 0x54, 0, 0, 0, 0x0b}
+)
+
+// TestLinuxGuests: two Linux guests (mac= distinct) share one vunet with
+// --max-guests 2. They get distinct DHCP addresses, ping each other over
+// IPv4 and IPv6, move a file between them over TCP (sha256 checked),
+// iperf3 for 3 s, and both reach the host's loopback through the gateway.
+// A third QEMU is refused (logged, counted). Guest B then powers off and
+// boots again with the same MAC while guest A keeps downloading from the
+// host: A's transfers never fail, B gets its address back (the lease is
+// kept) and reaches A again. Then, on a vunet with --isolate-guests, two
+// guests cannot reach each other but do reach the host.
+func TestLinuxGuests(t *testing.T) {
+	e := setup(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*guestTimeout)
+	defer cancel()
+	sha := peerFileSHA256()
+	apiSock := filepath.Join(t.TempDir(), "api.sock")
+	sock := shortSocket(t)
+	vn := vunettest.StartAt(t, sock, e.vunetArgs("--max-guests", "2", "--api", apiSock)...)
+	client := api.NewClient(apiSock)
+	defer client.Close()
+
+	start := time.Now()
+	guest := func(mac net.HardwareAddr, steps ...string) *qemutest.Instance {
+		return startGuest(t, ctx, &qemutest.Guest{Socket: sock, DeviceOpts: "mac=" + mac.String(),
+			Script: script(append([]string{stepPeerDHCP()}, steps...)...)})
+	}
+	a := guest(macA,
+		"iperf3 -s -D >/dev/null 2>&1\n",
+		stepPeer(slaacAddr(macB), sha, false),
+		harness.StepFetch("host-hello", fmt.Sprintf("http://%s:%d/hello", harness.Gateway4, e.http.Port4), strings.TrimSuffix(harness.HelloText, "\n")),
+		stepBarrier("one"),
+		stepHostLoop(e.http.Port4, e.http.BlobSHA256, 2),
+		// B comes back: reachable again, then both leave.
+		stepPeer(slaacAddr(macB), sha, false),
+		stepBarrier("two"),
+	)
+	b := guest(macB,
+		stepPeer(slaacAddr(macA), sha, false),
+		stepIperfPeer(3),
+		harness.StepFetch("host-hello", fmt.Sprintf("http://%s:%d/hello", harness.Gateway4, e.http.Port4), strings.TrimSuffix(harness.HelloText, "\n")),
+		stepBarrier("one"),
+	)
+
+	// Both have leases: a third frontend is refused at once.
+	for _, g := range []*qemutest.Instance{a, b} {
+		if err := g.WaitFor(ctx, "E2E-PASS dhcp"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	third := startGuest(t, ctx, &qemutest.Guest{Socket: sock, DeviceOpts: "mac=52:54:00:00:00:0c", Timeout: time.Minute})
+	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
+	if err := vn.WaitLog(wctx, "frontend refused: already serving the maximum number of frontends"); err != nil {
+		t.Errorf("no refusal logged for the third guest: %v", err)
+	}
+	wcancel()
+	third.Kill()
+	if n := counter(t, client, "vunet_vhost_frontends_refused_total", "reason", "busy"); n < 1 {
+		t.Errorf("vunet_vhost_frontends_refused_total{reason=busy} = %d, want ≥ 1", n)
+	}
+
+	// B leaves once both passed the barrier; A keeps downloading.
+	bSteps := finish(t, b, "dhcp", "ping-peer", "ping6-peer", "peer-http", "iperf-peer", "host-hello", "barrier-one")
+	bIP := dhcpIP(t, bSteps)
+	if err := a.WaitFor(ctx, harness.ReadyLine("host-loop")); err != nil {
+		t.Fatal(err)
+	}
+	oneGuest := memKB(vn.Pid())
+	// B's VM boots again with the same MAC while A's transfer runs.
+	b2 := guest(macB, stepPeer(slaacAddr(macA), sha, false), stepBarrier("two"))
+	if err := b2.WaitFor(ctx, "E2E-PASS peer-http"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("vunet memory with one guest (A downloading): %s; with B back: %s", oneGuest, memKB(vn.Pid()))
+	e.http.SetGeneration(2)
+	b2Steps := finish(t, b2, "dhcp", "ping-peer", "ping6-peer", "peer-http", "barrier-two")
+	aSteps := finish(t, a, "dhcp", "ping-peer", "ping6-peer", "peer-http", "host-hello", "barrier-one", "host-loop", "barrier-two")
+	aIP := dhcpIP(t, aSteps)
+	if aIP == "" || bIP == "" || aIP == bIP {
+		t.Errorf("guest addresses %q and %q: want two distinct leases", aIP, bIP)
+	}
+	if got := dhcpIP(t, b2Steps); got != bIP {
+		t.Errorf("rebooted guest B leased %q, want its old address %q (the lease is kept)", got, bIP)
+	}
+	if s, ok := harness.Find(bSteps, "iperf-peer"); ok && s.OK {
+		t.Logf("guest-to-guest iperf3 (TCG, 3 s): %s", s.Field("rate"))
+	}
+	if n := counter(t, client, "vunet_switch_frames_total", "kind", "unicast"); n == 0 {
+		t.Error("vunet_switch_frames_total{kind=unicast} = 0: guest traffic did not go through the switch")
+	}
+	t.Logf("two guests, third refused, B rebooted: %v", time.Since(start).Round(10*time.Millisecond))
+	if err := vn.Stop(); err != nil {
+		t.Errorf("stopping vunet: %v", err)
+	}
+
+	t.Run("isolated", func(t *testing.T) {
+		start := time.Now()
+		api2 := filepath.Join(t.TempDir(), "api.sock")
+		sock2 := shortSocket(t)
+		vunettest.StartAt(t, sock2, e.vunetArgs("--max-guests", "2", "--isolate-guests", "--api", api2)...)
+		c2 := api.NewClient(api2)
+		defer c2.Close()
+		hello := harness.StepFetch("host-hello", fmt.Sprintf("http://%s:%d/hello", harness.Gateway4, e.http.Port4), strings.TrimSuffix(harness.HelloText, "\n"))
+		var insts []*qemutest.Instance
+		for _, m := range [][2]net.HardwareAddr{{macA, macB}, {macB, macA}} {
+			// Each waits until the other has a lease (through the
+			// host: the guests cannot see each other), so a failed
+			// ping means isolation, not a peer still booting.
+			insts = append(insts, startGuest(t, ctx, &qemutest.Guest{Socket: sock2, DeviceOpts: "mac=" + m[0].String(),
+				Script: script(stepPeerDHCP(),
+					harness.StepWaitGeneration("both-up", e.http.Port4, 3),
+					"slaac() { ip -6 addr show dev eth0 | grep -q 'inet6 fd00:.*scope global'; }; wait_for slaac\n",
+					stepPeer(slaacAddr(m[1]), sha, true), hello,
+					harness.StepWaitGeneration("both-done", e.http.Port4, 4))}))
+		}
+		for _, g := range insts {
+			if err := g.WaitFor(ctx, "E2E-PASS dhcp"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		e.http.SetGeneration(3)
+		for _, g := range insts {
+			if err := g.WaitFor(ctx, "host-hello"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		e.http.SetGeneration(4)
+		for _, g := range insts {
+			finish(t, g, "dhcp", "both-up", "peer-blocked", "peer6-blocked", "host-hello", "both-done")
+		}
+		if n := counter(t, c2, "vunet_switch_drops_total", "reason", "isolated"); n == 0 {
+			t.Error("vunet_switch_drops_total{reason=isolated} = 0")
+		}
+		t.Logf("isolated guests: %v", time.Since(start).Round(10*time.Millisecond))
+	})
+}
