@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -124,18 +125,35 @@ if [ $bad = 0 ] && [ "$g" = %[5]d ]; then pass host-loop "downloads=$ok"; else f
 `, harness.Gateway4, port, sha, harness.ReadyLine("host-loop"), gen)
 }
 
-// stepIperfPeer runs iperf3 against the peer's server for secs seconds.
-func stepIperfPeer(secs int) string {
+// stepIperf runs iperf3 from this guest to target (a shell word: $peer,
+// or the gateway) for secs seconds, this guest sending.
+func stepIperf(name, target string, port, secs int) string {
 	return fmt.Sprintf(`begin
-iperfpeer() { timeout %[2]d iperf3 -c $peer -t %[1]d -f m >/tmp/iperf.out 2>&1; }
-if wait_for iperfpeer; then
+iperfto() { timeout %[4]d iperf3 -c %[2]s -p %[5]d -t %[3]d -f m >/tmp/iperf.out 2>&1; }
+if wait_for iperfto; then
 	rate=$(grep receiver /tmp/iperf.out | tail -n1 | awk '{ for (i = 2; i <= NF; i++) if ($i == "Mbits/sec") print $(i-1) }')
-	pass iperf-peer "rate=${rate}Mbit/s"
+	pass %[1]s "rate=${rate}Mbit/s"
 else
 	tail -n 12 /tmp/iperf.out
-	fail iperf-peer "iperf3 to $peer failed or stalled"
+	fail %[1]s "iperf3 to %[2]s failed or stalled"
 fi
-`, secs, secs+30)
+`, name, target, secs, secs+30, port)
+}
+
+// guestIperfSeconds is the length of the guest-to-guest iperf3 run:
+// 3 s in make test, VUNET_E2E_GUESTS_IPERF seconds when set, which also
+// runs the same guest to the host for a throughput comparison
+// (docs/performance.md).
+func guestIperfSeconds(t *testing.T) (secs int, withHost bool) {
+	v := os.Getenv("VUNET_E2E_GUESTS_IPERF")
+	if v == "" {
+		return 3, false
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 {
+		t.Fatalf("VUNET_E2E_GUESTS_IPERF=%q: want seconds", v)
+	}
+	return n, true
 }
 
 // dhcpIP is the address a guest's dhcp step leased.
@@ -218,11 +236,20 @@ func TestLinuxGuests(t *testing.T) {
 		stepPeer(slaacAddr(macB), sha, false),
 		stepBarrier("two"),
 	)
-	b := guest(macB,
-		stepPeer(slaacAddr(macA), sha, false),
-		stepIperfPeer(3),
+	secs, withHost := guestIperfSeconds(t)
+	bIperf := []string{stepPeer(slaacAddr(macA), sha, false), stepIperf("iperf-peer", "$peer", 5201, secs)}
+	if withHost {
+		port := vunettest.FreePort(t)
+		p, err := harness.StartIperf3(ctx, port)
+		if err != nil {
+			t.Fatalf("iperf3 server: %v", err)
+		}
+		t.Cleanup(func() { p.Stop(time.Second) })
+		bIperf = append(bIperf, stepIperf("iperf-host", harness.Gateway4, port, secs))
+	}
+	b := guest(macB, append(bIperf,
 		harness.StepFetch("host-hello", fmt.Sprintf("http://%s:%d/hello", harness.Gateway4, e.http.Port4), strings.TrimSuffix(harness.HelloText, "\n")),
-		stepBarrier("one"),
+		stepBarrier("one"))...,
 	)
 
 	// Both have leases: a third frontend is refused at once.
@@ -265,8 +292,10 @@ func TestLinuxGuests(t *testing.T) {
 	if got := dhcpIP(t, b2Steps); got != bIP {
 		t.Errorf("rebooted guest B leased %q, want its old address %q (the lease is kept)", got, bIP)
 	}
-	if s, ok := harness.Find(bSteps, "iperf-peer"); ok && s.OK {
-		t.Logf("guest-to-guest iperf3 (TCG, 3 s): %s", s.Field("rate"))
+	for _, name := range []string{"iperf-peer", "iperf-host"} {
+		if s, ok := harness.Find(bSteps, name); ok && s.OK {
+			t.Logf("%s: iperf3 -t %d, 1 stream, guest B sending: %s", name, secs, s.Field("rate"))
+		}
 	}
 	if n := counter(t, client, "vunet_switch_frames_total", "kind", "unicast"); n == 0 {
 		t.Error("vunet_switch_frames_total{kind=unicast} = 0: guest traffic did not go through the switch")
