@@ -93,17 +93,6 @@ rm -f /tmp/g
 `, peer6, sha)
 }
 
-// stepBarrier publishes done-NAME on this guest's httpd and waits until the
-// peer has published its own: neither guest leaves while the other still
-// needs it.
-func stepBarrier(name string) string {
-	return fmt.Sprintf(`touch /www/done-%[1]s
-begin
-peerdone() { timeout 5 wget -q -O /dev/null http://$peer:8000/done-%[1]s; }
-if wait_for peerdone; then pass barrier-%[1]s "peer done"; else fail barrier-%[1]s "peer never finished"; fi
-`, name)
-}
-
 // stepHostLoop downloads the host's blob again and again (sha256 checked)
 // until the host sets generation gen: a transfer that runs while the other
 // guest goes away and comes back.
@@ -230,11 +219,10 @@ func TestLinuxGuests(t *testing.T) {
 		"iperf3 -s -D >/dev/null 2>&1\n",
 		stepPeer(slaacAddr(macB), sha, false),
 		harness.StepFetch("host-hello", fmt.Sprintf("http://%s:%d/hello", harness.Gateway4, e.http.Port4), strings.TrimSuffix(harness.HelloText, "\n")),
-		stepBarrier("one"),
-		stepHostLoop(e.http.Port4, e.http.BlobSHA256, 2),
-		// B comes back: reachable again, then both leave.
+		harness.StepWaitGeneration("checked", e.http.Port4, 2),
+		stepHostLoop(e.http.Port4, e.http.BlobSHA256, 3),
+		// B is back: reachable again; then A leaves.
 		stepPeer(slaacAddr(macB), sha, false),
-		stepBarrier("two"),
 	)
 	secs, withHost := guestIperfSeconds(t)
 	bIperf := []string{stepPeer(slaacAddr(macA), sha, false), stepIperf("iperf-peer", "$peer", 5201, secs)}
@@ -249,7 +237,7 @@ func TestLinuxGuests(t *testing.T) {
 	}
 	b := guest(macB, append(bIperf,
 		harness.StepFetch("host-hello", fmt.Sprintf("http://%s:%d/hello", harness.Gateway4, e.http.Port4), strings.TrimSuffix(harness.HelloText, "\n")),
-		stepBarrier("one"))...,
+		harness.StepWaitGeneration("checked", e.http.Port4, 2))...,
 	)
 
 	// Both have leases: a third frontend is refused at once.
@@ -269,22 +257,32 @@ func TestLinuxGuests(t *testing.T) {
 		t.Errorf("vunet_vhost_frontends_refused_total{reason=busy} = %d, want ≥ 1", n)
 	}
 
-	// B leaves once both passed the barrier; A keeps downloading.
-	bSteps := finish(t, b, "dhcp", "ping-peer", "ping6-peer", "peer-http", "iperf-peer", "host-hello", "barrier-one")
+	// The host is the barrier (a guest cannot tell whether its peer is
+	// gone or slow): once both have checked each other, B leaves and A
+	// keeps downloading.
+	for _, g := range []*qemutest.Instance{a, b} {
+		if err := g.WaitFor(ctx, " host-hello "); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.http.SetGeneration(2)
+	bSteps := finish(t, b, "dhcp", "ping-peer", "ping6-peer", "peer-http", "iperf-peer", "host-hello", "checked")
 	bIP := dhcpIP(t, bSteps)
 	if err := a.WaitFor(ctx, harness.ReadyLine("host-loop")); err != nil {
 		t.Fatal(err)
 	}
 	oneGuest := memKB(vn.Pid())
 	// B's VM boots again with the same MAC while A's transfer runs.
-	b2 := guest(macB, stepPeer(slaacAddr(macA), sha, false), stepBarrier("two"))
+	b2 := guest(macB, stepPeer(slaacAddr(macA), sha, false), harness.StepWaitGeneration("a-done", e.http.Port4, 4))
 	if err := b2.WaitFor(ctx, "E2E-PASS peer-http"); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("vunet memory with one guest (A downloading): %s; with B back: %s", oneGuest, memKB(vn.Pid()))
-	e.http.SetGeneration(2)
-	b2Steps := finish(t, b2, "dhcp", "ping-peer", "ping6-peer", "peer-http", "barrier-two")
-	aSteps := finish(t, a, "dhcp", "ping-peer", "ping6-peer", "peer-http", "host-hello", "barrier-one", "host-loop", "barrier-two")
+	// A's loop ends, A checks B again and leaves; then B2 may leave.
+	e.http.SetGeneration(3)
+	aSteps := finish(t, a, "dhcp", "ping-peer", "ping6-peer", "peer-http", "host-hello", "checked", "host-loop")
+	e.http.SetGeneration(4)
+	b2Steps := finish(t, b2, "dhcp", "ping-peer", "ping6-peer", "peer-http", "a-done")
 	aIP := dhcpIP(t, aSteps)
 	if aIP == "" || bIP == "" || aIP == bIP {
 		t.Errorf("guest addresses %q and %q: want two distinct leases", aIP, bIP)
@@ -320,23 +318,23 @@ func TestLinuxGuests(t *testing.T) {
 			// ping means isolation, not a peer still booting.
 			insts = append(insts, startGuest(t, ctx, &qemutest.Guest{Socket: sock2, DeviceOpts: "mac=" + m[0].String(),
 				Script: script(stepPeerDHCP(),
-					harness.StepWaitGeneration("both-up", e.http.Port4, 3),
+					harness.StepWaitGeneration("both-up", e.http.Port4, 5),
 					"slaac() { ip -6 addr show dev eth0 | grep -q 'inet6 fd00:.*scope global'; }; wait_for slaac\n",
 					stepPeer(slaacAddr(m[1]), sha, true), hello,
-					harness.StepWaitGeneration("both-done", e.http.Port4, 4))}))
+					harness.StepWaitGeneration("both-done", e.http.Port4, 6))}))
 		}
 		for _, g := range insts {
 			if err := g.WaitFor(ctx, "E2E-PASS dhcp"); err != nil {
 				t.Fatal(err)
 			}
 		}
-		e.http.SetGeneration(3)
+		e.http.SetGeneration(5)
 		for _, g := range insts {
 			if err := g.WaitFor(ctx, "host-hello"); err != nil {
 				t.Fatal(err)
 			}
 		}
-		e.http.SetGeneration(4)
+		e.http.SetGeneration(6)
 		for _, g := range insts {
 			finish(t, g, "dhcp", "both-up", "peer-blocked", "peer6-blocked", "host-hello", "both-done")
 		}
