@@ -536,9 +536,7 @@ fi
 `, name, server, qname, want, icmpUnreachCount(v6))
 }
 
-// StepNames checks guest host names (docs/services.md, "Guest names"); the
-// real-guest test that runs it (TestLinuxGuestNames) is not in main yet:
-// it had not had its turn on the shared machine when this landed. The
+// StepNames checks guest host names (docs/services.md, "Guest names"): the
 // guest takes a lease sending host name option 12 (udhcpc -x hostname:),
 // then NAME.vunet.internal resolves through vunet's DNS to its lease (A)
 // and, once it has a SLAAC address and has talked IPv6, to that (AAAA); an
