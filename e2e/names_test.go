@@ -62,7 +62,7 @@ func TestLinuxGuestNames(t *testing.T) {
 	}
 	finish(t, inst, "name-a", "name-aaaa", "name-nxdomain", "name-release", "name-fqdn", "forward")
 	// vunet's side of it: the bindings and the release, logged.
-	for _, want := range []string{`guest host name bound" mac=`, `name=vm1.vunet.internal`, `guest host name released`} {
+	for _, want := range []string{`msg="guest host name bound"`, `name=vm1.vunet.internal`, `msg="guest host name released"`} {
 		if !strings.Contains(vn.Log(), want) {
 			t.Errorf("vunet log lacks %q", want)
 		}
