@@ -181,7 +181,7 @@ func (r *Registry) Bind(mac net.HardwareAddr, raw string, addr netip.Addr, expir
 	name, err := Canonical(raw)
 	if err != nil {
 		r.stats.Invalid.Add(1)
-		r.log.Warn("guest host name refused", "mac", net.HardwareAddr(mac), "name", fmt.Sprintf("%.80q", raw), "err", err)
+		r.log.Warn("guest host name refused", "mac", mac.String(), "name", fmt.Sprintf("%.80q", raw), "err", err)
 		if old != nil {
 			r.removeLocked(old)
 		}
@@ -195,14 +195,14 @@ func (r *Registry) Bind(mac net.HardwareAddr, raw string, addr netip.Addr, expir
 	switch {
 	case r.reserved[name]:
 		r.stats.Taken.Add(1)
-		r.log.Warn("guest host name refused: reserved", "mac", net.HardwareAddr(mac), "name", name)
+		r.log.Warn("guest host name refused: reserved", "mac", mac.String(), "name", name)
 	case holder != nil:
 		r.stats.Taken.Add(1)
-		r.log.Warn("guest host name refused: another guest holds it", "mac", net.HardwareAddr(mac), "name", name,
-			"holder", net.HardwareAddr(holder.mac[:]))
+		r.log.Warn("guest host name refused: another guest holds it", "mac", mac.String(), "name", name,
+			"holder", net.HardwareAddr(holder.mac[:]).String())
 	case old == nil && len(r.byMAC) >= MaxNames:
 		r.stats.Full.Add(1)
-		r.log.Warn("guest host name refused: table full", "mac", net.HardwareAddr(mac), "name", name, "max", MaxNames)
+		r.log.Warn("guest host name refused: table full", "mac", mac.String(), "name", name, "max", MaxNames)
 	default:
 		if old != nil {
 			r.removeLocked(old)
@@ -210,7 +210,7 @@ func (r *Registry) Bind(mac net.HardwareAddr, raw string, addr netip.Addr, expir
 		e := &entry{name: name, mac: k, addr4: addr, expiry: expiry}
 		r.byName[name], r.byMAC[k] = e, e
 		r.stats.Bound.Add(1)
-		r.log.Info("guest host name bound", "mac", net.HardwareAddr(mac), "name", name+"."+Domain, "addr", addr)
+		r.log.Info("guest host name bound", "mac", mac.String(), "name", name+"."+Domain, "addr", addr)
 		return
 	}
 	if old != nil {
@@ -227,7 +227,7 @@ func (r *Registry) Release(mac net.HardwareAddr) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if e := r.byMAC[macKey(mac)]; e != nil {
-		r.log.Info("guest host name released", "mac", mac, "name", e.name+"."+Domain)
+		r.log.Info("guest host name released", "mac", mac.String(), "name", e.name+"."+Domain)
 		r.removeLocked(e)
 	}
 }
