@@ -40,10 +40,11 @@ pingpid=$!
 sleep 1
 echo "%[4]s"
 i=0
-# -T 2: a poll caught by the switch would otherwise wait for an answer that
-# the source vunet can no longer deliver (the connection is unknown to the
-# destination, and the guest, sending nothing, gets no RST).
-until wget -q -T 2 -O /dev/null http://%[1]s:%[3]d/migrated 2>/dev/null; do
+# timeout 3: a poll caught by the switch would otherwise wait for an answer
+# that the source vunet can no longer deliver (the connection is unknown to
+# the destination, and the guest, sending nothing, gets no RST). Debian's
+# busybox wget has no -T.
+until timeout 3 wget -q -O /dev/null http://%[1]s:%[3]d/migrated; do
 	i=$((i + 1)); [ $i -ge 600 ] && break; sleep 0.2
 done
 if [ $i -ge 600 ]; then fail migrated "host never said the migration completed"; else pass migrated "flag seen after $i polls"; fi
