@@ -34,6 +34,11 @@ func stepMigrate(sinkPort, flagPort int) string {
 udhcpc -i eth0 -f -t 10 -T 2 -O mtu >/tmp/ud.log 2>&1 &
 udpid=$!
 wait_for grep -qs "lease of" /tmp/ud.log || fail udhcpc-daemon "no lease: $(cat /tmp/ud.log)"
+# This udhcpc deconfigures eth0 first and logs "lease of" before its
+# script has put the address and default route back: starting ping and nc
+# in between fails them with "Network is unreachable".
+has_route() { ip -4 route show default | grep -q via; }
+wait_for has_route || fail udhcpc-daemon "no default route: $(ip -4 route)"
 ping -i 0.1 %[1]s >/tmp/ping.log 2>&1 &
 pingpid=$!
 ( while :; do echo "vunet live migration stream line"; sleep 0.05; done | nc %[1]s %[2]d; echo "rc=$?" >/tmp/nc.rc ) &
