@@ -315,7 +315,8 @@ func (q *Queue) addBuffer(e *Element, addr uint64, length uint32, write bool) er
 		n0 := len(e.In)
 		e.In, err = q.mem.Translate(e.In, addr, uint64(length), MaxIovecs-len(e.In)-len(e.Out))
 		if q.bufLog != nil {
-			// For PushElement's dirty logging (see walk).
+			// For PushElement's dirty logging: a descriptor split at
+			// region boundaries is still one guest-physical range.
 			for _, b := range e.In[n0:] {
 				e.InAddr = append(e.InAddr, addr)
 				addr += uint64(len(b))

@@ -479,26 +479,8 @@ func (q *Queue) walk(e *Element, head uint16) error {
 			count--
 			continue
 		}
-		var err error
-		if flags&descFWrite != 0 {
-			n0 := len(e.In)
-			e.In, err = q.mem.Translate(e.In, addr, uint64(length), MaxIovecs-len(e.In)-len(e.Out))
-			if q.bufLog != nil {
-				// A descriptor split at region boundaries is still
-				// one guest-physical range.
-				for _, b := range e.In[n0:] {
-					e.InAddr = append(e.InAddr, addr)
-					addr += uint64(len(b))
-				}
-			}
-		} else {
-			if len(e.In) > 0 {
-				return ErrWriteOrder
-			}
-			e.Out, err = q.mem.Translate(e.Out, addr, uint64(length), MaxIovecs-len(e.In)-len(e.Out))
-		}
-		if err != nil {
-			return fmt.Errorf("%w: %v", ErrDescMemory, err)
+		if err := q.addBuffer(e, addr, length, flags&descFWrite != 0); err != nil {
+			return err
 		}
 		if flags&descFNext == 0 {
 			return nil
