@@ -81,6 +81,8 @@ type Stack struct {
 	s    *stack.Stack
 	opts Options
 	log  *slog.Logger
+	// link wraps opts.Endpoint for RestoreTCP (tcpmove.go).
+	link *moveLink
 
 	closeOnce sync.Once
 }
@@ -128,7 +130,7 @@ func New(opts Options) (*Stack, error) {
 		// solicitations, which the IPv6 layer would otherwise consume.
 		RawFactory: raw.EndpointFactory{},
 	})
-	ns := &Stack{s: s, opts: opts, log: log}
+	ns := &Stack{s: s, opts: opts, log: log, link: newMoveLink(opts.Endpoint)}
 	if err := ns.configure(); err != nil {
 		s.Destroy()
 		return nil, err
@@ -167,7 +169,7 @@ func (ns *Stack) configure() error {
 	if err := ns.setTCPOptions(); err != nil {
 		return err
 	}
-	if err := s.CreateNICWithOptions(NICID, ns.opts.Endpoint, stack.NICOptions{Name: "guest0"}); err != nil {
+	if err := s.CreateNICWithOptions(NICID, ns.link, stack.NICOptions{Name: "guest0"}); err != nil {
 		return fmt.Errorf("netstack: create NIC: %s", err)
 	}
 	// Promiscuous: accept packets for any destination (the NAT forwards
