@@ -1,12 +1,15 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -29,8 +32,14 @@ const migrateMemMB = 256
 // host says the migration completed. It is then running on the
 // destination QEMU and vunet, and reports: the longest run of lost pings,
 // what became of the TCP stream, and a DHCP renewal against the new vunet.
-func stepMigrate(sinkPort, flagPort int) string {
+// Throughout, it answers on fwdPort (the target of the host's runtime
+// forward) with migrateAnswer and the line it read.
+func stepMigrate(sinkPort, flagPort, fwdPort int) string {
 	return fmt.Sprintf(`begin
+printf '#!/bin/sh\nread -r line\necho "%[7]s $line"\n' >/tmp/mig-fwd.sh
+chmod +x /tmp/mig-fwd.sh
+nc -ll -p %[6]d -e /tmp/mig-fwd.sh &
+wait_for sh -c 'netstat -ltn | grep -q ":%[6]d "' || fail migrate-forward "nc never listened on %[6]d"
 udhcpc -i eth0 -f -t 10 -T 2 -O mtu >/tmp/ud.log 2>&1 &
 udpid=$!
 wait_for grep -qs "lease of" /tmp/ud.log || fail udhcpc-daemon "no lease: $(cat /tmp/ud.log)"
@@ -77,8 +86,16 @@ else
 	fail dhcp-renew "no renewal: $(tr '\n' ' ' </tmp/ud.log)"
 fi
 kill $udpid
-`, harness.Gateway4, sinkPort, flagPort, harness.ReadyLine("migrate"), harness.GuestIP)
+`, harness.Gateway4, sinkPort, flagPort, harness.ReadyLine("migrate"), harness.GuestIP, fwdPort, migrateAnswer)
 }
+
+// migrateAnswer starts the guest's answers on the migration test's
+// forwarded port.
+const migrateAnswer = "guest-answer"
+
+// migrateFwdGuestPort is the guest port the migration test's runtime
+// forward reaches.
+const migrateFwdGuestPort = 8022
 
 // TestLinuxLiveMigration live-migrates a running guest between two QEMUs,
 // each on its own vunet (the destination started with -incoming), over
@@ -88,7 +105,11 @@ kill $udpid
 // must have logged dirty pages, pings must resume within a second, the
 // guest must keep its address through a DHCP renewal (RENEWING, unicast)
 // against vunet B, which has no lease on record, and the TCP stream, which
-// vunet B knows nothing of, must end (reset), not hang.
+// vunet B knows nothing of, must end (reset), not hang. A port forward
+// added on vunet A at run time (vunet forward add) must reach the guest
+// through vunet B after vunet A's device state is moved (vunet state save
+// | vunet state load: QEMU 7.2 does not move it) and vunet A has exited:
+// vunet B was started without it, so only the state can carry it.
 //
 // Opt-in (VUNET_E2E_MIGRATION=1) until it has passed against QEMU 7.2:
 // its first run found the SET_STATUS 0 ring-position bug (fixed since,
@@ -155,7 +176,7 @@ func TestLinuxLiveMigration(t *testing.T) {
 			MemMB:  migrateMemMB,
 			Script: script(
 				harness.StepDHCP(1500),
-				stepMigrate(sink.Addr().(*net.TCPAddr).Port, flag.Addr().(*net.TCPAddr).Port),
+				stepMigrate(sink.Addr().(*net.TCPAddr).Port, flag.Addr().(*net.TCPAddr).Port, migrateFwdGuestPort),
 			),
 			ExtraArgs: append([]string{"-qmp", "unix:" + qmpSock + ",server=on,wait=off"}, extra...),
 		}
@@ -163,6 +184,17 @@ func TestLinuxLiveMigration(t *testing.T) {
 	src := startGuest(t, ctx, guest(vnA.Socket, qmpA))
 	if err := src.WaitFor(ctx, harness.ReadyLine("migrate")); err != nil {
 		t.Fatal(err)
+	}
+	// A forward added at run time on vunet A, which only the device
+	// state can give vunet B (started without it).
+	fwdSpec := fmt.Sprintf("tcp:127.0.0.1:%d:%d", vunettest.FreePort(t), migrateFwdGuestPort)
+	vunetCLI(t, nil, "forward", "add", "--api", apiA, fwdSpec)
+	fwdAddr := strings.TrimPrefix(fwdSpec[:strings.LastIndexByte(fwdSpec, ':')], "tcp:")
+	if err := probeForward(ctx, fwdAddr, "before", 5*time.Second); err != nil {
+		t.Fatalf("runtime forward on vunet A: %v", err)
+	}
+	if out := vunetCLI(t, nil, "forward", "list", "--api", apiB); strings.Contains(out, fwdAddr) {
+		t.Fatalf("vunet B has the runtime forward before the state load:\n%s", out)
 	}
 	dst := startGuest(t, ctx, guest(vnB.Socket, qmpB, "-incoming", "unix:"+migSock))
 	// The destination listens for the migration once QMP answers.
@@ -206,9 +238,35 @@ func TestLinuxLiveMigration(t *testing.T) {
 	if logged == 0 {
 		t.Error("vunet A logged no dirty pages during the migration")
 	}
-	migrated.Store(true)
-	// The source stays paused (postmigrate) until it is stopped.
+	// QEMU 7.2 does not move vunet's device state: move it over the
+	// API, as docs/migration.md says, while the source is paused.
+	state := vunetCLI(t, nil, "state", "save", "--api", apiA)
+	var sum struct {
+		Forwards int
+		Pending  int `json:"forwards_pending"`
+		Problems []string
+	}
+	if out := vunetCLI(t, strings.NewReader(state), "state", "load", "--json", "--api", apiB); json.Unmarshal([]byte(out), &sum) != nil {
+		t.Fatalf("state load: %s", out)
+	}
+	t.Logf("state load: %+v (%d bytes of state)", sum, len(state))
+	// On one host vunet A still holds the port: the forward is pending
+	// until A exits.
+	if sum.Forwards+sum.Pending != 1 || len(sum.Problems) != 0 {
+		t.Errorf("state load restored %d forwards, %d pending (want 1 in all), problems %q", sum.Forwards, sum.Pending, sum.Problems)
+	}
+	// The source stays paused (postmigrate) until it is stopped; vunet
+	// A holds the forward's host port until it exits (one host), and B
+	// retries it every 250 ms.
 	src.Kill()
+	stopped := time.Now()
+	vnA.Stop()
+	if err := probeForward(ctx, fwdAddr, "after", 5*time.Second); err != nil {
+		t.Errorf("runtime forward after the migration, through vunet B: %v", err)
+	} else {
+		t.Logf("runtime forward reached the guest through vunet B %v after vunet A stopped", time.Since(stopped).Round(time.Millisecond))
+	}
+	migrated.Store(true)
 
 	res, err := dst.Wait()
 	if err != nil {
@@ -243,6 +301,56 @@ func TestLinuxLiveMigration(t *testing.T) {
 	if q := vnB.Log(); !strings.Contains(q, "frontend connected") {
 		t.Errorf("vunet B never served the destination")
 	}
+}
+
+// vunetCLI runs the vunet binary with args (and stdin) and returns its
+// standard output; it fails the test if the command fails.
+func vunetCLI(t *testing.T, stdin io.Reader, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(vunettest.Binary(t), args...)
+	cmd.Stdin = stdin
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("vunet %s: %v: %s", strings.Join(args, " "), err, stderr.String())
+	}
+	return string(out)
+}
+
+// probeForward connects to addr until the guest answers a line through it
+// (within timeout): a connection that vunet accepts but cannot relay is
+// closed without the answer, so only the guest's listener passes.
+func probeForward(ctx context.Context, addr, tag string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	var last error
+	for time.Now().Before(deadline) {
+		last = func() error {
+			c, err := net.DialTimeout("tcp", addr, time.Second)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(3 * time.Second))
+			if _, err := fmt.Fprintf(c, "%s\n", tag); err != nil {
+				return err
+			}
+			line, err := bufio.NewReader(c).ReadString('\n')
+			if want := migrateAnswer + " " + tag + "\n"; line != want {
+				return fmt.Errorf("read %q (%v), want %q", line, err, want)
+			}
+			return nil
+		}()
+		if last == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return last
 }
 
 // waitQMP waits until QEMU's monitor socket accepts a command.
