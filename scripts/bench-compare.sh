@@ -17,10 +17,28 @@
 #            contains nor fetches or builds it.
 # A backend that is missing is reported as unavailable; the others still run.
 #
+# Frontends: VUNET_PERF_FRONTENDS (default qemu) is a comma-separated subset
+# of
+#   qemu      the QEMU TCG guest (every backend; the throughput, latency
+#             and counter tests)
+#   testpmd   dpdk-testpmd (apt-get install dpdk, or VUNET_PERF_TESTPMD=PATH):
+#             a virtio-user port on the backend's socket io-forwarding to a
+#             tap in a namespace, no offloads
+#   tapfront  e2e/tapfront: a tap with IFF_VNET_HDR/TUNSETOFFLOAD bridged to
+#             the virtqueues, checksum and TSO both ways
+# The two VM-less frontends measure throughput (VUNET_PERF_STREAMS, both
+# ways) of the vhost-user backends (vunet, passt-vhost) with iperf3 in the
+# namespace, interleaved with the QEMU columns, and each repetition also
+# measures host loopback, reported as the ceiling ("of loopback"), e.g.
+#   VUNET_PERF_FRONTENDS=qemu,testpmd,tapfront \
+#     VUNET_PERF_BACKENDS=vunet,passt-vhost VUNET_PERF_PASST_VHOST=/path/to/passt \
+#     scripts/bench-compare.sh
+#
 # vunet is built from this tree into build/perf/vunet (VUNET_PERF_VUNET=PATH
 # overrides). Every VUNET_PERF_* variable of e2e/perf/compare_test.go passes
-# through (VUNET_PERF_BACKENDS, _REPS, _SECONDS, _STREAMS, _MEM, _OUT,
-# _PROFILE), and the VUNET_PERF_SCALE_* ones of e2e/perf/scale_test.go. The markdown report is printed and written to
+# through (VUNET_PERF_BACKENDS, _FRONTENDS, _REPS, _SECONDS, _STREAMS, _MEM,
+# _SMP, _OUT, _PROFILE, _TESTPMD), and the VUNET_PERF_SCALE_* ones of
+# e2e/perf/scale_test.go. The markdown report is printed and written to
 # build/perf/report.md unless VUNET_PERF_OUT says otherwise; every sample
 # goes to build/perf/report.json (VUNET_PERF_JSON).
 set -euo pipefail

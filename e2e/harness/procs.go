@@ -49,6 +49,20 @@ func (p *Proc) Done() <-chan struct{} { return p.done }
 // Err is the exit error; valid after Done.
 func (p *Proc) Err() error { return p.err }
 
+// CPUTime is the user plus system CPU time the process used over its
+// whole life (from wait4's rusage); valid after Done, 0 before.
+func (p *Proc) CPUTime() time.Duration {
+	select {
+	case <-p.done:
+	default:
+		return 0
+	}
+	if st := p.cmd.ProcessState; st != nil {
+		return st.UserTime() + st.SystemTime()
+	}
+	return 0
+}
+
 // WaitOutput polls until the output contains s, the process exits or ctx ends.
 func (p *Proc) WaitOutput(ctx context.Context, s string) error {
 	for !strings.Contains(p.Output(), s) {

@@ -42,10 +42,21 @@ type backendSpec struct {
 	// Queues is vunet's --queues (0: the default, 1); above 1 the guest's
 	// NIC gets queues=N and mq=on.
 	Queues int
+	// Front is the frontend that drives this column (frontends_test.go):
+	// "" or "qemu" for the QEMU TCG guest, "testpmd" or "tapfront" for a
+	// VM-less one, "host" for the loopback reference (Kind "loopback").
+	// parseBackends leaves it empty; columns sets it.
+	Front string
 }
 
 func (b backendSpec) String() string {
+	if b.Kind == kindLoopback {
+		return kindLoopback
+	}
 	s := b.Kind
+	if !b.isQEMU() {
+		s = b.Front + "/" + s
+	}
 	if b.MTU != 0 {
 		s += fmt.Sprintf(":mtu=%d", b.MTU)
 	}
@@ -109,6 +120,7 @@ func parseBackends(s string) ([]backendSpec, error) {
 // binaries are the backend executables, resolved once.
 type binaries struct {
 	vunet, passt, passtVhost, gvproxy string
+	testpmd                           string            // set by findTestpmd, only when a testpmd frontend runs
 	missing                           map[string]string // kind -> why unavailable
 }
 

@@ -31,6 +31,13 @@ import (
 //	                             vunet:mtu=65520), vunet also
 //	                             ":queues=N" (multiqueue; the NIC gets
 //	                             queues=N,mq=on)
+//	VUNET_PERF_FRONTENDS         default "qemu"; also "testpmd" and
+//	                             "tapfront", the VM-less frontends of
+//	                             frontends_test.go (throughput of the
+//	                             vhost-user backends against host loopback
+//	                             measured in the same repetition), e.g.
+//	                             "qemu,testpmd,tapfront"
+//	VUNET_PERF_TESTPMD           dpdk-testpmd binary (default: PATH)
 //	VUNET_PERF_SMP               guest vCPUs, -smp (default 1)
 //	VUNET_PERF_REPS              repetitions of the whole round (default 3)
 //	VUNET_PERF_SECONDS           iperf3 -t (default 10)
@@ -93,12 +100,19 @@ type sample struct {
 	Wall    time.Duration // host wall time between the guest's markers
 	CPU     time.Duration // backend process CPU (user+sys) in that window
 	QEMUCPU time.Duration // QEMU process CPU in that window
-	VCPU    time.Duration // QEMU's vCPU thread(s) in that window
-	Host    time.Duration // the whole machine's busy CPU time in that window
-	Retr    int           // TCP retransmissions of iperf3's sender (-1: not reported)
-	Lat     latResult     // a latency test's round-trip times
-	HWMKB   int64         // backend's VmHWM (peak RSS, KiB) at the test's end
-	AnonKB  int64         // backend's RssAnon (KiB) at the test's end
+	// FrontCPU is a VM-less frontend's CPU in that window (testpmd's
+	// process, or this test process for tapfront); 0 for QEMU.
+	FrontCPU time.Duration
+	// GuestCPU is the CPU of the iperf3 client and server processes of a
+	// VM-less or loopback test (the namespace's Linux stack is the
+	// guest); 0 for QEMU, whose guest is in QEMUCPU.
+	GuestCPU time.Duration
+	VCPU     time.Duration // QEMU's vCPU thread(s) in that window
+	Host     time.Duration // the whole machine's busy CPU time in that window
+	Retr     int           // TCP retransmissions of iperf3's sender (-1: not reported)
+	Lat      latResult     // a latency test's round-trip times
+	HWMKB    int64         // backend's VmHWM (peak RSS, KiB) at the test's end
+	AnonKB   int64         // backend's RssAnon (KiB) at the test's end
 	// Net is what moved in the namespace's TCP counters during the test
 	// (netCounters: the loopback TCP between iperf3 and the backend).
 	Net map[string]uint64
@@ -108,14 +122,18 @@ type sample struct {
 	// GuestNet is what moved in the guest's own TCP counters (nil if the
 	// guest did not print them).
 	GuestNet map[string]uint64
-	Err      string
-	Noisy    bool // Other() exceeded the threshold
+	// FrontCounters is what moved in a VM-less frontend's own counters
+	// (tapfront's Stats: frames, GSO frames, drops, kicks); nil otherwise.
+	FrontCounters map[string]uint64
+	Err           string
+	Noisy         bool // Other() exceeded the threshold
 }
 
-// Other is the machine's busy CPU time not spent by the backend or QEMU:
-// the iperf3 server, kernel work accounted elsewhere, and anything else
-// running on the machine.
-func (s sample) Other() time.Duration { return s.Host - s.CPU - s.QEMUCPU }
+// Other is the machine's busy CPU time not spent by the backend or QEMU
+// (or a VM-less frontend and the namespace's iperf3 processes): the
+// iperf3 server of a QEMU test, kernel work accounted elsewhere, and
+// anything else running on the machine.
+func (s sample) Other() time.Duration { return s.Host - s.CPU - s.QEMUCPU - s.FrontCPU - s.GuestCPU }
 
 func TestCompare(t *testing.T) {
 	if os.Getenv(enabledEnv) != "1" {
@@ -135,6 +153,12 @@ func TestCompare(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	fronts, err := parseFrontends(cmp.Or(os.Getenv("VUNET_PERF_FRONTENDS"), frontQEMU))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cols, leftOut := columns(fronts, specs)
+	withQEMU := slices.Contains(fronts, frontQEMU)
 	reps := envInt(t, "VUNET_PERF_REPS", 3)
 	secs := envInt(t, "VUNET_PERF_SECONDS", 10)
 	memMB := envInt(t, "VUNET_PERF_MEM", 512)
@@ -160,6 +184,7 @@ func TestCompare(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	tput := slices.Clone(tests) // the VM-less frontends run these only
 	tests = append(tests, lat...)
 	latSecs := envInt(t, "VUNET_PERF_LAT_SECONDS", 5)
 	profDir := os.Getenv("VUNET_PERF_PROFILE")
@@ -169,15 +194,23 @@ func TestCompare(t *testing.T) {
 		}
 	}
 
-	qemutest.EnsureGuest(t)
+	if withQEMU {
+		qemutest.EnsureGuest(t)
+	}
 	bins := findBinaries(t, root)
+	if slices.Contains(fronts, frontTestpmd) {
+		bins.findTestpmd()
+	}
 	var gf guestFiles
-	if len(lat) > 0 {
+	if len(lat) > 0 && withQEMU {
 		gf.latClient = buildLatClient(t, root, t.TempDir())
 		gf.echoPort = echoServer(t)
 		gf.latSecs = latSecs
 	}
 	meta := describeMachine(root, bins)
+	for _, n := range leftOut {
+		meta += "- left out: " + n + "\n"
+	}
 	t.Logf("machine:\n%s", meta)
 
 	dir, err := os.MkdirTemp("", "vuperf")
@@ -196,7 +229,7 @@ func TestCompare(t *testing.T) {
 	// Interleaved: every repetition runs each backend once, so a drift of
 	// the machine over time hits all backends alike.
 	for rep := 1; rep <= reps; rep++ {
-		for _, spec := range specs {
+		for _, spec := range cols {
 			if why, ok := unavailable[spec.String()]; ok {
 				t.Logf("rep %d %s: skipped (%s)", rep, spec, why)
 				continue
@@ -205,7 +238,11 @@ func TestCompare(t *testing.T) {
 			for attempt := 0; ; attempt++ {
 				var err error
 				var started bool
-				res, started, err = runOne(t, bins, spec, rep, tests, secs, memMB, smp, dir, profDir, gf)
+				if spec.isQEMU() {
+					res, started, err = runOne(t, bins, spec, rep, tests, secs, memMB, smp, dir, profDir, gf)
+				} else {
+					res, started, err = runVMLess(bins, spec, rep, tput, secs, dir, t.Logf)
+				}
 				if err != nil {
 					t.Errorf("rep %d %s: %v", rep, spec, err)
 					if !started {
@@ -229,6 +266,12 @@ func TestCompare(t *testing.T) {
 			}
 			samples = append(samples, res...)
 			for _, s := range res {
+				if !spec.isQEMU() {
+					t.Logf("[%6.0fs] rep %d %-22s %-7s %8.1f Mbit/s  backend %6.2fs cpu  frontend %6.2fs cpu  iperf3 %6.2fs cpu  other %6.2fs cpu  wall %5.2fs  retr %d  tcp %s  guest %s  vunet %s  frontend %s %s",
+						time.Since(start).Seconds(), rep, spec, s.Test.Name, s.Mbps, s.CPU.Seconds(), s.FrontCPU.Seconds(), s.GuestCPU.Seconds(), s.Other().Seconds(),
+						s.Wall.Seconds(), s.Retr, formatNet(s.Net), formatNet(s.GuestNet), formatVunet(s.Vunet), formatFront(s.FrontCounters), noisyMark(s)+s.Err)
+					continue
+				}
 				t.Logf("[%6.0fs] rep %d %-18s %-7s %8.1f Mbit/s  lat p50/p99 %d/%d µs  backend %6.2fs cpu  qemu %6.2fs cpu (vcpu %6.2fs)  other %6.2fs cpu  wall %5.2fs  retr %d  tcp %s  guest %s  vunet %s %s",
 					time.Since(start).Seconds(), rep, spec, s.Test.Name, s.Mbps, s.Lat.P50, s.Lat.P99,
 					s.CPU.Seconds(), s.QEMUCPU.Seconds(), s.VCPU.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), s.Retr, formatNet(s.Net), formatNet(s.GuestNet), formatVunet(s.Vunet), noisyMark(s)+s.Err)
@@ -236,7 +279,7 @@ func TestCompare(t *testing.T) {
 		}
 	}
 
-	report := formatReport(specs, tests, samples, unavailable, reps, secs, memMB, smp, maxOther, meta)
+	report := formatReport(cols, tests, samples, unavailable, reps, secs, memMB, smp, maxOther, meta)
 	fmt.Fprintf(os.Stdout, "\n%s\n", report)
 	if out := os.Getenv("VUNET_PERF_OUT"); out != "" {
 		if err := os.WriteFile(out, []byte(report), 0o644); err != nil {
@@ -270,7 +313,17 @@ type jsonSample struct {
 	QEMUCPUS  float64 `json:"qemu_cpu_s"`
 	VCPUS     float64 `json:"vcpu_s"`
 	OtherCPUS float64 `json:"other_cpu_s"`
-	Retr      int     `json:"retransmits"` // -1: not reported
+	// Frontend is "qemu", "testpmd", "tapfront" or, for the loopback
+	// reference (backend "loopback"), "host"; empty in old reports.
+	Frontend string `json:"frontend,omitempty"`
+	// FrontCPUS: a VM-less frontend's CPU (testpmd's process; for
+	// tapfront this test process); GuestCPUS: the namespace's iperf3
+	// client and the host's iperf3 server (VM-less and loopback tests).
+	FrontCPUS float64 `json:"frontend_cpu_s,omitempty"`
+	GuestCPUS float64 `json:"iperf3_cpu_s,omitempty"`
+	// FrontCounters: what moved in tapfront's own counters.
+	FrontCounters map[string]uint64 `json:"frontend_counters,omitempty"`
+	Retr          int               `json:"retransmits"` // -1: not reported
 	// Latency tests (test "rr" or "crr"): round trips measured and their
 	// percentiles, microseconds.
 	LatN   int   `json:"round_trips,omitempty"`
@@ -304,6 +357,7 @@ func jsonReport(samples []sample, unavailable map[string]string, meta string) ([
 			Backend: s.Spec.Kind, MTU: s.Spec.MTU, Bin: s.Spec.Bin, Rep: s.Rep, Test: s.Test.Name, Reverse: s.Test.Reverse, Streams: s.Test.Streams,
 			Mbps: s.Mbps, Bytes: s.Bytes, WallS: s.Wall.Seconds(), CPUS: s.CPU.Seconds(), QEMUCPUS: s.QEMUCPU.Seconds(),
 			VCPUS: s.VCPU.Seconds(), OtherCPUS: s.Other().Seconds(), Retr: s.Retr,
+			Frontend: s.Spec.Front, FrontCPUS: s.FrontCPU.Seconds(), GuestCPUS: s.GuestCPU.Seconds(), FrontCounters: s.FrontCounters,
 			LatN: s.Lat.N, LatP50: s.Lat.P50, LatP90: s.Lat.P90, LatP99: s.Lat.P99, LatMax: s.Lat.MaxUS, HWMKB: s.HWMKB, AnonKB: s.AnonKB,
 			HostTCP: s.Net, Vunet: s.Vunet, GuestTCP: s.GuestNet, Noisy: s.Noisy, Err: s.Err,
 		})
@@ -679,32 +733,71 @@ func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unava
 		fmt.Fprintf(&b, "**%s unavailable**: %s\n\n", k, v)
 	}
 
-	// Medians per (spec, test).
+	var vmSpecs []backendSpec
+	all := specs
+	specs = nil
+	for _, s := range all {
+		if s.isQEMU() {
+			specs = append(specs, s)
+		} else {
+			vmSpecs = append(vmSpecs, s)
+		}
+	}
 	var latT []perfTest
 	tests, latT = splitTests(tests)
+	if len(specs) > 0 {
+		formatQEMU(&b, specs, tests, samples, maxOther)
+	}
+	if len(vmSpecs) > 0 {
+		formatVMLess(&b, vmSpecs, tests, samples, maxOther)
+	}
+	if len(latT) > 0 && len(specs) > 0 {
+		b.WriteString(formatLatency(specs, latT, samples))
+	}
+	if len(specs) > 0 {
+		formatRuns(&b, samples)
+	}
+	return b.String()
+}
+
+// pick returns the samples of spec's test pt that the medians use: the
+// quiet ones where there are any, else all that succeeded; noisy is true
+// in the second case.
+func pick(samples []sample, spec backendSpec, pt perfTest) (picked []sample, noisy bool) {
+	quiet := 0
+	for _, s := range samples {
+		if s.Spec == spec && s.Test == pt && s.Err == "" && s.Mbps > 0 && !s.Noisy {
+			quiet++
+		}
+	}
+	for _, s := range samples {
+		if s.Spec != spec || s.Test != pt || s.Err != "" || s.Mbps == 0 || (quiet > 0 && s.Noisy) {
+			continue
+		}
+		noisy = noisy || s.Noisy
+		picked = append(picked, s)
+	}
+	return picked, noisy
+}
+
+// formatQEMU renders the QEMU frontend's throughput table and ratios.
+func formatQEMU(b *strings.Builder, specs []backendSpec, tests []perfTest, samples []sample, maxOther float64) {
+	// Medians per (spec, test).
 	type key struct{ spec, test string }
 	med := map[key]float64{}
-	fmt.Fprintf(&b, "Median of the repetitions (min–max in brackets; quiet samples only where there is one, \"n\" counts them: a sample is noisy when the rest of the machine used more than %.0f%% of a core during it);", 100*maxOther)
-	fmt.Fprintf(&b, " CPU is the backend process's user+system time per GB moved; CPU %% columns are CPU time over the wall time between the guest's markers (100%% = one core): the backend, all of QEMU, and QEMU's vCPU thread (the emulated guest; near 100%% means the guest is the bottleneck). Retr is iperf3's sender retransmissions; RSS is the backend's peak resident set (VmHWM, which for a vhost-user backend includes the guest RAM pages it touched) and anon its private anonymous memory (RssAnon), both MiB at the test's end.\n\n")
-	fmt.Fprintf(&b, "| backend | test | direction | streams | n | Mbit/s | backend CPU s/GB | backend CPU %% | QEMU %% | vCPU %% | Retr | RSS MiB | anon MiB |\n")
-	fmt.Fprintf(&b, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	fmt.Fprintf(b, "Median of the repetitions (min–max in brackets; quiet samples only where there is one, \"n\" counts them: a sample is noisy when the rest of the machine used more than %.0f%% of a core during it);", 100*maxOther)
+	fmt.Fprintf(b, " CPU is the backend process's user+system time per GB moved; CPU %% columns are CPU time over the wall time between the guest's markers (100%% = one core): the backend, all of QEMU, and QEMU's vCPU thread (the emulated guest; near 100%% means the guest is the bottleneck). Retr is iperf3's sender retransmissions; RSS is the backend's peak resident set (VmHWM, which for a vhost-user backend includes the guest RAM pages it touched) and anon its private anonymous memory (RssAnon), both MiB at the test's end.\n\n")
+	fmt.Fprintf(b, "| backend | test | direction | streams | n | Mbit/s | backend CPU s/GB | backend CPU %% | QEMU %% | vCPU %% | Retr | RSS MiB | anon MiB |\n")
+	fmt.Fprintf(b, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, spec := range specs {
 		for _, pt := range tests {
 			var rates, cpuGB, cpuPct, qemuPct, vcpuPct, retr, hwm, anon []float64
-			quiet := 0
-			for _, s := range samples {
-				if s.Spec == spec && s.Test == pt && s.Err == "" && s.Mbps > 0 && !s.Noisy {
-					quiet++
-				}
-			}
+			picked, noisy := pick(samples, spec, pt)
 			n := ""
-			for _, s := range samples {
-				if s.Spec != spec || s.Test != pt || s.Err != "" || s.Mbps == 0 || (quiet > 0 && s.Noisy) {
-					continue
-				}
-				if s.Noisy {
-					n = " noisy"
-				}
+			if noisy {
+				n = " noisy"
+			}
+			for _, s := range picked {
 				rates = append(rates, s.Mbps)
 				if s.Retr >= 0 {
 					retr = append(retr, float64(s.Retr))
@@ -721,11 +814,11 @@ func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unava
 				}
 			}
 			if len(rates) == 0 {
-				fmt.Fprintf(&b, "| %s | %s | %s | %d | 0 | – | – | – | – | – | – | – | – |\n", spec, pt.Name, pt.Dir(), pt.Streams)
+				fmt.Fprintf(b, "| %s | %s | %s | %d | 0 | – | – | – | – | – | – | – | – |\n", spec, pt.Name, pt.Dir(), pt.Streams)
 				continue
 			}
 			med[key{spec.String(), pt.Name}] = median(rates)
-			fmt.Fprintf(&b, "| %s | %s | %s | %d | %d%s | %s | %s | %s | %s | %s | %s | %s | %s |\n", spec, pt.Name, pt.Dir(), pt.Streams, len(rates), n,
+			fmt.Fprintf(b, "| %s | %s | %s | %d | %d%s | %s | %s | %s | %s | %s | %s | %s | %s |\n", spec, pt.Name, pt.Dir(), pt.Streams, len(rates), n,
 				spread(rates, "%.0f"), spread(cpuGB, "%.2f"), fmtMedian(cpuPct, "%.0f"), fmtMedian(qemuPct, "%.0f"), fmtMedian(vcpuPct, "%.0f"),
 				spread(retr, "%.0f"), fmtMedian(hwm, "%.0f"), fmtMedian(anon, "%.1f"))
 		}
@@ -735,38 +828,40 @@ func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unava
 	var pairs [][2]backendSpec
 	for _, a := range specs {
 		for _, o := range specs {
-			if a.Kind == "vunet" && o.Kind != "vunet" {
+			if a.Kind == "vunet" && o.Kind != "vunet" && a.Front == o.Front {
 				pairs = append(pairs, [2]backendSpec{a, o})
 			}
 		}
 	}
 	if len(pairs) > 0 {
-		fmt.Fprintf(&b, "\nRatios of the medians (> 1: vunet faster).\n\n| ratio |")
+		fmt.Fprintf(b, "\nRatios of the medians (> 1: vunet faster).\n\n| ratio |")
 		for _, pt := range tests {
-			fmt.Fprintf(&b, " %s |", pt.Name)
+			fmt.Fprintf(b, " %s |", pt.Name)
 		}
-		fmt.Fprintf(&b, "\n|---|%s\n", strings.Repeat("---:|", len(tests)))
+		fmt.Fprintf(b, "\n|---|%s\n", strings.Repeat("---:|", len(tests)))
 		for _, p := range pairs {
-			fmt.Fprintf(&b, "| %s / %s |", p[0], p[1])
+			fmt.Fprintf(b, "| %s / %s |", p[0], p[1])
 			for _, pt := range tests {
 				x, y := med[key{p[0].String(), pt.Name}], med[key{p[1].String(), pt.Name}]
 				if x == 0 || y == 0 {
-					fmt.Fprintf(&b, " – |")
+					fmt.Fprintf(b, " – |")
 				} else {
-					fmt.Fprintf(&b, " %.2f |", x/y)
+					fmt.Fprintf(b, " %.2f |", x/y)
 				}
 			}
 			b.WriteString("\n")
 		}
 	}
+}
 
-	if len(latT) > 0 {
-		b.WriteString(formatLatency(specs, latT, samples))
-	}
-
-	fmt.Fprintf(&b, "\nEvery run (\"other\": the machine's busy CPU time minus the backend's and QEMU's, i.e. the iperf3 server, kernel softirq work and anything else running; large values mean interference):\n\n")
-	fmt.Fprintf(&b, "| rep | backend | test | Mbit/s or p50/p99 µs | backend CPU s | QEMU CPU s | vCPU s | other CPU s | wall s | Retr | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
+// formatRuns renders every QEMU sample.
+func formatRuns(b *strings.Builder, samples []sample) {
+	fmt.Fprintf(b, "\nEvery run (\"other\": the machine's busy CPU time minus the backend's and QEMU's, i.e. the iperf3 server, kernel softirq work and anything else running; large values mean interference):\n\n")
+	fmt.Fprintf(b, "| rep | backend | test | Mbit/s or p50/p99 µs | backend CPU s | QEMU CPU s | vCPU s | other CPU s | wall s | Retr | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
 	for _, s := range samples {
+		if !s.Spec.isQEMU() {
+			continue
+		}
 		retr := "–"
 		if s.Retr >= 0 {
 			retr = strconv.Itoa(s.Retr)
@@ -775,10 +870,9 @@ func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unava
 		if s.Test.Lat != "" {
 			rate = fmt.Sprintf("%d / %d", s.Lat.P50, s.Lat.P99)
 		}
-		fmt.Fprintf(&b, "| %d | %s | %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %s |\n", s.Rep, s.Spec, s.Test.Name, rate,
+		fmt.Fprintf(b, "| %d | %s | %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %s |\n", s.Rep, s.Spec, s.Test.Name, rate,
 			s.CPU.Seconds(), s.QEMUCPU.Seconds(), s.VCPU.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), retr, noisyMark(s)+s.Err)
 	}
-	return b.String()
 }
 
 func median(v []float64) float64 {
