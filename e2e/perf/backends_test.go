@@ -121,6 +121,7 @@ func parseBackends(s string) ([]backendSpec, error) {
 type binaries struct {
 	vunet, passt, passtVhost, gvproxy string
 	testpmd                           string            // set by findTestpmd, only when a testpmd frontend runs
+	testpmdFwd                        string            // its --forward-mode (VUNET_PERF_TESTPMD_FWD)
 	missing                           map[string]string // kind -> why unavailable
 }
 
@@ -455,22 +456,39 @@ func statTime(path string) (time.Duration, error) {
 // Compared with the backend's and QEMU's share it shows whether anything
 // else was competing for the CPUs during a measurement.
 func hostBusy() (time.Duration, error) {
+	busy, _, err := hostTimes()
+	return busy, err
+}
+
+// hostTimes returns hostBusy's figure and the part of it spent in
+// interrupts and softirqs (which the kernel charges to no process: with
+// IRQ time accounting a socket's loopback receive processing shows
+// there, not in the process that triggered it).
+func hostTimes() (busy, irq time.Duration, err error) {
 	data, err := os.ReadFile("/proc/stat")
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	line, _, _ := strings.Cut(string(data), "\n")
+	return parseProcStat(string(data))
+}
+
+// parseProcStat reads the "cpu" line of /proc/stat.
+func parseProcStat(data string) (busy, irq time.Duration, err error) {
+	line, _, _ := strings.Cut(data, "\n")
 	f := strings.Fields(line)
 	if len(f) < 9 || f[0] != "cpu" {
-		return 0, fmt.Errorf("unexpected /proc/stat: %q", line)
+		return 0, 0, fmt.Errorf("unexpected /proc/stat: %q", line)
 	}
-	var busy uint64
+	var b, q uint64
 	for _, i := range []int{1, 2, 3, 6, 7, 8} { // user nice system irq softirq steal
 		v, err := strconv.ParseUint(f[i], 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("unexpected /proc/stat: %q", line)
+			return 0, 0, fmt.Errorf("unexpected /proc/stat: %q", line)
 		}
-		busy += v
+		b += v
+		if i == 6 || i == 7 {
+			q += v
+		}
 	}
-	return time.Duration(busy) * time.Second / clockTicks, nil
+	return time.Duration(b) * time.Second / clockTicks, time.Duration(q) * time.Second / clockTicks, nil
 }

@@ -107,12 +107,16 @@ type sample struct {
 	// VM-less or loopback test (the namespace's Linux stack is the
 	// guest); 0 for QEMU, whose guest is in QEMUCPU.
 	GuestCPU time.Duration
-	VCPU     time.Duration // QEMU's vCPU thread(s) in that window
-	Host     time.Duration // the whole machine's busy CPU time in that window
-	Retr     int           // TCP retransmissions of iperf3's sender (-1: not reported)
-	Lat      latResult     // a latency test's round-trip times
-	HWMKB    int64         // backend's VmHWM (peak RSS, KiB) at the test's end
-	AnonKB   int64         // backend's RssAnon (KiB) at the test's end
+	// SoftIRQ is the machine's interrupt and softirq time in a VM-less or
+	// loopback test's window (the namespaces' own packet processing,
+	// charged to no process); 0 for QEMU, where it stays in Other.
+	SoftIRQ time.Duration
+	VCPU    time.Duration // QEMU's vCPU thread(s) in that window
+	Host    time.Duration // the whole machine's busy CPU time in that window
+	Retr    int           // TCP retransmissions of iperf3's sender (-1: not reported)
+	Lat     latResult     // a latency test's round-trip times
+	HWMKB   int64         // backend's VmHWM (peak RSS, KiB) at the test's end
+	AnonKB  int64         // backend's RssAnon (KiB) at the test's end
 	// Net is what moved in the namespace's TCP counters during the test
 	// (netCounters: the loopback TCP between iperf3 and the backend).
 	Net map[string]uint64
@@ -133,7 +137,9 @@ type sample struct {
 // (or a VM-less frontend and the namespace's iperf3 processes): the
 // iperf3 server of a QEMU test, kernel work accounted elsewhere, and
 // anything else running on the machine.
-func (s sample) Other() time.Duration { return s.Host - s.CPU - s.QEMUCPU - s.FrontCPU - s.GuestCPU }
+func (s sample) Other() time.Duration {
+	return s.Host - s.CPU - s.QEMUCPU - s.FrontCPU - s.GuestCPU - s.SoftIRQ
+}
 
 func TestCompare(t *testing.T) {
 	if os.Getenv(enabledEnv) != "1" {
@@ -200,6 +206,9 @@ func TestCompare(t *testing.T) {
 	bins := findBinaries(t, root)
 	if slices.Contains(fronts, frontTestpmd) {
 		bins.findTestpmd()
+		if bins.testpmdFwd, err = testpmdFwd(os.Getenv("VUNET_PERF_TESTPMD_FWD")); err != nil {
+			t.Fatal(err)
+		}
 	}
 	var gf guestFiles
 	if len(lat) > 0 && withQEMU {
@@ -267,8 +276,8 @@ func TestCompare(t *testing.T) {
 			samples = append(samples, res...)
 			for _, s := range res {
 				if !spec.isQEMU() {
-					t.Logf("[%6.0fs] rep %d %-22s %-7s %8.1f Mbit/s  backend %6.2fs cpu  frontend %6.2fs cpu  iperf3 %6.2fs cpu  other %6.2fs cpu  wall %5.2fs  retr %d  tcp %s  guest %s  vunet %s  frontend %s %s",
-						time.Since(start).Seconds(), rep, spec, s.Test.Name, s.Mbps, s.CPU.Seconds(), s.FrontCPU.Seconds(), s.GuestCPU.Seconds(), s.Other().Seconds(),
+					t.Logf("[%6.0fs] rep %d %-22s %-7s %8.1f Mbit/s  backend %6.2fs cpu  frontend %6.2fs cpu  iperf3 %6.2fs cpu  softirq %6.2fs  other %6.2fs cpu  wall %5.2fs  retr %d  tcp %s  guest %s  vunet %s  frontend %s %s",
+						time.Since(start).Seconds(), rep, spec, s.Test.Name, s.Mbps, s.CPU.Seconds(), s.FrontCPU.Seconds(), s.GuestCPU.Seconds(), s.SoftIRQ.Seconds(), s.Other().Seconds(),
 						s.Wall.Seconds(), s.Retr, formatNet(s.Net), formatNet(s.GuestNet), formatVunet(s.Vunet), formatFront(s.FrontCounters), noisyMark(s)+s.Err)
 					continue
 				}
@@ -321,6 +330,9 @@ type jsonSample struct {
 	// client and the host's iperf3 server (VM-less and loopback tests).
 	FrontCPUS float64 `json:"frontend_cpu_s,omitempty"`
 	GuestCPUS float64 `json:"iperf3_cpu_s,omitempty"`
+	// SoftIRQS: the machine's irq+softirq time (VM-less and loopback
+	// tests; for QEMU tests it is part of other_cpu_s).
+	SoftIRQS float64 `json:"softirq_cpu_s,omitempty"`
 	// FrontCounters: what moved in tapfront's own counters.
 	FrontCounters map[string]uint64 `json:"frontend_counters,omitempty"`
 	Retr          int               `json:"retransmits"` // -1: not reported
@@ -357,7 +369,7 @@ func jsonReport(samples []sample, unavailable map[string]string, meta string) ([
 			Backend: s.Spec.Kind, MTU: s.Spec.MTU, Bin: s.Spec.Bin, Rep: s.Rep, Test: s.Test.Name, Reverse: s.Test.Reverse, Streams: s.Test.Streams,
 			Mbps: s.Mbps, Bytes: s.Bytes, WallS: s.Wall.Seconds(), CPUS: s.CPU.Seconds(), QEMUCPUS: s.QEMUCPU.Seconds(),
 			VCPUS: s.VCPU.Seconds(), OtherCPUS: s.Other().Seconds(), Retr: s.Retr,
-			Frontend: s.Spec.Front, FrontCPUS: s.FrontCPU.Seconds(), GuestCPUS: s.GuestCPU.Seconds(), FrontCounters: s.FrontCounters,
+			Frontend: s.Spec.Front, FrontCPUS: s.FrontCPU.Seconds(), GuestCPUS: s.GuestCPU.Seconds(), SoftIRQS: s.SoftIRQ.Seconds(), FrontCounters: s.FrontCounters,
 			LatN: s.Lat.N, LatP50: s.Lat.P50, LatP90: s.Lat.P90, LatP99: s.Lat.P99, LatMax: s.Lat.MaxUS, HWMKB: s.HWMKB, AnonKB: s.AnonKB,
 			HostTCP: s.Net, Vunet: s.Vunet, GuestTCP: s.GuestNet, Noisy: s.Noisy, Err: s.Err,
 		})

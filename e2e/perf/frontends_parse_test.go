@@ -107,7 +107,7 @@ func TestVMLessReport(t *testing.T) {
 	w := 10 * time.Second
 	smp := func(spec backendSpec, rep int, pt perfTest, mbps float64) sample {
 		return sample{Spec: spec, Rep: rep, Test: pt, Mbps: mbps, Bytes: mbps * 1e6 / 8 * 10, Wall: w, Retr: 3,
-			CPU: 5 * time.Second, FrontCPU: 2 * time.Second, GuestCPU: 8 * time.Second, Host: 15 * time.Second, HWMKB: 30 << 10, AnonKB: 8 << 10}
+			CPU: 5 * time.Second, FrontCPU: 2 * time.Second, GuestCPU: 7 * time.Second, SoftIRQ: time.Second, Host: 15 * time.Second, HWMKB: 30 << 10, AnonKB: 8 << 10}
 	}
 	samples := []sample{
 		smp(loop, 1, up, 10000), smp(loop, 1, down, 9000), smp(loop, 2, up, 12000), smp(loop, 2, down, 11000),
@@ -124,15 +124,15 @@ func TestVMLessReport(t *testing.T) {
 	for _, want := range []string{
 		"### VM-less frontends",
 		// loopback's medians: up 11000, down 10000
-		"| host | loopback | up-1 | guest→host | 1 | 2 | 11000 (10000–12000) | 100 % | – | – | – | 80 | 3 (3–3) | 30 | 8.0 |",
+		"| host | loopback | up-1 | guest→host | 1 | 2 | 11000 (10000–12000) | 100 % | – | – | – | 70 | 3 (3–3) | 30 | 8.0 |",
 		"| tapfront | vunet | up-1 | guest→host | 1 | 2 | 6500 (6000–7000) | 59 % | ",
 		"| tapfront | vunet | down-1 | host→guest | 1 | 2 | 4000 (4000–4000) | 40 % | ",
-		"| testpmd | vunet | up-1 | guest→host | 1 | 1 | 1000 | 9 % | 4.00 | 50 | 20 | 80 | 3 | 30 | 8.0 |",
+		"| testpmd | vunet | up-1 | guest→host | 1 | 1 | 1000 | 9 % | 4.00 | 50 | 20 | 70 | 3 | 30 | 8.0 |",
 		"| testpmd | vunet | down-1 | host→guest | 1 | 0 | – |",
 		"| tapfront/vunet / tapfront/passt-vhost | 2.17 | 0.50 |",
 		"| vunet / passt-vhost | 4.00 | – |",
 		"tapfront/vunet against loopback (target: every test ≥ 50 %): **missed**, lowest down-1 at 40 %.",
-		"| 2 | tapfront/vunet | down-1 | 4000.0 | 5.00 | 2.00 | 8.00 | 0.00 | 10.00 | 3 | – |  |",
+		"| 2 | tapfront/vunet | down-1 | 4000.0 | 5.00 | 2.00 | 7.00 | 1.00 | 0.00 | 10.00 | 3 | – |  |",
 		"| 3 | tapfront/vunet | up-1 | 1.0 |",
 	} {
 		if !strings.Contains(r, want) {
@@ -164,7 +164,7 @@ func TestVMLessReport(t *testing.T) {
 // counters.
 func TestVMLessSample(t *testing.T) {
 	s := sample{Spec: backendSpec{Kind: "vunet", Front: frontTapfront}, Rep: 1, Test: perfTest{Name: "up-1", Streams: 1},
-		Mbps: 5000, CPU: 3 * time.Second, FrontCPU: 2 * time.Second, GuestCPU: 4 * time.Second, Host: 10 * time.Second, Retr: 0,
+		Mbps: 5000, CPU: 3 * time.Second, FrontCPU: 2 * time.Second, GuestCPU: 3 * time.Second, SoftIRQ: time.Second, Host: 10 * time.Second, Retr: 0,
 		FrontCounters: map[string]uint64{"tx_gso": 40}}
 	if got := s.Other(); got != time.Second {
 		t.Fatalf("Other() = %v, want 1s", got)
@@ -180,11 +180,40 @@ func TestVMLessSample(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := jsonSample{Backend: "vunet", Frontend: "tapfront", Rep: 1, Test: "up-1", Streams: 1, Mbps: 5000, CPUS: 3,
-		FrontCPUS: 2, GuestCPUS: 4, OtherCPUS: 1, FrontCounters: map[string]uint64{"tx_gso": 40}}
+		FrontCPUS: 2, GuestCPUS: 3, SoftIRQS: 1, OtherCPUS: 1, FrontCounters: map[string]uint64{"tx_gso": 40}}
 	if len(got.Samples) != 1 || !reflect.DeepEqual(got.Samples[0], want) {
 		t.Fatalf("JSON %+v, want %+v", got.Samples, want)
 	}
 	if formatFront(map[string]uint64{"rx_gso": 2, "kicks": 9}) != "kicks=9 rx_gso=2" || formatFront(nil) != "–" {
 		t.Fatal("formatFront")
+	}
+}
+
+// TestParseProcStat: busy time is user+nice+system+irq+softirq+steal,
+// and irq+softirq is reported on its own (ticks of 10 ms).
+func TestParseProcStat(t *testing.T) {
+	busy, irq, err := parseProcStat("cpu  100 5 200 9000 40 7 93 2 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+	if err != nil || busy != 4070*time.Millisecond || irq != 1000*time.Millisecond {
+		t.Fatalf("parseProcStat = %v %v %v", busy, irq, err)
+	}
+	for _, bad := range []string{"", "cpu0 1 2 3 4 5 6 7 8", "cpu 1 2 3 4 5 x 7 8", "cpu 1 2"} {
+		if _, _, err := parseProcStat(bad); err == nil {
+			t.Errorf("parseProcStat(%q) accepted", bad)
+		}
+	}
+	if _, _, err := hostTimes(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestTestpmdFwd: io by default, csum on request, nothing else.
+func TestTestpmdFwd(t *testing.T) {
+	for in, want := range map[string]string{"": "io", "io": "io", "csum": "csum"} {
+		if got, err := testpmdFwd(in); err != nil || got != want {
+			t.Errorf("testpmdFwd(%q) = %q, %v", in, got, err)
+		}
+	}
+	if _, err := testpmdFwd("mac"); err == nil {
+		t.Error("testpmdFwd(mac) accepted")
 	}
 }

@@ -145,6 +145,22 @@ func (b *binaries) findTestpmd() {
 	b.testpmd = p
 }
 
+// testpmdFwd reads VUNET_PERF_TESTPMD_FWD, testpmd's forwarding engine:
+// "io" (default: frames pass untouched) or "csum" (testpmd recomputes
+// the IP and TCP/UDP checksums of every frame in software, on its
+// polling core, before passing it on; this lets a backend that leaves
+// checksums out of frames it marks DATA_VALID, as passt does, reach the
+// tap, which verifies them).
+func testpmdFwd(s string) (string, error) {
+	switch s {
+	case "", "io":
+		return "io", nil
+	case "csum":
+		return s, nil
+	}
+	return "", fmt.Errorf("VUNET_PERF_TESTPMD_FWD=%q: want io or csum", s)
+}
+
 // iperfJSON is what the harness reads of `iperf3 -J`: the receiver's
 // bytes and rate and the sender's retransmissions (with -R the server's,
 // which iperf3 reports back), summed over the streams.
@@ -279,23 +295,24 @@ func startNSGuest(ctx context.Context, bins *binaries, spec backendSpec, b *back
 	}()
 	warm := net.JoinHostPort(g.target, strconv.Itoa(l.Addr().(*net.TCPAddr).Port))
 	var last string
-	for try := 0; try < 3; try++ {
+	// One dial waits up to 30 s (SYN retransmissions cover a frontend
+	// that starts forwarding late); quick failures are retried.
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && ctx.Err() == nil; time.Sleep(200 * time.Millisecond) {
 		d, err := dialInNS(g.ns, 1, warm)
-		if err == nil {
-			ok := d.opened == 1
-			last = d.first
-			d.close()
-			if ok {
-				return g, nil
-			}
-		} else {
+		if err != nil {
 			last = err.Error()
+			continue
 		}
-		if ctx.Err() != nil {
-			break
+		ok := d.opened == 1
+		last = d.first
+		d.close()
+		if ok {
+			return g, nil
 		}
 	}
-	return nil, fmt.Errorf("no TCP connection from the namespace to %s through %s: %s", warm, spec, last)
+	diag, _ := exec.Command("sh", "-c", "ip -n "+g.ns+" neigh; ip -n "+g.ns+" -s link show "+nsDev+
+		"; ip netns exec "+g.ns+" nstat -az | grep -E 'InCsumErrors|InSegs|OutSegs|InReceives|InHdrErrors|InAddrErrors|InDiscards|TcpExtTCPSynRetrans|InErrs'").CombinedOutput()
+	return nil, fmt.Errorf("no TCP connection from the namespace to %s through %s: %s\nguest namespace:\n%s", warm, spec, last, diag)
 }
 
 // startTapfront opens the tap, moves it into g's namespace and bridges it
@@ -361,7 +378,7 @@ func startTestpmd(ctx context.Context, g *nsGuest, bins *binaries, b *backend) e
 	cmd := exec.Command("ip", "netns", "exec", g.ns, bins.testpmd,
 		"-l", "0,1", "--no-huge", "--no-pci", "-m", "1024", "--file-prefix", prefix,
 		"--vdev=net_virtio_user0,path="+b.socket, "--vdev=net_tap0,iface="+nsDev,
-		"--", "--total-num-mbufs=16384", "--forward-mode=io", "--auto-start")
+		"--", "--total-num-mbufs=16384", "--forward-mode="+bins.testpmdFwd, "--auto-start")
 	out := &testutil.Buffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -430,7 +447,7 @@ func testpmdStats(out string) string {
 // nsMark is one sampling point of a VM-less or loopback test.
 type nsMark struct {
 	at                     time.Time
-	cpu, front, host       time.Duration
+	cpu, front, host, irq  time.Duration
 	hwm, anon              int64
 	net, vunet, guest, fco netCounters
 }
@@ -476,7 +493,7 @@ func runVMLess(bins *binaries, spec backendSpec, rep int, tests []perfTest, secs
 	sampleNow := func() nsMark {
 		m := nsMark{at: time.Now()}
 		var err error
-		m.host, err = hostBusy()
+		m.host, m.irq, err = hostTimes()
 		keep(err)
 		m.net, err = readNetCounters()
 		keep(err)
@@ -542,7 +559,7 @@ func runVMLess(bins *binaries, spec backendSpec, rep int, tests []perfTest, secs
 			srv.Stop(time.Second)
 		}
 		s.Wall = m1.at.Sub(m0.at)
-		s.CPU, s.FrontCPU, s.Host = m1.cpu-m0.cpu, m1.front-m0.front, m1.host-m0.host
+		s.CPU, s.FrontCPU, s.Host, s.SoftIRQ = m1.cpu-m0.cpu, m1.front-m0.front, m1.host-m0.host, m1.irq-m0.irq
 		s.HWMKB, s.AnonKB = m1.hwm, m1.anon
 		s.Net = m1.net.delta(m0.net)
 		if m0.vunet != nil {
@@ -723,8 +740,8 @@ func formatVMLess(b *strings.Builder, specs []backendSpec, tests []perfTest, sam
 		}
 	}
 
-	b.WriteString("\nEvery run, VM-less frontends (\"other\": the machine's busy CPU time minus the backend's, the frontend's and the iperf3 processes'):\n\n")
-	b.WriteString("| rep | column | test | Mbit/s | backend CPU s | frontend CPU s | iperf3 CPU s | other CPU s | wall s | Retr | frontend counters | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
+	b.WriteString("\nEvery run, VM-less frontends (softirq: the machine's interrupt and softirq time, the namespaces' packet processing that the kernel charges to no process; \"other\": the machine's busy CPU time minus all of these, i.e. anything else running):\n\n")
+	b.WriteString("| rep | column | test | Mbit/s | backend CPU s | frontend CPU s | iperf3 CPU s | softirq s | other CPU s | wall s | Retr | frontend counters | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
 	for _, s := range samples {
 		if s.Spec.isQEMU() {
 			continue
@@ -733,8 +750,8 @@ func formatVMLess(b *strings.Builder, specs []backendSpec, tests []perfTest, sam
 		if s.Retr >= 0 {
 			retr = strconv.Itoa(s.Retr)
 		}
-		fmt.Fprintf(b, "| %d | %s | %s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %s | %s |\n", s.Rep, s.Spec, s.Test.Name, s.Mbps,
-			s.CPU.Seconds(), s.FrontCPU.Seconds(), s.GuestCPU.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), retr,
+		fmt.Fprintf(b, "| %d | %s | %s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %s | %s |\n", s.Rep, s.Spec, s.Test.Name, s.Mbps,
+			s.CPU.Seconds(), s.FrontCPU.Seconds(), s.GuestCPU.Seconds(), s.SoftIRQ.Seconds(), s.Other().Seconds(), s.Wall.Seconds(), retr,
 			formatFront(s.FrontCounters), noisyMark(s)+strings.ReplaceAll(s.Err, "|", "/"))
 	}
 }
