@@ -121,7 +121,6 @@ func parseBackends(s string) ([]backendSpec, error) {
 type binaries struct {
 	vunet, passt, passtVhost, gvproxy string
 	testpmd                           string            // set by findTestpmd, only when a testpmd frontend runs
-	testpmdFwd                        string            // its --forward-mode (VUNET_PERF_TESTPMD_FWD)
 	missing                           map[string]string // kind -> why unavailable
 }
 

@@ -206,9 +206,6 @@ func TestCompare(t *testing.T) {
 	bins := findBinaries(t, root)
 	if slices.Contains(fronts, frontTestpmd) {
 		bins.findTestpmd()
-		if bins.testpmdFwd, err = testpmdFwd(os.Getenv("VUNET_PERF_TESTPMD_FWD")); err != nil {
-			t.Fatal(err)
-		}
 	}
 	var gf guestFiles
 	if len(lat) > 0 && withQEMU {

@@ -205,15 +205,3 @@ func TestParseProcStat(t *testing.T) {
 		t.Fatal(err)
 	}
 }
-
-// TestTestpmdFwd: io by default, csum on request, nothing else.
-func TestTestpmdFwd(t *testing.T) {
-	for in, want := range map[string]string{"": "io", "io": "io", "csum": "csum"} {
-		if got, err := testpmdFwd(in); err != nil || got != want {
-			t.Errorf("testpmdFwd(%q) = %q, %v", in, got, err)
-		}
-	}
-	if _, err := testpmdFwd("mac"); err == nil {
-		t.Error("testpmdFwd(mac) accepted")
-	}
-}
