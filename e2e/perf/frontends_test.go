@@ -733,7 +733,7 @@ func formatVMLess(b *strings.Builder, specs []backendSpec, tests []perfTest, sam
 		}
 	}
 
-	b.WriteString("\nEvery run, VM-less frontends (softirq: the machine's interrupt and softirq time, the namespaces' packet processing that the kernel charges to no process; \"other\": the machine's busy CPU time minus all of these, i.e. anything else running):\n\n")
+	b.WriteString("\nEvery run, VM-less frontends (softirq: the machine's interrupt and softirq time, where the namespaces' packet processing shows, most of it also inside the processes' times; \"other\": the machine's busy CPU time minus the backend's, the frontend's and the iperf3 processes', i.e. anything else running):\n\n")
 	b.WriteString("| rep | column | test | Mbit/s | backend CPU s | frontend CPU s | iperf3 CPU s | softirq s | other CPU s | wall s | Retr | frontend counters | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
 	for _, s := range samples {
 		if s.Spec.isQEMU() {
