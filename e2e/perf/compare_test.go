@@ -694,7 +694,13 @@ func describeMachine(root string, bins *binaries) string {
 		if err != nil && len(out) == 0 {
 			return "unknown (" + err.Error() + ")"
 		}
-		return firstLine(strings.TrimSpace(string(out)))
+		// Skip passt's notice that its AVX2 build is missing (a self-built
+		// passt has none): the version is the next line.
+		text := strings.TrimSpace(string(out))
+		for strings.HasPrefix(text, "Can't run AVX2 build") {
+			_, text, _ = strings.Cut(text, "\n")
+		}
+		return firstLine(strings.TrimSpace(text))
 	}
 	cpu := "unknown"
 	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
@@ -723,6 +729,10 @@ func describeMachine(root string, bins *binaries) string {
 	}
 	if bins.passtVhost != "" && bins.passtVhost != bins.passt {
 		fmt.Fprintf(&b, "- passt-vhost: %s (%s)\n", passtVersion(bins.passtVhost), bins.passtVhost)
+	}
+	if bins.testpmd != "" {
+		v := run("sh", "-c", `dpkg-query -W -f '${Package} ${Version}' "$(dpkg -S "$1" | cut -d: -f1)"`, "sh", bins.testpmd)
+		fmt.Fprintf(&b, "- testpmd: %s (%s)\n", v, bins.testpmd)
 	}
 	if bins.gvproxy != "" {
 		v := run(bins.gvproxy, "-version")

@@ -2,6 +2,7 @@ package perf
 
 import (
 	"encoding/json"
+	"os"
 	"reflect"
 	"strings"
 	"testing"
@@ -203,5 +204,21 @@ func TestParseProcStat(t *testing.T) {
 	}
 	if _, _, err := hostTimes(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestDescribePasstVersion: a self-built passt's notice about its missing
+// AVX2 build is not taken for its version.
+func TestDescribePasstVersion(t *testing.T) {
+	dir := t.TempDir()
+	bin := dir + "/passt"
+	script := "#!/bin/sh\necho \"Can't run AVX2 build, using non-AVX2 version: No such file or directory\" >&2\necho 'passt 2025_01_10.2c174f1'\n"
+	if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VUNET_PERF_PASST_REV", "")
+	meta := describeMachine(dir, &binaries{vunet: "/bin/true", passtVhost: bin})
+	if !strings.Contains(meta, "- passt-vhost: passt 2025_01_10.2c174f1 ("+bin+")") {
+		t.Fatalf("machine description:\n%s", meta)
 	}
 }
