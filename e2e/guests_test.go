@@ -44,10 +44,12 @@ func slaacAddr(mac net.HardwareAddr) string {
 }
 
 // stepPeerDHCP leases an address (any of the pool's; the host checks the
-// two differ) and names the other guest's: the pool hands out .15 and .16.
-func stepPeerDHCP() string {
+// two differ) with host name name (DHCP option 12: the guest becomes
+// name.vunet.internal) and names the other guest's: the pool hands out
+// .15 and .16.
+func stepPeerDHCP(name string) string {
 	return `begin
-if udhcpc -i eth0 -n -q -t 10 -T 2 >/tmp/udhcpc.log 2>&1 && [ -f /run/dhcp-eth0 ]; then
+if udhcpc -i eth0 -n -q -t 10 -T 2 -x hostname:` + name + ` >/tmp/udhcpc.log 2>&1 && [ -f /run/dhcp-eth0 ]; then
 	. /run/dhcp-eth0
 	pass dhcp "ip=$ip"
 else
@@ -60,10 +62,12 @@ mkdir -p /www && seq 1 ` + fmt.Sprint(peerFileLines) + ` >/www/f && httpd -p 800
 `
 }
 
-// stepPeer checks the other guest (peer, peer6): ping over IPv4 and IPv6,
-// and a TCP transfer from its httpd with the sha256 checked. With isolated,
-// the pings must fail instead (and the transfer is skipped).
-func stepPeer(peer6, sha string, isolated bool) string {
+// stepPeer checks the other guest (peer, peer6, host name peerName): ping
+// over IPv4 and IPv6, by address and by name (peerName.vunet.internal, A
+// and AAAA from vunet's DNS), and a TCP transfer from its httpd with the
+// sha256 checked. With isolated, the pings must fail instead (and the
+// transfer is skipped).
+func stepPeer(peer6, peerName, sha string, isolated bool) string {
 	if isolated {
 		return fmt.Sprintf(`begin
 if ping -c 3 -W 1 $peer >/dev/null 2>&1; then fail peer-blocked "echo reply from $peer"; else pass peer-blocked "no reply from $peer"; fi
@@ -82,6 +86,11 @@ else
 	fail ping6-peer "no reply from %[1]s"
 fi
 begin
+fq=%[3]s.vunet.internal
+if ping -4 -c 1 -W 2 $fq >/dev/null 2>&1; then pass ping-name "$fq"; else nslookup $fq; fail ping-name "no reply from $fq"; fi
+begin
+if ping6 -c 1 -W 2 $fq >/dev/null 2>&1; then pass ping6-name "$fq"; else nslookup -type=aaaa $fq; fail ping6-name "no reply from $fq over IPv6"; fi
+begin
 getpeer() { timeout 60 wget -q -O /tmp/g http://$peer:8000/f; }
 if wait_for getpeer; then
 	sum=$(sha256sum </tmp/g | cut -d' ' -f1)
@@ -90,7 +99,7 @@ else
 	fail peer-http "wget http://$peer:8000/f failed"
 fi
 rm -f /tmp/g
-`, peer6, sha)
+`, peer6, sha, peerName)
 }
 
 // stepHostLoop downloads the host's blob again and again (sha256 checked)
@@ -190,9 +199,15 @@ var (
 	macB = net.HardwareAddr{0x52, 0x54, 0, 0, 0, 0x0b}
 )
 
+// guestName is the DHCP host name of the guest with mac: "vm" and its
+// last byte in hex (vm0a, vm0b), so the other guest can reach it as
+// NAME.vunet.internal.
+func guestName(mac net.HardwareAddr) string { return fmt.Sprintf("vm%02x", mac[len(mac)-1]) }
+
 // TestLinuxGuests: two Linux guests (mac= distinct) share one vunet with
 // --max-guests 2. They get distinct DHCP addresses, ping each other over
-// IPv4 and IPv6, move a file between them over TCP (sha256 checked),
+// IPv4 and IPv6 by address and by name (vm0a.vunet.internal from their
+// DHCP host names), move a file between them over TCP (sha256 checked),
 // iperf3 for 3 s, and both reach the host's loopback through the gateway.
 // A third QEMU is refused (logged, counted). Guest B then powers off and
 // boots again with the same MAC while guest A keeps downloading from the
@@ -213,19 +228,19 @@ func TestLinuxGuests(t *testing.T) {
 	start := time.Now()
 	guest := func(mac net.HardwareAddr, steps ...string) *qemutest.Instance {
 		return startGuest(t, ctx, &qemutest.Guest{Socket: sock, DeviceOpts: "mac=" + mac.String(),
-			Script: script(append([]string{stepPeerDHCP()}, steps...)...)})
+			Script: script(append([]string{stepPeerDHCP(guestName(mac))}, steps...)...)})
 	}
 	a := guest(macA,
 		"iperf3 -s -D >/dev/null 2>&1\n",
-		stepPeer(slaacAddr(macB), sha, false),
+		stepPeer(slaacAddr(macB), guestName(macB), sha, false),
 		harness.StepFetch("host-hello", fmt.Sprintf("http://%s:%d/hello", harness.Gateway4, e.http.Port4), strings.TrimSuffix(harness.HelloText, "\n")),
 		harness.StepWaitGeneration("checked", e.http.Port4, 2),
 		stepHostLoop(e.http.Port4, e.http.BlobSHA256, 3),
 		// B is back: reachable again; then A leaves.
-		stepPeer(slaacAddr(macB), sha, false),
+		stepPeer(slaacAddr(macB), guestName(macB), sha, false),
 	)
 	secs, withHost := guestIperfSeconds(t)
-	bIperf := []string{stepPeer(slaacAddr(macA), sha, false), stepIperf("iperf-peer", "$peer", 5201, secs)}
+	bIperf := []string{stepPeer(slaacAddr(macA), guestName(macA), sha, false), stepIperf("iperf-peer", "$peer", 5201, secs)}
 	if withHost {
 		port := vunettest.FreePort(t)
 		p, err := harness.StartIperf3(ctx, port)
@@ -266,23 +281,23 @@ func TestLinuxGuests(t *testing.T) {
 		}
 	}
 	e.http.SetGeneration(2)
-	bSteps := finish(t, b, "dhcp", "ping-peer", "ping6-peer", "peer-http", "iperf-peer", "host-hello", "checked")
+	bSteps := finish(t, b, "dhcp", "ping-peer", "ping6-peer", "ping-name", "ping6-name", "peer-http", "iperf-peer", "host-hello", "checked")
 	bIP := dhcpIP(t, bSteps)
 	if err := a.WaitFor(ctx, harness.ReadyLine("host-loop")); err != nil {
 		t.Fatal(err)
 	}
 	oneGuest := memKB(vn.Pid())
 	// B's VM boots again with the same MAC while A's transfer runs.
-	b2 := guest(macB, stepPeer(slaacAddr(macA), sha, false), harness.StepWaitGeneration("a-done", e.http.Port4, 4))
+	b2 := guest(macB, stepPeer(slaacAddr(macA), guestName(macA), sha, false), harness.StepWaitGeneration("a-done", e.http.Port4, 4))
 	if err := b2.WaitFor(ctx, "E2E-PASS peer-http"); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("vunet memory with one guest (A downloading): %s; with B back: %s", oneGuest, memKB(vn.Pid()))
 	// A's loop ends, A checks B again and leaves; then B2 may leave.
 	e.http.SetGeneration(3)
-	aSteps := finish(t, a, "dhcp", "ping-peer", "ping6-peer", "peer-http", "host-hello", "checked", "host-loop")
+	aSteps := finish(t, a, "dhcp", "ping-peer", "ping6-peer", "ping-name", "ping6-name", "peer-http", "host-hello", "checked", "host-loop")
 	e.http.SetGeneration(4)
-	b2Steps := finish(t, b2, "dhcp", "ping-peer", "ping6-peer", "peer-http", "a-done")
+	b2Steps := finish(t, b2, "dhcp", "ping-peer", "ping6-peer", "ping-name", "ping6-name", "peer-http", "a-done")
 	aIP := dhcpIP(t, aSteps)
 	if aIP == "" || bIP == "" || aIP == bIP {
 		t.Errorf("guest addresses %q and %q: want two distinct leases", aIP, bIP)
@@ -317,10 +332,10 @@ func TestLinuxGuests(t *testing.T) {
 			// host: the guests cannot see each other), so a failed
 			// ping means isolation, not a peer still booting.
 			insts = append(insts, startGuest(t, ctx, &qemutest.Guest{Socket: sock2, DeviceOpts: "mac=" + m[0].String(),
-				Script: script(stepPeerDHCP(),
+				Script: script(stepPeerDHCP(guestName(m[0])),
 					harness.StepWaitGeneration("both-up", e.http.Port4, 5),
 					"slaac() { ip -6 addr show dev eth0 | grep -q 'inet6 fd00:.*scope global'; }; wait_for slaac\n",
-					stepPeer(slaacAddr(m[1]), sha, true), hello,
+					stepPeer(slaacAddr(m[1]), guestName(m[1]), sha, true), hello,
 					harness.StepWaitGeneration("both-done", e.http.Port4, 6))}))
 		}
 		for _, g := range insts {
