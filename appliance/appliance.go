@@ -4,6 +4,7 @@
 package appliance
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -333,7 +334,10 @@ func (a *Appliance) guestIPv6() netip.Addr {
 
 // guestAddrs6 are the IPv6 addresses of the guest with mac, for its DNS
 // name: its DHCPv6 leases whose DUID carries the MAC, then the global
-// addresses of the MAC seen in neighbour discovery (SLAAC EUI-64 first).
+// addresses of the MAC seen in neighbour discovery (SLAAC EUI-64 first),
+// then those in the subnet the switch saw it send from. The last matter
+// with several guests: one that talks IPv6 only to the other guests
+// (through the switch) never enters the stack's neighbour table.
 func (a *Appliance) guestAddrs6(mac net.HardwareAddr) []netip.Addr {
 	if !a.cfg.IPv6.Enable {
 		return nil
@@ -349,6 +353,16 @@ func (a *Appliance) guestAddrs6(mac net.HardwareAddr) []netip.Addr {
 	for _, n := range a.neighbourAddrs6(mac) {
 		if !slices.Contains(out, n) {
 			out = append(out, n)
+		}
+	}
+	for _, g := range a.Link.Guests() {
+		if !bytes.Equal(g.MAC, mac) {
+			continue
+		}
+		for _, ad := range g.Addrs {
+			if ad.Is6() && a.cfg.IPv6.Subnet.Contains(ad) && !slices.Contains(out, ad) {
+				out = append(out, ad)
+			}
 		}
 	}
 	return out

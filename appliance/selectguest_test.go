@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -12,6 +13,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/netstack/netstacktest"
@@ -90,6 +93,28 @@ func TestForwardToNamedGuest(t *testing.T) {
 	})
 	hw2, _ := net.ParseMAC("52:54:00:00:00:02")
 	a.Names.Bind(hw2, "vm2", a2, time.Now().Add(time.Hour))
+
+	// Guest 2's IPv6 address reaches its name (AAAA) from what the switch
+	// saw it send, though it talks IPv6 only to guest 1, never to the
+	// stack (whose neighbour table would not know it).
+	v6 := netip.MustParseAddr("fd00::16")
+	if err := g2.s.RemoveAddress(netstacktest.GuestNIC, tcpip.AddrFrom16(netstacktest.Guest6.As16())); err != nil {
+		t.Fatal(err)
+	}
+	if err := g2.s.AddProtocolAddress(netstacktest.GuestNIC, tcpip.ProtocolAddress{Protocol: ipv6.ProtocolNumber,
+		AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom16(v6.As16()), PrefixLen: 64}}, stack.AddressProperties{}); err != nil {
+		t.Fatal(err)
+	}
+	uc, err := gonet.DialUDP(g2.s, nil, &tcpip.FullAddress{NIC: netstacktest.GuestNIC, Addr: tcpip.AddrFrom16(netstacktest.Guest6.As16()), Port: 9}, ipv6.ProtocolNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer uc.Close()
+	eventuallyTrue(t, "vm2's AAAA from the switch", func() bool {
+		uc.Write([]byte("hello")) // neighbour solicitation first, from fd00::16
+		g, ok := a.Names.Lookup("vm2")
+		return ok && slices.Contains(g.Addrs6, v6)
+	})
 
 	who := func(port string) (string, error) {
 		c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 10*time.Second)
