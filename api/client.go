@@ -115,10 +115,13 @@ func (c *Client) AddForward(ctx context.Context, f Forward) (Forward, error) {
 	return got, err
 }
 
-// RemoveForward calls DELETE /v1/forwards for f.Proto and f.Host; a
-// non-zero f.GuestPort must match the forward's.
+// RemoveForward calls DELETE /v1/forwards for f.Proto and f.Host (f.Path
+// for unix); a non-zero f.GuestPort must match the forward's.
 func (c *Client) RemoveForward(ctx context.Context, f Forward) error {
 	q := url.Values{"proto": {f.Proto}, "host": {f.Host.String()}}
+	if f.Proto == "unix" {
+		q = url.Values{"proto": {f.Proto}, "path": {f.Path}}
+	}
 	if f.GuestPort != 0 {
 		q.Set("guest_port", strconv.Itoa(int(f.GuestPort)))
 	}

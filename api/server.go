@@ -201,14 +201,16 @@ func (s *Server) addForward(w http.ResponseWriter, r *http.Request) {
 	s.reply(w, r, http.StatusCreated, got)
 }
 
-// removeForward takes the forward from the query string (proto, host and
-// optionally guest_port): DELETE bodies are ignored by some clients and
+// removeForward takes the forward from the query string (proto, host or,
+// for unix, path, and optionally guest_port): DELETE bodies are ignored by some clients and
 // proxies, and the query keeps `curl -X DELETE` usable.
 func (s *Server) removeForward(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	f := Forward{Proto: q.Get("proto")}
 	var err error
-	if f.Host, err = netip.ParseAddrPort(q.Get("host")); err != nil {
+	if f.Proto == "unix" {
+		f.Path = q.Get("path")
+	} else if f.Host, err = netip.ParseAddrPort(q.Get("host")); err != nil {
 		s.fail(w, r, Errorf(ErrInvalid, "host %q: expected IP:PORT (IPv6 in brackets)", q.Get("host")))
 		return
 	}
@@ -228,7 +230,7 @@ func (s *Server) removeForward(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	s.log.Debug("api: port forward removed", "proto", f.Proto, "host", f.Host.String())
+	s.log.Debug("api: port forward removed", "forward", f.String())
 	w.WriteHeader(http.StatusNoContent)
 }
 

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -48,8 +49,10 @@ type Forward struct {
 	// carries the one it got.
 	Host netip.AddrPort `json:"host"`
 	// Path is the Unix socket of a unix forward (--forward
-	// unix:PATH:PORT), whose Host is empty. Unix forwards are listed but
-	// set at start-up only: the sandbox forbids creating sockets later.
+	// unix:PATH:PORT), whose Host is empty. At run time a unix forward
+	// may be added only in the directory vunet was started with
+	// (--unix-forward-dir): the sandbox forbids creating sockets
+	// anywhere else.
 	Path string `json:"path,omitempty"`
 	// GuestPort is the port on the guest connections are relayed to.
 	GuestPort uint16 `json:"guest_port"`
@@ -256,15 +259,26 @@ type Lease struct {
 
 // validate checks a forward request before it reaches the Backend. A
 // removal may leave GuestPort 0 (any).
+// maxSocketPath is sockaddr_un's sun_path capacity, with its NUL.
+const maxSocketPath = 108
+
 func (f Forward) validate(needGuest bool) error {
-	if f.Proto == "unix" {
-		return Errorf(ErrInvalid, "unix forwards are set at start-up only (--forward unix:PATH:PORT); the sandbox forbids creating sockets later")
-	}
-	if f.Proto != "tcp" && f.Proto != "udp" {
-		return Errorf(ErrInvalid, "proto %q: expected tcp or udp", f.Proto)
-	}
-	if !f.Host.Addr().IsValid() {
+	switch {
+	case f.Proto == "unix":
+		// Where the socket may be is the appliance's decision
+		// (--unix-forward-dir); here only its form.
+		if f.Path == "" || f.Path[0] != '/' || len(f.Path) >= maxSocketPath || strings.IndexByte(f.Path, 0) >= 0 {
+			return Errorf(ErrInvalid, "path %q: expected an absolute socket path shorter than %d bytes", f.Path, maxSocketPath)
+		}
+		if f.Host.IsValid() {
+			return Errorf(ErrInvalid, "host: a unix forward has a path, not a host address")
+		}
+	case f.Proto != "tcp" && f.Proto != "udp":
+		return Errorf(ErrInvalid, "proto %q: expected tcp, udp or unix", f.Proto)
+	case !f.Host.Addr().IsValid():
 		return Errorf(ErrInvalid, "host: expected IP:PORT (IPv6 in brackets)")
+	case f.Path != "":
+		return Errorf(ErrInvalid, "path: only a unix forward has one")
 	}
 	if needGuest && f.GuestPort == 0 {
 		return Errorf(ErrInvalid, "guest_port: expected 1..65535")

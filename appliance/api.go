@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"syscall"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/vunet/vunet/api"
 	"github.com/vunet/vunet/budget"
+	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/endpoint"
 	"github.com/vunet/vunet/forward"
 	"github.com/vunet/vunet/internal/metrics"
@@ -146,6 +148,14 @@ func (a *Appliance) Forwards() []api.Forward {
 // guest's IPv4 address: the guest's IPv6 address comes from SLAAC and is
 // not known here. The host address may be IPv4 or IPv6.
 func (a *Appliance) AddForward(f api.Forward) (api.Forward, error) {
+	if f.Proto == "unix" {
+		if err := a.runtimeUnixPath("unix forward", f.Path); err != nil {
+			return api.Forward{}, err
+		}
+		if _, ok := a.findForward(f); ok {
+			return api.Forward{}, api.Errorf(api.ErrConflict, "a unix port forward already listens on %s", f.Path)
+		}
+	}
 	if f.Host.Port() != 0 {
 		// The forwarder checks too, but its error does not say which kind
 		// it is; an API client deserves a 409.
@@ -154,7 +164,7 @@ func (a *Appliance) AddForward(f api.Forward) (api.Forward, error) {
 		}
 	}
 	pf, err := a.Forward.AddPortForward(forward.PortForward{
-		Proto: f.Proto, Host: f.Host, Guest: netip.AddrPortFrom(a.cfg.IPv4.Guest, f.GuestPort),
+		Proto: f.Proto, Host: f.Host, Path: f.Path, Guest: netip.AddrPortFrom(a.cfg.IPv4.Guest, f.GuestPort),
 	})
 	switch {
 	case err == nil:
@@ -173,12 +183,16 @@ func (a *Appliance) AddForward(f api.Forward) (api.Forward, error) {
 // RemoveForward implements api.Backend.
 func (a *Appliance) RemoveForward(f api.Forward) error {
 	cur, ok := a.findForward(f)
+	on := f.Host.String()
+	if f.Proto == "unix" {
+		on = f.Path
+	}
 	if !ok {
-		return api.Errorf(api.ErrNotFound, "no %s port forward on %s", f.Proto, f.Host)
+		return api.Errorf(api.ErrNotFound, "no %s port forward on %s", f.Proto, on)
 	}
 	if f.GuestPort != 0 && cur.Guest.Port() != f.GuestPort {
 		return api.Errorf(api.ErrNotFound, "the %s port forward on %s goes to guest port %d, not %d",
-			f.Proto, f.Host, cur.Guest.Port(), f.GuestPort)
+			f.Proto, on, cur.Guest.Port(), f.GuestPort)
 	}
 	if err := a.Forward.RemovePortForward(cur); err != nil {
 		// Lost a race with another remove.
@@ -188,15 +202,36 @@ func (a *Appliance) RemoveForward(f api.Forward) error {
 	return nil
 }
 
-// findForward returns the running forward on f.Proto and f.Host.
+// findForward returns the running forward on f.Proto and f.Host (f.Path
+// for unix).
 func (a *Appliance) findForward(f api.Forward) (forward.PortForward, bool) {
 	host := netip.AddrPortFrom(f.Host.Addr().Unmap(), f.Host.Port())
 	for _, pf := range a.Forward.ListPortForwards() {
-		if pf.Proto == f.Proto && pf.Host == host {
+		if pf.Proto != f.Proto {
+			continue
+		}
+		if f.Proto == "unix" && pf.Path == filepath.Clean(f.Path) || f.Proto != "unix" && pf.Host == host {
 			return pf, true
 		}
 	}
 	return forward.PortForward{}, false
+}
+
+// runtimeUnixPath says whether a unix socket at path may be created at
+// run time (what names it in errors): only in
+// --unix-forward-dir while the sandbox is on, since Landlock and the
+// seccomp filter allow those nowhere else; anywhere with --sandbox=off
+// and no --unix-forward-dir.
+func (a *Appliance) runtimeUnixPath(what, path string) error {
+	switch {
+	case a.sockDir == nil && a.cfg.Sandbox == config.SandboxOff:
+		return nil
+	case a.sockDir == nil:
+		return api.Errorf(api.ErrInvalid, "a %s at run time needs --unix-forward-dir (vunet was started without it, and its sandbox forbids sockets anywhere else): restart vunet with --unix-forward-dir DIR and put %s in DIR, or give it at start-up", what, path)
+	case !a.sockDir.Holds(path):
+		return api.Errorf(api.ErrInvalid, "%s is not in --unix-forward-dir %s: a %s added at run time must be a file directly in it (the sandbox allows sockets nowhere else)", path, a.sockDir.Path(), what)
+	}
+	return nil
 }
 
 // listenAPI creates the API socket (mode 0600) if configured; nil without

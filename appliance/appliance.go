@@ -97,6 +97,9 @@ type Appliance struct {
 	hostAddrs *egress.HostAddrSet // nil unless cfg.Egress.HostAddresses is off
 	started   time.Time
 	socketGID int // group of the vhost-user socket, or -1
+	// sockDir is --unix-forward-dir, where runtime unix forwards create
+	// their sockets; nil without it.
+	sockDir   *unixsock.SocketDir
 	metrics   *metrics.Registry
 	dialStats vhost.DialStats // --connect's dials and re-dials
 	pcap      *pcap.Writer    // nil without cfg.PCAP
@@ -217,6 +220,19 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	if a.socketGID, err = lookupGroup(cfg.SocketGroup); err != nil {
 		return nil, err
 	}
+	if cfg.UnixForwardDir != "" {
+		// Given to the user vunet switches to, which creates the sockets.
+		uid := -1
+		if cfg.Sandbox != config.SandboxOff {
+			if uid, err = sandbox.RunAsUID(cfg.RunAs); err != nil {
+				return nil, err
+			}
+		}
+		if a.sockDir, err = unixsock.PrepareSocketDir(cfg.UnixForwardDir, unixsock.SocketDirOptions{
+			Mode: cfg.SocketMode, GID: a.socketGID, UID: uid}); err != nil {
+			return nil, err
+		}
+	}
 	expose := map[uint16]string{}
 	for _, e := range cfg.Expose {
 		expose[e.Port] = e.Path
@@ -224,8 +240,12 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	fo := forward.Options{
 		Stack: s, NIC: nic,
 		Expose: expose,
-		// Unix forwards' sockets get the vhost-user socket's permissions.
+		// Unix forwards' sockets get the vhost-user socket's permissions;
+		// in --unix-forward-dir, the only way that works once confined.
 		ListenUnix: func(path string) (net.Listener, error) {
+			if a.sockDir != nil && a.sockDir.Holds(path) {
+				return a.sockDir.Listen(path, "unix forward socket")
+			}
 			return unixsock.Listen(path, unixsock.Options{Name: "unix forward socket", Mode: cfg.SocketMode, GID: a.socketGID})
 		},
 		Gateway4: cfg.IPv4.Gateway, DNS4: cfg.IPv4.DNS,

@@ -184,6 +184,14 @@ func (a *Appliance) LoadState(b []byte) (api.StateSummary, error) {
 	}
 	for _, f := range st.Forwards {
 		pf := forward.PortForward{Proto: f.Proto, Host: f.Host, Path: f.Path, Guest: netip.AddrPortFrom(a.cfg.IPv4.Guest, f.GuestPort)}
+		if f.Proto == "unix" {
+			// Created here as at run time: in this vunet's
+			// --unix-forward-dir only.
+			if err := a.runtimeUnixPath("unix forward", f.Path); err != nil {
+				problem(&a.migStats.RefusedForwards, fmt.Errorf("forward %s: %w", pf, err))
+				continue
+			}
+		}
 		switch err := a.restoreForward(pf); {
 		case err == nil:
 			sum.Forwards++

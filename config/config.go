@@ -99,6 +99,14 @@ type Config struct {
 	Once bool
 	// PIDFile, if set, receives vunet's process id while it runs.
 	PIDFile string
+	// UnixForwardDir, if set, is the directory in which unix forwards
+	// added at run time (API, `vunet forward add unix:PATH:PORT`, a
+	// loaded device state) create their sockets. vunet creates it (0700;
+	// with SocketGroup, that group's and setgid, so every socket in it
+	// gets the group) and the sandbox keeps creating, removing and
+	// connecting to sockets allowed there only. Without it, a sandboxed
+	// vunet refuses unix forwards at run time.
+	UnixForwardDir string
 	// API, if set, is the unix socket path of the control API.
 	API string
 	// LogLevel is one of slog.LevelDebug, LevelInfo, LevelWarn, LevelError.

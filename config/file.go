@@ -27,6 +27,7 @@ type fileConfig struct {
 	SetupTimeout     string            `toml:"setup_timeout"`
 	Once             bool              `toml:"once"`
 	PIDFile          string            `toml:"pid_file,omitempty"`
+	UnixForwardDir   string            `toml:"unix_forward_dir,omitempty"`
 	API              string            `toml:"api,omitempty"`
 	LogLevel         string            `toml:"log_level"`
 	LogFormat        string            `toml:"log_format"`
@@ -218,6 +219,7 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 		c.Once = f.Once
 	}
 	setPath(&c.PIDFile, f.PIDFile, "pid_file")
+	str([]string{"unix_forward_dir"}, f.UnixForwardDir, func(s string) (err error) { c.UnixForwardDir, err = ParseSocketDir(s); return })
 	setPath(&c.API, f.API, "api")
 	str([]string{"log_level"}, f.LogLevel, func(s string) (err error) { c.LogLevel, err = ParseLogLevel(s); return })
 	str([]string{"log_format"}, f.LogFormat, func(s string) (err error) { c.LogFormat, err = ParseLogFormat(s); return })
@@ -381,6 +383,7 @@ func (c *Config) WriteTOML(w io.Writer) error {
 		SetupTimeout:     formatDuration(c.SetupTimeout),
 		Once:             c.Once,
 		PIDFile:          c.PIDFile,
+		UnixForwardDir:   c.UnixForwardDir,
 		API:              c.API,
 		LogLevel:         levelName(c.LogLevel),
 		LogFormat:        string(c.LogFormat),

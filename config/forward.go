@@ -427,6 +427,20 @@ func ParseSocketPath(p string) (string, error) {
 	return p, nil
 }
 
+// ParseSocketDir checks the directory of the sockets of runtime unix
+// forwards (--unix-forward-dir): like ParseSocketPath, with room left in a
+// sockaddr_un for a file name in it.
+func ParseSocketDir(p string) (string, error) {
+	d, err := ParseSocketPath(p)
+	if err != nil {
+		return "", fmt.Errorf("socket directory: %w", err)
+	}
+	if len(d)+2 >= maxSocketPath {
+		return "", fmt.Errorf("socket directory %q is %d bytes: no room for a socket name in it (a Unix socket path must be shorter than %d)", d, len(d), maxSocketPath)
+	}
+	return d, nil
+}
+
 // Expose maps a gateway TCP port to a host Unix socket: a guest
 // connection to the gateway address (IPv4 or IPv6) on Port is relayed to
 // a connect on Path.

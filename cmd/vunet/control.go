@@ -44,7 +44,7 @@ func forwardCommand() *cli.Command {
 			{
 				Name:         "add",
 				Usage:        "start forwarding host ports to the guest",
-				UsageText:    "vunet forward add --api PATH SPEC...   (SPEC is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT, as for --forward; always the first guest)",
+				UsageText:    "vunet forward add --api PATH SPEC...   (SPEC is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT or unix:PATH:GUESTPORT with PATH in vunet's --unix-forward-dir, as for --forward; always the first guest)",
 				Flags:        []cli.Flag{apiFlag()},
 				Action:       forwardAddAction,
 				OnUsageError: onUsageError,
@@ -84,7 +84,7 @@ func forwardCommand() *cli.Command {
 // the first two half-applied.
 func parseSpecs(c *cli.Context, name string) ([]config.Forward, error) {
 	if c.NArg() == 0 {
-		return nil, usagef("%s: expected at least one SPEC, tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT", name)
+		return nil, usagef("%s: expected at least one SPEC, tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT or unix:PATH:GUESTPORT", name)
 	}
 	var out []config.Forward
 	for _, spec := range c.Args().Slice() {
@@ -141,11 +141,7 @@ func eachForward(c *cli.Context, name, verb string, do func(*api.Client, api.For
 	}
 	defer cl.Close()
 	for n, f := range fs {
-		if f.Proto == "unix" {
-			return partial(name, f.String(), n, len(fs), verb,
-				errors.New("unix forwards are set at start-up only (--forward unix:PATH:PORT); the sandbox forbids creating sockets later"))
-		}
-		if err := do(cl, api.Forward{Proto: f.Proto, Host: f.Host, GuestPort: f.GuestPort}); err != nil {
+		if err := do(cl, api.Forward{Proto: f.Proto, Host: f.Host, Path: f.Path, GuestPort: f.GuestPort}); err != nil {
 			return partial(name, f.String(), n, len(fs), verb, err)
 		}
 	}

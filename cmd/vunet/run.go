@@ -100,6 +100,8 @@ func flagForKey(key string) string {
 		return flagSocketMode
 	case "socket_group":
 		return flagSocketGroup
+	case "unix_forward_dir":
+		return flagUnixForwardDir
 	case "setup_timeout":
 		return flagSetupTimeout
 	case "pcap_max_size":

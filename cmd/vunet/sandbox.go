@@ -37,6 +37,11 @@ func confine(a *appliance.Appliance, cfg *config.Config, log *slog.Logger) func(
 		for _, e := range cfg.Expose {
 			opts.ConnectSockets = append(opts.ConnectSockets, e.Path)
 		}
+		if cfg.UnixForwardDir != "" {
+			// Runtime unix forwards and exposes (appliance.New has
+			// made the directory).
+			opts.SocketDirs = append(opts.SocketDirs, cfg.UnixForwardDir)
+		}
 		st, err := sandbox.Apply(opts)
 		a.Sandbox.Set(st)
 		if err != nil {

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -266,5 +267,91 @@ func TestLogSandboxWithoutLandlock(t *testing.T) {
 	logSandbox(slog.New(slog.NewTextHandler(&buf, nil)), sandbox.Status{Mode: sandbox.On, Landlock: true, LandlockABI: 7})
 	if strings.Contains(buf.String(), "Landlock is not available") {
 		t.Errorf("warning with Landlock in force:\n%s", buf.String())
+	}
+}
+
+// TestSandboxUnixForwardDir: the confined binary adds and removes unix
+// forwards at run time in --unix-forward-dir (bind, the umask for the
+// mode, unlink: what the sandbox allows there and only there), with
+// --socket-mode and, started as root, --socket-group and the switched-to
+// user as owner; replaces a stale socket of its own there; refuses a path
+// elsewhere with the directory's name; and removes the socket at exit.
+func TestSandboxUnixForwardDir(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the vunet binary")
+	}
+	base, err := os.MkdirTemp("", "vu-fwddir")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(base) })
+	if err := os.Chmod(base, 0o755); err != nil { // nobody must reach it
+		t.Fatal(err)
+	}
+	dir := filepath.Join(base, "fwd")
+	apiSock := filepath.Join(t.TempDir(), "api.sock")
+	args := []string{"--api", apiSock, "--unix-forward-dir", dir, "--socket-mode", "0660"}
+	root := os.Geteuid() == 0
+	if root {
+		args = append(args, "--socket-group", "65534")
+	}
+	in := vunettest.Start(t, args...)
+	cli := func(args ...string) (string, error) {
+		out, err := exec.Command(vunettest.Binary(t), args...).CombinedOutput()
+		return string(out), err
+	}
+	path := filepath.Join(dir, "app.sock")
+	if out, err := cli("forward", "add", "--api", apiSock, "unix:"+path+":8080"); err != nil || !strings.Contains(out, "added unix:"+path+":8080") {
+		t.Fatalf("forward add: %v\n%s\n%s", err, out, in.Log())
+	}
+	fi, err := os.Lstat(path)
+	if err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o660 {
+		t.Fatalf("socket %s: %v, %v; want a 0660 socket", path, fi, err)
+	}
+	if st := fi.Sys().(*syscall.Stat_t); root && (st.Uid != 65534 || st.Gid != 65534) {
+		t.Errorf("socket owned by %d:%d, want 65534:65534 (--runas nobody, --socket-group 65534)", st.Uid, st.Gid)
+	}
+	if c, err := net.Dial("unix", path); err != nil {
+		t.Errorf("dial %s: %v", path, err)
+	} else {
+		c.Close()
+	}
+	if out, err := cli("forward", "list", "--api", apiSock); err != nil || !strings.Contains(out, "unix:"+path+":8080") {
+		t.Errorf("forward list: %v\n%s", err, out)
+	}
+	if out, err := cli("forward", "remove", "--api", apiSock, "unix:"+path+":8080"); err != nil {
+		t.Fatalf("forward remove: %v\n%s", err, out)
+	}
+	if _, err := os.Lstat(path); !os.IsNotExist(err) {
+		t.Errorf("socket after forward remove: %v; want it removed", err)
+	}
+
+	// A stale socket of vunet's user in the directory is replaced.
+	stale := filepath.Join(dir, "stale.sock")
+	l, err := net.Listen("unix", stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	if root {
+		if err := os.Lchown(stale, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err := cli("forward", "add", "--api", apiSock, "unix:"+stale+":22"); err != nil {
+		t.Fatalf("forward add over a stale socket: %v\n%s", err, out)
+	}
+
+	outside := filepath.Join(base, "app.sock")
+	out, err := cli("forward", "add", "--api", apiSock, "unix:"+outside+":8080")
+	if err == nil || !strings.Contains(out, "is not in --unix-forward-dir "+dir) {
+		t.Errorf("forward add outside the directory: %v\n%s", err, out)
+	}
+	if err := in.Stop(); err != nil {
+		t.Errorf("vunet exit: %v\n%s", err, in.Log())
+	}
+	if _, err := os.Lstat(stale); !os.IsNotExist(err) {
+		t.Errorf("runtime forward socket after exit: %v; want it removed", err)
 	}
 }

@@ -13,6 +13,8 @@ const (
 	flagSocketGroup  = "socket-group"
 	flagSetupTimeout = "setup-timeout"
 	flagPCAPMaxSize  = "pcap-max-size"
+	// flagUnixForwardDir is where runtime unix forwards and exposes live.
+	flagUnixForwardDir = "unix-forward-dir"
 )
 
 func socketFlags() []cli.Flag {
@@ -24,6 +26,7 @@ func socketFlags() []cli.Flag {
 		str(flagSocketMode, catEndpoint, "permission bits of the --socket file, in octal, whatever the umask (0660 with --socket-group)", config.FormatSocketMode(d.SocketMode)),
 		str(flagSocketGroup, catEndpoint, "give the --socket file to `GROUP` (name or number) and let frontends running with that group connect, e.g. libvirt's QEMU user", ""),
 		str(flagSetupTimeout, catEndpoint, "drop a frontend that has not finished the vhost-user handshake (SET_OWNER) within `DURATION`; 0 disables", d.SetupTimeout.String()),
+		str(flagUnixForwardDir, catForward, "let unix forwards be added at run time (vunet forward add unix:PATH:PORT, the API, a migrated device state), with their sockets in `DIR`: vunet creates it (0700; with --socket-group, that group's and setgid), and the sandbox allows creating and removing sockets there and nowhere else", ""),
 		str(flagPCAPMaxSize, catOps, "stop capturing when the --pcap file reaches `SIZE` (K, M, G suffixes); 0 is unlimited", "0"),
 	}
 }
@@ -34,6 +37,9 @@ func applySocketFlags(c *cli.Context, cfg *config.Config) error {
 	}
 	if c.IsSet(flagSocketGroup) {
 		cfg.SocketGroup = c.String(flagSocketGroup)
+	}
+	if err := parseFlag(c, flagUnixForwardDir, config.ParseSocketDir, &cfg.UnixForwardDir); err != nil {
+		return err
 	}
 	if err := parseFlag(c, flagSetupTimeout, config.ParseDuration, &cfg.SetupTimeout); err != nil {
 		return err

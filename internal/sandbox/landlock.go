@@ -15,6 +15,9 @@ const (
 	// socket's directory: the frontend may re-create the socket (a new
 	// inode) between two connects.
 	connectRights landlock.AccessFSSet = ll.AccessFSResolveUnix
+	// A socket directory (Options.SocketDirs): sockets are created (bind),
+	// removed and connected to there; no other kind of file.
+	socketDirRights landlock.AccessFSSet = ll.AccessFSMakeSock | ll.AccessFSRemoveFile | ll.AccessFSResolveUnix
 )
 
 // restrictFS enters a Landlock domain that handles every filesystem right
@@ -38,6 +41,9 @@ func restrictFS(opts Options) (abi int, enforced bool, err error) {
 	}
 	if len(sockDirs) > 0 {
 		rules = append(rules, landlock.PathAccess(connectRights, sockDirs...))
+	}
+	if len(opts.SocketDirs) > 0 {
+		rules = append(rules, landlock.PathAccess(socketDirRights, opts.SocketDirs...))
 	}
 	cfg := landlock.Config{
 		HandledAccessFS: landlock.V11.HandledAccessFS,

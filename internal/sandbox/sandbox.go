@@ -60,6 +60,13 @@ type Options struct {
 	// confinement (--connect). Landlock ABI 9 restricts connecting to
 	// pathname sockets; on older kernels they need no rule.
 	ConnectSockets []string
+	// SocketDirs are directories in which the process creates, removes
+	// and connects to Unix sockets after confinement (--unix-forward-dir:
+	// forwards and exposes added at run time). Landlock allows exactly
+	// that there (no other kind of file, no subdirectory), and the
+	// seccomp filter then also allows unlinkat and umask (see
+	// socketDirRules).
+	SocketDirs []string
 }
 
 // Status reports what Apply enforced, for the log and the stats.
@@ -131,6 +138,9 @@ func Apply(opts Options) (Status, error) {
 		deny = retLog
 	}
 	rules := allowList(os.Getpid())
+	if len(opts.SocketDirs) > 0 {
+		rules = append(rules, socketDirRules()...)
+	}
 	prog, err := filterProgram(rules, auditArch, deny)
 	if err != nil {
 		return st, fmt.Errorf("sandbox: %w", err)
@@ -139,7 +149,7 @@ func Apply(opts Options) (Status, error) {
 		return st, fmt.Errorf("sandbox: %w", err)
 	}
 	st.Seccomp = true
-	st.Syscalls = AllowedSyscalls()
+	st.Syscalls = countAllowed(rules)
 	return st, nil
 }
 
@@ -196,9 +206,12 @@ func (g *Gauges) Set(st Status) {
 
 // AllowedSyscalls is the size of the allow-list on this architecture (the
 // calls the filter lets through; clone3's ENOSYS is not counted).
-func AllowedSyscalls() int {
+func AllowedSyscalls() int { return countAllowed(allowList(0)) }
+
+// countAllowed counts the rules that allow their call.
+func countAllowed(rules []rule) int {
 	n := 0
-	for _, r := range allowList(0) {
+	for _, r := range rules {
 		if r.errno == 0 {
 			n++
 		}

@@ -126,3 +126,18 @@ func allowList(pid int) []rule {
 	}
 	return append(rules, archRules()...)
 }
+
+// socketDirRules are added to the allow-list when the process keeps
+// creating sockets after confinement (Options.SocketDirs). Creating one is
+// bind(2), on the list already; what is added is removing it (a forward
+// removed, a stale socket replaced) and the umask that gives a new socket
+// its mode, since chmod and chown stay off the list. Landlock confines
+// unlinkat to sockets in those directories; on a kernel without Landlock
+// only file permissions do, which is why these are not on the list unless
+// asked for.
+func socketDirRules() []rule {
+	return []rule{
+		{name: "unlinkat", nr: unix.SYS_UNLINKAT},
+		{name: "umask", nr: unix.SYS_UMASK},
+	}
+}

@@ -60,6 +60,16 @@ func lookupRunAs(spec string) (*cred, error) {
 	return c, nil
 }
 
+// RunAsUID returns the user id vunet will switch to (spec is --runas)
+// when started as root, and -1 when it will stay the user it is.
+func RunAsUID(spec string) (int, error) {
+	c, err := lookupRunAs(spec)
+	if err != nil || c == nil {
+		return -1, err
+	}
+	return c.uid, nil
+}
+
 // dropTo switches every thread to c: no supplementary groups, then the
 // group, then the user (Go applies these to all threads). From a non-zero
 // uid the kernel clears every capability.

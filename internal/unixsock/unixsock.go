@@ -116,7 +116,9 @@ func checkStale(path, name string) error {
 	}
 	if c, err := net.Dial("unix", path); err == nil {
 		c.Close()
-		return fmt.Errorf("%s %s: another process is serving it (is vunet already running?)", name, path)
+		// EADDRINUSE, as for a TCP port: a carried-over forward waits for
+		// the source vunet on this host to let go of it.
+		return fmt.Errorf("%s %s: another process is serving it (is vunet already running?): %w", name, path, syscall.EADDRINUSE)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("%s %s: removing stale socket: %w", name, path, err)
