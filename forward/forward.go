@@ -77,6 +77,11 @@ type Options struct {
 	// is never forwarded to the host.
 	DNS4, DNS6 netip.Addr
 
+	// MoveTCP, if set, lets SaveTCP and RestoreTCP move established
+	// connections in a live migration (the stack's half; the host half
+	// needs CAP_NET_ADMIN). Nil: they are reset (--migrate-tcp off).
+	MoveTCP TCPMover
+
 	// MapHostLoopback makes the gateway addresses reach the host's loopback
 	// (127.0.0.1 and ::1). Without it, connections to the gateway are
 	// refused.

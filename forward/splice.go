@@ -144,6 +144,12 @@ type tcpSplice struct {
 	abortOnce sync.Once
 	stopOnce  sync.Once
 	stop      chan struct{} // closed by abort (and at the end)
+
+	// A migration takes the connection over (detach, tcpmove.go): both
+	// directions stop, and the end leaves both sides open for the taker.
+	detaching atomic.Bool
+	aborted   atomic.Bool
+	detached  chan struct{} // closed when a detaching splice has ended
 }
 
 // Direction states.
@@ -180,7 +186,7 @@ func (f *Forwarder) newSplice(gep tcpip.Endpoint, wq *waiter.Queue, host net.Con
 		return nil, err
 	}
 	c := &tcpSplice{f: f, gep: gep, wq: wq, host: host, rc: rc, mem: mem, desc: desc,
-		stop: make(chan struct{})}
+		stop: make(chan struct{}), detached: make(chan struct{})}
 	c.pushFn, c.pullFn, c.ctlFn = c.pushFD, c.pullFD, c.ctlFD
 	return c, nil
 }
@@ -239,11 +245,18 @@ func (c *tcpSplice) finish() {
 	c.wq.EventUnregister(&c.entry)
 	c.unpoll()
 	f.poll.remove(c)
-	c.closeBoth()
+	detached := c.detaching.Load()
+	if !detached {
+		c.closeBoth()
+	}
 	f.removeConn(c)
 	c.releaseAll()
 	c.ended()
-	f.log.Debug("tcp connection closed", "conn", c.desc)
+	if detached {
+		close(c.detached)
+	} else {
+		f.log.Debug("tcp connection closed", "conn", c.desc)
+	}
 	f.wg.Done()
 }
 
@@ -802,6 +815,7 @@ func (w *hostWriter) Write(p []byte) (int, error) {
 // visible. A parked direction is woken to see it and end.
 func (c *tcpSplice) abort() {
 	c.abortOnce.Do(func() {
+		c.aborted.Store(true)
 		c.stopOnce.Do(func() { close(c.stop) })
 		c.gep.Abort()
 		c.unpoll()

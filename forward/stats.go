@@ -78,8 +78,23 @@ type Stats struct {
 	// a new port (lost).
 	UDPPortsKept atomic.Uint64 `metric:"forward_udp_migrated_ports_total{result=kept}" help:"UDP flows carried over from the vunet the guest migrated from: host port reused (kept) or taken by someone else (lost)."`
 	UDPPortsLost atomic.Uint64 `metric:"forward_udp_migrated_ports_total{result=lost}"`
-	PingRequests atomic.Uint64 `metric:"forward_ping_requests_total" help:"ICMP echo requests sent to the host."`
-	PingReplies  atomic.Uint64 `metric:"forward_ping_replies_total" help:"ICMP echo replies delivered to the guest."`
+
+	// Established TCP connections in a live migration (tcpmove.go, with
+	// --migrate-tcp): handed over by the source, or reset there by reason;
+	// taken over by the destination, or not.
+	TCPMoved           atomic.Uint64 `metric:"forward_tcp_moves_total{result=moved}" help:"Established TCP connections at a device-state save (--migrate-tcp): moved to the destination, or reset because data was in flight (busy), the connection was not established (state), host queues were over the limit (queue), too many moved (limit), the host side is a unix socket (not_tcp), it ended meanwhile (gone), or the freeze or TCP repair failed (failed)."`
+	TCPMoveResetBusy   atomic.Uint64 `metric:"forward_tcp_moves_total{result=busy}"`
+	TCPMoveResetState  atomic.Uint64 `metric:"forward_tcp_moves_total{result=state}"`
+	TCPMoveResetQueue  atomic.Uint64 `metric:"forward_tcp_moves_total{result=queue}"`
+	TCPMoveResetLimit  atomic.Uint64 `metric:"forward_tcp_moves_total{result=limit}"`
+	TCPMoveResetNotTCP atomic.Uint64 `metric:"forward_tcp_moves_total{result=not_tcp}"`
+	TCPMoveResetGone   atomic.Uint64 `metric:"forward_tcp_moves_total{result=gone}"`
+	TCPMoveFailures    atomic.Uint64 `metric:"forward_tcp_moves_total{result=failed}"`
+	TCPRestored        atomic.Uint64 `metric:"forward_tcp_restores_total{result=restored}" help:"TCP connections of a loaded device state: restored, failed (TCP repair or the guest-side handshake failed; reset), or refused (TCP moves off here, or the connection limit)."`
+	TCPRestoreFailures atomic.Uint64 `metric:"forward_tcp_restores_total{result=failed}"`
+	TCPRestoreRefused  atomic.Uint64 `metric:"forward_tcp_restores_total{result=refused}"`
+	PingRequests       atomic.Uint64 `metric:"forward_ping_requests_total" help:"ICMP echo requests sent to the host."`
+	PingReplies        atomic.Uint64 `metric:"forward_ping_replies_total" help:"ICMP echo replies delivered to the guest."`
 	// Host ICMP errors translated for the guest, and those the stack's
 	// ICMP rate limit held back.
 	ICMPErrors        atomic.Uint64 `metric:"forward_icmp_errors_total{outcome=sent}" help:"Host ICMP errors (unreachable, time exceeded) translated for the guest, by outcome."`

@@ -7,104 +7,18 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/netstack/netstacktest"
 )
-
-// wire carries IP packets between a guest's link and whichever vunet
-// stack's link it is plugged into, like QEMU moving a guest between hosts.
-type wire struct {
-	ctx   context.Context
-	guest *channel.Endpoint
-	mu    sync.Mutex
-	host  *channel.Endpoint // nil: unplugged (the guest is paused)
-	// toGuestSYN counts SYNs a stack sent the guest.
-	toGuestSYN atomic.Int32
-}
-
-func newWire(t *testing.T) *wire {
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	w := &wire{ctx: ctx, guest: channel.New(1024, 1500, "")}
-	go w.pump(w.guest, func() *channel.Endpoint {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		return w.host
-	}, nil)
-	return w
-}
-
-// plug connects host (a vunet stack's link) to the guest.
-func (w *wire) plug(host *channel.Endpoint) {
-	w.mu.Lock()
-	w.host = host
-	w.mu.Unlock()
-	go w.pump(host, func() *channel.Endpoint {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		if w.host != host {
-			return nil // unplugged: the frame is lost
-		}
-		return w.guest
-	}, &w.toGuestSYN)
-}
-
-func (w *wire) unplug() {
-	w.mu.Lock()
-	w.host = nil
-	w.mu.Unlock()
-}
-
-func (w *wire) pump(from *channel.Endpoint, to func() *channel.Endpoint, syns *atomic.Int32) {
-	for {
-		pkt := from.ReadContext(w.ctx)
-		if pkt == nil {
-			return
-		}
-		v := pkt.ToView()
-		proto := pkt.NetworkProtocolNumber
-		pkt.DecRef()
-		if syns != nil && proto == ipv4.ProtocolNumber {
-			b := v.AsSlice()
-			if len(b) > 20+13 && b[9] == 6 && b[20+13]&0x02 != 0 {
-				syns.Add(1)
-			}
-		}
-		dst := to()
-		if dst == nil {
-			v.Release()
-			continue
-		}
-		np := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
-		dst.InjectInbound(proto, np)
-		np.DecRef()
-	}
-}
-
-func newHost(t *testing.T, w *wire) (*netstack.Stack, *channel.Endpoint) {
-	t.Helper()
-	link := channel.New(1024, 1500, "")
-	ns, err := netstack.New(netstack.Options{Endpoint: link, Gateway4: netstacktest.Gateway4, DNS4: netstacktest.DNS4})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ns.Close)
-	return ns, link
-}
 
 // accept waits for one connection on ns at addr, as the NAT's endpoints
 // are: a raw endpoint, with its waiter queue.
@@ -179,14 +93,14 @@ func exchange(t *testing.T, a, b net.Conn, n int, seed byte) {
 // guest's socket must go on, both ways, byte for byte, having seen no
 // handshake of the new stack.
 func TestMoveTCP(t *testing.T) {
-	w := newWire(t)
-	guest, err := netstacktest.NewGuest(w.guest)
+	w := netstacktest.NewWire(t)
+	guest, err := netstacktest.NewGuest(w.Guest())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(guest.Destroy)
-	src, srcLink := newHost(t, w)
-	w.plug(srcLink)
+	src, srcLink := w.NewHost(t)
+	w.Plug(srcLink)
 
 	at := netip.AddrPortFrom(netstacktest.Gateway4.Addr(), 8080)
 	var gc *gonet.TCPConn
@@ -202,17 +116,17 @@ func TestMoveTCP(t *testing.T) {
 	defer gc.Close()
 	srcConn := gonet.NewTCPConn(wq, ep)
 	exchange(t, gc, srcConn, 300<<10, 1) // enough to move the numbers and grow windows
-	synsBefore := w.toGuestSYN.Load()
+	synsBefore := w.SYNsToGuest.Load()
 
 	// Data toward a paused guest is not acknowledged: no move.
-	w.unplug()
+	w.Unplug()
 	if _, err := srcConn.Write([]byte("unacked")); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := src.FreezeTCP(ep); !errors.Is(err, netstack.ErrTCPUnacked) {
 		t.Fatalf("freeze with unacknowledged data: %v, want ErrTCPUnacked", err)
 	}
-	w.plug(srcLink)
+	w.Plug(srcLink)
 	if got := readAll(t, gc, 7); string(got) != "unacked" {
 		t.Fatalf("guest got %q", got)
 	}
@@ -220,11 +134,11 @@ func TestMoveTCP(t *testing.T) {
 	// its connection is frozen and dropped on the source.
 	var st netstack.TCPConnState
 	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		w.unplug()
+		w.Unplug()
 		if st, err = src.FreezeTCP(ep); err == nil {
 			break
 		}
-		w.plug(srcLink)
+		w.Plug(srcLink)
 		if !errors.Is(err, netstack.ErrTCPUnacked) || time.Now().After(deadline) {
 			t.Fatal(err)
 		}
@@ -234,15 +148,15 @@ func TestMoveTCP(t *testing.T) {
 		t.Fatalf("options not carried: %+v", st)
 	}
 
-	dst, dstLink := newHost(t, w)
-	w.plug(dstLink)
+	dst, dstLink := w.NewHost(t)
+	w.Plug(dstLink)
 	nep, nwq, err := dst.RestoreTCP(context.Background(), st, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	dstConn := gonet.NewTCPConn(nwq, nep)
 	defer dstConn.Close()
-	if n := w.toGuestSYN.Load() - synsBefore; n != 0 {
+	if n := w.SYNsToGuest.Load() - synsBefore; n != 0 {
 		t.Fatalf("the guest saw %d SYNs of the restore", n)
 	}
 	exchange(t, gc, dstConn, 300<<10, 7)
@@ -258,9 +172,9 @@ func TestMoveTCP(t *testing.T) {
 }
 
 func TestRestoreRejectsInvalidState(t *testing.T) {
-	w := newWire(t)
-	ns, link := newHost(t, w)
-	w.plug(link)
+	w := netstacktest.NewWire(t)
+	ns, link := w.NewHost(t)
+	w.Plug(link)
 	for _, st := range []netstack.TCPConnState{
 		{},
 		{Local: netip.MustParseAddrPort("10.0.2.2:80"), Remote: netip.MustParseAddrPort("[fd00::15]:1000"), MaxPayload: 1400},

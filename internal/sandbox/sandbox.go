@@ -67,6 +67,9 @@ type Options struct {
 	// seccomp filter then also allows unlinkat and umask (see
 	// socketDirRules).
 	SocketDirs []string
+	// KeepNetAdmin keeps CAP_NET_ADMIN (and no other capability) across
+	// the switch to RunAs, for TCP repair mode (--migrate-tcp).
+	KeepNetAdmin bool
 }
 
 // Status reports what Apply enforced, for the log and the stats.
@@ -84,7 +87,9 @@ type Status struct {
 	Syscalls int
 	// DroppedTo is the user switched to ("" when not started as root).
 	DroppedTo string
-	UID, GID  int
+	// NetAdmin: CAP_NET_ADMIN was kept across the switch (KeepNetAdmin).
+	NetAdmin bool
+	UID, GID int
 	// Namespaces lists the namespaces detached into ("ipc", "uts").
 	Namespaces []string
 }
@@ -126,10 +131,11 @@ func Apply(opts Options) (Status, error) {
 		return st, err
 	}
 	if cred != nil {
-		if err := dropTo(cred); err != nil {
+		if err := dropTo(cred, opts.KeepNetAdmin); err != nil {
 			return st, err
 		}
 		st.DroppedTo = cred.name
+		st.NetAdmin = opts.KeepNetAdmin && cred.uid != 0
 	}
 	st.UID, st.GID = os.Getuid(), os.Getgid()
 
@@ -183,6 +189,7 @@ type Gauges struct {
 	Enforcing  atomic.Int64 `metric:"sandbox_seccomp_enforcing" kind:"gauge" help:"1 when calls outside the allow-list fail with EPERM (--sandbox=on), 0 when they are only logged (log) or there is no filter."`
 	Landlock   atomic.Int64 `metric:"sandbox_landlock_abi" kind:"gauge" help:"Landlock ABI of the domain that restricts the filesystem; 0 when the filesystem is not restricted."`
 	UID        atomic.Int64 `metric:"sandbox_uid" kind:"gauge" help:"The user id vunet runs as once started."`
+	NetAdmin   atomic.Int64 `metric:"sandbox_net_admin" kind:"gauge" help:"1 when CAP_NET_ADMIN was kept across --runas for TCP repair mode (--migrate-tcp)."`
 }
 
 // Set records st.
@@ -202,6 +209,7 @@ func (g *Gauges) Set(st Status) {
 	}
 	g.Landlock.Store(int64(landlockABI))
 	g.UID.Store(int64(st.UID))
+	g.NetAdmin.Store(b(st.NetAdmin))
 }
 
 // AllowedSyscalls is the size of the allow-list on this architecture (the

@@ -167,6 +167,7 @@ const childEnv = "VUNET_SANDBOX_TEST_CHILD"
 type report struct {
 	Status             Status
 	ApplyErr           string
+	TCPRepair          string // turning TCP repair mode on
 	ReadAllowed        string // "" when reading the allowed directory worked
 	ReadlinkFD         string
 	ReadOutside        string
@@ -247,7 +248,8 @@ func child(modeName string) {
 	if os.Geteuid() == 0 {
 		runAs = "nobody"
 	}
-	r.Status, err = Apply(Options{Mode: mode, RunAs: runAs, ReadDirs: []string{filepath.Join(dir, "allowed")}})
+	r.Status, err = Apply(Options{Mode: mode, RunAs: runAs, ReadDirs: []string{filepath.Join(dir, "allowed")},
+		KeepNetAdmin: os.Getenv(childEnv+"_NETADMIN") != ""})
 	r.ApplyErr = errString(err)
 	if err != nil {
 		json.NewEncoder(os.Stdout).Encode(&r)
@@ -284,6 +286,7 @@ func child(modeName string) {
 	} else {
 		unix.Close(l)
 	}
+	r.TCPRepair = errString(tcpRepair())
 	_, err = unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_EXEC, unix.MAP_PRIVATE|unix.MAP_ANON)
 	r.ExecMmap = errString(err)
 	r.OtherProcessSignal = errString(unix.Kill(os.Getppid(), 0))
@@ -300,6 +303,17 @@ func child(modeName string) {
 	// of /proc) and then closes stdin.
 	io.Copy(io.Discard, os.Stdin)
 	os.Exit(0)
+}
+
+// tcpRepair turns repair mode on on a TCP socket (CAP_NET_ADMIN), as
+// --migrate-tcp does.
+func tcpRepair() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
 }
 
 // unixListenTCP binds a loopback TCP socket, as the NAT does.
@@ -322,7 +336,7 @@ func runChild(t *testing.T, mode Mode) report {
 }
 
 // runChildBin runs scenario mode in the test binary bin.
-func runChildBin(t *testing.T, bin string, mode Mode) report {
+func runChildBin(t *testing.T, bin string, mode Mode, env ...string) report {
 	t.Helper()
 	dir := t.TempDir()
 	// The sandbox may switch to nobody: the files must be reachable for
@@ -340,7 +354,7 @@ func runChildBin(t *testing.T, bin string, mode Mode) report {
 		os.Chmod(f, 0o666)
 	}
 	cmd := exec.Command(bin, "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+mode.String(), childEnv+"_DIR="+dir)
+	cmd.Env = append(append(os.Environ(), childEnv+"="+mode.String(), childEnv+"_DIR="+dir), env...)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -452,12 +466,42 @@ func TestSandboxOn(t *testing.T) {
 		if got := statusField(r.ProcStatus, "CapEff"); got != "0000000000000000" {
 			t.Errorf("CapEff: %q, want none", got)
 		}
+		if r.TCPRepair != eperm || r.Status.NetAdmin {
+			t.Errorf("TCP repair mode without KeepNetAdmin: %q (status %+v), want %q", r.TCPRepair, r.Status, eperm)
+		}
 		if r.Setuid0 == "" {
 			t.Error("setuid(0) succeeded after the switch")
 		}
 		if r.UTSNamespace == r.HostUTSNamespace || r.UTSNamespace == "" {
 			t.Errorf("UTS namespace %q, host's %q: want a new one", r.UTSNamespace, r.HostUTSNamespace)
 		}
+	}
+}
+
+// TestSandboxKeepNetAdmin: --migrate-tcp keeps CAP_NET_ADMIN, and only
+// it, across the switch to nobody; TCP repair mode then works under the
+// filter.
+func TestSandboxKeepNetAdmin(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (the switch to nobody)")
+	}
+	r := runChildBin(t, os.Args[0], On, childEnv+"_NETADMIN=1")
+	if !r.Status.NetAdmin || r.Status.DroppedTo != "nobody" {
+		t.Errorf("status %+v", r.Status)
+	}
+	for _, f := range []string{"CapEff", "CapPrm"} {
+		if got := statusField(r.ProcStatus, f); got != "0000000000001000" {
+			t.Errorf("%s: %q, want CAP_NET_ADMIN alone (0000000000001000)", f, got)
+		}
+	}
+	if got := statusField(r.ProcStatus, "CapInh"); got != "0000000000000000" {
+		t.Errorf("CapInh: %q, want none", got)
+	}
+	if r.TCPRepair != "" {
+		t.Errorf("TCP repair mode with CAP_NET_ADMIN kept: %s", r.TCPRepair)
+	}
+	if r.Setuid0 == "" {
+		t.Error("setuid(0) succeeded after the switch")
 	}
 }
 

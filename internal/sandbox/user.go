@@ -7,6 +7,10 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+	"kernel.org/pub/linux/libs/security/libcap/psx"
 )
 
 // cred is the user and group to switch to.
@@ -72,11 +76,19 @@ func RunAsUID(spec string) (int, error) {
 
 // dropTo switches every thread to c: no supplementary groups, then the
 // group, then the user (Go applies these to all threads). From a non-zero
-// uid the kernel clears every capability.
-func dropTo(c *cred) error {
+// uid the kernel clears every capability, unless keepNetAdmin: then
+// CAP_NET_ADMIN alone survives (--migrate-tcp, for TCP repair mode).
+func dropTo(c *cred, keepNetAdmin bool) error {
 	if c.uid == 0 {
 		// --runas root: stay root, deliberately (no capability is dropped).
 		return nil
+	}
+	if keepNetAdmin {
+		// Keep the permitted set across setuid; keepNetAdmin below then
+		// narrows it to the one capability.
+		if err := allThreadsPrctl(unix.PR_SET_KEEPCAPS, 1); err != nil {
+			return fmt.Errorf("sandbox: prctl(PR_SET_KEEPCAPS): %w", err)
+		}
 	}
 	if err := syscall.Setgroups(nil); err != nil {
 		return fmt.Errorf("sandbox: setgroups: %w", err)
@@ -87,9 +99,31 @@ func dropTo(c *cred) error {
 	if err := syscall.Setuid(c.uid); err != nil {
 		return fmt.Errorf("sandbox: setuid %d: %w", c.uid, err)
 	}
+	if keepNetAdmin {
+		if err := onlyNetAdmin(); err != nil {
+			return err
+		}
+	}
 	// The way back must be closed.
 	if err := syscall.Setuid(0); err == nil {
 		return fmt.Errorf("sandbox: setuid(0) still succeeds after dropping to %s", c.name)
+	}
+	return nil
+}
+
+// onlyNetAdmin sets every thread's capabilities to CAP_NET_ADMIN alone,
+// effective and permitted, nothing inheritable, and clears keep-caps.
+func onlyNetAdmin() error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	data[0].Effective = 1 << unix.CAP_NET_ADMIN
+	data[0].Permitted = 1 << unix.CAP_NET_ADMIN
+	// capset acts on the calling thread: psx runs it on each.
+	if _, _, e := psx.Syscall3(unix.SYS_CAPSET, uintptr(unsafe.Pointer(&hdr)), uintptr(unsafe.Pointer(&data[0])), 0); e != 0 {
+		return fmt.Errorf("sandbox: capset(CAP_NET_ADMIN): %w", e)
+	}
+	if err := allThreadsPrctl(unix.PR_SET_KEEPCAPS, 0); err != nil {
+		return fmt.Errorf("sandbox: prctl(PR_SET_KEEPCAPS): %w", err)
 	}
 	return nil
 }
