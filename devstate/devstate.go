@@ -19,6 +19,11 @@
 // Records of a kind this version does not know are skipped, so a later
 // vunet may add kinds without a new version; changing the body of an
 // existing kind needs a new version, and an unknown version is refused.
+//
+// Version 2 added TCP connections (kind 5). A state without any is still
+// written as version 1, which every vunet reads; one with TCP connections
+// is version 2, which a vunet that could not restore them refuses, rather
+// than lose them silently.
 package devstate
 
 import (
@@ -30,9 +35,12 @@ import (
 	"time"
 )
 
-// Version is the format version Encode writes and the only one Decode
-// accepts.
-const Version = 1
+// Version is the newest format version: Encode writes it when the state
+// needs it (TCP connections), else version 1; Decode accepts both.
+const (
+	Version    = 2
+	minVersion = 1
+)
 
 // magic opens every blob.
 const magic = "VUNETST\x00"
@@ -45,6 +53,8 @@ const (
 	MaxLeases    = 4096
 	MaxForwards  = 1024
 	MaxUDPFlows  = 4096
+	MaxTCPFlows  = 1024
+	MaxTCPQueue  = 64 << 10             // each host queue of a TCP connection
 	MaxDUID      = 130                  // RFC 8415 11.1: 2-byte type and at most 128 bytes
 	MaxUnixPath  = 108                  // sun_path
 	MaxRemaining = 366 * 24 * time.Hour // longer leases or idle times are refused
@@ -56,6 +66,7 @@ const (
 	kindLease6  = 2
 	kindForward = 3
 	kindUDPFlow = 4
+	kindTCPFlow = 5
 )
 
 const (
@@ -83,6 +94,7 @@ type State struct {
 	Leases6  []Lease6
 	Forwards []Forward
 	UDPFlows []UDPFlow
+	TCPFlows []TCPFlow
 }
 
 // Lease4 is a bound DHCPv4 lease.
@@ -118,18 +130,165 @@ type UDPFlow struct {
 	Idle     time.Duration // since the flow's last datagram
 }
 
+// TCPFlow is an established TCP connection moved with the guest
+// (--migrate-tcp): the guest's half as the guest knows it, and the host
+// socket's state in TCP repair mode.
+type TCPFlow struct {
+	// Guest is the guest's socket, Remote what it connected to.
+	Guest, Remote netip.AddrPort
+	GuestMAC      [6]byte // zero: unknown
+	// The stack's next sequence number, the next expected from the guest,
+	// the guest's window and the window the stack offered (bytes).
+	SndNxt, RcvNxt, SndWnd, RcvWnd uint32
+	SndWndScale, RcvWndScale       uint8
+	MaxPayload                     uint16
+	SACK, Timestamps               bool
+	TSVal, RecentTS                uint32
+	Host                           TCPHost
+}
+
+// TCPHost is the host socket of a TCPFlow (package tcprepair).
+type TCPHost struct {
+	Local, Remote            netip.AddrPort
+	SndSeq, RcvSeq, MSS      uint32
+	SACK, Timestamps, WScale bool
+	SndWScale, RcvWScale     uint8
+	TSVal                    uint32
+	// Window is struct tcp_repair_window: snd_wl1, snd_wnd, max_window,
+	// rcv_wnd, rcv_wup.
+	Window             [5]uint32
+	SndQueue, RcvQueue []byte // at most MaxTCPQueue each
+}
+
+// maxWndScale is TCP's largest window scale (RFC 7323).
+const maxWndScale = 14
+
+func (f *TCPFlow) check() error {
+	h := &f.Host
+	switch {
+	case !f.Guest.Addr().IsValid() || !f.Remote.Addr().IsValid() || f.Guest.Addr().Is4() != f.Remote.Addr().Is4() ||
+		f.Guest.Port() == 0 || f.Remote.Port() == 0:
+		return fmt.Errorf("TCP connection %v -> %v", f.Guest, f.Remote)
+	case !h.Local.Addr().IsValid() || !h.Remote.Addr().IsValid() || h.Local.Addr().Is4() != h.Remote.Addr().Is4() ||
+		h.Local.Port() == 0 || h.Remote.Port() == 0:
+		return fmt.Errorf("TCP host socket %v -> %v", h.Local, h.Remote)
+	case f.SndWndScale > maxWndScale || f.RcvWndScale > maxWndScale || h.SndWScale > maxWndScale || h.RcvWScale > maxWndScale:
+		return errors.New("TCP window scale over 14")
+	case f.MaxPayload < 64 || h.MSS < 64 || h.MSS > 0xffff:
+		return fmt.Errorf("TCP segment sizes %d and %d", f.MaxPayload, h.MSS)
+	case len(h.SndQueue) > MaxTCPQueue || len(h.RcvQueue) > MaxTCPQueue:
+		return fmt.Errorf("TCP queues of %d and %d bytes (at most %d)", len(h.SndQueue), len(h.RcvQueue), MaxTCPQueue)
+	}
+	return nil
+}
+
+func flagBits(bits ...bool) byte {
+	var b byte
+	for i, v := range bits {
+		if v {
+			b |= 1 << i
+		}
+	}
+	return b
+}
+
+func (f TCPFlow) encode(b []byte) ([]byte, error) {
+	if err := f.check(); err != nil {
+		return nil, fmt.Errorf("device state: %w", err)
+	}
+	return appendTCP(b, &f), nil
+}
+
+// appendTCP is the body of a TCP record, unchecked.
+func appendTCP(b []byte, f *TCPFlow) []byte {
+	h := &f.Host
+	b = appendAddrPort(b, f.Guest)
+	b = appendAddrPort(b, f.Remote)
+	b = append(b, f.GuestMAC[:]...)
+	for _, v := range []uint32{f.SndNxt, f.RcvNxt, f.SndWnd, f.RcvWnd} {
+		b = binary.LittleEndian.AppendUint32(b, v)
+	}
+	b = append(b, f.SndWndScale, f.RcvWndScale)
+	b = binary.LittleEndian.AppendUint16(b, f.MaxPayload)
+	b = append(b, flagBits(f.SACK, f.Timestamps))
+	b = binary.LittleEndian.AppendUint32(b, f.TSVal)
+	b = binary.LittleEndian.AppendUint32(b, f.RecentTS)
+	b = appendAddrPort(b, h.Local)
+	b = appendAddrPort(b, h.Remote)
+	for _, v := range []uint32{h.SndSeq, h.RcvSeq, h.MSS} {
+		b = binary.LittleEndian.AppendUint32(b, v)
+	}
+	b = append(b, flagBits(h.SACK, h.Timestamps, h.WScale), h.SndWScale, h.RcvWScale)
+	b = binary.LittleEndian.AppendUint32(b, h.TSVal)
+	for _, v := range h.Window {
+		b = binary.LittleEndian.AppendUint32(b, v)
+	}
+	for _, q := range [][]byte{h.SndQueue, h.RcvQueue} {
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(q)))
+		b = append(b, q...)
+	}
+	return b
+}
+
+func (r *reader) tcpFlow() TCPFlow {
+	var f TCPFlow
+	h := &f.Host
+	f.Guest = r.addrPort()
+	f.Remote = r.addrPort()
+	copy(f.GuestMAC[:], r.bytes(6))
+	f.SndNxt, f.RcvNxt, f.SndWnd, f.RcvWnd = r.u32(), r.u32(), r.u32(), r.u32()
+	f.SndWndScale, f.RcvWndScale = r.u8(), r.u8()
+	f.MaxPayload = r.u16()
+	flags := r.u8()
+	f.SACK, f.Timestamps = flags&1 != 0, flags&2 != 0
+	f.TSVal, f.RecentTS = r.u32(), r.u32()
+	h.Local = r.addrPort()
+	h.Remote = r.addrPort()
+	h.SndSeq, h.RcvSeq, h.MSS = r.u32(), r.u32(), r.u32()
+	hflags := r.u8()
+	h.SACK, h.Timestamps, h.WScale = hflags&1 != 0, hflags&2 != 0, hflags&4 != 0
+	h.SndWScale, h.RcvWScale = r.u8(), r.u8()
+	h.TSVal = r.u32()
+	for i := range h.Window {
+		h.Window[i] = r.u32()
+	}
+	for _, q := range []*[]byte{&h.SndQueue, &h.RcvQueue} {
+		n := r.u32()
+		if r.err == nil && n > MaxTCPQueue {
+			r.err = fmt.Errorf("TCP queue of %d bytes (at most %d)", n, MaxTCPQueue)
+		}
+		if b := r.bytes(int(n)); len(b) > 0 {
+			*q = append([]byte(nil), b...)
+		}
+	}
+	if r.err == nil && (flags&^3 != 0 || hflags&^7 != 0) {
+		r.err = fmt.Errorf("TCP option flags %#x, %#x", flags, hflags)
+	}
+	if r.err == nil {
+		if err := f.check(); err != nil {
+			r.err = err
+		}
+	}
+	return f
+}
+
 var protoCodes = map[string]byte{"tcp": 1, "udp": 2, "unix": 3}
 
 // Encode serialises st. It refuses a state that Decode would refuse, so a
 // source never produces a blob its peer cannot read.
 func Encode(st *State) ([]byte, error) {
-	if len(st.Leases4)+len(st.Leases6) > MaxLeases || len(st.Forwards) > MaxForwards || len(st.UDPFlows) > MaxUDPFlows {
-		return nil, fmt.Errorf("%w: %d leases, %d forwards, %d UDP flows", ErrLimit,
-			len(st.Leases4)+len(st.Leases6), len(st.Forwards), len(st.UDPFlows))
+	if len(st.Leases4)+len(st.Leases6) > MaxLeases || len(st.Forwards) > MaxForwards || len(st.UDPFlows) > MaxUDPFlows ||
+		len(st.TCPFlows) > MaxTCPFlows {
+		return nil, fmt.Errorf("%w: %d leases, %d forwards, %d UDP flows, %d TCP connections", ErrLimit,
+			len(st.Leases4)+len(st.Leases6), len(st.Forwards), len(st.UDPFlows), len(st.TCPFlows))
+	}
+	version := uint16(minVersion)
+	if len(st.TCPFlows) > 0 {
+		version = Version
 	}
 	b := make([]byte, 0, 256)
 	b = append(b, magic...)
-	b = binary.LittleEndian.AppendUint16(b, Version)
+	b = binary.LittleEndian.AppendUint16(b, version)
 	b = binary.LittleEndian.AppendUint16(b, 0)
 	b = binary.LittleEndian.AppendUint64(b, uint64(st.SavedAt.UnixMilli()))
 	var err error
@@ -150,6 +309,11 @@ func Encode(st *State) ([]byte, error) {
 	}
 	for _, f := range st.UDPFlows {
 		if b, err = record(b, kindUDPFlow, f.encode); err != nil {
+			return nil, err
+		}
+	}
+	for _, f := range st.TCPFlows {
+		if b, err = record(b, kindTCPFlow, f.encode); err != nil {
 			return nil, err
 		}
 	}
@@ -245,8 +409,8 @@ func Decode(b []byte) (*State, error) {
 	if len(b) < headerSize+crcSize || string(b[:len(magic)]) != magic {
 		return nil, fmt.Errorf("%w (%d bytes, no vunet magic)", ErrFormat, len(b))
 	}
-	if v := binary.LittleEndian.Uint16(b[len(magic):]); v != Version {
-		return nil, fmt.Errorf("%w %d (this vunet reads version %d; migrate between matching vunet releases)", ErrVersion, v, Version)
+	if v := binary.LittleEndian.Uint16(b[len(magic):]); v < minVersion || v > Version {
+		return nil, fmt.Errorf("%w %d (this vunet reads versions %d to %d; migrate between matching vunet releases)", ErrVersion, v, minVersion, Version)
 	}
 	body, sum := b[:len(b)-crcSize], binary.LittleEndian.Uint32(b[len(b)-crcSize:])
 	if got := crc32.Checksum(body, castagnoli); got != sum {
@@ -348,6 +512,11 @@ func (st *State) decodeRecord(kind uint16, r *reader) error {
 			r.err = fmt.Errorf("UDP flow %v -> %v", f.Guest, f.Remote)
 		}
 		st.UDPFlows = append(st.UDPFlows, f)
+	case kindTCPFlow:
+		if len(st.TCPFlows) >= MaxTCPFlows {
+			return fmt.Errorf("%w: more than %d TCP connections", ErrLimit, MaxTCPFlows)
+		}
+		st.TCPFlows = append(st.TCPFlows, r.tcpFlow())
 	default:
 		r.b = nil // a later kind: skipped
 	}

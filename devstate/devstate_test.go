@@ -27,6 +27,96 @@ func sample() *State {
 	}
 }
 
+func tcpSample() TCPFlow {
+	return TCPFlow{
+		Guest: netip.MustParseAddrPort("10.0.2.15:41000"), Remote: netip.MustParseAddrPort("10.0.2.2:8080"),
+		GuestMAC: [6]byte{0x52, 0x54, 0, 0x12, 0x34, 0x56},
+		SndNxt:   1, RcvNxt: 0xfffffff0, SndWnd: 64240, RcvWnd: 1 << 20, SndWndScale: 7, RcvWndScale: 8,
+		MaxPayload: 1448, SACK: true, Timestamps: true, TSVal: 12345, RecentTS: 678,
+		Host: TCPHost{Local: netip.MustParseAddrPort("127.0.0.1:50000"), Remote: netip.MustParseAddrPort("127.0.0.1:8080"),
+			SndSeq: 99, RcvSeq: 100, MSS: 65483, SACK: true, Timestamps: true, WScale: true, SndWScale: 7, RcvWScale: 7,
+			TSVal: 5555, Window: [5]uint32{1, 2, 3, 4, 5}, SndQueue: []byte("queued to the peer"), RcvQueue: []byte("unread")},
+	}
+}
+
+// TestTCPFlows: a state with TCP connections round-trips as version 2; one
+// without is still version 1, which older vunets read.
+func TestTCPFlows(t *testing.T) {
+	in := sample()
+	if b, err := Encode(in); err != nil || binary.LittleEndian.Uint16(b[len(magic):]) != 1 {
+		t.Fatalf("a state without TCP connections: version %d, %v; want 1", binary.LittleEndian.Uint16(b[len(magic):]), err)
+	}
+	in.TCPFlows = []TCPFlow{tcpSample(), tcpSample()}
+	in.TCPFlows[1].Host.SndQueue, in.TCPFlows[1].Host.RcvQueue = nil, nil
+	in.TCPFlows[1].SACK, in.TCPFlows[1].Host.WScale = false, false
+	b, err := Encode(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := binary.LittleEndian.Uint16(b[len(magic):]); v != 2 {
+		t.Fatalf("version %d, want 2", v)
+	}
+	out, err := Decode(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out.SavedAt = in.SavedAt
+	if !reflect.DeepEqual(in, out) {
+		t.Fatalf("round trip:\n got %+v\nwant %+v", out.TCPFlows, in.TCPFlows)
+	}
+}
+
+// TestTCPFlowRefused: hostile TCP records are refused, on both sides.
+func TestTCPFlowRefused(t *testing.T) {
+	for name, mut := range map[string]func(*TCPFlow){
+		"window scale 15":    func(f *TCPFlow) { f.RcvWndScale = 15 },
+		"host scale 15":      func(f *TCPFlow) { f.Host.SndWScale = 15 },
+		"mixed families":     func(f *TCPFlow) { f.Remote = netip.MustParseAddrPort("[fd00::2]:80") },
+		"no host address":    func(f *TCPFlow) { f.Host.Local = netip.AddrPort{} },
+		"port 0":             func(f *TCPFlow) { f.Guest = netip.MustParseAddrPort("10.0.2.15:0") },
+		"tiny payload":       func(f *TCPFlow) { f.MaxPayload = 10 },
+		"host MSS too big":   func(f *TCPFlow) { f.Host.MSS = 1 << 16 },
+		"send queue too big": func(f *TCPFlow) { f.Host.SndQueue = make([]byte, MaxTCPQueue+1) },
+	} {
+		f := tcpSample()
+		mut(&f)
+		if _, err := Encode(&State{TCPFlows: []TCPFlow{f}}); err == nil {
+			t.Errorf("%s: encoded", name)
+		}
+		// Decode on its own: a hand-built body.
+		b := []byte(magic)
+		b = binary.LittleEndian.AppendUint16(b, Version)
+		b = append(b, make([]byte, 10)...)
+		b, _ = record(b, kindTCPFlow, func(b []byte) ([]byte, error) {
+			good := tcpSample()
+			mut(&good)
+			return appendTCP(b, &good), nil // as a hostile source would, unchecked
+		})
+		b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+		if _, err := Decode(b); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: decode %v, want ErrCorrupt", name, err)
+		}
+	}
+	// A queue length that claims more than the record holds.
+	b, _ := Encode(&State{TCPFlows: []TCPFlow{tcpSample()}})
+	n := len(b) - crcSize - len("unread") - 4
+	binary.LittleEndian.PutUint32(b[n:], 1000)
+	if _, err := Decode(reseal(b)); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("queue longer than the record: %v", err)
+	}
+	// Too many connections.
+	many := []byte(magic)
+	many = binary.LittleEndian.AppendUint16(many, Version)
+	many = append(many, make([]byte, 10)...)
+	for range MaxTCPFlows + 1 {
+		many, _ = record(many, kindTCPFlow, tcpSample().encode)
+	}
+	many = binary.LittleEndian.AppendUint32(many, crc32.Checksum(many, castagnoli))
+	if _, err := Decode(many); !errors.Is(err, ErrLimit) {
+		t.Errorf("%d TCP connections: %v", MaxTCPFlows+1, err)
+	}
+}
+
 func TestRoundTrip(t *testing.T) {
 	in := sample()
 	b, err := Encode(in)
@@ -74,7 +164,8 @@ func TestDecodeRefuses(t *testing.T) {
 	}{
 		{"empty", nil, ErrFormat, ""},
 		{"other magic", mod(func(b []byte) []byte { b[0] = 'X'; return b }), ErrFormat, ""},
-		{"version 2", mod(func(b []byte) []byte { b[len(magic)] = 2; return reseal(b) }), ErrVersion, "version 2"},
+		{"version 3", mod(func(b []byte) []byte { b[len(magic)] = 3; return reseal(b) }), ErrVersion, "version 3"},
+		{"version 0", mod(func(b []byte) []byte { b[len(magic)] = 0; return reseal(b) }), ErrVersion, "version 0"},
 		{"truncated", good[:len(good)-10], ErrCorrupt, "checksum"},
 		{"flipped bit", mod(func(b []byte) []byte { b[headerSize+8] ^= 1; return b }), ErrCorrupt, "checksum"},
 		{"reserved", mod(func(b []byte) []byte { b[len(magic)+2] = 1; return reseal(b) }), ErrCorrupt, "reserved"},
@@ -149,6 +240,13 @@ func FuzzDeviceState(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(good)
+	withTCP := sample()
+	withTCP.TCPFlows = []TCPFlow{tcpSample()}
+	tcpBlob, err := Encode(withTCP)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(tcpBlob)
 	empty, _ := Encode(&State{})
 	f.Add(empty)
 	f.Add(good[:len(good)-1])
