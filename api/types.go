@@ -297,6 +297,9 @@ type StateSummary struct {
 	Leases   int `json:"leases"`
 	Forwards int `json:"forwards"`
 	UDPFlows int `json:"udp_flows"`
+	// TCP counts the established TCP connections taken over (with
+	// --migrate-tcp on both sides).
+	TCP int `json:"tcp_connections"`
 	// Pending counts forwards whose host port is still in use (the source
 	// vunet on this host holds it): they are retried for 30 seconds.
 	Pending int `json:"forwards_pending"`

@@ -31,6 +31,7 @@ import (
 	"github.com/vunet/vunet/internal/metrics"
 	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/internal/sandbox"
+	"github.com/vunet/vunet/internal/tcprepair"
 	"github.com/vunet/vunet/internal/unixsock"
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/pcap"
@@ -233,13 +234,23 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 			return nil, err
 		}
 	}
+	var mover forward.TCPMover
+	if cfg.MigrateTCP {
+		// Checked now, while it can still stop the start-up: a switch that
+		// cannot work would lose every connection at the first migration.
+		if err := tcprepair.Available(); err != nil {
+			return nil, fmt.Errorf("--migrate-tcp: %w", err)
+		}
+		mover = a.Stack
+	}
 	expose := map[uint16]string{}
 	for _, e := range cfg.Expose {
 		expose[e.Port] = e.Path
 	}
 	fo := forward.Options{
 		Stack: s, NIC: nic,
-		Expose: expose,
+		Expose:  expose,
+		MoveTCP: mover,
 		// Unix forwards' sockets get the vhost-user socket's permissions;
 		// in --unix-forward-dir, the only way that works once confined.
 		ListenUnix: func(path string) (net.Listener, error) {

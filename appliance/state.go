@@ -11,9 +11,13 @@ import (
 	"syscall"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
+
 	"github.com/vunet/vunet/api"
 	"github.com/vunet/vunet/devstate"
 	"github.com/vunet/vunet/forward"
+	"github.com/vunet/vunet/internal/tcprepair"
+	"github.com/vunet/vunet/netstack"
 )
 
 // What moves with a live-migrated guest (docs/migration.md, "What moves
@@ -132,13 +136,19 @@ func (a *Appliance) SaveState() ([]byte, error) {
 	if len(st.UDPFlows) > devstate.MaxUDPFlows {
 		st.UDPFlows = st.UDPFlows[:devstate.MaxUDPFlows]
 	}
+	// Last, once nothing else can fail: handing TCP connections over
+	// ends them here (--migrate-tcp; forward bounds them within the
+	// format's limits).
+	for _, f := range a.Forward.SaveTCP() {
+		st.TCPFlows = append(st.TCPFlows, tcpToState(f))
+	}
 	b, err := devstate.Encode(st)
 	if err != nil {
 		return nil, err
 	}
 	a.migStats.Saves.Add(1)
 	a.log.Info("device state saved", "bytes", len(b), "leases", len(st.Leases4)+len(st.Leases6),
-		"forwards", len(st.Forwards), "udp_flows", len(st.UDPFlows))
+		"forwards", len(st.Forwards), "udp_flows", len(st.UDPFlows), "tcp_connections", len(st.TCPFlows))
 	return b, nil
 }
 
@@ -208,9 +218,20 @@ func (a *Appliance) LoadState(b []byte) (api.StateSummary, error) {
 	n := a.Forward.RestoreUDPPorts(flows)
 	a.migStats.RestoredUDP.Add(uint64(n))
 	sum.UDPFlows = n
+	if len(st.TCPFlows) > 0 {
+		tcp := make([]forward.TCPFlowState, 0, len(st.TCPFlows))
+		for _, f := range st.TCPFlows {
+			tcp = append(tcp, tcpFromState(f))
+		}
+		sum.TCP = a.Forward.RestoreTCP(tcp)
+		if lost := len(tcp) - sum.TCP; lost > 0 && len(sum.Problems) < 32 {
+			// Counted by reason in vunet_forward_tcp_restores_total.
+			sum.Problems = append(sum.Problems, fmt.Sprintf("tcp: %d of %d connections not restored (reset)", lost, len(tcp)))
+		}
+	}
 	a.migStats.Loads.Add(1)
 	a.log.Info("device state loaded", "saved_at", st.SavedAt, "leases", sum.Leases, "forwards", sum.Forwards,
-		"forwards_pending", sum.Pending, "udp_flows", n, "problems", len(sum.Problems))
+		"forwards_pending", sum.Pending, "udp_flows", n, "tcp_connections", sum.TCP, "problems", len(sum.Problems))
 	return sum, nil
 }
 
@@ -318,4 +339,48 @@ func (a *Appliance) addRuntimeForward(pf forward.PortForward) error {
 	a.migStats.RestoredForwards.Add(1)
 	a.log.Info("port forward restored from the device state", "forward", got.String())
 	return nil
+}
+
+// tcpToState and tcpFromState convert a moved connection to and from the
+// device state's form.
+func tcpToState(f forward.TCPFlowState) devstate.TCPFlow {
+	g, h := f.Guest, f.Host
+	var mac [6]byte
+	copy(mac[:], g.GuestMAC)
+	return devstate.TCPFlow{
+		Guest: g.Remote, Remote: g.Local, GuestMAC: mac,
+		SndNxt: g.SndNxt, RcvNxt: g.RcvNxt, SndWnd: g.SndWnd, RcvWnd: g.RcvWnd,
+		SndWndScale: g.SndWndScale, RcvWndScale: g.RcvWndScale, MaxPayload: g.MaxPayload,
+		SACK: g.SACK, Timestamps: g.Timestamps, TSVal: g.TSVal, RecentTS: g.RecentTS,
+		Host: devstate.TCPHost{
+			Local: h.Local, Remote: h.Remote, SndSeq: h.SndSeq, RcvSeq: h.RcvSeq, MSS: h.MSS,
+			SACK: h.SACK, Timestamps: h.Timestamps, WScale: h.WScale, SndWScale: h.SndWScale, RcvWScale: h.RcvWScale,
+			TSVal:    h.TSVal,
+			Window:   [5]uint32{h.Window.SndWL1, h.Window.SndWnd, h.Window.MaxWindow, h.Window.RcvWnd, h.Window.RcvWup},
+			SndQueue: h.SndQueue, RcvQueue: h.RcvQueue,
+		},
+	}
+}
+
+func tcpFromState(f devstate.TCPFlow) forward.TCPFlowState {
+	h := f.Host
+	var mac tcpip.LinkAddress
+	if f.GuestMAC != ([6]byte{}) {
+		mac = tcpip.LinkAddress(f.GuestMAC[:])
+	}
+	return forward.TCPFlowState{
+		Guest: netstack.TCPConnState{
+			Local: f.Remote, Remote: f.Guest, GuestMAC: mac,
+			SndNxt: f.SndNxt, RcvNxt: f.RcvNxt, SndWnd: f.SndWnd, RcvWnd: f.RcvWnd,
+			SndWndScale: f.SndWndScale, RcvWndScale: f.RcvWndScale, MaxPayload: f.MaxPayload,
+			SACK: f.SACK, Timestamps: f.Timestamps, TSVal: f.TSVal, RecentTS: f.RecentTS,
+		},
+		Host: tcprepair.State{
+			Local: h.Local, Remote: h.Remote, SndSeq: h.SndSeq, RcvSeq: h.RcvSeq, MSS: h.MSS,
+			SACK: h.SACK, Timestamps: h.Timestamps, WScale: h.WScale, SndWScale: h.SndWScale, RcvWScale: h.RcvWScale,
+			TSVal:    h.TSVal,
+			Window:   tcprepair.Window{SndWL1: h.Window[0], SndWnd: h.Window[1], MaxWindow: h.Window[2], RcvWnd: h.Window[3], RcvWup: h.Window[4]},
+			SndQueue: h.SndQueue, RcvQueue: h.RcvQueue,
+		},
+	}
 }

@@ -5,12 +5,18 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"reflect"
 	"testing"
 	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/vunet/vunet/api"
 	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/devstate"
+	"github.com/vunet/vunet/forward"
+	"github.com/vunet/vunet/internal/tcprepair"
+	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/netstack/netstacktest"
 	"github.com/vunet/vunet/vhost/vhosttest"
 )
@@ -190,5 +196,35 @@ func TestStateOverVhostUser(t *testing.T) {
 	}
 	if dst.migStats.Invalid.Load() != 1 || src.migStats.Saves.Load() != 1 {
 		t.Errorf("invalid %d saves %d", dst.migStats.Invalid.Load(), src.migStats.Saves.Load())
+	}
+}
+
+// TestTCPStateConversion: a moved connection survives the device state's
+// form unchanged (the guest's socket is the stack's remote end).
+func TestTCPStateConversion(t *testing.T) {
+	in := forward.TCPFlowState{
+		Guest: netstack.TCPConnState{
+			Local: netip.MustParseAddrPort("10.0.2.2:8080"), Remote: netip.MustParseAddrPort("10.0.2.15:41000"),
+			GuestMAC: tcpip.LinkAddress("\x52\x54\x00\x12\x34\x56"),
+			SndNxt:   1, RcvNxt: 2, SndWnd: 3, RcvWnd: 4, SndWndScale: 5, RcvWndScale: 6, MaxPayload: 1448,
+			SACK: true, Timestamps: true, TSVal: 7, RecentTS: 8,
+		},
+		Host: tcprepair.State{
+			Local: netip.MustParseAddrPort("127.0.0.1:50000"), Remote: netip.MustParseAddrPort("127.0.0.1:8080"),
+			SndSeq: 9, RcvSeq: 10, SndQueue: []byte("s"), RcvQueue: []byte("r"), MSS: 65483,
+			Timestamps: true, SACK: true, WScale: true, SndWScale: 7, RcvWScale: 8, TSVal: 11,
+			Window: tcprepair.Window{SndWL1: 12, SndWnd: 13, MaxWindow: 14, RcvWnd: 15, RcvWup: 16},
+		},
+	}
+	b, err := devstate.Encode(&devstate.State{TCPFlows: []devstate.TCPFlow{tcpToState(in)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := devstate.Decode(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := tcpFromState(st.TCPFlows[0]); !reflect.DeepEqual(in, out) {
+		t.Fatalf("got  %+v\nwant %+v", out, in)
 	}
 }

@@ -184,6 +184,10 @@ type Config struct {
 	// IsolateGuests drops frames between guests: each reaches the gateway
 	// (and through it the host and the outside) but not the others.
 	IsolateGuests bool
+	// MigrateTCP moves established TCP connections with a live-migrated
+	// guest (docs/migration.md): needs CAP_NET_ADMIN for TCP repair mode,
+	// which the sandbox then keeps across RunAs. Off: they are reset.
+	MigrateTCP bool
 	// MaxMemory is the byte budget for everything the guest (and clients
 	// of port forwards) can make vunet hold: TCP buffers, UDP flow
 	// buffers, frames waiting for guest RX buffers. The Go runtime's soft

@@ -54,6 +54,7 @@ type fileConfig struct {
 	MaxMemory        string            `toml:"max_memory"`
 	MaxGuests        int               `toml:"max_guests"`
 	IsolateGuests    bool              `toml:"isolate_guests"`
+	MigrateTCP       bool              `toml:"migrate_tcp"`
 	Hosts            map[string]string `toml:"hosts,omitempty"`
 	IPv4             fileIPv4          `toml:"ipv4"`
 	IPv6             fileIPv6          `toml:"ipv6"`
@@ -340,6 +341,9 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 	if has("isolate_guests") {
 		c.IsolateGuests = f.IsolateGuests
 	}
+	if has("migrate_tcp") {
+		c.MigrateTCP = f.MigrateTCP
+	}
 	str([]string{"max_memory"}, f.MaxMemory, func(s string) (err error) { c.MaxMemory, err = ParseSize(s); return })
 
 	setPath(&c.Boot.TFTPRoot, f.Boot.TFTPRoot, "boot", "tftp_root")
@@ -407,6 +411,7 @@ func (c *Config) WriteTOML(w io.Writer) error {
 		MaxMemory:        FormatSize(c.MaxMemory),
 		MaxGuests:        c.MaxGuests,
 		IsolateGuests:    c.IsolateGuests,
+		MigrateTCP:       c.MigrateTCP,
 		IPv4: fileIPv4{
 			Subnet:       c.IPv4.Subnet.String(),
 			Gateway:      c.IPv4.Gateway.String(),

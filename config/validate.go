@@ -112,6 +112,11 @@ func (c *Config) Validate() error {
 	if c.MaxGuests < 1 || c.MaxGuests > MaxGuestsLimit {
 		es.add("max_guests", "%d is out of range 1..%d", c.MaxGuests, MaxGuestsLimit)
 	}
+	if c.MigrateTCP && c.MaxGuests > 1 {
+		// A device-state save hands over every connection of the network,
+		// not only the migrating guest's.
+		es.add("migrate_tcp", "needs max_guests 1 (a state save moves every TCP connection of the network)")
+	}
 	if c.MaxMemory < MinMaxMemory {
 		es.add("max_memory", "%s is below the minimum %s", FormatSize(c.MaxMemory), FormatSize(MinMaxMemory))
 	}

@@ -33,8 +33,11 @@ const migrateMemMB = 256
 // destination QEMU and vunet, and reports: the longest run of lost pings,
 // what became of the TCP stream, and a DHCP renewal against the new vunet.
 // Throughout, it answers on fwdPort (the target of the host's runtime
-// forward) with migrateAnswer and the line it read.
-func stepMigrate(sinkPort, flagPort, fwdPort int) string {
+// forward) with migrateAnswer and the line it read. An interactive TCP
+// session to the host's echo server (sessPort) says "before" ahead of the
+// migration, stays idle across it, and says "after" on the destination:
+// with --migrate-tcp the same connection answers.
+func stepMigrate(sinkPort, flagPort, fwdPort, sessPort int) string {
 	return fmt.Sprintf(`begin
 printf '#!/bin/sh\nread -r line\necho "%[7]s $line"\n' >/tmp/mig-fwd.sh
 chmod +x /tmp/mig-fwd.sh
@@ -51,6 +54,11 @@ wait_for has_route || fail udhcpc-daemon "no default route: $(ip -4 route)"
 ping -i 0.1 %[1]s >/tmp/ping.log 2>&1 &
 pingpid=$!
 ( while :; do echo "vunet live migration stream line"; sleep 0.05; done | nc %[1]s %[2]d; echo "rc=$?" >/tmp/nc.rc ) &
+mkfifo /tmp/sess.in
+( nc %[1]s %[8]d </tmp/sess.in >/tmp/sess.out; echo "rc=$?" >/tmp/sess.rc ) &
+exec 3>/tmp/sess.in
+echo before >&3
+wait_for grep -qs "echo before" /tmp/sess.out || fail tcp-session "no echo before the migration: $(cat /tmp/sess.out)"
 sleep 1
 echo "%[4]s"
 i=0
@@ -70,7 +78,19 @@ gap=$(awk -F'seq=' '/seq=/ { split($2, a, " "); s = a[1] + 0; if (n && s - last 
 	END { printf "max_seq_gap=%%d replies=%%d last_seq=%%d", max, n, last }' /tmp/ping.log)
 pass ping-gap "$gap"
 begin
-if wait_for [ -f /tmp/nc.rc ]; then pass tcp-after "nc ended: $(cat /tmp/nc.rc)"; else fail tcp-after "nc still running 60 s after the migration (hang)"; fi
+echo after >&3
+if wait_for grep -qs "echo after" /tmp/sess.out; then
+	pass tcp-session "the idle session answered after the migration: $(tr '\n' ' ' </tmp/sess.out)"
+else
+	fail tcp-session "no answer after the migration: out=$(tr '\n' ' ' </tmp/sess.out) $(cat /tmp/sess.rc 2>/dev/null)"
+fi
+exec 3>&-
+begin
+# The stream was busy at the save: moved (it goes on) or reset (it
+# ended); the host checks that a moved one still delivers.
+i=0
+until [ -f /tmp/nc.rc ] || [ $i -ge 30 ]; do i=$((i + 1)); sleep 0.1; done
+if [ -f /tmp/nc.rc ]; then pass tcp-after "nc ended: $(cat /tmp/nc.rc)"; else pass tcp-after "nc running"; fi
 begin
 n=$(grep -c "lease of" /tmp/ud.log)
 kill -USR1 $udpid
@@ -86,7 +106,7 @@ else
 	fail dhcp-renew "no renewal: $(tr '\n' ' ' </tmp/ud.log)"
 fi
 kill $udpid
-`, harness.Gateway4, sinkPort, flagPort, harness.ReadyLine("migrate"), harness.GuestIP, fwdPort, migrateAnswer)
+`, harness.Gateway4, sinkPort, flagPort, harness.ReadyLine("migrate"), harness.GuestIP, fwdPort, migrateAnswer, sessPort)
 }
 
 // migrateAnswer starts the guest's answers on the migration test's
@@ -104,8 +124,10 @@ const migrateFwdGuestPort = 8022
 // without vunet's dirty logging: VHOST_F_LOG_ALL, LOG_SHMFD), vunet A
 // must have logged dirty pages, pings must resume within a second, the
 // guest must keep its address through a DHCP renewal (RENEWING, unicast)
-// against vunet B, which has no lease on record, and the TCP stream, which
-// vunet B knows nothing of, must end (reset), not hang. A port forward
+// against vunet B, which has no lease on record, and the TCP stream must
+// not hang: both vunets run with --migrate-tcp, so it goes on if it was
+// quiet at the save (moved) and ends if not (reset). An interactive
+// session idle across the migration must answer on the same connection. A port forward
 // added on vunet A at run time (vunet forward add) must reach the guest
 // through vunet B after vunet A's device state is moved (vunet state save
 // | vunet state load: QEMU 7.2 does not move it) and vunet A has exited:
@@ -123,8 +145,9 @@ func TestLinuxLiveMigration(t *testing.T) {
 	defer cancel()
 	dir := t.TempDir()
 	apiA, apiB := filepath.Join(dir, "a.api"), filepath.Join(dir, "b.api")
-	vnA := vunettest.Start(t, e.vunetArgs("--api", apiA)...)
-	vnB := vunettest.Start(t, e.vunetArgs("--api", apiB)...)
+	// --migrate-tcp on both: established TCP connections move.
+	vnA := vunettest.Start(t, e.vunetArgs("--api", apiA, "--migrate-tcp")...)
+	vnB := vunettest.Start(t, e.vunetArgs("--api", apiB, "--migrate-tcp")...)
 
 	// The guest's TCP stream goes to this sink (host loopback, through
 	// vunet A's NAT); it counts what arrives.
@@ -153,6 +176,34 @@ func TestLinuxLiveMigration(t *testing.T) {
 			}()
 		}
 	}()
+	// The guest's interactive session: every line is echoed back, on
+	// however many connections (there must be one).
+	sess, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close()
+	var sessConns atomic.Int32
+	go func() {
+		for {
+			c, err := sess.Accept()
+			if err != nil {
+				return
+			}
+			sessConns.Add(1)
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					fmt.Fprintf(c, "echo %s", line)
+				}
+			}()
+		}
+	}()
 	// The guest polls /migrated; it answers 200 once the migration has
 	// completed.
 	var migrated atomic.Bool
@@ -176,7 +227,8 @@ func TestLinuxLiveMigration(t *testing.T) {
 			MemMB:  migrateMemMB,
 			Script: script(
 				harness.StepDHCP(1500),
-				stepMigrate(sink.Addr().(*net.TCPAddr).Port, flag.Addr().(*net.TCPAddr).Port, migrateFwdGuestPort),
+				stepMigrate(sink.Addr().(*net.TCPAddr).Port, flag.Addr().(*net.TCPAddr).Port, migrateFwdGuestPort,
+					sess.Addr().(*net.TCPAddr).Port),
 			),
 			ExtraArgs: append([]string{"-qmp", "unix:" + qmpSock + ",server=on,wait=off"}, extra...),
 		}
@@ -244,12 +296,22 @@ func TestLinuxLiveMigration(t *testing.T) {
 	var sum struct {
 		Forwards int
 		Pending  int `json:"forwards_pending"`
+		TCP      int `json:"tcp_connections"`
 		Problems []string
 	}
 	if out := vunetCLI(t, strings.NewReader(state), "state", "load", "--json", "--api", apiB); json.Unmarshal([]byte(out), &sum) != nil {
 		t.Fatalf("state load: %s", out)
 	}
 	t.Logf("state load: %+v (%d bytes of state)", sum, len(state))
+	moves := func(result string) uint64 {
+		return metric(t, apiA, `vunet_forward_tcp_moves_total{result="`+result+`"}`)
+	}
+	t.Logf("vunet A's TCP connections at the save: moved %d, reset busy %d, state %d, failed %d; vunet B restored %d",
+		moves("moved"), moves("busy"), moves("state"), moves("failed"), sum.TCP)
+	if sum.TCP < 1 || moves("failed") != 0 {
+		t.Errorf("TCP connections: %d restored on vunet B (want at least the idle session), %d failed on vunet A", sum.TCP, moves("failed"))
+	}
+	sunkAtSave := sunk.Load()
 	// On one host vunet A still holds the port: the forward is pending
 	// until A exits.
 	if sum.Forwards+sum.Pending != 1 || len(sum.Problems) != 0 {
@@ -278,7 +340,7 @@ func TestLinuxLiveMigration(t *testing.T) {
 		fmt.Fprintf(&b, "\n  %v %-12s %s", s.OK, s.Name, s.Detail)
 	}
 	t.Logf("steps:%s", b.String())
-	for _, name := range []string{"dhcp", "migrated", "ping-gap", "tcp-after", "dhcp-renew"} {
+	for _, name := range []string{"dhcp", "migrated", "ping-gap", "tcp-session", "tcp-after", "dhcp-renew"} {
 		s, ok := harness.Find(steps, name)
 		if !ok || !s.OK {
 			t.Errorf("step %s: %+v", name, s)
@@ -294,7 +356,16 @@ func TestLinuxLiveMigration(t *testing.T) {
 			t.Errorf("pings did not resume within a second: %s", s.Detail)
 		}
 	}
-	t.Logf("TCP sink: %d bytes before the migration, %d in all", sunkBefore, sunk.Load())
+	t.Logf("TCP sink: %d bytes before the migration, %d at the state save, %d in all", sunkBefore, sunkAtSave, sunk.Load())
+	if n := sessConns.Load(); n != 1 {
+		t.Errorf("the echo server saw %d session connections, want 1 (the moved one)", n)
+	}
+	// A stream that moved must still deliver, not hang.
+	// (The guest writes a line of 34 bytes every 50 ms; it runs several
+	// seconds after the save.)
+	if s, ok := harness.Find(steps, "tcp-after"); ok && strings.Contains(s.Detail, "running") && sunk.Load() < sunkAtSave+500 {
+		t.Errorf("the stream moved but hardly delivered after the migration (%d bytes at the save, %d at the end)", sunkAtSave, sunk.Load())
+	}
 	if res.ExitCode != 0 {
 		t.Errorf("guest script exited %d", res.ExitCode)
 	}

@@ -154,6 +154,20 @@ func TestMoveTCP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The restored endpoint is where the source's was: the same numbers,
+	// and a timestamp clock that goes on from the source's (a Linux
+	// guest drops segments whose timestamp went back: PAWS).
+	now, err := dst.FreezeTCP(nep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if now.SndNxt != st.SndNxt || now.RcvNxt != st.RcvNxt || now.SndWnd != st.SndWnd ||
+		now.SndWndScale != st.SndWndScale || now.RcvWndScale != st.RcvWndScale || now.MaxPayload != st.MaxPayload {
+		t.Fatalf("restored endpoint %+v, source %+v", now, st)
+	}
+	if d := int32(now.TSVal - st.TSVal); d < 1 || d > 1000 {
+		t.Fatalf("timestamp clock moved by %d ms across the restore, want a small step forward", d)
+	}
 	dstConn := gonet.NewTCPConn(nwq, nep)
 	defer dstConn.Close()
 	if n := w.SYNsToGuest.Load() - synsBefore; n != 0 {

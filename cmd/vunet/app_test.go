@@ -418,7 +418,7 @@ func TestEveryFlagHasEnvAndKey(t *testing.T) {
 	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "queues", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url",
 		"egress.mode", "egress.allow_metadata", "egress.host_addresses", "egress.rules", "max_memory",
 		"socket_mode", "socket_group", "setup_timeout", "pcap_max_size", "sandbox", "runas", "ipv6.dhcpv6", "expose",
-		"max_guests", "isolate_guests", "unix_forward_dir"} {
+		"max_guests", "isolate_guests", "unix_forward_dir", "migrate_tcp"} {
 		keyed[flagForKey(key)] = true
 	}
 	for _, f := range runFlags() {

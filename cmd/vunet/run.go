@@ -59,6 +59,7 @@ const (
 	flagPrintConfig       = "print-config"
 	flagSandbox           = "sandbox"
 	flagRunAs             = "runas"
+	flagMigrateTCP        = "migrate-tcp"
 )
 
 // flagForKey returns the flag that sets a config key (as named in
@@ -72,6 +73,8 @@ func flagForKey(key string) string {
 		return flagMaxGuests
 	case "isolate_guests":
 		return flagIsolateGuests
+	case "migrate_tcp":
+		return flagMigrateTCP
 	case "pid_file":
 		return flagPIDFile
 	case "ipv4.subnet", "ipv6.subnet":
@@ -191,6 +194,7 @@ func runFlags() []cli.Flag {
 
 		str(flagSandbox, catSecurity, "confine vunet once started: `MODE` on (no_new_privs, Landlock, seccomp allow-list, switch from root to --runas), log (the same, but system calls outside the list are only logged by the kernel) or off", string(d.Sandbox)),
 		str(flagRunAs, catSecurity, "when started as root, switch to `USER[:GROUP]` once the sockets are bound", d.RunAs),
+		boolean(flagMigrateTCP, catSecurity, "move established TCP connections with a live-migrated VM (TCP repair mode: needs CAP_NET_ADMIN, which vunet then keeps, alone, across --runas; a state save hands every connection over); off: they are reset"),
 		// An action, not a setting: no environment variable, which left set
 		// in a shell would silently stop every later run from starting.
 		&cli.BoolFlag{Name: flagPrintConfig, Category: catOps, Usage: "validate the configuration, print it as TOML and exit"},
@@ -310,6 +314,9 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 
 	if c.IsSet(flagIsolateGuests) {
 		cfg.IsolateGuests = c.Bool(flagIsolateGuests)
+	}
+	if c.IsSet(flagMigrateTCP) {
+		cfg.MigrateTCP = c.Bool(flagMigrateTCP)
 	}
 	if c.IsSet(flagMaxGuests) {
 		v := c.String(flagMaxGuests)

@@ -26,7 +26,7 @@ func confine(a *appliance.Appliance, cfg *config.Config, log *slog.Logger) func(
 		if cfg.Sandbox == config.SandboxLog {
 			mode = sandbox.Log
 		}
-		opts := sandbox.Options{Mode: mode, RunAs: cfg.RunAs}
+		opts := sandbox.Options{Mode: mode, RunAs: cfg.RunAs, KeepNetAdmin: cfg.MigrateTCP}
 		if cfg.Boot.TFTPRoot != "" {
 			opts.ReadDirs = append(opts.ReadDirs, cfg.Boot.TFTPRoot)
 		}
