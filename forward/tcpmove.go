@@ -67,6 +67,10 @@ func (f *Forwarder) SaveTCP() []TCPFlowState {
 		conns = append(conns, c)
 	}
 	f.mu.Unlock()
+	// Stop them all first: the waits then overlap (a save has a deadline).
+	for _, c := range conns {
+		c.beginDetach()
+	}
 	var out []TCPFlowState
 	queued := 0
 	for _, c := range conns {
@@ -136,15 +140,20 @@ func (f *Forwarder) saveOne(mover TCPMover, c *tcpSplice, moved, queued int) (TC
 	return TCPFlowState{Guest: gs, Host: *hs}, true
 }
 
-// detach stops c's directions and waits until it has ended, leaving both
-// sides open. False if the connection ended or failed meanwhile.
-func (c *tcpSplice) detach() bool {
+// beginDetach tells c's directions to stop and leave both sides open.
+func (c *tcpSplice) beginDetach() {
 	c.detaching.Store(true)
 	c.stopOnce.Do(func() { close(c.stop) })
 	for _, d := range []*direction{&c.tg, &c.th} {
 		c.wake(d, dirParkedGuest)
 		c.wake(d, dirParkedHost)
 	}
+}
+
+// detach stops c's directions and waits until it has ended, leaving both
+// sides open. False if the connection ended or failed meanwhile.
+func (c *tcpSplice) detach() bool {
+	c.beginDetach()
 	select {
 	case <-c.detached:
 	case <-time.After(detachTimeout):
