@@ -60,6 +60,7 @@ func TestValidateMessages(t *testing.T) {
 		{"mtu high", func(c *Config) { c.MTU = 70000 }, "mtu: 70000 is out of range 68..65520"},
 		{"mtu low", func(c *Config) { c.MTU = 67 }, "mtu: 67 is out of range 68..65520"},
 		{"no queues", func(c *Config) { c.Queues = 0 }, "queues: 0 is out of range 1..16"},
+		{"migrate_tcp with guests", func(c *Config) { c.MigrateTCP, c.MaxGuests = true, 2 }, "migrate_tcp: needs max_guests 1 (a state save moves every TCP connection of the network)"},
 		{"too many queues", func(c *Config) { c.Queues = 17 }, "queues: 17 is out of range 1..16"},
 		{"mac length", func(c *Config) { c.MAC = net.HardwareAddr{1, 2, 3} }, `mac: "01:02:03" is not a 48-bit MAC address`},
 		{"mac multicast", func(c *Config) { c.MAC = net.HardwareAddr{1, 0, 0, 0, 0, 1} }, "mac: 01:00:00:00:00:01 is a multicast address; the first octet must be even"},
