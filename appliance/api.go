@@ -83,6 +83,15 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 	}{{"total", a.Memory}, {"outbound", memOut}, {"inbound", memIn}, {"link", a.linkMem}} {
 		add("memory", m.b.Counters(), "share", m.share)
 	}
+	// Each guest's own limits: its NAT flows and refusals, its part of
+	// the outbound memory (share=guest) and of the link's (guest_link).
+	for i := range a.cfg.MaxGuests {
+		g := strconv.Itoa(i)
+		st, mem := a.Forward.GuestCounters(i)
+		add("forward", st, "guest", g)
+		add("memory", mem.Counters(), "share", "guest", "guest", g)
+		add("memory", a.portMem[i].Counters(), "share", "guest_link", "guest", g)
+	}
 	return r, errors.Join(errs...)
 }
 

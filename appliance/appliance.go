@@ -73,6 +73,9 @@ type Appliance struct {
 	// file belongs to the service manager and is not removed on exit.
 	VHostListener *net.UnixListener
 	linkMem       *budget.Budget // Memory's share for the RX backlog
+	// portMem are linkMem's equal shares, one per guest port: a guest
+	// that posts no RX buffers holds at most its own.
+	portMem []*budget.Budget
 	// Notify, if set, is told about readiness ("READY=1") and shutdown
 	// ("STOPPING=1"), in sd_notify's format.
 	Notify func(state string)
@@ -146,6 +149,9 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	// Frames waiting for guest RX buffers may take an eighth of the
 	// budget; TCP and UDP buffers are the forwarder's (its shares).
 	a.linkMem = a.Memory.Share(cfg.MaxMemory / 8)
+	for range cfg.MaxGuests {
+		a.portMem = append(a.portMem, a.linkMem.Share(a.linkMem.Limit()/int64(cfg.MaxGuests)))
+	}
 	port := endpoint.Options{
 		Memory:      a.linkMem,
 		MTU:         uint32(cfg.MTU),
@@ -161,6 +167,7 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 	}
 	a.Link, err = endpoint.NewSwitch(endpoint.SwitchOptions{
 		Ports: cfg.MaxGuests, Port: port, Isolate: cfg.IsolateGuests,
+		PortMemory: func(i int) *budget.Budget { return a.portMem[i] },
 		OnPortDown: a.guestLeft,
 		Logger:     log.With("layer", "switch"),
 	})
@@ -267,7 +274,13 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		MaxConns:             unlimitedIfZero(cfg.MaxConnections),
 		MaxInboundConns:      unlimitedIfZero(cfg.MaxInboundConnections),
 		MaxUDPFlowsPerSource: unlimitedIfZero(cfg.MaxUDPFlowsPerSource),
-		Memory:               a.Memory,
+		// Each guest has the limits above for itself and an equal share
+		// of the outbound memory (or --max-guest-memory), charged by the
+		// switch port its frames came in on.
+		Guests:      cfg.MaxGuests,
+		GuestOf:     a.Link.PortOf,
+		GuestMemory: cfg.MaxGuestMemory,
+		Memory:      a.Memory,
 		// The guest's traffic may take three quarters; with the link's
 		// eighth, the last eighth is kept for port forwards.
 		OutboundMemory:       cfg.MaxMemory - cfg.MaxMemory/8 - cfg.MaxMemory/8,

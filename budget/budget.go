@@ -14,7 +14,9 @@
 //
 // A Budget may be split with Share: a share has its own limit but its bytes
 // also count against the parent, so a share for inbound port forwards can
-// be kept out of reach of outbound traffic.
+// be kept out of reach of outbound traffic. Shares nest: each guest's flows
+// take from the guest's share of the outbound share, so one guest cannot
+// hold the memory another needs.
 //
 // A nil *Budget is unlimited and keeps no counts, for callers (tests, tools)
 // that do not care.
@@ -82,10 +84,10 @@ func (b *Budget) Take(n int64) bool {
 		return true
 	}
 	if !b.add(n, false) {
-		b.c.Denied.Add(1)
+		b.count(func(c *Counters) *atomic.Uint64 { return &c.Denied })
 		return false
 	}
-	b.c.Takes.Add(1)
+	b.count(func(c *Counters) *atomic.Uint64 { return &c.Takes })
 	return true
 }
 
@@ -96,11 +98,21 @@ func (b *Budget) Grow(n int64) bool {
 		return true
 	}
 	if !b.add(n, true) {
-		b.c.GrowDenied.Add(1)
+		b.count(func(c *Counters) *atomic.Uint64 { return &c.GrowDenied })
 		return false
 	}
-	b.c.Grows.Add(1)
+	b.count(func(c *Counters) *atomic.Uint64 { return &c.Grows })
 	return true
+}
+
+// count adds one to a request counter of b and of every budget b is a
+// share of: a budget's counters include the requests made through its
+// shares, so the outbound share still counts its flows' requests when
+// they go through a guest's share of it.
+func (b *Budget) count(field func(*Counters) *atomic.Uint64) {
+	for x := b; x != nil; x = x.parent {
+		field(&x.c).Add(1)
+	}
 }
 
 // add reserves n in b and its parents, or in none of them.
@@ -157,7 +169,7 @@ func (b *Budget) Wait() <-chan struct{} {
 	if b == nil {
 		return nil
 	}
-	b.c.Waits.Add(1)
+	b.count(func(c *Counters) *atomic.Uint64 { return &c.Waits })
 	// Every release passes through the root, and a share may have been
 	// denied by its parent: wait there.
 	for b.parent != nil {
@@ -190,7 +202,8 @@ func (b *Budget) wakeWaiters() {
 
 // Counters are a budget's live counters, declared for the metrics registry
 // (internal/metrics); the appliance registers each budget and share with a
-// "share" label.
+// "share" label (and a guest's shares with "guest" too). The request
+// counters (Takes ... Waits) of a budget include its shares' requests.
 type Counters struct {
 	// Limit is set by New and Share.
 	Limit func() int64 `metric:"memory_budget_bytes" kind:"gauge" help:"The memory budget (--max-memory) and its shares, in bytes."`

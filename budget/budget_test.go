@@ -124,3 +124,36 @@ func TestConcurrentNeverExceeds(t *testing.T) {
 		t.Fatalf("used %d after all releases", b.Used())
 	}
 }
+
+// TestNestedGuestShares: two guests' shares of one outbound share. A guest
+// that fills its share is refused while the other still gets its own, and
+// the outbound share's counters include both guests' requests.
+func TestNestedGuestShares(t *testing.T) {
+	root := New(1000)
+	out := root.Share(800)
+	a, b := out.Share(400), out.Share(400)
+	for a.Take(100) {
+	}
+	if a.Used() != 400 || out.Used() != 400 {
+		t.Fatalf("guest A took %d (outbound %d), want its 400", a.Used(), out.Used())
+	}
+	if !b.Take(400) {
+		t.Fatal("guest B refused its share while A is full")
+	}
+	// Growth stops at each level's ceiling: B is at its limit already.
+	if b.Grow(1) {
+		t.Fatal("B grew past its share")
+	}
+	sa, sb, so := a.Stats(), b.Stats(), out.Stats()
+	if sa.Takes != 4 || sa.Denied != 1 || sb.Takes != 1 || sb.GrowDenied != 1 {
+		t.Fatalf("guest counters: A %+v B %+v", sa, sb)
+	}
+	if so.Takes != sa.Takes+sb.Takes || so.Denied != 1 || so.GrowDenied != 1 || root.Stats().Takes != so.Takes {
+		t.Fatalf("outbound %+v, root %+v: want the guests' requests counted up the chain", so, root.Stats())
+	}
+	a.Release(400)
+	b.Release(400)
+	if root.Used() != 0 || out.Used() != 0 {
+		t.Fatalf("released: root %d out %d", root.Used(), out.Used())
+	}
+}

@@ -73,6 +73,9 @@ const MaxQueues = 16
 const (
 	DefaultMaxMemory = 256 << 20
 	MinMaxMemory     = 8 << 20
+	// MinMaxGuestMemory is the least max_guest_memory may be set to (one
+	// guest's share; 0 means an equal share).
+	MinMaxGuestMemory = 1 << 20
 )
 
 // Config is the complete vunet configuration. The zero value is not useful;
@@ -166,10 +169,12 @@ type Config struct {
 	UDPStreamTimeout time.Duration
 	// DialTimeout bounds outbound TCP connection attempts on the host.
 	DialTimeout time.Duration
-	// MaxConnections caps concurrent NATed TCP connections; 0 is unlimited.
+	// MaxConnections caps each guest's concurrent NATed TCP connections
+	// (with several guests, every guest has this many); 0 is unlimited.
 	MaxConnections int
-	// MaxInflightDials caps concurrent outbound connection attempts, so a
-	// guest port scan cannot exhaust host file descriptors; 0 is unlimited.
+	// MaxInflightDials caps each guest's concurrent outbound connection
+	// attempts, so a guest port scan cannot exhaust host file descriptors;
+	// 0 is unlimited.
 	MaxInflightDials int
 	// MaxInboundConnections caps connections accepted by TCP port
 	// forwards, separately from MaxConnections; 0 is unlimited.
@@ -193,6 +198,11 @@ type Config struct {
 	// buffers, frames waiting for guest RX buffers. The Go runtime's soft
 	// memory limit is derived from it.
 	MaxMemory int64
+	// MaxGuestMemory caps what one guest's own flows may hold of the
+	// memory budget's outbound share, so one guest cannot pin the memory
+	// another needs; 0 (auto) is an equal share: the outbound share (3/4
+	// of MaxMemory) divided by MaxGuests, all of it with one guest.
+	MaxGuestMemory int64
 
 	// Boot holds DHCP lease and network boot settings.
 	Boot Boot

@@ -52,6 +52,7 @@ type fileConfig struct {
 	MaxInboundConns  int               `toml:"max_inbound_connections"`
 	MaxUDPPerSource  int               `toml:"max_udp_flows_per_source"`
 	MaxMemory        string            `toml:"max_memory"`
+	MaxGuestMemory   string            `toml:"max_guest_memory"`
 	MaxGuests        int               `toml:"max_guests"`
 	IsolateGuests    bool              `toml:"isolate_guests"`
 	MigrateTCP       bool              `toml:"migrate_tcp"`
@@ -345,6 +346,7 @@ func (c *Config) applyFile(f *fileConfig, md toml.MetaData, es *Errors) {
 		c.MigrateTCP = f.MigrateTCP
 	}
 	str([]string{"max_memory"}, f.MaxMemory, func(s string) (err error) { c.MaxMemory, err = ParseSize(s); return })
+	str([]string{"max_guest_memory"}, f.MaxGuestMemory, func(s string) (err error) { c.MaxGuestMemory, err = ParseGuestMemory(s); return })
 
 	setPath(&c.Boot.TFTPRoot, f.Boot.TFTPRoot, "boot", "tftp_root")
 	str([]string{"boot", "boot_file"}, f.Boot.BootFile, func(s string) error { c.Boot.BootFile = s; return nil })
@@ -409,6 +411,7 @@ func (c *Config) WriteTOML(w io.Writer) error {
 		MaxInboundConns:  c.MaxInboundConnections,
 		MaxUDPPerSource:  c.MaxUDPFlowsPerSource,
 		MaxMemory:        FormatSize(c.MaxMemory),
+		MaxGuestMemory:   FormatGuestMemory(c.MaxGuestMemory),
 		MaxGuests:        c.MaxGuests,
 		IsolateGuests:    c.IsolateGuests,
 		MigrateTCP:       c.MigrateTCP,

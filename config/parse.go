@@ -182,6 +182,30 @@ func ParseSize(s string) (int64, error) {
 	return n << shift, nil
 }
 
+// GuestMemoryAuto is max_guest_memory's default: an equal share.
+const GuestMemoryAuto = "auto"
+
+// ParseGuestMemory parses max_guest_memory: a size, or "auto" (0: the
+// outbound share divided by max_guests).
+func ParseGuestMemory(s string) (int64, error) {
+	if strings.EqualFold(strings.TrimSpace(s), GuestMemoryAuto) {
+		return 0, nil
+	}
+	n, err := ParseSize(s)
+	if err != nil {
+		return 0, errors.New("expected auto or a size like 64MiB")
+	}
+	return n, nil
+}
+
+// FormatGuestMemory is the inverse of ParseGuestMemory.
+func FormatGuestMemory(n int64) string {
+	if n == 0 {
+		return GuestMemoryAuto
+	}
+	return FormatSize(n)
+}
+
 // FormatSize is the inverse of ParseSize, in the largest exact unit.
 func FormatSize(n int64) string {
 	for _, u := range []struct {

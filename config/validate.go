@@ -120,6 +120,14 @@ func (c *Config) Validate() error {
 	if c.MaxMemory < MinMaxMemory {
 		es.add("max_memory", "%s is below the minimum %s", FormatSize(c.MaxMemory), FormatSize(MinMaxMemory))
 	}
+	switch {
+	case c.MaxGuestMemory < 0:
+		es.add("max_guest_memory", "%d is negative; use auto for an equal share", c.MaxGuestMemory)
+	case c.MaxGuestMemory != 0 && c.MaxGuestMemory < MinMaxGuestMemory:
+		es.add("max_guest_memory", "%s is below the minimum %s", FormatSize(c.MaxGuestMemory), FormatSize(MinMaxGuestMemory))
+	case c.MaxGuestMemory > c.MaxMemory:
+		es.add("max_guest_memory", "%s is above max_memory %s", FormatSize(c.MaxGuestMemory), FormatSize(c.MaxMemory))
+	}
 	c.validateBoot(&es)
 	return es.err()
 }

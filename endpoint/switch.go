@@ -15,6 +15,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/vhost"
 	"github.com/vunet/vunet/vhost/virtqueue"
 )
@@ -42,6 +43,10 @@ type SwitchOptions struct {
 	// Port configures every port's endpoint: MTU, the gateway's MAC
 	// (LinkAddress), ARP and NDP targets, memory, pcap, logger.
 	Port Options
+	// PortMemory, if set, gives port i its own budget for frames waiting
+	// for its guest's RX buffers (replacing Port.Memory), so a guest that
+	// stops posting buffers cannot take the backlog memory of the others.
+	PortMemory func(i int) *budget.Budget
 	// Isolate drops frames between guest ports (--isolate-guests);
 	// guests still reach the gateway and everything behind it.
 	Isolate bool
@@ -181,7 +186,11 @@ func NewSwitch(opts SwitchOptions) (*Switch, error) {
 		return int64(n)
 	}
 	for i := range opts.Ports {
-		e, err := New(opts.Port)
+		po := opts.Port
+		if opts.PortMemory != nil {
+			po.Memory = opts.PortMemory(i)
+		}
+		e, err := New(po)
 		if err != nil {
 			return nil, err
 		}
@@ -311,6 +320,23 @@ func (e *Endpoint) QueueStats(idx int) *virtqueue.Stats {
 		return nil
 	}
 	return &e.port.queues[idx]
+}
+
+// PortOf names the guest port a packet from the switch's stack side came
+// from (a frame a guest sent to the gateway, delivered to the stack): the
+// port that owns its source MAC, which the switch enforced on the way in,
+// so a guest cannot pass its flows off as another's. -1 when no connected
+// guest has that MAC (it has just left) or the packet has no Ethernet
+// header. The NAT uses it to charge a new flow to its guest's limits.
+func (s *Switch) PortOf(pkt *stack.PacketBuffer) int {
+	h := pkt.LinkHeader().Slice()
+	if len(h) < header.EthernetMinimumSize {
+		return -1
+	}
+	if e := s.table.Load().macs[[6]byte(h[6:12])]; e != nil {
+		return e.port.id
+	}
+	return -1
 }
 
 // PortID is the endpoint's port index in its switch (0 for a lone one).

@@ -106,11 +106,29 @@ type Options struct {
 	// DialTimeout bounds each outbound TCP connect to the host destination.
 	// Zero means DefaultDialTimeout.
 	DialTimeout time.Duration
-	// MaxInFlightDials bounds concurrent outbound TCP connects; SYNs beyond
-	// it are answered with RST. Zero means DefaultMaxInFlightDials,
-	// negative means unlimited (as do the other Max fields).
+	// Guests is how many guests may share the NAT (the switch's ports,
+	// --max-guests). Each has the outbound limits below (MaxInFlightDials,
+	// MaxConns, MaxUDPFlows, MaxPingFlows) for itself, and GuestMemory of
+	// the outbound memory. Zero means 1.
+	Guests int
+	// GuestOf names the guest that sent pkt, the first packet of a new
+	// flow: its index 0..Guests-1 (the switch port that owns the frame's
+	// source MAC), or -1 when no connected guest did (it has just left;
+	// the flow is refused). Nil, or Guests 1, charges every flow to
+	// guest 0.
+	GuestOf func(pkt *stack.PacketBuffer) int
+	// GuestMemory bounds the part of OutboundMemory one guest's flows may
+	// hold, so one guest pinning memory cannot leave another with none.
+	// Zero means OutboundMemory / Guests (an equal share; with one guest,
+	// all of it).
+	GuestMemory int64
+
+	// MaxInFlightDials bounds one guest's concurrent outbound TCP
+	// connects; SYNs beyond it are answered with RST. Zero means
+	// DefaultMaxInFlightDials, negative means unlimited (as do the other
+	// Max fields).
 	MaxInFlightDials int
-	// MaxConns bounds outbound TCP connections (the guest's, including
+	// MaxConns bounds one guest's outbound TCP connections (including
 	// those still dialing). Zero means DefaultMaxConns.
 	MaxConns int
 	// MaxInboundConns bounds connections accepted by TCP port forwards,
@@ -118,7 +136,7 @@ type Options struct {
 	// connections cannot lock the administrator out of --forward
 	// tcp:2222:22. Zero means DefaultMaxInboundConns.
 	MaxInboundConns int
-	// MaxUDPFlows bounds the guest's outbound UDP flows. Zero means
+	// MaxUDPFlows bounds one guest's outbound UDP flows. Zero means
 	// DefaultMaxUDPFlows.
 	MaxUDPFlows int
 	// MaxInboundUDPFlows bounds flows created by UDP port forwards,
@@ -129,8 +147,8 @@ type Options struct {
 	// one UDP port forward, so one client cannot take them all. Zero means
 	// DefaultMaxUDPFlowsPerSource.
 	MaxUDPFlowsPerSource int
-	// MaxPingFlows bounds ICMP echo flows (host ping sockets). Zero means
-	// DefaultMaxPingFlows.
+	// MaxPingFlows bounds one guest's ICMP echo flows (host ping
+	// sockets). Zero means DefaultMaxPingFlows.
 	MaxPingFlows int
 
 	// UDPIdleTimeout expires UDP (and ICMP echo) flows that have been idle
@@ -195,6 +213,9 @@ type Forwarder struct {
 
 	// Budget shares: outbound traffic cannot take memIn's reserve.
 	memOut, memIn *budget.Budget
+	// guests are the per-guest limits and counters, by guest index
+	// (Options.Guests of them; each guest's memory is a share of memOut).
+	guests []*guestLimits
 
 	mu     sync.Mutex
 	closed bool
@@ -227,6 +248,9 @@ func New(opts Options) (*Forwarder, error) {
 		if a.addr.IsValid() && (a.addr.Is6() != a.v6 || a.addr.Is4In6()) {
 			return nil, fmt.Errorf("forward: %s %s has the wrong address family", a.name, a.addr)
 		}
+	}
+	if opts.Guests <= 0 {
+		opts.Guests = 1
 	}
 	setDefault(&opts.DialTimeout, DefaultDialTimeout)
 	setLimit(&opts.MaxInFlightDials, DefaultMaxInFlightDials)
@@ -308,6 +332,13 @@ func New(opts Options) (*Forwarder, error) {
 	f.bufs.New = func() any { b := make([]byte, maxDatagram); return &b }
 	f.memOut = opts.Memory.Share(opts.OutboundMemory)
 	f.memIn = opts.Memory.Share(opts.Memory.Limit())
+	if opts.GuestMemory <= 0 {
+		opts.GuestMemory = f.memOut.Limit() / int64(opts.Guests)
+	}
+	for i := range opts.Guests {
+		f.guests = append(f.guests, &guestLimits{id: i, mem: f.memOut.Share(opts.GuestMemory)})
+	}
+	f.opts = opts
 	f.ping = newPinger(f)
 	poll, err := newHostPoller()
 	if err != nil {
@@ -315,15 +346,18 @@ func New(opts Options) (*Forwarder, error) {
 		return nil, fmt.Errorf("forward: %w", err)
 	}
 	f.poll = poll
-	f.syns = newSYNTable(max(4*opts.MaxInFlightDials, 1024))
+	f.syns = newSYNTable(opts.Guests, max(4*opts.MaxInFlightDials, 1024))
 
 	// gVisor's forwarder drops SYNs silently beyond its own in-flight
-	// limit. Give it twice ours, so that normally our limit is hit first
-	// and the guest gets a prompt RST instead of retrying for seconds.
-	tcpFwd := tcp.NewForwarder(f.s, 0, 2*opts.MaxInFlightDials, f.handleTCP)
-	udpFwd := udp.NewForwarder(f.s, f.handleUDP)
+	// limit. Give it twice the guests' together, so that normally a
+	// guest's limit is hit first and it gets a prompt RST instead of
+	// retrying for seconds.
+	tcpFwd := tcp.NewForwarder(f.s, 0, min(2*opts.Guests*opts.MaxInFlightDials, unlimited), f.handleTCP)
 	f.s.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
-		noted := f.syns.note(id, pkt)
+		// The SYN's guest is named here, where its frame is at hand;
+		// handleTCP (gVisor's goroutine, given only the 4-tuple) looks
+		// it up in the table.
+		noted := f.syns.note(id, pkt, f.guestOf(pkt))
 		if !tcpFwd.HandlePacket(id, pkt) {
 			if noted {
 				f.syns.forget(id)
@@ -333,7 +367,15 @@ func New(opts Options) (*Forwarder, error) {
 		return true
 	})
 	f.s.SetTransportProtocolHandler(udp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
-		return f.udpEgress(id, pkt) || udpFwd.HandlePacket(id, pkt)
+		if f.udpEgress(id, pkt) {
+			return true
+		}
+		// What gVisor's udp.Forwarder does, with the datagram's guest:
+		// the handler runs synchronously, on this packet. The endpoint
+		// it may create queues a clone of its own.
+		c := pkt.Clone()
+		defer c.DecRef()
+		return f.handleUDP(udp.NewForwarderRequest(f.s, id, c), f.guestOf(pkt))
 	})
 	f.s.SetTransportProtocolHandler(icmp.ProtocolNumber4, f.handleICMP)
 	f.s.SetTransportProtocolHandler(icmp.ProtocolNumber6, f.handleICMP)

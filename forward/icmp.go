@@ -148,7 +148,12 @@ func (f *Forwarder) handleICMP(_ stack.TransportEndpointID, pkt *stack.PacketBuf
 		})
 		return true
 	}
-	f.ping.send(pingKey{guest: src, dst: dst, ident: binary.BigEndian.Uint16(msg[4:6])}, to, msg, ttl-1)
+	g := f.guestOf(pkt)
+	if g == nil {
+		f.c.DropNoGuest.Add(1)
+		return true
+	}
+	f.ping.send(g, pingKey{guest: src, dst: dst, ident: binary.BigEndian.Uint16(msg[4:6])}, to, msg, ttl-1)
 	return true
 }
 
@@ -180,15 +185,15 @@ func echoInvoking(src, dst netip.Addr, msg []byte, ident uint16) invoking {
 	return inv
 }
 
-// send forwards one echo request with the given hop limit, creating the
-// flow if needed.
-func (p *pinger) send(k pingKey, target netip.Addr, msg []byte, ttl uint8) {
+// send forwards one echo request of guest g with the given hop limit,
+// creating the flow (counted against g's limit) if needed.
+func (p *pinger) send(g *guestLimits, k pingKey, target netip.Addr, msg []byte, ttl uint8) {
 	f := p.f
 	p.mu.Lock()
 	fl := p.flows[k]
 	if fl == nil {
 		var err error
-		if fl, err = p.newFlow(k, target); err != nil {
+		if fl, err = p.newFlow(g, k, target); err != nil {
 			p.mu.Unlock()
 			f.log.Debug("ping flow not created", "guest", k.guest, "dst", k.dst, "err", err)
 			return
@@ -216,26 +221,29 @@ func (p *pinger) send(k pingKey, target netip.Addr, msg []byte, ttl uint8) {
 	f.c.PingRequests.Add(1)
 }
 
-// newFlow opens a ping socket for k. Called with p.mu held.
-func (p *pinger) newFlow(k pingKey, target netip.Addr) (*pingFlow, error) {
+// newFlow opens a ping socket for k, a flow of guest g. Called with p.mu
+// held.
+func (p *pinger) newFlow(g *guestLimits, k pingKey, target netip.Addr) (*pingFlow, error) {
 	f := p.f
-	if !reserve(&f.c.PingFlows, f.opts.MaxPingFlows) {
+	gauge := gauges{&f.c.PingFlows, &g.c.PingFlows}
+	if !reserveGuest(gauge, f.opts.MaxPingFlows) {
 		f.c.DropPingFlowLimit.Add(1)
+		g.c.PingFlowLimit.Add(1)
 		return nil, errors.New("ping flow limit reached")
 	}
 	conn, err := f.opts.openPing(target.Is6())
 	if err != nil {
-		f.c.PingFlows.Add(-1)
+		gauge.add(-1)
 		f.c.DropSendErrors.Add(1)
 		return nil, err
 	}
-	fl := &pingFlow{p: p, key: k, conn: conn}
+	fl := &pingFlow{p: p, key: k, conn: conn, gauge: gauge}
 	fl.touch()
 	f.mu.Lock()
 	if f.closed {
 		f.mu.Unlock()
 		_ = conn.Close()
-		f.c.PingFlows.Add(-1)
+		gauge.add(-1)
 		f.c.DropClosed.Add(1)
 		return nil, errors.New("forwarder closed")
 	}
@@ -254,6 +262,7 @@ func (p *pinger) newFlow(k pingKey, target netip.Addr) (*pingFlow, error) {
 type pingFlow struct {
 	p         *pinger
 	key       pingKey
+	gauge     gauges // the open-flows gauges it counts in (its guest's)
 	conn      net.PacketConn
 	sendMu    sync.Mutex   // serializes a request's hop limit and its write
 	ttl       uint8        // hop limit set on conn; 0: the kernel default
@@ -370,7 +379,7 @@ func (fl *pingFlow) close() {
 		f.mu.Lock()
 		delete(f.pflows, fl)
 		f.mu.Unlock()
-		f.c.PingFlows.Add(-1)
+		fl.gauge.add(-1)
 	})
 }
 

@@ -273,44 +273,69 @@ func (f *Forwarder) gateway(v6 bool) netip.Addr {
 	return f.opts.Gateway4
 }
 
-// synTable remembers the sequence number of guest SYNs whose host connect is
-// under way, so that an ICMP error for a failed connect can quote the SYN.
-// gVisor's forwarder request does not expose the segment, so the TCP
-// handler notes it on the way in. Bounded: when full it is cleared, and the
-// connects then under way fall back to a RST.
+// synTable remembers the guest SYNs whose host connect is under way: their
+// sequence number, so that an ICMP error for a failed connect can quote the
+// SYN, and the guest that sent them, whose limits the connection counts
+// against. gVisor's forwarder request does not expose the segment, so the
+// TCP handler notes both on the way in. It is kept per guest and bounded
+// per guest: when a guest's part is full it is cleared, and that guest's
+// connects then under way fall back to a RST (another guest's SYN flood
+// cannot clear this one's).
 type synTable struct {
-	mu  sync.Mutex
-	m   map[stack.TransportEndpointID]uint32
-	max int
+	mu    sync.Mutex
+	parts []map[stack.TransportEndpointID]uint32 // by guest index
+	max   int
 }
 
-func newSYNTable(max int) *synTable {
-	return &synTable{m: make(map[stack.TransportEndpointID]uint32), max: max}
+func newSYNTable(guests, max int) *synTable {
+	t := &synTable{max: max}
+	for range guests {
+		t.parts = append(t.parts, make(map[stack.TransportEndpointID]uint32))
+	}
+	return t
 }
 
-// note records pkt's sequence number if it is a bare SYN; it reports whether
-// it did.
-func (t *synTable) note(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+// note records pkt's sequence number and guest g if it is a bare SYN from
+// a guest; it reports whether it did.
+func (t *synTable) note(id stack.TransportEndpointID, pkt *stack.PacketBuffer, g *guestLimits) bool {
 	h := header.TCP(pkt.TransportHeader().Slice())
-	if len(h) < header.TCPMinimumSize || h.Flags()&(header.TCPFlagSyn|header.TCPFlagAck) != header.TCPFlagSyn {
+	if g == nil || len(h) < header.TCPMinimumSize || h.Flags()&(header.TCPFlagSyn|header.TCPFlagAck) != header.TCPFlagSyn {
 		return false
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if len(t.m) >= t.max {
-		clear(t.m)
+	m := t.parts[g.id]
+	if len(m) >= t.max {
+		clear(m)
 	}
-	t.m[id] = h.SequenceNumber()
+	m[id] = h.SequenceNumber()
 	return true
+}
+
+// guest returns the index of the guest that sent the SYN of id, or -1 when
+// none was noted (no guest sent it, or its part was cleared).
+func (t *synTable) guest(id stack.TransportEndpointID) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for i, m := range t.parts {
+		if _, ok := m[id]; ok {
+			return i
+		}
+	}
+	return -1
 }
 
 // take returns and forgets the sequence number noted for id.
 func (t *synTable) take(id stack.TransportEndpointID) (uint32, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	seq, ok := t.m[id]
-	delete(t.m, id)
-	return seq, ok
+	for _, m := range t.parts {
+		if seq, ok := m[id]; ok {
+			delete(m, id)
+			return seq, true
+		}
+	}
+	return 0, false
 }
 
 func (t *synTable) forget(id stack.TransportEndpointID) { t.take(id) }

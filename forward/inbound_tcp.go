@@ -92,7 +92,7 @@ func (p *portForward) serveTCP(c net.Conn) {
 		reject()
 		return
 	}
-	slot := &connSlot{n: &f.c.InboundTCPOpen}
+	slot := &connSlot{n: gauges{all: &f.c.InboundTCPOpen}}
 	defer slot.release()
 	guest, ok := p.target()
 	if !ok {

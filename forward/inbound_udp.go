@@ -94,7 +94,7 @@ func (p *portForward) flow(client netip.AddrPort) *udpFlow {
 			return err
 		},
 		desc:  client.String() + "->" + guest.String(),
-		gauge: &f.c.InboundUDPOpen,
+		gauge: gauges{all: &f.c.InboundUDPOpen},
 	}
 	if !fl.attachGuest(ep, wq, f.memIn) {
 		ep.Close()

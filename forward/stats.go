@@ -51,8 +51,9 @@ type Stats struct {
 	TCPRefused    atomic.Uint64 `metric:"forward_tcp_dial_failures_total{reason=refused}" help:"Outbound host connects that failed (the guest got a RST), by reason."`
 	TCPTimeouts   atomic.Uint64 `metric:"forward_tcp_dial_failures_total{reason=timeout}"`
 	TCPDialErrors atomic.Uint64 `metric:"forward_tcp_dial_failures_total{reason=error}"`
-	// SYNs refused because MaxInFlightDials connects were under way, and
-	// connections refused because MaxConns were open.
+	// SYNs refused because their guest had MaxInFlightDials connects
+	// under way, and connections refused because it had MaxConns open
+	// (which guest: GuestStats).
 	TCPRejectedInFlight atomic.Uint64 `metric:"forward_tcp_rejected_total{limit=max_inflight_dials}" help:"Connections refused by a limit, by limit."`
 	TCPRejectedConns    atomic.Uint64 `metric:"forward_tcp_rejected_total{limit=max_connections}"`
 	// Port-forward connections refused because MaxInboundConns were open.
@@ -106,6 +107,10 @@ type Stats struct {
 	DropGateway      atomic.Uint64 `metric:"forward_drops_total{reason=gateway}"`
 	DropUnroutable   atomic.Uint64 `metric:"forward_drops_total{reason=unroutable}"`
 	DropUDPFlowLimit atomic.Uint64 `metric:"forward_drops_total{reason=udp_flow_limit}"`
+	// DropNoGuest counts new flows (TCP: answered with RST) whose frame
+	// came from no connected guest: it left while they were on the way,
+	// so they have no guest's limits to count against.
+	DropNoGuest atomic.Uint64 `metric:"forward_drops_total{reason=no_guest}"`
 	// Client datagrams of UDP port forwards dropped: MaxInboundUDPFlows
 	// flows were open, or their source address had MaxUDPFlowsPerSource.
 	DropUDPInboundLimit atomic.Uint64 `metric:"forward_drops_total{reason=udp_inbound_limit}"`

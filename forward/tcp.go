@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"sync/atomic"
 	"syscall"
 
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -34,9 +33,19 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	src := netip.AddrPortFrom(fromTCPIP(id.RemoteAddress), id.RemotePort)
 	dst := netip.AddrPortFrom(fromTCPIP(id.LocalAddress), id.LocalPort)
 	log := f.log.With("proto", "tcp", "src", src, "dst", dst)
+	gi := f.syns.guest(id)
+	if gi < 0 {
+		// No connected guest sent it (it has just left), or its notes
+		// were cleared under a SYN flood: it has no limits to count in.
+		f.c.DropNoGuest.Add(1)
+		log.Debug("tcp rejected: no guest")
+		r.Complete(true)
+		return
+	}
+	g := f.guests[gi]
 
 	if path, ok := f.exposed(dst); ok {
-		f.serveExposed(r, path, src, log)
+		f.serveExposed(r, g, path, src, log)
 		return
 	}
 	to, why := f.target(dst.Addr())
@@ -50,16 +59,16 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 		f.denyTCP(r, src, dst)
 		return
 	}
-	if !f.admitTCP(r, log) {
+	if !f.admitTCP(r, g, log) {
 		return
 	}
-	slot := &connSlot{n: &f.c.TCPConns}
+	slot := &connSlot{n: g.conns(f)}
 	defer slot.release()
 	target := netip.AddrPortFrom(to, dst.Port())
 	ctx, cancel := context.WithTimeout(f.ctx, f.opts.DialTimeout)
 	hc, err := f.opts.dial(ctx, tcpNetwork(to), target.String())
 	cancel()
-	f.c.TCPDialsInFlight.Add(-1)
+	g.dials(f).add(-1)
 	if err != nil {
 		f.countDialError(err)
 		log.Debug("tcp dial failed", "target", target, "err", err)
@@ -91,7 +100,7 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	r.Complete(false)
 	setGuestKeepalive(ep)
 	log.Debug("tcp connection established", "target", target)
-	sp, err := f.newSplice(ep, &wq, hc, f.memOut, src.String()+"->"+target.String())
+	sp, err := f.newSplice(ep, &wq, hc, g.mem, src.String()+"->"+target.String())
 	if err != nil {
 		log.Debug("tcp splice failed", "err", err)
 		ep.Abort()
@@ -155,17 +164,17 @@ func (f *Forwarder) exposed(dst netip.AddrPort) (string, bool) {
 // connect(2) on the host socket path. The egress policy does not apply (the
 // mapping is the administrator's), the outbound connection and in-flight
 // limits and memory share do, as for any guest connection.
-func (f *Forwarder) serveExposed(r *tcp.ForwarderRequest, path string, src netip.AddrPort, log *slog.Logger) {
-	if !f.admitTCP(r, log) {
+func (f *Forwarder) serveExposed(r *tcp.ForwarderRequest, g *guestLimits, path string, src netip.AddrPort, log *slog.Logger) {
+	if !f.admitTCP(r, g, log) {
 		return
 	}
-	slot := &connSlot{n: &f.c.TCPConns}
+	slot := &connSlot{n: g.conns(f)}
 	defer slot.release()
 	ctx, cancel := context.WithTimeout(f.ctx, f.opts.DialTimeout)
 	var d net.Dialer
 	hc, err := d.DialContext(ctx, "unix", path)
 	cancel()
-	f.c.TCPDialsInFlight.Add(-1)
+	g.dials(f).add(-1)
 	if err != nil {
 		f.c.ExposeFailures.Add(1)
 		log.Debug("exposed socket connect failed", "socket", path, "err", err)
@@ -184,7 +193,7 @@ func (f *Forwarder) serveExposed(r *tcp.ForwarderRequest, path string, src netip
 	r.Complete(false)
 	setGuestKeepalive(ep)
 	log.Debug("exposed socket connection established", "socket", path)
-	sp, err := f.newSplice(ep, &wq, hc, f.memOut, src.String()+"->unix:"+path)
+	sp, err := f.newSplice(ep, &wq, hc, g.mem, src.String()+"->unix:"+path)
 	if err != nil {
 		ep.Abort()
 		_ = hc.Close()
@@ -194,42 +203,51 @@ func (f *Forwarder) serveExposed(r *tcp.ForwarderRequest, path string, src netip
 	sp.run()
 }
 
-// admitTCP reserves a connection slot and an in-flight dial slot for a
-// guest SYN, or answers it with RST and counts which limit refused it. On
-// success the caller gives the dial slot back when its dial returns and
-// the connection slot when the connection ends.
-func (f *Forwarder) admitTCP(r *tcp.ForwarderRequest, log *slog.Logger) bool {
-	if !reserve(&f.c.TCPConns, f.opts.MaxConns) {
+// admitTCP reserves a connection slot and an in-flight dial slot of guest
+// g for its SYN, or answers it with RST and counts which of g's limits
+// refused it. On success the caller gives the dial slot back when its dial
+// returns and the connection slot when the connection ends.
+func (f *Forwarder) admitTCP(r *tcp.ForwarderRequest, g *guestLimits, log *slog.Logger) bool {
+	if !reserveGuest(g.conns(f), f.opts.MaxConns) {
 		f.c.TCPRejectedConns.Add(1)
-		log.Debug("tcp rejected: connection limit", "max", f.opts.MaxConns)
+		g.c.RejectedConns.Add(1)
+		log.Debug("tcp rejected: connection limit", "guest", g.id, "max", f.opts.MaxConns)
 		r.Complete(true)
 		return false
 	}
-	if !reserve(&f.c.TCPDialsInFlight, f.opts.MaxInFlightDials) {
-		f.c.TCPConns.Add(-1)
+	if !reserveGuest(g.dials(f), f.opts.MaxInFlightDials) {
+		g.conns(f).add(-1)
 		f.c.TCPRejectedInFlight.Add(1)
-		log.Debug("tcp rejected: in-flight dial limit", "max", f.opts.MaxInFlightDials)
+		g.c.RejectedInFlight.Add(1)
+		log.Debug("tcp rejected: in-flight dial limit", "guest", g.id, "max", f.opts.MaxInFlightDials)
 		r.Complete(true)
 		return false
 	}
 	return true
 }
 
-// connSlot is a reserved connection slot (a gauge counted up by reserve):
-// released when the handler returns, unless a splice took it over and
-// releases it when the connection ends.
-type connSlot struct{ n *atomic.Int64 }
+// conns and dials are g's open-connection and in-flight-dial gauges with
+// the NAT-wide ones.
+func (g *guestLimits) conns(f *Forwarder) gauges { return gauges{&f.c.TCPConns, &g.c.TCPConns} }
+func (g *guestLimits) dials(f *Forwarder) gauges {
+	return gauges{&f.c.TCPDialsInFlight, &g.c.TCPDialsInFlight}
+}
+
+// connSlot is a reserved connection slot (gauges counted up by
+// reserveGuest): released when the handler returns, unless a splice took
+// it over and releases it when the connection ends.
+type connSlot struct{ n gauges }
 
 func (s *connSlot) release() {
-	if s.n != nil {
-		s.n.Add(-1)
-		s.n = nil
+	if s.n.all != nil {
+		s.n.add(-1)
+		s.n = gauges{}
 	}
 }
 
 // handOver passes the slot to whoever calls the returned function.
 func (s *connSlot) handOver() func() {
 	n := s.n
-	s.n = nil
-	return func() { n.Add(-1) }
+	s.n = gauges{}
+	return func() { n.add(-1) }
 }

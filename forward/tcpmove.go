@@ -194,12 +194,15 @@ func (f *Forwarder) restoreOne(mover TCPMover, fl *TCPFlowState) bool {
 		return false
 	}
 	defer f.wg.Done()
-	if !reserve(&f.c.TCPConns, f.opts.MaxConns) {
+	// TCP moves need one guest (--migrate-tcp refuses max_guests above
+	// 1): its connections count against guest 0's limits and memory.
+	g := f.guests[0]
+	if !reserveGuest(g.conns(f), f.opts.MaxConns) {
 		f.c.TCPRestoreRefused.Add(1)
 		log.Debug("tcp restore refused: connection limit")
 		return false
 	}
-	slot := &connSlot{n: &f.c.TCPConns}
+	slot := &connSlot{n: g.conns(f)}
 	defer slot.release()
 	hc, err := tcprepair.Restore(&fl.Host)
 	if err != nil {
@@ -220,7 +223,7 @@ func (f *Forwarder) restoreOne(mover TCPMover, fl *TCPFlowState) bool {
 	if err := hc.SetKeepAliveConfig(hostKeepAlive()); err != nil {
 		log.Debug("host keepalive", "err", err)
 	}
-	sp, err := f.newSplice(ep, wq, hc, f.memOut, fl.Guest.Remote.String()+"->"+fl.Host.Remote.String())
+	sp, err := f.newSplice(ep, wq, hc, g.mem, fl.Guest.Remote.String()+"->"+fl.Host.Remote.String())
 	if err != nil {
 		f.c.TCPRestoreFailures.Add(1)
 		ep.Abort()

@@ -13,12 +13,13 @@ import (
 const hostUDPBuffer = 1 << 20
 
 // handleUDP is called synchronously by gVisor for the first datagram of a
-// guest 5-tuple that no in-stack socket claimed. It creates the flow: a
+// guest 5-tuple that no in-stack socket claimed, sent by guest g (nil: no
+// connected guest; the datagram is dropped). It creates the flow: a
 // connected gVisor endpoint for that 5-tuple (later datagrams go straight to
 // it) and a connected host socket. It returns false only for the DNS
 // address, so that gVisor answers with ICMP port unreachable as a real host
 // would; everything else not forwarded is dropped silently.
-func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
+func (f *Forwarder) handleUDP(r *udp.ForwarderRequest, g *guestLimits) bool {
 	id := r.ID()
 	src := netip.AddrPortFrom(fromTCPIP(id.RemoteAddress), id.RemotePort)
 	dst := netip.AddrPortFrom(fromTCPIP(id.LocalAddress), id.LocalPort)
@@ -32,8 +33,14 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 		f.c.DropClosed.Add(1)
 		return true
 	}
-	if !reserve(&f.c.UDPFlows, f.opts.MaxUDPFlows) {
+	if g == nil {
+		f.c.DropNoGuest.Add(1)
+		return true
+	}
+	gauge := gauges{&f.c.UDPFlows, &g.c.UDPFlows}
+	if !reserveGuest(gauge, f.opts.MaxUDPFlows) {
 		f.c.DropUDPFlowLimit.Add(1)
+		g.c.UDPFlowLimit.Add(1)
 		return true
 	}
 	target := netip.AddrPortFrom(to, dst.Port())
@@ -57,7 +64,7 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 		}
 	}
 	if err != nil {
-		f.c.UDPFlows.Add(-1)
+		gauge.add(-1)
 		f.c.DropSendErrors.Add(1)
 		f.log.Debug("udp host socket failed", "src", src, "target", target, "err", err)
 		return true
@@ -67,7 +74,7 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 	rc, err := hc.SyscallConn()
 	if err != nil {
 		_ = hc.Close()
-		f.c.UDPFlows.Add(-1)
+		gauge.add(-1)
 		f.c.DropSendErrors.Add(1)
 		return true
 	}
@@ -85,7 +92,7 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 		// Most likely a concurrent datagram of the same 5-tuple won the
 		// race and owns the endpoint; this one is dropped.
 		_ = hc.Close()
-		f.c.UDPFlows.Add(-1)
+		gauge.add(-1)
 		f.c.DropSendErrors.Add(1)
 		f.log.Debug("udp guest endpoint failed", "src", src, "dst", dst, "err", terr)
 		return true
@@ -97,13 +104,14 @@ func (f *Forwarder) handleUDP(r *udp.ForwarderRequest) bool {
 		closeHost: func() { _ = hc.Close() },
 		desc:      src.String() + "->" + target.String(),
 		out:       out,
-		gauge:     &f.c.UDPFlows,
+		gauge:     gauge,
 	}
-	if !fl.attachGuest(ep, &wq, f.memOut) {
+	if !fl.attachGuest(ep, &wq, g.mem) {
 		ep.Close()
 		_ = hc.Close()
-		f.c.UDPFlows.Add(-1)
+		gauge.add(-1)
 		f.c.DropUDPMemory.Add(1)
+		g.c.UDPMemory.Add(1)
 		return true
 	}
 	fl.touch()

@@ -36,7 +36,7 @@ type udpFlow struct {
 	closeHost func()
 	onClose   func() // removes the flow from its table
 	desc      string
-	gauge     *atomic.Int64 // the open-flows gauge it counts in
+	gauge     gauges // the open-flows gauges it counts in
 
 	// The guest endpoint, read by guestLoop only, with TTLs, into a
 	// buffer borrowed per datagram.
@@ -342,7 +342,7 @@ func (fl *udpFlow) close() {
 		if fl.closeHost != nil {
 			fl.closeHost()
 		}
-		fl.gauge.Add(-1)
+		fl.gauge.add(-1)
 		if fl.onClose != nil {
 			fl.onClose()
 		}

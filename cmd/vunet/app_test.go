@@ -410,6 +410,31 @@ func TestMaxMemory(t *testing.T) {
 	}
 }
 
+// TestMaxGuestMemory: --max-guest-memory, VUNET_MAX_GUEST_MEMORY and
+// max_guest_memory set one guest's memory cap; auto (the default) is 0,
+// an equal share; a cap below 1MiB or above --max-memory is refused.
+func TestMaxGuestMemory(t *testing.T) {
+	if r := runVunet(t, nil, "--socket", "/run/v.sock"); r.err != nil || r.cfg.MaxGuestMemory != 0 {
+		t.Fatalf("default: %v, %+v", r.err, r.cfg)
+	}
+	if r := runVunet(t, nil, "--socket", "/run/v.sock", "--max-guest-memory", "64MiB"); r.err != nil || r.cfg.MaxGuestMemory != 64<<20 {
+		t.Fatalf("--max-guest-memory 64MiB: %s", r.line())
+	}
+	if r := runVunet(t, map[string]string{"VUNET_MAX_GUEST_MEMORY": "32MiB"}, "--socket", "/run/v.sock"); r.err != nil || r.cfg.MaxGuestMemory != 32<<20 {
+		t.Fatalf("VUNET_MAX_GUEST_MEMORY=32MiB: %s", r.line())
+	}
+	file := writeFile(t, "v.toml", "socket = \"/run/v.sock\"\nmax_guest_memory = \"auto\"\n")
+	if r := runVunet(t, nil, "--config", file, "--max-guests", "2"); r.err != nil || r.cfg.MaxGuestMemory != 0 {
+		t.Fatalf("max_guest_memory = auto in the file: %s", r.line())
+	}
+	for _, bad := range []string{"lots", "512KiB", "1GiB"} {
+		r := runVunet(t, nil, "--socket", "/run/v.sock", "--max-guest-memory", bad)
+		if r.err == nil || !strings.Contains(r.err.Error(), "--max-guest-memory") {
+			t.Errorf("--max-guest-memory %s: err %v, want one naming the flag", bad, r.err)
+		}
+	}
+}
+
 // TestEveryFlagHasEnvAndKey guards the convention documented in docs/cli.md.
 func TestEveryFlagHasEnvAndKey(t *testing.T) {
 	noKey := map[string]bool{flagConfig: true, flagPrintConfig: true}
@@ -418,7 +443,7 @@ func TestEveryFlagHasEnvAndKey(t *testing.T) {
 	for _, key := range []string{"socket", "connect", "pid_file", "api", "pcap", "mtu", "queues", "mac", "ipv4.subnet", "ipv4.gateway", "ipv4.dns", "forwards", "dns_upstream", "boot.tftp_root", "boot.boot_file", "boot.boot_file_efi", "boot.ipxe_script_url",
 		"egress.mode", "egress.allow_metadata", "egress.host_addresses", "egress.rules", "max_memory",
 		"socket_mode", "socket_group", "setup_timeout", "pcap_max_size", "sandbox", "runas", "ipv6.dhcpv6", "expose",
-		"max_guests", "isolate_guests", "unix_forward_dir", "migrate_tcp"} {
+		"max_guests", "isolate_guests", "unix_forward_dir", "migrate_tcp", "max_guest_memory"} {
 		keyed[flagForKey(key)] = true
 	}
 	for _, f := range runFlags() {

@@ -55,6 +55,7 @@ const (
 	flagIPXEScriptURL     = "ipxe-script-url"
 	flagMaxMemory         = "max-memory"
 	flagMaxGuests         = "max-guests"
+	flagMaxGuestMemory    = "max-guest-memory"
 	flagIsolateGuests     = "isolate-guests"
 	flagPrintConfig       = "print-config"
 	flagSandbox           = "sandbox"
@@ -71,6 +72,8 @@ func flagForKey(key string) string {
 		return key
 	case "max_guests":
 		return flagMaxGuests
+	case "max_guest_memory":
+		return flagMaxGuestMemory
 	case "isolate_guests":
 		return flagIsolateGuests
 	case "migrate_tcp":
@@ -186,6 +189,7 @@ func runFlags() []cli.Flag {
 		str(flagIPXEScriptURL, catBoot, "boot file `URL` (http, https or tftp) for clients that identify as iPXE, e.g. an iPXE script", ""),
 
 		str(flagMaxMemory, catOps, "memory budget `SIZE` for what the guest can make vunet hold (TCP and UDP buffers, queued frames), e.g. 256MiB or 1GiB; the Go runtime's soft memory limit follows it", config.FormatSize(d.MaxMemory)),
+		str(flagMaxGuestMemory, catOps, "with --max-guests above 1: the most of the memory budget one guest's own flows may hold (`SIZE`), so one VM cannot pin the memory another needs; auto is an equal share of the outbound part (3/4 of --max-memory divided by --max-guests)", config.FormatGuestMemory(d.MaxGuestMemory)),
 		path(flagAPI, catOps, "serve the control API on unix socket `PATH`"),
 		path(flagPCAP, catOps, "write every guest frame to pcap `FILE`"),
 		path(flagPIDFile, catOps, "write the process id to `FILE` while running"),
@@ -352,6 +356,9 @@ func applyFlags(c *cli.Context, cfg *config.Config) error {
 		return err
 	}
 	if err := parseFlag(c, flagMaxMemory, config.ParseSize, &cfg.MaxMemory); err != nil {
+		return err
+	}
+	if err := parseFlag(c, flagMaxGuestMemory, config.ParseGuestMemory, &cfg.MaxGuestMemory); err != nil {
 		return err
 	}
 	if err := parseFlag(c, flagDHCPv6, config.ParseDHCPv6Mode, &cfg.IPv6.DHCPv6); err != nil {

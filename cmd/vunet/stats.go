@@ -186,13 +186,13 @@ func writeStats(w io.Writer, st api.Stats, prev *api.Stats) error {
 	}
 	b.WriteString("\n")
 
-	for _, layer := range layers(st.Metrics) {
-		fams := families(st.Metrics, layer)
+	for _, sec := range sections(st.Metrics) {
+		fams := families(st.Metrics, sec)
 		width := 0
 		for _, f := range fams {
 			width = max(width, len(shortName(f[0])))
 		}
-		fmt.Fprintf(&b, "\n%s\n", layer)
+		fmt.Fprintf(&b, "\n%s\n", sec)
 		for _, f := range fams {
 			cells := make([]string, len(f))
 			for i, m := range f {
@@ -203,10 +203,52 @@ func writeStats(w io.Writer, st api.Stats, prev *api.Stats) error {
 			}
 			writeLine(&b, fmt.Sprintf("  %-*s", width, shortName(f[0])), cells)
 		}
-		extras(&b, layer, st, width)
+		extras(&b, sec, st, width)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// section is where `vunet stats` prints a series: its layer, and for a
+// guest's own series (those with a `guest` label: its link, virtqueues,
+// NAT limits and memory shares) the guest too, "link (guest 1)", so
+// every ring and queue is shown under the guest it belongs to.
+type section struct {
+	layer, guest string
+}
+
+func sectionOf(m api.Metric) section { return section{m.Layer, m.Labels["guest"]} }
+
+func (s section) String() string {
+	if s.guest == "" {
+		return s.layer
+	}
+	return s.layer + " (guest " + s.guest + ")"
+}
+
+// sections returns the sections of ms: the shared layers in order of
+// appearance, then each guest's (by guest number) in order of appearance.
+func sections(ms []api.Metric) []section {
+	var out []section
+	for _, m := range ms {
+		if s := sectionOf(m); !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	slices.SortStableFunc(out, func(a, b section) int {
+		switch {
+		case a.guest == b.guest:
+			return 0
+		case a.guest == "":
+			return -1
+		case b.guest == "":
+			return 1
+		}
+		x, _ := strconv.Atoi(a.guest)
+		y, _ := strconv.Atoi(b.guest)
+		return x - y
+	})
+	return out
 }
 
 // writeLine writes head and the cells separated by three spaces, wrapping
@@ -223,23 +265,12 @@ func writeLine(b *strings.Builder, head string, cells []string) {
 	b.WriteString(line + "\n")
 }
 
-// layers returns the layers of ms in order of appearance.
-func layers(ms []api.Metric) []string {
-	var out []string
-	for _, m := range ms {
-		if !slices.Contains(out, m.Layer) {
-			out = append(out, m.Layer)
-		}
-	}
-	return out
-}
-
-// families groups layer's series by name, in order of appearance.
-func families(ms []api.Metric, layer string) [][]api.Metric {
+// families groups sec's series by name, in order of appearance.
+func families(ms []api.Metric, sec section) [][]api.Metric {
 	var out [][]api.Metric
 	idx := map[string]int{}
 	for _, m := range ms {
-		if m.Layer != layer {
+		if sectionOf(m) != sec {
 			continue
 		}
 		i, ok := idx[m.Name]
@@ -253,11 +284,22 @@ func families(ms []api.Metric, layer string) [][]api.Metric {
 	return out
 }
 
-// extras prints the state that is not a counter after its layer.
-func extras(b *strings.Builder, layer string, st api.Stats, width int) {
-	switch layer {
+// extras prints the state that is not a counter after its section: a
+// guest's rings after its virtqueue counters (or after the shared ones,
+// from a vunet whose counters carry no guest).
+func extras(b *strings.Builder, sec section, st api.Stats, width int) {
+	switch sec.layer {
 	case "virtqueue":
+		own := map[string]bool{}
+		for _, s := range sections(st.Metrics) {
+			if s.layer == "virtqueue" && s.guest != "" {
+				own[s.guest] = true
+			}
+		}
 		for _, r := range st.Rings {
+			if g := strconv.Itoa(r.Guest); sec.guest != g && (sec.guest != "" || own[g]) {
+				continue
+			}
 			// A packed ring's indexes are positions: slot and wrap counter.
 			idx := func(v uint16) string { return strconv.Itoa(int(v)) }
 			if r.Packed {
@@ -297,17 +339,22 @@ func shortName(m api.Metric) string {
 }
 
 // cellText is one series: its label values (sorted by label name) and its
-// value, "0 to_guest 1234".
+// value, "0 to_guest 1234"; the guest is its section's.
 func cellText(m api.Metric) string {
-	if l := labelValues(m.Labels); l != "" {
+	labels := m.Labels
+	if _, ok := labels["guest"]; ok {
+		labels = maps.Clone(labels)
+		delete(labels, "guest")
+	}
+	if l := labelValues(labels); l != "" {
 		return l + " " + valueText(m)
 	}
 	return valueText(m)
 }
 
-// labelOrder puts the labels that say which instance first (guest, queue,
+// labelOrder puts the labels that say which instance first (queue,
 // egress rule); the others follow by name.
-var labelOrder = []string{"guest", "queue", "index", "rule"}
+var labelOrder = []string{"queue", "index", "rule"}
 
 // labelValues joins the label values, in labelOrder.
 func labelValues(l map[string]string) string {

@@ -69,6 +69,10 @@ func declared(t *testing.T, a *appliance.Appliance, pairs int) int {
 	count(appliance.MigrationStats{}, 1)
 	count(appliance.ProcessStats{}, 1)
 	count(budget.Counters{}, 4) // total, outbound, inbound, link
+	// The guest's own limits (one guest): its NAT counters and its two
+	// memory shares (guest, guest_link).
+	count(forward.GuestStats{}, 1)
+	count(budget.Counters{}, 2)
 	return n
 }
 
@@ -131,7 +135,7 @@ func TestEveryCounterInEveryOutput(t *testing.T) {
 			t.Errorf("stats --metrics lacks %q", line)
 		}
 		if !humanHas(human.stdout, m) {
-			t.Errorf("stats lacks %s %q in section %s", shortName(m), cellText(m), m.Layer)
+			t.Errorf("stats lacks %s %q in section %s", shortName(m), cellText(m), sectionOf(m))
 		}
 	}
 	// Each of the counters that once never left their layer.
@@ -185,7 +189,7 @@ func exposition(m api.Metric) string {
 // section: on its family's line (or that line's continuation), the cell
 // "label-values value".
 func humanHas(out string, m api.Metric) bool {
-	_, sec, ok := strings.Cut(out, "\n"+m.Layer+"\n")
+	_, sec, ok := strings.Cut(out, "\n"+sectionOf(m).String()+"\n")
 	if !ok {
 		return false
 	}

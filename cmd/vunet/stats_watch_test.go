@@ -133,3 +133,39 @@ func TestParseInterval(t *testing.T) {
 		}
 	}
 }
+
+// TestStatsGroupsByGuest: a guest's own series (label guest) are printed
+// in sections of their own, "link (guest 1)", after the shared ones, with
+// the guest's rings under its virtqueue section; the guest is not repeated
+// in each cell.
+func TestStatsGroupsByGuest(t *testing.T) {
+	m := func(layer, name string, v int64, labels ...string) api.Metric {
+		l := map[string]string{}
+		for i := 0; i < len(labels); i += 2 {
+			l[labels[i]] = labels[i+1]
+		}
+		return api.Metric{Layer: layer, Name: name, Kind: api.Counter, Labels: l, Value: v}
+	}
+	st := api.Stats{Version: "test", Metrics: []api.Metric{
+		m("link", "vunet_link_frames_total", 5, "guest", "0", "queue", "0", "direction", "to_guest"),
+		m("virtqueue", "vunet_virtqueue_popped_total", 7, "guest", "0", "queue", "1", "direction", "from_guest"),
+		m("link", "vunet_link_frames_total", 9, "guest", "1", "queue", "0", "direction", "to_guest"),
+		m("virtqueue", "vunet_virtqueue_popped_total", 11, "guest", "1", "queue", "1", "direction", "from_guest"),
+		m("forward", "vunet_forward_drops_total", 3, "reason", "egress"),
+		m("forward", "vunet_forward_guest_refused_total", 2, "guest", "1", "limit", "max_connections"),
+	}, Rings: []api.RingState{{Guest: 0, Queue: 1, Direction: "from_guest", Size: 256}, {Guest: 1, Queue: 1, Direction: "from_guest", Size: 512}}}
+	var b strings.Builder
+	if err := writeStats(&b, st, nil); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	want := "\nforward\n  drops   egress 3\n\n" +
+		"link (guest 0)\n  frames   0 to_guest 5\n\n" +
+		"virtqueue (guest 0)\n  popped   1 from_guest 7\n  ring     1 from_guest: size 256, avail 0, next 0, used 0\n\n" +
+		"link (guest 1)\n  frames   0 to_guest 9\n\n" +
+		"virtqueue (guest 1)\n  popped   1 from_guest 11\n  ring     1 from_guest: size 512, avail 0, next 0, used 0\n\n" +
+		"forward (guest 1)\n  guest_refused   max_connections 2\n"
+	if !strings.HasSuffix(out, want) {
+		t.Fatalf("vunet stats:\n%s\nwant it to end with:\n%s", out, want)
+	}
+}
