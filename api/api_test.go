@@ -219,6 +219,8 @@ func TestBadRequests(t *testing.T) {
 		{"POST", PathForwards, `{"proto":"tcp","host":"127.0.0.1:1","guest_port":1,"extra":1}`, 400},
 		{"POST", PathForwards, `{"proto":"tcp","host":"127.0.0.1:1","guest_port":70000}`, 400},
 		{"POST", PathForwards, `not json`, 400},
+		{"POST", PathForwards, `{"proto":"tcp","host":"127.0.0.1:3","guest_port":1,"guest_selector":"` + strings.Repeat("v", 65) + `"}`, 400},
+		{"POST", PathForwards, `{"proto":"tcp","host":"127.0.0.1:3","guest_port":1,"guest_selector":"vm1"}`, 201},
 		{"POST", PathForwards, `{"proto":"tcp","host":"127.0.0.1:1","guest_port":1}`, 201},
 		{"DELETE", PathForwards + "?proto=tcp&host=127.0.0.1", "", 400},
 		{"DELETE", PathForwards + "?proto=tcp&host=127.0.0.1:1&guest_port=x", "", 400},

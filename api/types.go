@@ -59,9 +59,10 @@ type Forward struct {
 	// Guest is the full guest address ("10.0.2.15:22"); set in replies only,
 	// and not for a forward that names its guest.
 	Guest netip.AddrPort `json:"guest,omitzero"`
-	// GuestSelector is the guest a --forward named (tcp:2222:vm1:22): its
-	// host name, MAC or address, resolved per connection; replies only
-	// (runtime forwards always reach the first guest).
+	// GuestSelector names the guest the forward reaches, as in --forward
+	// tcp:2222:vm1:22: its DHCP host name, MAC (dashes, or colons in
+	// brackets) or address (IPv6 in brackets), resolved per connection.
+	// Empty means the first guest. In requests and replies.
 	GuestSelector string `json:"guest_selector,omitempty"`
 }
 
@@ -262,6 +263,10 @@ type Lease struct {
 // maxSocketPath is sockaddr_un's sun_path capacity, with its NUL.
 const maxSocketPath = 108
 
+// maxSelector bounds a guest selector: a host name is one label (at most
+// 63 bytes), a MAC or an address in brackets is shorter.
+const maxSelector = 64
+
 func (f Forward) validate(needGuest bool) error {
 	switch {
 	case f.Proto == "unix":
@@ -283,8 +288,10 @@ func (f Forward) validate(needGuest bool) error {
 	if needGuest && f.GuestPort == 0 {
 		return Errorf(ErrInvalid, "guest_port: expected 1..65535")
 	}
-	if f.GuestSelector != "" {
-		return Errorf(ErrInvalid, "guest_selector: forwards to a named guest are set at start-up only (--forward)")
+	// The selector's form is the backend's to check (the --forward
+	// parser); here only its size.
+	if len(f.GuestSelector) > maxSelector {
+		return Errorf(ErrInvalid, "guest_selector: longer than %d bytes", maxSelector)
 	}
 	return nil
 }

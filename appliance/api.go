@@ -172,9 +172,17 @@ func (a *Appliance) AddForward(f api.Forward) (api.Forward, error) {
 			return api.Forward{}, api.Errorf(api.ErrConflict, "a %s port forward already listens on %s", f.Proto, f.Host)
 		}
 	}
-	pf, err := a.Forward.AddPortForward(forward.PortForward{
-		Proto: f.Proto, Host: f.Host, Path: f.Path, Guest: netip.AddrPortFrom(a.cfg.IPv4.Guest, f.GuestPort),
-	})
+	pf := forward.PortForward{Proto: f.Proto, Host: f.Host, Path: f.Path, Guest: netip.AddrPortFrom(a.cfg.IPv4.Guest, f.GuestPort)}
+	if f.GuestSelector != "" {
+		// The same guests --forward tcp:2222:vm1:22 may name, checked
+		// by the same parser.
+		sel, err := config.ParseGuestSelector(f.GuestSelector)
+		if err != nil {
+			return api.Forward{}, api.Errorf(api.ErrInvalid, "guest_selector: %w", err)
+		}
+		pf.Select = sel.String()
+	}
+	pf, err := a.Forward.AddPortForward(pf)
 	switch {
 	case err == nil:
 		a.runtime.set(keyOf(pf), true)

@@ -1,6 +1,7 @@
 package appliance
 
 import (
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -16,7 +17,9 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/vunet/vunet/api"
 	"github.com/vunet/vunet/config"
+	"github.com/vunet/vunet/devstate"
 	"github.com/vunet/vunet/netstack/netstacktest"
 )
 
@@ -130,6 +133,48 @@ func TestForwardToNamedGuest(t *testing.T) {
 		if got, err := who(port); got != want {
 			t.Errorf("forward on %s reached %q (%v), want %s", port, got, err, want)
 		}
+	}
+
+	// The same at run time, over the API (vunet forward add
+	// tcp:PORT:vm2:8080): listed with its guest, reaching guest 2, saved
+	// in the device state with its selector; a malformed one is refused.
+	rtPort, _ := strconv.Atoi(freePort(t))
+	host := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(rtPort))
+	got, err := a.AddForward(api.Forward{Proto: "tcp", Host: host, GuestPort: 8080, GuestSelector: "VM2"})
+	if err != nil || got.GuestSelector != "vm2" || got.Guest.IsValid() {
+		t.Fatalf("AddForward to vm2: %+v, %v", got, err)
+	}
+	if who, err := who(strconv.Itoa(rtPort)); who != "guest2" {
+		t.Errorf("runtime forward to vm2 reached %q (%v)", who, err)
+	}
+	listed := false
+	for _, f := range a.Forwards() {
+		listed = listed || f.Host == host && f.GuestSelector == "vm2" && f.String() == "tcp:"+host.String()+":vm2:8080"
+	}
+	if !listed {
+		t.Errorf("Forwards() = %+v: no runtime forward to vm2", a.Forwards())
+	}
+	if _, err := a.AddForward(api.Forward{Proto: "tcp", Host: netip.AddrPortFrom(host.Addr(), 0), GuestPort: 8080, GuestSelector: "-bad-"}); !errors.Is(err, api.ErrInvalid) {
+		t.Errorf("AddForward with selector -bad-: %v, want ErrInvalid", err)
+	}
+	blob, err := a.SaveState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds, err := devstate.Decode(blob)
+	if err != nil || len(ds.Forwards) != 1 || ds.Forwards[0].Guest != "vm2" || ds.Forwards[0].Host != host {
+		t.Fatalf("device state forwards %+v, %v; want the runtime forward with guest vm2", ds.Forwards, err)
+	}
+	if err := a.RemoveForward(api.Forward{Proto: "tcp", Host: host}); err != nil {
+		t.Fatal(err)
+	}
+	// Loaded by a vunet (this one, the forward gone): it comes back
+	// aimed at vm2.
+	if sum, err := a.LoadState(blob); err != nil || sum.Forwards != 1 {
+		t.Fatalf("LoadState: %+v, %v", sum, err)
+	}
+	if who, err := who(strconv.Itoa(rtPort)); who != "guest2" {
+		t.Errorf("restored forward to vm2 reached %q (%v)", who, err)
 	}
 
 	gl := a.GuestList()

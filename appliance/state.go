@@ -14,6 +14,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/vunet/vunet/api"
+	"github.com/vunet/vunet/config"
 	"github.com/vunet/vunet/devstate"
 	"github.com/vunet/vunet/forward"
 	"github.com/vunet/vunet/internal/tcprepair"
@@ -125,7 +126,7 @@ func (a *Appliance) SaveState() ([]byte, error) {
 	}
 	for _, pf := range a.Forward.ListPortForwards() {
 		if a.runtime.has(keyOf(pf)) {
-			st.Forwards = append(st.Forwards, devstate.Forward{Proto: pf.Proto, Host: pf.Host, Path: pf.Path, GuestPort: pf.Guest.Port()})
+			st.Forwards = append(st.Forwards, devstate.Forward{Proto: pf.Proto, Host: pf.Host, Path: pf.Path, GuestPort: pf.Guest.Port(), Guest: pf.Select})
 		}
 	}
 	for _, f := range a.Forward.UDPFlowStates() {
@@ -194,6 +195,15 @@ func (a *Appliance) LoadState(b []byte) (api.StateSummary, error) {
 	}
 	for _, f := range st.Forwards {
 		pf := forward.PortForward{Proto: f.Proto, Host: f.Host, Path: f.Path, Guest: netip.AddrPortFrom(a.cfg.IPv4.Guest, f.GuestPort)}
+		if f.Guest != "" {
+			// Another process's selector: checked as an API request's.
+			sel, err := config.ParseGuestSelector(f.Guest)
+			if err != nil {
+				problem(&a.migStats.RefusedForwards, fmt.Errorf("forward %s: %w", pf, err))
+				continue
+			}
+			pf.Select = sel.String()
+		}
 		if f.Proto == "unix" {
 			// Created here as at run time: in this vunet's
 			// --unix-forward-dir only.
@@ -254,8 +264,11 @@ var errPending = errors.New("host port in use; retrying")
 func (a *Appliance) restoreForward(pf forward.PortForward) error {
 	for _, cur := range a.Forward.ListPortForwards() {
 		if keyOf(cur) == keyOf(pf) {
-			if cur.Guest.Port() == pf.Guest.Port() {
+			if cur.Guest.Port() == pf.Guest.Port() && cur.Select == pf.Select {
 				return nil
+			}
+			if cur.Select != pf.Select {
+				return fmt.Errorf("forward %s: this vunet forwards %s to guest %q", pf, pf.Host, cur.Select)
 			}
 			return fmt.Errorf("forward %s: this vunet forwards %s to guest port %d", pf, pf.Host, cur.Guest.Port())
 		}

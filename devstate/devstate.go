@@ -24,6 +24,12 @@
 // written as version 1, which every vunet reads; one with TCP connections
 // is version 2, which a vunet that could not restore them refuses, rather
 // than lose them silently.
+//
+// A forward that names its guest (Forward.Guest, vunet forward add
+// tcp:2222:vm1:22) is kind 6: kind 3's body and the selector. A vunet
+// that predates it skips the record: the forward is lost, never aimed at
+// whichever guest comes first. Forwards without a guest stay kind 3, so
+// such a state reads as before everywhere.
 package devstate
 
 import (
@@ -57,6 +63,7 @@ const (
 	MaxTCPQueue  = 64 << 10             // each host queue of a TCP connection
 	MaxDUID      = 130                  // RFC 8415 11.1: 2-byte type and at most 128 bytes
 	MaxUnixPath  = 108                  // sun_path
+	MaxSelector  = 64                   // a guest's host name (one label), MAC or address
 	MaxRemaining = 366 * 24 * time.Hour // longer leases or idle times are refused
 )
 
@@ -67,6 +74,8 @@ const (
 	kindForward = 3
 	kindUDPFlow = 4
 	kindTCPFlow = 5
+	// kindForwardGuest is a forward to a named guest (kind 3 + selector).
+	kindForwardGuest = 6
 )
 
 const (
@@ -119,6 +128,11 @@ type Forward struct {
 	Host      netip.AddrPort // tcp, udp
 	Path      string         // unix
 	GuestPort uint16
+	// Guest names the guest (its DHCP host name, MAC or address, as
+	// in --forward tcp:2222:vm1:22); empty for the first guest. Printable
+	// ASCII, at most MaxSelector bytes; its meaning is the destination's
+	// to check.
+	Guest string
 }
 
 // UDPFlow is an outbound UDP flow: the guest's socket, the peer, and the
@@ -303,7 +317,11 @@ func Encode(st *State) ([]byte, error) {
 		}
 	}
 	for _, f := range st.Forwards {
-		if b, err = record(b, kindForward, f.encode); err != nil {
+		kind := kindForward
+		if f.Guest != "" {
+			kind = kindForwardGuest
+		}
+		if b, err = record(b, uint16(kind), f.encode); err != nil {
 			return nil, err
 		}
 	}
@@ -390,7 +408,29 @@ func (f Forward) encode(b []byte) ([]byte, error) {
 	b = appendAddrPort(b, f.Host)
 	b = append(b, byte(len(f.Path)))
 	b = append(b, f.Path...)
-	return binary.LittleEndian.AppendUint16(b, f.GuestPort), nil
+	b = binary.LittleEndian.AppendUint16(b, f.GuestPort)
+	if f.Guest == "" {
+		return b, nil
+	}
+	if !validSelector(f.Guest) {
+		return nil, fmt.Errorf("device state: port forward %s %v to guest %q", f.Proto, f.Host, f.Guest)
+	}
+	b = append(b, byte(len(f.Guest)))
+	return append(b, f.Guest...), nil
+}
+
+// validSelector is the form a guest selector must have in the state: 1 to
+// MaxSelector printable ASCII bytes.
+func validSelector(s string) bool {
+	if len(s) == 0 || len(s) > MaxSelector {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] <= ' ' || s[i] > '~' {
+			return false
+		}
+	}
+	return true
 }
 
 func (f UDPFlow) encode(b []byte) ([]byte, error) {
@@ -477,7 +517,7 @@ func (st *State) decodeRecord(kind uint16, r *reader) error {
 			r.err = fmt.Errorf("DHCPv6 lease address %v", l.Addr)
 		}
 		st.Leases6 = append(st.Leases6, l)
-	case kindForward:
+	case kindForward, kindForwardGuest:
 		if len(st.Forwards) >= MaxForwards {
 			return fmt.Errorf("%w: more than %d port forwards", ErrLimit, MaxForwards)
 		}
@@ -495,6 +535,13 @@ func (st *State) decodeRecord(kind uint16, r *reader) error {
 		}
 		f.Path = string(r.bytes(n))
 		f.GuestPort = r.u16()
+		if kind == kindForwardGuest {
+			n := int(r.u8())
+			f.Guest = string(r.bytes(n))
+			if r.err == nil && !validSelector(f.Guest) {
+				r.err = fmt.Errorf("forward to guest %q", f.Guest)
+			}
+		}
 		if r.err == nil {
 			r.err = f.check()
 		}

@@ -44,7 +44,7 @@ func forwardCommand() *cli.Command {
 			{
 				Name:         "add",
 				Usage:        "start forwarding host ports to the guest",
-				UsageText:    "vunet forward add --api PATH SPEC...   (SPEC is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT or unix:PATH:GUESTPORT with PATH in vunet's --unix-forward-dir, as for --forward; always the first guest)",
+				UsageText:    "vunet forward add --api PATH SPEC...   (SPEC is tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT or unix:PATH:GUESTPORT with PATH in vunet's --unix-forward-dir, as for --forward, with an optional GUEST: before GUESTPORT naming the guest by DHCP host name, MAC or address, resolved per connection; default the first guest)",
 				Flags:        []cli.Flag{apiFlag()},
 				Action:       forwardAddAction,
 				OnUsageError: onUsageError,
@@ -96,11 +96,6 @@ func parseSpecs(c *cli.Context, name string) ([]config.Forward, error) {
 		if err != nil {
 			return nil, usagef("%s %q: %v", name, spec, err)
 		}
-		if !fs[0].Guest.IsZero() && name == "forward add" {
-			// Runtime forwards always reach the first guest
-			// (docs/forwarding.md); remove matches by host socket.
-			return nil, usagef("%s %q: a forward to a named guest (%s) can only be given at start-up (--forward)", name, spec, fs[0].Guest)
-		}
 		out = append(out, fs...)
 	}
 	return out, nil
@@ -112,7 +107,11 @@ func forwardAddAction(c *cli.Context) error {
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(c.App.Writer, "added %s (to guest %s)\n", got, got.Guest)
+		to := got.Guest.String()
+		if got.GuestSelector != "" {
+			to = got.GuestSelector // resolved per connection
+		}
+		fmt.Fprintf(c.App.Writer, "added %s (to guest %s)\n", got, to)
 		return nil
 	})
 }
@@ -141,7 +140,13 @@ func eachForward(c *cli.Context, name, verb string, do func(*api.Client, api.For
 	}
 	defer cl.Close()
 	for n, f := range fs {
-		if err := do(cl, api.Forward{Proto: f.Proto, Host: f.Host, Path: f.Path, GuestPort: f.GuestPort}); err != nil {
+		// The guest a SPEC names travels as the selector (remove
+		// matches by host socket and ignores it).
+		af := api.Forward{Proto: f.Proto, Host: f.Host, Path: f.Path, GuestPort: f.GuestPort}
+		if !f.Guest.IsZero() && name == "forward add" {
+			af.GuestSelector = f.Guest.String()
+		}
+		if err := do(cl, af); err != nil {
 			return partial(name, f.String(), n, len(fs), verb, err)
 		}
 	}

@@ -77,7 +77,9 @@ func (f *fakeAPI) AddForward(fw api.Forward) (api.Forward, error) {
 			return api.Forward{}, api.Errorf(api.ErrConflict, "a %s port forward already listens on %s", fw.Proto, fw.Host)
 		}
 	}
-	fw.Guest = netip.AddrPortFrom(netip.MustParseAddr("10.0.2.15"), fw.GuestPort)
+	if fw.GuestSelector == "" {
+		fw.Guest = netip.AddrPortFrom(netip.MustParseAddr("10.0.2.15"), fw.GuestPort)
+	}
 	f.forwards = append(f.forwards, fw)
 	return fw, nil
 }
@@ -128,6 +130,20 @@ func TestForwardCommands(t *testing.T) {
 		t.Errorf("add printed\n%s\nwant\n%s", r.stdout, want)
 	}
 
+	// A forward naming its guest carries the selector; the list shows it.
+	r = runVunet(t, nil, "forward", "add", "--api", sock, "tcp:2225:vm1:22")
+	if r.err != nil || r.stdout != "added tcp:127.0.0.1:2225:vm1:22 (to guest vm1)\n" {
+		t.Errorf("add to vm1: %q %q", r.line(), r.stdout)
+	}
+	r = runVunet(t, nil, "forward", "list", "--api", sock)
+	if !strings.Contains(r.stdout, "vm1:22        tcp:127.0.0.1:2225:vm1:22\n") {
+		t.Errorf("list lacks the forward to vm1:\n%s", r.stdout)
+	}
+	if r := runVunet(t, nil, "forward", "rm", "--api", sock, "tcp:2225:22"); r.err != nil {
+		t.Fatal(r.line())
+	}
+	b.removed = nil
+
 	// The socket can come from VUNET_API.
 	r = runVunet(t, map[string]string{"VUNET_API": sock}, "forward", "list")
 	if r.err != nil {
@@ -177,7 +193,6 @@ func TestForwardUsageErrors(t *testing.T) {
 		{[]string{"forward", "add", "--api", sock}, "forward add: expected at least one SPEC"},
 		{[]string{"forward", "add", "--api", sock, "tcp:2222:22", "tcp:x:22"}, `forward add "tcp:x:22": expected tcp:[HOSTADDR:]HOSTPORT:[GUEST:]GUESTPORT`},
 		{[]string{"forward", "add", "tcp:2222:22"}, "forward add: --api PATH is required (or VUNET_API)"},
-		{[]string{"forward", "add", "--api", sock, "tcp:2222:vm1:22"}, `forward add "tcp:2222:vm1:22": a forward to a named guest (vm1) can only be given at start-up (--forward)`},
 		{[]string{"forward", "remove", "--api", sock, "icmp:1:1"}, `forward remove "icmp:1:1"`},
 		{[]string{"forward", "list", "--api", sock, "extra"}, `forward list: unexpected argument "extra"`},
 		{[]string{"forward", "add", "tcp:2222:22", "--api", sock}, "forward add: flag --api after a SPEC; put flags first"},
