@@ -59,7 +59,7 @@ func writeGuests(w io.Writer, gs []api.Guest, now time.Time) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "GUEST\tMAC\tNAME\tADDRESSES\tLEASE\tRX (to guest)\tTX (from guest)\tDROPS\tQUEUES")
+	fmt.Fprintln(tw, "GUEST\tMAC\tNAME\tADDRESSES\tLEASE\tRX (to guest)\tTX (from guest)\tDROPS\tQUEUES\tNAT FLOWS")
 	for _, g := range gs {
 		name := "-"
 		if g.Name != "" {
@@ -69,9 +69,9 @@ func writeGuests(w io.Writer, gs []api.Guest, now time.Time) error {
 		if mac == "" {
 			mac = "-"
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", g.Port, mac, name, addrList(g),
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", g.Port, mac, name, addrList(g),
 			leaseText(g.Leases, now), traffic(g.Metrics, api.ToGuest), traffic(g.Metrics, api.FromGuest),
-			sumMetric(g.Metrics, "vunet_link_drops_total", ""), queueText(g.Rings))
+			sumMetric(g.Metrics, "vunet_link_drops_total", ""), queueText(g.Rings), natText(g.Metrics))
 	}
 	return tw.Flush()
 }
@@ -118,6 +118,19 @@ func sumMetric(ms []api.Metric, name, dir string) uint64 {
 		}
 	}
 	return n
+}
+
+// natText is the guest's own NAT flows, each against its own limit, and
+// how many new ones its limits refused: "tcp 40, udp 2, icmp 0; refused 1".
+func natText(ms []api.Metric) string {
+	flows := map[string]int64{}
+	for _, m := range ms {
+		if m.Name == "vunet_forward_guest_flows" {
+			flows[m.Labels["proto"]] = m.Value
+		}
+	}
+	return fmt.Sprintf("tcp %d, udp %d, icmp %d; refused %d", flows["tcp"], flows["udp"], flows["icmp"],
+		sumMetric(ms, "vunet_forward_guest_refused_total", ""))
 }
 
 // queueText summarises the rings: receive buffers the guest has posted and

@@ -41,6 +41,10 @@ func TestWriteGuests(t *testing.T) {
 			m("vunet_link_bytes_total", api.FromGuest, 100, "queue", "1"),
 			m("vunet_link_drops_total", "", 2, "reason", "tx_short"),
 			m("vunet_link_drops_total", "", 1, "reason", "rx_backlog_full"),
+			m("vunet_forward_guest_flows", "", 40, "proto", "tcp"),
+			m("vunet_forward_guest_flows", "", 2, "proto", "udp"),
+			m("vunet_forward_guest_refused_total", "", 1, "limit", "max_connections"),
+			m("vunet_forward_guest_refused_total", "", 3, "limit", "udp_flows"),
 		},
 	}, {Port: 0}}
 	var b strings.Builder
@@ -49,7 +53,7 @@ func TestWriteGuests(t *testing.T) {
 	}
 	out := b.String()
 	for _, want := range []string{"52:54:00:00:00:02", "vm2.vunet.internal", "10.0.2.16,fd00::5054:ff:fe00:2",
-		"2026-12-01 19:30 (in 1h30m0s)", "5 / 2.0 KiB", "7 / 100 B", "  3  ", "2 rings, rx free 4, tx pending 2"} {
+		"2026-12-01 19:30 (in 1h30m0s)", "5 / 2.0 KiB", "7 / 100 B", "  3  ", "2 rings, rx free 4, tx pending 2", "tcp 40, udp 2, icmp 0; refused 4"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
