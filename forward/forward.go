@@ -204,12 +204,14 @@ type Forwarder struct {
 
 	egress *egress.Policy // opts.Egress, or the default policy
 
-	ping  *pinger
-	poll  *hostPoller // wakes splice directions parked on host sockets
-	syns  *synTable   // guest SYNs being dialed, for ICMP errors
-	epoch time.Time   // monotonic base for flow activity stamps
-	c     Stats
-	bufs  sync.Pool // *[]byte of maxDatagram, borrowed by UDP relays per datagram
+	ping *pinger
+	poll *hostPoller // wakes splice directions parked on host sockets
+	// starved: splices waiting for the budget, one goroutine for all.
+	starved starvedSet
+	syns    *synTable // guest SYNs being dialed, for ICMP errors
+	epoch   time.Time // monotonic base for flow activity stamps
+	c       Stats
+	bufs    sync.Pool // *[]byte of maxDatagram, borrowed by UDP relays per datagram
 
 	// Budget shares: outbound traffic cannot take memIn's reserve.
 	memOut, memIn *budget.Budget

@@ -127,8 +127,8 @@ type tcpSplice struct {
 	moved   int64     // bytes moved since then
 	waited  bool      // th parked for room in the host socket
 	lastRcv time.Time // data last moved guest → host
-	// budgetWait: a goroutine waits for the budget to release memory
-	// for a floored receive direction.
+	// budgetWait: the splice is in the Forwarder's starved set, waiting
+	// for the budget to release memory for its floored receive direction.
 	budgetWait atomic.Bool
 
 	// Host socket registration in the poller, under pmu.
@@ -245,6 +245,7 @@ func (c *tcpSplice) finish() {
 	c.wq.EventUnregister(&c.entry)
 	c.unpoll()
 	f.poll.remove(c)
+	f.unstarve(c)
 	detached := c.detaching.Load()
 	if !detached {
 		c.closeBoth()
@@ -739,12 +740,12 @@ func (c *tcpSplice) pullFD(fd uintptr) bool {
 }
 
 // waitBudget retries a floored receive direction's share and, if the
-// budget still has none, has a goroutine wake the direction at the next
-// release. Only connections starved by a full budget hold one.
+// budget still has none, registers the splice with the Forwarder's starved
+// set, which wakes the direction at the next release.
 func (c *tcpSplice) waitBudget() {
 	so := c.gep.SocketOptions()
 	if !c.budgetWait.CompareAndSwap(false, true) {
-		return // one is waiting already
+		return // registered already
 	}
 	ch := c.mem.Wait()
 	c.retryShare(&c.rcv, so.SetReceiveBufferSize)
@@ -752,17 +753,9 @@ func (c *tcpSplice) waitBudget() {
 		c.budgetWait.Store(false)
 		return
 	}
-	c.f.wg.Add(1) // within the splice's count
-	go func() {
-		defer c.f.wg.Done()
-		select {
-		case <-ch:
-			c.budgetWait.Store(false)
-			c.wake(&c.th, dirParkedGuest)
-		case <-c.stop:
-			c.budgetWait.Store(false)
-		}
-	}()
+	if !c.f.starve(c, ch) {
+		c.budgetWait.Store(false)
+	}
 }
 
 // shrinkRecv returns an idle receive buffer to the minimum share. It runs
