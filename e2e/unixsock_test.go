@@ -22,7 +22,11 @@ import (
 // runs as nobody): a host client on the --forward unix:PATH:8080 socket
 // reaches the guest's nc, which sees it coming from the gateway; the
 // guest's wget of http://10.0.2.2:2375/ reaches an HTTP server on a host
-// Unix socket through --expose tcp:2375:unix:PATH.
+// Unix socket through --expose tcp:2375:unix:PATH. The client goes
+// through a unix forward added at run time (vunet forward add, in
+// --unix-forward-dir): the socket the confined vunet created after
+// start-up; the --forward one is checked for its mode and that it
+// accepts.
 func TestLinuxGuestUnixSockets(t *testing.T) {
 	e := setup(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*guestTimeout)
@@ -54,12 +58,23 @@ func TestLinuxGuestUnixSockets(t *testing.T) {
 	t.Cleanup(func() { _ = srv.Close() })
 
 	fwd := filepath.Join(dir, "app.sock")
+	apiSock := filepath.Join(dir, "vunet-api.sock")
+	fwdDir := filepath.Join(dir, "fwd")
 	vn := vunettest.Start(t, e.vunetArgs(
 		"--forward", fmt.Sprintf("unix:%s:%d", fwd, guestFwdPort),
-		"--expose", "tcp:2375:unix:"+api)...)
+		"--expose", "tcp:2375:unix:"+api,
+		"--api", apiSock, "--unix-forward-dir", fwdDir)...)
 	if fi, err := os.Lstat(fwd); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("unix forward socket %s: %v, %v; want mode 0600", fwd, fi, err)
 	}
+	if c, err := net.Dial("unix", fwd); err != nil {
+		t.Errorf("unix forward socket %s: %v", fwd, err)
+	} else {
+		c.Close()
+	}
+	// Added while vunet is confined (as root it runs as nobody).
+	runtimeFwd := filepath.Join(fwdDir, "app.sock")
+	vunetCLI(t, nil, "forward", "add", "--api", apiSock, fmt.Sprintf("unix:%s:%d", runtimeFwd, guestFwdPort))
 	inst := startGuest(t, ctx, &qemutest.Guest{
 		Socket: vn.Socket,
 		Script: script(
@@ -72,10 +87,10 @@ func TestLinuxGuestUnixSockets(t *testing.T) {
 		t.Fatal(err)
 	}
 	fctx, fcancel := context.WithTimeout(ctx, time.Minute)
-	peer, err := harness.ProbeForward(fctx, "unix:"+fwd)
+	peer, err := harness.ProbeForward(fctx, "unix:"+runtimeFwd)
 	fcancel()
 	if err != nil {
-		t.Errorf("unix forward %s: %v", fwd, err)
+		t.Errorf("runtime unix forward %s: %v", runtimeFwd, err)
 	} else {
 		host := peer
 		if i := strings.LastIndexByte(peer, ':'); i >= 0 {
@@ -86,7 +101,7 @@ func TestLinuxGuestUnixSockets(t *testing.T) {
 		if host != harness.Gateway4 {
 			t.Errorf("guest saw the unix forward's client as %q, want the gateway %s", peer, harness.Gateway4)
 		}
-		t.Logf("unix forward %s -> guest:%d: guest saw %s", fwd, guestFwdPort, peer)
+		t.Logf("runtime unix forward %s -> guest:%d: guest saw %s", runtimeFwd, guestFwdPort, peer)
 	}
 	finish(t, inst, "dhcp", "expose", "forward")
 }
