@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -84,6 +86,36 @@ func eventuallyTrue(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// switchDump describes every guest's rings (the device's view, and the
+// mock driver's counters: rx_used against the device's used_total shows
+// entries the driver has not reaped), both stacks' TCP counters, and the
+// non-zero link, virtqueue and switch counters, for a stalled transfer.
+// It reads only atomics, so it adds no race report of its own.
+func switchDump(a *Appliance, gs ...*testGuest) string {
+	var b strings.Builder
+	for i, g := range gs {
+		fmt.Fprintf(&b, "guest %d driver: delivered %d posted %d ring_full %d rx_used %d\n", i+1,
+			g.gl.Delivered.Load(), g.gl.Posted.Load(), g.gl.RingFull.Load(), g.gl.RXUsed.Load())
+		st := g.s.Stats()
+		fmt.Fprintf(&b, "  tcp: sent %d received %d retransmits %d timeouts %d fast_retransmit %d invalid %d; ip: received %d delivered %d; nic rx %d tx %d\n",
+			st.TCP.SegmentsSent.Value(), st.TCP.ValidSegmentsReceived.Value(), st.TCP.Retransmits.Value(), st.TCP.Timeouts.Value(),
+			st.TCP.FastRetransmit.Value(), st.TCP.InvalidSegmentsReceived.Value(), st.IP.PacketsReceived.Value(), st.IP.PacketsDelivered.Value(),
+			st.NICs.Rx.Packets.Value(), st.NICs.Tx.Packets.Value())
+	}
+	for _, p := range a.Link.Ports() {
+		fmt.Fprintf(&b, "port %d: rx backlog %d\n", p.PortID(), p.RXBacklog())
+		for q := range p.NumQueues() {
+			fmt.Fprintf(&b, "  queue %d device: %+v\n", q, p.RingState(q))
+		}
+	}
+	for _, m := range a.Stats().Metrics {
+		if m.Value != 0 && (m.Layer == "link" || m.Layer == "virtqueue" || m.Layer == "switch") {
+			fmt.Fprintf(&b, "%s%v %d\n", m.Name, m.Labels, m.Value)
+		}
+	}
+	return b.String()
+}
+
 // TestTwoGuests runs two guests on one appliance (--max-guests 2): a TCP
 // transfer between them goes through the switch, not the NAT; Guests
 // lists both; a third frontend is refused; when one guest's frontend goes
@@ -132,7 +164,9 @@ func TestTwoGuests(t *testing.T) {
 			t.Fatal("guest 1 received other bytes than guest 2 sent")
 		}
 	case <-time.After(30 * time.Second):
-		t.Fatal("guest-to-guest transfer did not finish")
+		first := switchDump(a, g1, g2)
+		time.Sleep(2 * time.Second) // a stall, or only slow?
+		t.Fatalf("guest-to-guest transfer did not finish\n%s\n2 s later:\n%s", first, switchDump(a, g1, g2))
 	}
 	if n := a.Forward.Stats().TCPConnsTotal.Load(); n != 0 {
 		t.Errorf("the NAT carried %d connections; guest to guest must not enter it", n)
