@@ -45,6 +45,11 @@ const (
 	// shrinkAfter: a direction that moved nothing for this long goes
 	// back to MinTCPBuffer and releases the rest.
 	shrinkAfter = 2 * time.Second
+	// roomPoll: how soon a direction parked for room in a full send
+	// buffer looks for room itself (tcpSplice.roomTimer); below the host
+	// kernel's smallest loss-probe timeout (2 ms plus twice the smoothed
+	// RTT).
+	roomPoll = time.Millisecond
 )
 
 // Keepalive settings for both halves of a splice: a guest or host peer that
@@ -114,9 +119,27 @@ type tcpSplice struct {
 	r       hostReader
 	res     pushResult
 	pushFn  func(uintptr) bool
-	fullAt  time.Time // when the send buffer was last found full
+	fullAt  time.Time // start of the send buffer's growth interval (see sendFull)
 	noRoom  bool      // tg parked for room in the send buffer
 	lastSnd time.Time // data last moved host → guest
+	// sinceFull: bytes moved since fullAt. The send buffer grows when
+	// the guest consumed half of it within growWithin of it filling up.
+	sinceFull int64
+	// progress: this run of tg moved data (so it polls for room when it
+	// parks, see roomTimer).
+	progress bool
+	byPoll   bool // this run of tg was started by roomTimer
+	// roomTimer wakes tg, parked for room in a full send buffer, before
+	// gVisor would: gVisor reports room only once half the buffer is
+	// free (2 MiB of a grown one: several milliseconds of a TCG guest's
+	// ACKs), and while the host socket is not read the kernel holds back
+	// its ACKs to the host's sender (its receive window is shrinking),
+	// whose tail loss probe (2·SRTT + 2 ms) fires first: a spurious
+	// retransmission on the loopback per stall. Looking every roomPoll
+	// reads the socket in smaller, more frequent pieces. A run that
+	// finds no room does not poll again (a stalled guest costs no
+	// wakeups); gVisor's event takes over.
+	roomTimer *time.Timer
 
 	// guest → host state, owned by whoever runs th.
 	w       hostWriter
@@ -241,6 +264,9 @@ func (c *tcpSplice) finish() {
 			d.timer.Stop()
 		}
 	}
+	if c.roomTimer != nil {
+		c.roomTimer.Stop()
+	}
 	c.stopOnce.Do(func() { close(c.stop) })
 	c.wq.EventUnregister(&c.entry)
 	c.unpoll()
@@ -301,9 +327,16 @@ func (c *tcpSplice) hostReady(ev uint32) {
 
 // wake starts direction d in a new goroutine if it is parked in state
 // from.
-func (c *tcpSplice) wake(d *direction, from int32) {
+func (c *tcpSplice) wake(d *direction, from int32) { c.wakeBy(d, from, false) }
+
+// wakeBy is wake; polled says roomTimer wakes tg, which the woken run
+// learns from c.byPoll.
+func (c *tcpSplice) wakeBy(d *direction, from int32, polled bool) {
 	if !d.state.CompareAndSwap(from, dirRunning) {
 		return
+	}
+	if polled {
+		c.byPoll = true // tg is ours now; the go statement publishes it
 	}
 	c.f.c.TCPWakeups.Add(1)
 	c.f.wg.Add(1) // the splice still holds its count: d is not done
@@ -442,17 +475,18 @@ func (c *tcpSplice) retryShare(w *window, set func(int64, bool)) {
 // grow quadruples a direction if the budget allows: from MinTCPBuffer to
 // MaxTCPBuffer in four steps, so a bulk transfer of a few MiB is not spent
 // ramping up.
-func (c *tcpSplice) grow(w *window, set func(int64, bool)) {
+func (c *tcpSplice) grow(w *window, set func(int64, bool)) bool {
 	if w.charged == 0 || w.size >= MaxTCPBuffer {
-		return
+		return false
 	}
 	n := min(w.size*4, MaxTCPBuffer)
 	if !c.mem.Grow(n - w.size) {
-		return
+		return false
 	}
 	w.charged += n - w.size
 	w.size = n
 	set(n, true)
+	return true
 }
 
 func (c *tcpSplice) releaseAll() {
@@ -478,15 +512,17 @@ func (c *tcpSplice) toGuest() {
 	d := &c.tg
 	so := c.gep.SocketOptions()
 	if c.noRoom {
-		// Woken for room.
+		// Woken for room: by gVisor (half the buffer is free) or by
+		// roomTimer (perhaps none is).
 		c.noRoom = false
 		c.settleSend()
 		if c.snd.charged == 0 {
 			c.retryShare(&c.snd, so.SetSendBufferSize)
-		} else if time.Since(c.fullAt) < growWithin {
-			c.grow(&c.snd, so.SetSendBufferSize)
 		}
 	}
+	c.progress = false
+	polled := c.byPoll
+	c.byPoll = false
 	for {
 		if c.stopped() {
 			c.done(d)
@@ -502,6 +538,12 @@ func (c *tcpSplice) toGuest() {
 			if c.snd.size > MinTCPBuffer {
 				c.lastSnd = time.Now()
 			}
+			c.sinceFull += int64(c.r.moved)
+			if polled {
+				c.f.c.TCPRoomPolls.Add(1)
+				polled = false
+			}
+			c.progress = true
 			continue
 		case pushWait:
 			// A grown buffer shrinks when the host has been quiet.
@@ -516,9 +558,16 @@ func (c *tcpSplice) toGuest() {
 				return
 			}
 		case pushNoRoom:
-			c.fullAt = time.Now()
-			c.lastSnd = c.fullAt
+			now := time.Now()
+			c.lastSnd = now
+			if c.sendFull(so, now) {
+				continue // grown: there is room now
+			}
 			c.noRoom = true
+			if c.progress {
+				c.pollRoom()
+			}
+			c.progress = false
 			if c.parkGuest(d, waiter.WritableEvents) {
 				return
 			}
@@ -526,8 +575,6 @@ func (c *tcpSplice) toGuest() {
 			c.settleSend()
 			if c.snd.charged == 0 {
 				c.retryShare(&c.snd, so.SetSendBufferSize)
-			} else if time.Since(c.fullAt) < growWithin {
-				c.grow(&c.snd, so.SetSendBufferSize)
 			}
 		case pushEOF:
 			if c.gep.Shutdown(tcpip.ShutdownWrite) != nil {
@@ -544,6 +591,34 @@ func (c *tcpSplice) toGuest() {
 			return
 		}
 	}
+}
+
+// sendFull runs when tg finds the send buffer full. It grows the buffer
+// (and reports so) if the guest consumed half of it within growWithin of
+// it filling up: the rule gVisor's own writable event (at half the buffer
+// free) used to decide alone, now that roomTimer also wakes tg. Otherwise
+// a new interval starts when the last one has run out.
+func (c *tcpSplice) sendFull(so *tcpip.SocketOptions, now time.Time) bool {
+	if c.snd.charged != 0 && c.sinceFull >= c.snd.size/2 {
+		grew := now.Sub(c.fullAt) < growWithin && c.grow(&c.snd, so.SetSendBufferSize)
+		c.fullAt, c.sinceFull = now, 0
+		return grew
+	}
+	if now.Sub(c.fullAt) >= growWithin {
+		c.fullAt, c.sinceFull = now, 0
+	}
+	return false
+}
+
+// pollRoom arms roomTimer as tg parks for room. Only tg's running
+// goroutine calls it; a timer that fires after tg left that state wakes
+// nothing.
+func (c *tcpSplice) pollRoom() {
+	if c.roomTimer == nil {
+		c.roomTimer = time.AfterFunc(roomPoll, func() { c.wakeBy(&c.tg, dirParkedGuest, true) })
+		return
+	}
+	c.roomTimer.Reset(roomPoll)
 }
 
 // pushFD runs inside RawConn.Read: one attempt, never a wait in Go's
@@ -586,10 +661,11 @@ func (c *tcpSplice) settleSend() {
 // so every byte gVisor asks for is there and read(2) never comes up
 // short. One per direction, reused: no allocation per read.
 type hostReader struct {
-	fd   int
-	n    int
-	lost bool    // read(2) returned less than SIOCINQ promised
-	peek [1]byte // for telling EOF from "nothing yet"
+	fd    int
+	n     int
+	moved int     // bytes the last push moved
+	lost  bool    // read(2) returned less than SIOCINQ promised
+	peek  [1]byte // for telling EOF from "nothing yet"
 }
 
 // push runs inside RawConn.Read, i.e. while fd is valid.
@@ -611,7 +687,8 @@ func (r *hostReader) push(fd int, ep tcpip.Endpoint) pushResult {
 		avail = 1 // arrived since SIOCINQ
 	}
 	r.fd, r.n, r.lost = fd, min(avail, hostChunk), false
-	_, terr := ep.Write(r, tcpip.WriteOptions{})
+	n, terr := ep.Write(r, tcpip.WriteOptions{})
+	r.moved = int(n)
 	switch terr.(type) {
 	case nil:
 		if r.lost {

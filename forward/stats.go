@@ -66,6 +66,10 @@ type Stats struct {
 	// connection holds no goroutine, and each guest or host event that
 	// gives a parked direction work starts one.
 	TCPWakeups atomic.Uint64 `metric:"forward_tcp_wakeups_total" help:"Restarts of parked TCP splice directions (an idle connection holds no goroutine; a guest or host event that gives it work starts one)."`
+	// TCPRoomPolls counts reads from a host socket that a splice started
+	// itself, looking for room in a full gVisor send buffer before gVisor
+	// reported any (see tcpSplice.roomTimer).
+	TCPRoomPolls atomic.Uint64 `metric:"forward_tcp_room_polls_total" help:"Host socket reads a TCP splice started by looking for room in a full send buffer itself, before gVisor reported half of it free."`
 	// TCPLostReads counts connections aborted because a host socket
 	// returned less than it announced (should never happen).
 	TCPLostReads atomic.Uint64 `metric:"forward_tcp_lost_reads_total" help:"TCP connections aborted because a host socket returned less than it announced."`
