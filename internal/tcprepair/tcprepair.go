@@ -126,6 +126,18 @@ func dumpFD(fd, limit int) (st *State, err error) {
 	if info.State != unix.BPF_TCP_ESTABLISHED {
 		return nil, ErrNotEstablished
 	}
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+		return nil, fmt.Errorf("tcprepair: TCP_REPAIR on: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			// Leave the socket as it was: it goes on (or is reset) normally.
+			_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
+		}
+	}()
+	// The queue sizes are read in repair mode, like the queues themselves:
+	// read before, a segment still arriving made the peek below disagree
+	// with the count ("queue held 147456 bytes, 149504 announced").
 	inq, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
 	if err != nil {
 		return nil, fmt.Errorf("tcprepair: SIOCINQ: %w", err)
@@ -137,15 +149,6 @@ func dumpFD(fd, limit int) (st *State, err error) {
 	if inq > limit || outq > limit || inq < 0 || outq < 0 {
 		return nil, ErrQueueTooLarge
 	}
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
-		return nil, fmt.Errorf("tcprepair: TCP_REPAIR on: %w", err)
-	}
-	defer func() {
-		if err != nil {
-			// Leave the socket as it was: it goes on (or is reset) normally.
-			_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
-		}
-	}()
 	ws, err := wscales(fd)
 	if err != nil {
 		return nil, err
