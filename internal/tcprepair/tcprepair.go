@@ -19,6 +19,7 @@ import (
 	"net/netip"
 	"os"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -345,7 +346,7 @@ func restoreFD(fd int, st *State, v6 bool) error {
 			_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, b.opt, 2*b.n+64<<10)
 		}
 	}
-	if err := unix.Bind(fd, toSockaddr(st.Local, v6)); err != nil {
+	if err := bindRetry(fd, toSockaddr(st.Local, v6)); err != nil {
 		return fmt.Errorf("tcprepair: bind %s: %w", st.Local, err)
 	}
 	// The sequence numbers before the queues' contents: writing a queue
@@ -438,4 +439,25 @@ func writeQueue(fd int, data []byte, mss uint32) error {
 // want of CAP_NET_ADMIN.
 func IsPermission(err error) bool {
 	return errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EACCES)
+}
+
+// bindWait bounds how long Restore waits for the source's socket to let go
+// of the 4-tuple.
+const bindWait = time.Second
+
+// bindRetry binds fd, retrying while the address is in use: the source's
+// socket, closed in repair mode, releases its port only when its last file
+// reference goes, which in a Go process can trail Close (a poller
+// goroutine still holding the descriptor); the source may also be another
+// process that is still exiting. TestMoveTCPConnection failed once in CI
+// with EADDRINUSE for exactly that reason.
+func bindRetry(fd int, sa unix.Sockaddr) error {
+	deadline := time.Now().Add(bindWait)
+	for {
+		err := unix.Bind(fd, sa)
+		if err != unix.EADDRINUSE || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
