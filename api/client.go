@@ -128,6 +128,34 @@ func (c *Client) RemoveForward(ctx context.Context, f Forward) error {
 	return c.do(ctx, http.MethodDelete, PathForwards+"?"+q.Encode(), nil, nil)
 }
 
+// Exposes calls GET /v1/exposes.
+func (c *Client) Exposes(ctx context.Context) ([]Expose, error) {
+	var es Exposes
+	err := c.do(ctx, http.MethodGet, PathExposes, nil, &es)
+	return es.Exposes, err
+}
+
+// AddExpose calls POST /v1/exposes and returns the expose as started.
+func (c *Client) AddExpose(ctx context.Context, e Expose) (Expose, error) {
+	body, err := json.Marshal(exposeRequest{Proto: e.Proto, GatewayPort: int64(e.GatewayPort), Path: e.Path})
+	if err != nil {
+		return Expose{}, fmt.Errorf("api: %w", err)
+	}
+	var got Expose
+	err = c.do(ctx, http.MethodPost, PathExposes, body, &got)
+	return got, err
+}
+
+// RemoveExpose calls DELETE /v1/exposes for e.GatewayPort; a non-empty
+// e.Path must match the expose's.
+func (c *Client) RemoveExpose(ctx context.Context, e Expose) error {
+	q := url.Values{"gateway_port": {strconv.Itoa(int(e.GatewayPort))}}
+	if e.Path != "" {
+		q.Set("path", e.Path)
+	}
+	return c.do(ctx, http.MethodDelete, PathExposes+"?"+q.Encode(), nil, nil)
+}
+
 // SaveState calls GET /v1/state and returns the source's device state.
 func (c *Client) SaveState(ctx context.Context) ([]byte, error) {
 	var b bytes.Buffer

@@ -46,6 +46,19 @@ type StateBackend interface {
 	LoadState([]byte) (StateSummary, error)
 }
 
+// ExposeBackend is implemented by a Backend that maps gateway ports to
+// host Unix sockets at run time (/v1/exposes).
+type ExposeBackend interface {
+	// Exposes lists the exposed gateway ports, by port.
+	Exposes() []Expose
+	// AddExpose exposes e.GatewayPort and returns it as started
+	// (Gateway set). Errors wrap ErrInvalid or ErrConflict.
+	AddExpose(Expose) (Expose, error)
+	// RemoveExpose ends the mapping on e.GatewayPort; if e.Path is not
+	// empty it must match. Errors wrap ErrNotFound.
+	RemoveExpose(Expose) error
+}
+
 // GuestsBackend is implemented by a Backend that lists its guests
 // (GET /v1/guests).
 type GuestsBackend interface {
@@ -59,6 +72,7 @@ const (
 	PathHealth   = "/v1/health"
 	PathStats    = "/v1/stats"
 	PathForwards = "/v1/forwards"
+	PathExposes  = "/v1/exposes"
 	PathState    = "/v1/state"
 	PathMetrics  = "/metrics"
 )
@@ -100,6 +114,18 @@ func NewServer(b Backend, log *slog.Logger) *Server {
 		s.mux.HandleFunc("GET "+PathState, func(w http.ResponseWriter, r *http.Request) { s.saveState(w, r, sb) })
 		s.mux.HandleFunc("POST "+PathState, func(w http.ResponseWriter, r *http.Request) { s.loadState(w, r, sb) })
 		allow[PathState] = "GET, POST"
+	}
+	if eb, ok := b.(ExposeBackend); ok {
+		s.mux.HandleFunc("GET "+PathExposes, func(w http.ResponseWriter, r *http.Request) {
+			es := eb.Exposes()
+			if es == nil {
+				es = []Expose{} // "[]", not "null"
+			}
+			s.reply(w, r, http.StatusOK, Exposes{Exposes: es})
+		})
+		s.mux.HandleFunc("POST "+PathExposes, func(w http.ResponseWriter, r *http.Request) { s.addExpose(w, r, eb) })
+		s.mux.HandleFunc("DELETE "+PathExposes, func(w http.ResponseWriter, r *http.Request) { s.removeExpose(w, r, eb) })
+		allow[PathExposes] = "GET, POST, DELETE"
 	}
 	if gb, ok := b.(GuestsBackend); ok {
 		s.mux.HandleFunc("GET "+PathGuests, func(w http.ResponseWriter, r *http.Request) {
@@ -231,6 +257,53 @@ func (s *Server) removeForward(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Debug("api: port forward removed", "forward", f.String())
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) addExpose(w http.ResponseWriter, r *http.Request, eb ExposeBackend) {
+	var req exposeRequest
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		s.fail(w, r, Errorf(ErrInvalid, "request body: %v", err))
+		return
+	}
+	e, err := req.validate(true)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	got, err := eb.AddExpose(e)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.log.Debug("api: gateway port exposed", "expose", got.String())
+	s.reply(w, r, http.StatusCreated, got)
+}
+
+// removeExpose takes the expose from the query string (gateway_port, and
+// optionally proto and path), as removeForward does.
+func (s *Server) removeExpose(w http.ResponseWriter, r *http.Request, eb ExposeBackend) {
+	q := r.URL.Query()
+	req := exposeRequest{Proto: q.Get("proto"), Path: q.Get("path")}
+	gp := q.Get("gateway_port")
+	n, err := strconv.ParseInt(gp, 10, 64)
+	if err != nil {
+		s.fail(w, r, Errorf(ErrInvalid, "gateway_port %q: expected 1..65535", gp))
+		return
+	}
+	req.GatewayPort = n
+	e, err := req.validate(false)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if err := eb.RemoveExpose(e); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.log.Debug("api: gateway port no longer exposed", "gateway_port", e.GatewayPort)
 	w.WriteHeader(http.StatusNoContent)
 }
 

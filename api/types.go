@@ -85,6 +85,62 @@ type Forwards struct {
 	Forwards []Forward `json:"forwards"`
 }
 
+// Expose is a gateway TCP port mapped to a host Unix socket, as with
+// --expose tcp:GATEWAYPORT:unix:PATH: a guest connection to the gateway
+// address (10.0.2.2, fd00::2) on GatewayPort is relayed to a connect on
+// Path. The port is the gateway's, so every guest reaches the same
+// socket (there is no guest selector).
+type Expose struct {
+	// Proto is "tcp", the only kind; empty in a request means tcp.
+	Proto string `json:"proto"`
+	// GatewayPort is the port on the gateway addresses, 1..65535.
+	GatewayPort uint16 `json:"gateway_port"`
+	// Path is the host socket, absolute and shorter than 108 bytes. At
+	// run time under the sandbox it must be a file directly in
+	// --unix-forward-dir or in the directory of an --expose socket given
+	// at start-up: the sandbox lets vunet connect nowhere else.
+	Path string `json:"path"`
+	// Gateway lists the addresses guests connect to; set in replies
+	// only.
+	Gateway []netip.AddrPort `json:"gateway,omitempty"`
+}
+
+// String formats e in the --expose spec syntax, "tcp:2375:unix:PATH", so
+// that output can be pasted back into `vunet expose remove`.
+func (e Expose) String() string {
+	return "tcp:" + strconv.Itoa(int(e.GatewayPort)) + ":unix:" + e.Path
+}
+
+// Exposes is the body of GET /v1/exposes.
+type Exposes struct {
+	Exposes []Expose `json:"exposes"`
+}
+
+// exposeRequest is the body of POST /v1/exposes as read: the port is
+// wider than Expose's so that 0, -1 and 70000 get a message that says
+// the range, not a JSON type error.
+type exposeRequest struct {
+	Proto       string `json:"proto"`
+	GatewayPort int64  `json:"gateway_port"`
+	Path        string `json:"path"`
+}
+
+// validate checks an expose request's form before it reaches the
+// Backend (where the socket may be is the Backend's decision). A removal
+// may leave Path empty (any).
+func (r exposeRequest) validate(needPath bool) (Expose, error) {
+	switch {
+	case r.Proto != "" && r.Proto != "tcp":
+		return Expose{}, Errorf(ErrInvalid, "proto %q: only tcp gateway ports can be exposed", r.Proto)
+	case r.GatewayPort < 1 || r.GatewayPort > 65535:
+		return Expose{}, Errorf(ErrInvalid, "gateway_port %d: expected 1..65535", r.GatewayPort)
+	case r.Path == "" && !needPath:
+	case r.Path == "" || r.Path[0] != '/' || len(r.Path) >= maxSocketPath || strings.IndexByte(r.Path, 0) >= 0:
+		return Expose{}, Errorf(ErrInvalid, "path %q: expected an absolute socket path shorter than %d bytes", r.Path, maxSocketPath)
+	}
+	return Expose{Proto: "tcp", GatewayPort: uint16(r.GatewayPort), Path: r.Path}, nil
+}
+
 // Health is the body of GET /v1/health.
 type Health struct {
 	// Status is "ok" whenever the API answers.
@@ -304,6 +360,8 @@ type StateSummary struct {
 	Leases   int `json:"leases"`
 	Forwards int `json:"forwards"`
 	UDPFlows int `json:"udp_flows"`
+	// Exposes counts the runtime gateway exposes restored.
+	Exposes int `json:"exposes"`
 	// TCP counts the established TCP connections taken over (with
 	// --migrate-tcp on both sides).
 	TCP int `json:"tcp_connections"`

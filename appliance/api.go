@@ -22,7 +22,10 @@ import (
 )
 
 // The appliance is the API's backend.
-var _ api.Backend = (*Appliance)(nil)
+var (
+	_ api.Backend       = (*Appliance)(nil)
+	_ api.ExposeBackend = (*Appliance)(nil)
+)
 
 // registerMetrics declares every layer's counters (see internal/metrics):
 // the one place a new counter struct is added; a new field of a struct

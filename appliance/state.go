@@ -42,8 +42,10 @@ type MigrationStats struct {
 	RestoredLeases   atomic.Uint64 `metric:"migration_restored_total{kind=lease}" help:"Entries of loaded device states applied here, by kind."`
 	RestoredForwards atomic.Uint64 `metric:"migration_restored_total{kind=forward}"`
 	RestoredUDP      atomic.Uint64 `metric:"migration_restored_total{kind=udp_flow}"`
-	RefusedLeases    atomic.Uint64 `metric:"migration_refused_total{kind=lease}" help:"Entries of loaded device states that could not be applied (address held or outside the pool, port still in use after the retry time, ...), by kind."`
+	RestoredExposes  atomic.Uint64 `metric:"migration_restored_total{kind=expose}"`
+	RefusedLeases    atomic.Uint64 `metric:"migration_refused_total{kind=lease}" help:"Entries of loaded device states that could not be applied (address held or outside the pool, port still in use after the retry time, an expose socket outside the allowed directories, ...), by kind."`
 	RefusedForwards  atomic.Uint64 `metric:"migration_refused_total{kind=forward}"`
+	RefusedExposes   atomic.Uint64 `metric:"migration_refused_total{kind=expose}"`
 	PendingForwards  atomic.Int64  `metric:"migration_forwards_pending" kind:"gauge" help:"Carried-over port forwards waiting for their host port (the source vunet on this host still holds it)."`
 }
 
@@ -63,6 +65,27 @@ type runtimeForwards struct {
 	mu      sync.Mutex
 	keys    map[fwdKey]bool
 	pending map[fwdKey]bool // waiting for their host port
+	// exposes are the gateway exposes added at run time.
+	exposes map[forward.Expose]bool
+}
+
+func (r *runtimeForwards) setExpose(e forward.Expose, on bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.exposes == nil {
+		r.exposes = map[forward.Expose]bool{}
+	}
+	if on {
+		r.exposes[e] = true
+	} else {
+		delete(r.exposes, e)
+	}
+}
+
+func (r *runtimeForwards) hasExpose(e forward.Expose) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.exposes[e]
 }
 
 // wait marks k as waiting for its port; false if it already was.
@@ -129,6 +152,11 @@ func (a *Appliance) SaveState() ([]byte, error) {
 			st.Forwards = append(st.Forwards, devstate.Forward{Proto: pf.Proto, Host: pf.Host, Path: pf.Path, GuestPort: pf.Guest.Port(), Guest: pf.Select})
 		}
 	}
+	for _, e := range a.Forward.Exposes() {
+		if a.runtime.hasExpose(e) {
+			st.Exposes = append(st.Exposes, devstate.Expose{Port: e.Port, Path: e.Path})
+		}
+	}
 	for _, f := range a.Forward.UDPFlowStates() {
 		st.UDPFlows = append(st.UDPFlows, devstate.UDPFlow{Guest: f.Guest, Remote: f.Remote, HostPort: f.HostPort, Idle: f.Idle})
 	}
@@ -149,7 +177,7 @@ func (a *Appliance) SaveState() ([]byte, error) {
 	}
 	a.migStats.Saves.Add(1)
 	a.log.Info("device state saved", "bytes", len(b), "leases", len(st.Leases4)+len(st.Leases6),
-		"forwards", len(st.Forwards), "udp_flows", len(st.UDPFlows), "tcp_connections", len(st.TCPFlows))
+		"forwards", len(st.Forwards), "exposes", len(st.Exposes), "udp_flows", len(st.UDPFlows), "tcp_connections", len(st.TCPFlows))
 	return b, nil
 }
 
@@ -221,6 +249,14 @@ func (a *Appliance) LoadState(b []byte) (api.StateSummary, error) {
 			problem(&a.migStats.RefusedForwards, err)
 		}
 	}
+	for _, e := range st.Exposes {
+		switch err := a.restoreExpose(forward.Expose{Port: e.Port, Path: e.Path}); {
+		case err == nil:
+			sum.Exposes++
+		default:
+			problem(&a.migStats.RefusedExposes, err)
+		}
+	}
 	flows := make([]forward.UDPFlowState, 0, len(st.UDPFlows))
 	for _, f := range st.UDPFlows {
 		flows = append(flows, forward.UDPFlowState{Guest: f.Guest, Remote: f.Remote, HostPort: f.HostPort, Idle: f.Idle})
@@ -241,7 +277,7 @@ func (a *Appliance) LoadState(b []byte) (api.StateSummary, error) {
 	}
 	a.migStats.Loads.Add(1)
 	a.log.Info("device state loaded", "saved_at", st.SavedAt, "leases", sum.Leases, "forwards", sum.Forwards,
-		"forwards_pending", sum.Pending, "udp_flows", n, "tcp_connections", sum.TCP, "problems", len(sum.Problems))
+		"forwards_pending", sum.Pending, "exposes", sum.Exposes, "udp_flows", n, "tcp_connections", sum.TCP, "problems", len(sum.Problems))
 	return sum, nil
 }
 
@@ -312,6 +348,27 @@ func (a *Appliance) restoreForward(pf forward.PortForward) error {
 		return fmt.Errorf("forward %s: vunet is shutting down", pf)
 	}
 	return errPending
+}
+
+// restoreExpose starts a carried-over expose under the same rules as one
+// added over the API, unless this vunet exposes the port to the same
+// socket already (it was started with it).
+func (a *Appliance) restoreExpose(e forward.Expose) error {
+	for _, cur := range a.Forward.Exposes() {
+		if cur.Port != e.Port {
+			continue
+		}
+		if cur == e {
+			return nil
+		}
+		return fmt.Errorf("expose %s: this vunet exposes gateway port %d to unix:%s", e, e.Port, cur.Path)
+	}
+	if _, err := a.AddExpose(api.Expose{GatewayPort: e.Port, Path: e.Path}); err != nil {
+		return fmt.Errorf("expose %s: %w", e, err)
+	}
+	a.migStats.RestoredExposes.Add(1)
+	a.log.Info("gateway expose restored from the device state", "expose", e.String())
+	return nil
 }
 
 // goBackground runs f in a goroutine that Close waits for, unless Close

@@ -1,9 +1,9 @@
 // Package devstate is the format of the state one vunet hands the next when
 // its VM is live-migrated: what the guest would otherwise lose (DHCP leases,
-// port forwards added at run time, UDP flows). The same bytes travel through
-// the vhost-user DEVICE_STATE pipe (QEMU 10.0 and later) and through the
-// control API (`vunet state save|load`, for frontends that do not transfer
-// back-end state).
+// port forwards and gateway exposes added at run time, UDP flows). The same
+// bytes travel through the vhost-user DEVICE_STATE pipe (QEMU 10.0 and
+// later) and through the control API (`vunet state save|load`, for
+// frontends that do not transfer back-end state).
 //
 // The blob comes from another process, possibly on another host: it is
 // hostile input. Decode checks the magic, the version, every length against
@@ -30,6 +30,12 @@
 // that predates it skips the record: the forward is lost, never aimed at
 // whichever guest comes first. Forwards without a guest stay kind 3, so
 // such a state reads as before everywhere.
+//
+// A gateway port exposed at run time (Expose, vunet expose add
+// tcp:2375:unix:PATH) is kind 7: the port and the socket path. A vunet
+// that predates it skips the record, and the guest's connections to that
+// gateway port there get what an unexposed port gets. A state without
+// runtime exposes has no such record.
 package devstate
 
 import (
@@ -38,6 +44,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"net/netip"
+	"strings"
 	"time"
 )
 
@@ -58,6 +65,7 @@ const (
 	MaxSize      = 1 << 20
 	MaxLeases    = 4096
 	MaxForwards  = 1024
+	MaxExposes   = 1024
 	MaxUDPFlows  = 4096
 	MaxTCPFlows  = 1024
 	MaxTCPQueue  = 64 << 10             // each host queue of a TCP connection
@@ -76,6 +84,8 @@ const (
 	kindTCPFlow = 5
 	// kindForwardGuest is a forward to a named guest (kind 3 + selector).
 	kindForwardGuest = 6
+	// kindExpose is a gateway port exposed at run time.
+	kindExpose = 7
 )
 
 const (
@@ -102,6 +112,7 @@ type State struct {
 	Leases4  []Lease4
 	Leases6  []Lease6
 	Forwards []Forward
+	Exposes  []Expose
 	UDPFlows []UDPFlow
 	TCPFlows []TCPFlow
 }
@@ -133,6 +144,31 @@ type Forward struct {
 	// ASCII, at most MaxSelector bytes; its meaning is the destination's
 	// to check.
 	Guest string
+}
+
+// Expose is a gateway TCP port mapped to a host Unix socket at run time
+// (through the API); exposes from the configuration are the
+// destination's own. Whether the destination may connect to Path is its
+// business.
+type Expose struct {
+	Port uint16 // 1..65535
+	Path string // absolute, shorter than MaxUnixPath, no NUL
+}
+
+func (e Expose) check() error {
+	if e.Port == 0 || e.Path == "" || e.Path[0] != '/' || len(e.Path) >= MaxUnixPath || strings.IndexByte(e.Path, 0) >= 0 {
+		return fmt.Errorf("expose of gateway port %d to socket %q", e.Port, e.Path)
+	}
+	return nil
+}
+
+func (e Expose) encode(b []byte) ([]byte, error) {
+	if err := e.check(); err != nil {
+		return nil, fmt.Errorf("device state: %w", err)
+	}
+	b = binary.LittleEndian.AppendUint16(b, e.Port)
+	b = append(b, byte(len(e.Path)))
+	return append(b, e.Path...), nil
 }
 
 // UDPFlow is an outbound UDP flow: the guest's socket, the peer, and the
@@ -292,9 +328,9 @@ var protoCodes = map[string]byte{"tcp": 1, "udp": 2, "unix": 3}
 // source never produces a blob its peer cannot read.
 func Encode(st *State) ([]byte, error) {
 	if len(st.Leases4)+len(st.Leases6) > MaxLeases || len(st.Forwards) > MaxForwards || len(st.UDPFlows) > MaxUDPFlows ||
-		len(st.TCPFlows) > MaxTCPFlows {
-		return nil, fmt.Errorf("%w: %d leases, %d forwards, %d UDP flows, %d TCP connections", ErrLimit,
-			len(st.Leases4)+len(st.Leases6), len(st.Forwards), len(st.UDPFlows), len(st.TCPFlows))
+		len(st.TCPFlows) > MaxTCPFlows || len(st.Exposes) > MaxExposes {
+		return nil, fmt.Errorf("%w: %d leases, %d forwards, %d exposes, %d UDP flows, %d TCP connections", ErrLimit,
+			len(st.Leases4)+len(st.Leases6), len(st.Forwards), len(st.Exposes), len(st.UDPFlows), len(st.TCPFlows))
 	}
 	version := uint16(minVersion)
 	if len(st.TCPFlows) > 0 {
@@ -322,6 +358,11 @@ func Encode(st *State) ([]byte, error) {
 			kind = kindForwardGuest
 		}
 		if b, err = record(b, uint16(kind), f.encode); err != nil {
+			return nil, err
+		}
+	}
+	for _, e := range st.Exposes {
+		if b, err = record(b, kindExpose, e.encode); err != nil {
 			return nil, err
 		}
 	}
@@ -546,6 +587,18 @@ func (st *State) decodeRecord(kind uint16, r *reader) error {
 			r.err = f.check()
 		}
 		st.Forwards = append(st.Forwards, f)
+	case kindExpose:
+		if len(st.Exposes) >= MaxExposes {
+			return fmt.Errorf("%w: more than %d exposes", ErrLimit, MaxExposes)
+		}
+		var e Expose
+		e.Port = r.u16()
+		n := int(r.u8())
+		e.Path = string(r.bytes(n))
+		if r.err == nil {
+			r.err = e.check()
+		}
+		st.Exposes = append(st.Exposes, e)
 	case kindUDPFlow:
 		if len(st.UDPFlows) >= MaxUDPFlows {
 			return fmt.Errorf("%w: more than %d UDP flows", ErrLimit, MaxUDPFlows)

@@ -255,6 +255,13 @@ func FuzzDeviceState(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(guestBlob)
+	withExpose := sample()
+	withExpose.Exposes = []Expose{{Port: 2375, Path: "/run/podman/podman.sock"}}
+	exposeBlob, err := Encode(withExpose)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(exposeBlob)
 	empty, _ := Encode(&State{})
 	f.Add(empty)
 	f.Add(good[:len(good)-1])
@@ -350,4 +357,95 @@ func TestForwardGuest(t *testing.T) {
 			t.Errorf("selector %q decoded", bad)
 		}
 	}
+}
+
+// TestExposes: runtime exposes round-trip as kind 7 and leave the state
+// at version 1; a vunet that does not know kind 7 skips them and reads
+// the rest; a port 0, a relative or overlong path, a NUL or more than
+// MaxExposes are refused both ways.
+func TestExposes(t *testing.T) {
+	st := sample()
+	st.Exposes = []Expose{{Port: 2375, Path: "/run/user/1000/podman/podman.sock"}, {Port: 65535, Path: "/a"}}
+	b, err := Encode(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := binary.LittleEndian.Uint16(b[len(magic):]); v != 1 {
+		t.Errorf("version %d, want 1 (no TCP connections)", v)
+	}
+	got, err := Decode(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got.Exposes, st.Exposes) || len(got.Forwards) != 3 {
+		t.Fatalf("exposes %+v, forwards %+v", got.Exposes, got.Forwards)
+	}
+	// An older vunet: kind 7 unknown, so skipped.
+	old := append([]byte(nil), b...)
+	n := 0
+	for off := headerSize; off < len(old)-crcSize; {
+		kind := binary.LittleEndian.Uint16(old[off:])
+		size := int(binary.LittleEndian.Uint32(old[off+2:]))
+		if kind == kindExpose {
+			binary.LittleEndian.PutUint16(old[off:], 999)
+			n++
+		}
+		off += recordHead + size
+	}
+	if n != 2 {
+		t.Fatalf("%d kind-7 records, want 2", n)
+	}
+	if got, err := Decode(reseal(old)); err != nil || len(got.Exposes) != 0 || len(got.Forwards) != 3 || len(got.Leases4) != 1 {
+		t.Fatalf("with the records unknown: %v, %+v", err, got)
+	}
+
+	for _, bad := range []Expose{{Port: 0, Path: "/a"}, {Port: 1, Path: "a"}, {Port: 1, Path: ""},
+		{Port: 1, Path: "/" + strings.Repeat("x", MaxUnixPath-1)}, {Port: 1, Path: "/a\x00b"}} {
+		if _, err := Encode(&State{Exposes: []Expose{bad}}); err == nil {
+			t.Errorf("expose %+v encoded", bad)
+		}
+		// The same record written by hand is refused on the way in.
+		body := binary.LittleEndian.AppendUint16(nil, bad.Port)
+		body = append(body, byte(len(bad.Path)))
+		body = append(body, bad.Path...)
+		if _, err := Decode(withRecord(t, kindExpose, body)); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("forged expose %+v: %v, want ErrCorrupt", bad, err)
+		}
+	}
+	// A length byte past the record.
+	if _, err := Decode(withRecord(t, kindExpose, []byte{1, 0, 5, '/'})); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("truncated expose: %v", err)
+	}
+	many := &State{}
+	for i := range MaxExposes + 1 {
+		many.Exposes = append(many.Exposes, Expose{Port: uint16(i + 1), Path: "/s"})
+	}
+	if _, err := Encode(many); !errors.Is(err, ErrLimit) {
+		t.Errorf("Encode of %d exposes: %v", len(many.Exposes), err)
+	}
+	rec := binary.LittleEndian.AppendUint16(nil, 1)
+	rec = append(rec, 2, '/', 's')
+	var recs [][]byte
+	for range MaxExposes + 1 {
+		recs = append(recs, rec)
+	}
+	if _, err := Decode(withRecord(t, kindExpose, recs...)); !errors.Is(err, ErrLimit) {
+		t.Errorf("Decode of %d exposes: %v", len(recs), err)
+	}
+}
+
+// withRecord is an empty state with records of kind appended, sealed.
+func withRecord(t *testing.T, kind uint16, bodies ...[]byte) []byte {
+	t.Helper()
+	b, err := Encode(&State{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = b[:len(b)-crcSize]
+	for _, body := range bodies {
+		b = binary.LittleEndian.AppendUint16(b, kind)
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(body)))
+		b = append(b, body...)
+	}
+	return reseal(append(b, 0, 0, 0, 0))
 }

@@ -21,8 +21,8 @@ import (
 	"math"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -230,6 +230,13 @@ type Forwarder struct {
 	// vunet the guest migrated from (RestoreUDPPorts), until the flow's
 	// next datagram takes its port or the entry expires.
 	udpPorts map[udpFlowKey]udpPort
+
+	// exposes maps gateway ports to host Unix sockets: Options.Expose,
+	// then AddExpose and RemoveExpose. The map is never changed once
+	// stored (copy on write under exposeMu), so the TCP handler reads it
+	// without a lock.
+	exposeMu sync.Mutex
+	exposes  atomic.Pointer[map[uint16]string]
 }
 
 // New validates opts, applies defaults and installs the forwarding handlers
@@ -297,11 +304,10 @@ func New(opts Options) (*Forwarder, error) {
 		}
 	}
 	for port, path := range opts.Expose {
-		if port == 0 || !filepath.IsAbs(path) || len(path) >= unixsock.MaxPath {
-			return nil, fmt.Errorf("forward: expose tcp:%d:unix:%s: need a port and an absolute socket path shorter than %d bytes", port, path, unixsock.MaxPath)
+		if err := checkExpose(Expose{Port: port, Path: path}); err != nil {
+			return nil, err
 		}
 	}
-	opts.Expose = maps.Clone(opts.Expose)
 	if opts.OutboundMemory <= 0 {
 		opts.OutboundMemory = opts.Memory.Limit() - opts.Memory.Limit()/8
 	}
@@ -322,6 +328,9 @@ func New(opts Options) (*Forwarder, error) {
 
 		udpPorts: make(map[udpFlowKey]udpPort),
 	}
+	ex := maps.Clone(opts.Expose)
+	f.exposes.Store(&ex)
+	opts.Expose = nil // f.exposes is the one copy
 	f.egress = opts.Egress
 	if f.egress == nil {
 		f.egress = egress.New(egress.Options{Gateways: []netip.Addr{opts.Gateway4, opts.Gateway6}})

@@ -149,17 +149,6 @@ func (r dropReason) String() string {
 	return "unknown"
 }
 
-// exposed returns the host Unix socket dst is mapped to by Options.Expose:
-// one of the gateway addresses on an exposed port.
-func (f *Forwarder) exposed(dst netip.AddrPort) (string, bool) {
-	a := dst.Addr()
-	if len(f.opts.Expose) == 0 || a != f.opts.Gateway4 && a != f.opts.Gateway6 || !a.IsValid() {
-		return "", false
-	}
-	path, ok := f.opts.Expose[dst.Port()]
-	return path, ok
-}
-
 // serveExposed splices a guest connection to an exposed gateway port to a
 // connect(2) on the host socket path. The egress policy does not apply (the
 // mapping is the administrator's), the outbound connection and in-flight

@@ -121,8 +121,8 @@ func stateLoadAction(c *cli.Context) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(sum)
 	}
-	fmt.Fprintf(w, "restored %d leases, %d port forwards, %d UDP flows, %d TCP connections (state saved %s)\n",
-		sum.Leases, sum.Forwards, sum.UDPFlows, sum.TCP, sum.SavedAt.Format("2006-01-02 15:04:05.000 MST"))
+	fmt.Fprintf(w, "restored %d leases, %d port forwards, %d gateway exposes, %d UDP flows, %d TCP connections (state saved %s)\n",
+		sum.Leases, sum.Forwards, sum.Exposes, sum.UDPFlows, sum.TCP, sum.SavedAt.Format("2006-01-02 15:04:05.000 MST"))
 	if sum.Pending > 0 {
 		fmt.Fprintf(w, "%d port forwards wait for their host port (still held by the source vunet?); retried for 30 s\n", sum.Pending)
 	}
