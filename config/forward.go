@@ -475,3 +475,23 @@ func ParseExpose(spec string) (Expose, error) {
 	}
 	return Expose{Port: port, Path: path}, nil
 }
+
+const exposeRefForm = "expected tcp:GATEWAYPORT or tcp:GATEWAYPORT:unix:PATH"
+
+// ParseExposeRef parses the expose a removal names (vunet expose remove):
+// an --expose spec, or tcp:GATEWAYPORT alone for whatever socket the
+// port is exposed to (Path empty).
+func ParseExposeRef(spec string) (Expose, error) {
+	if strings.Contains(spec, ":unix:") {
+		return ParseExpose(spec)
+	}
+	ports, ok := strings.CutPrefix(spec, "tcp:")
+	if !ok {
+		return Expose{}, errors.New(exposeRefForm)
+	}
+	port, err := parsePort(ports, "gateway", exposeRefForm)
+	if err != nil {
+		return Expose{}, err
+	}
+	return Expose{Port: port}, nil
+}

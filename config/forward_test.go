@@ -320,3 +320,66 @@ func TestParseUnixForwardGuest(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParseExpose checks ParseExpose and ParseExposeRef (the specs of
+// vunet expose add and remove): no panic, one-line errors, everything
+// accepted well formed, and String parsing back to the same expose.
+func FuzzParseExpose(f *testing.F) {
+	f.Add("tcp:2375:unix:/run/user/1000/podman/podman.sock")
+	f.Add("tcp:2375")
+	f.Add("tcp:1:unix:$XDG_RUNTIME_DIR/a:unix:b.sock")
+	f.Add("tcp:70000")
+	f.Fuzz(func(t *testing.T, spec string) {
+		t.Setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+		e, err := ParseExpose(spec)
+		r, rerr := ParseExposeRef(spec)
+		for _, err := range []error{err, rerr} {
+			if err != nil {
+				if msg := err.Error(); msg == "" || strings.Contains(msg, "\n") {
+					t.Fatalf("%q: bad error message %q", spec, msg)
+				}
+			}
+		}
+		if err == nil {
+			if e.Port == 0 || !strings.HasPrefix(e.Path, "/") || len(e.Path) >= maxSocketPath || strings.ContainsRune(e.Path, 0) {
+				t.Fatalf("ParseExpose(%q) = %#v is malformed", spec, e)
+			}
+			if again, err := ParseExpose(e.String()); err != nil || again != e {
+				t.Fatalf("ParseExpose(%q) = %#v; String %q parses to %#v, %v", spec, e, e.String(), again, err)
+			}
+			// A spec add accepts, remove accepts as the same expose.
+			if rerr != nil || r != e {
+				t.Fatalf("ParseExposeRef(%q) = %#v, %v; want %#v", spec, r, rerr, e)
+			}
+		}
+		if rerr == nil && r.Path == "" {
+			again, err := ParseExposeRef(strings.TrimSuffix(r.String(), ":unix:"))
+			if r.Port == 0 || err != nil || again != r {
+				t.Fatalf("ParseExposeRef(%q) = %#v; its port alone parses to %#v, %v", spec, r, again, err)
+			}
+		}
+	})
+}
+
+func TestParseExposeRef(t *testing.T) {
+	for spec, want := range map[string]Expose{
+		"tcp:2375":                  {Port: 2375},
+		"tcp:2375:unix:/run/a.sock": {Port: 2375, Path: "/run/a.sock"},
+	} {
+		if got, err := ParseExposeRef(spec); err != nil || got != want {
+			t.Errorf("ParseExposeRef(%q) = %#v, %v; want %#v", spec, got, err, want)
+		}
+	}
+	for spec, msg := range map[string]string{
+		"tcp:0":              "gateway port 0 is out of range 1..65535",
+		"tcp:70000":          "out of range",
+		"udp:53":             exposeRefForm,
+		"tcp:":               exposeRefForm,
+		"tcp:2375:unix:rel":  "not absolute",
+		"tcp:x:unix:/a.sock": "expected tcp:GATEWAYPORT:unix:PATH",
+	} {
+		if _, err := ParseExposeRef(spec); err == nil || !strings.Contains(err.Error(), msg) {
+			t.Errorf("ParseExposeRef(%q) = %v; want an error with %q", spec, err, msg)
+		}
+	}
+}

@@ -30,6 +30,7 @@ func buildApp(run runFunc) *cli.App {
 			"vunet --connect PATH [flags]       run the appliance, connecting to QEMU's socket\n" +
 			"vunet qemu-args --socket PATH      print the matching QEMU arguments\n" +
 			"vunet forward add|list|remove ...  change the port forwards of a running vunet (--api)\n" +
+			"vunet expose add|list|remove ...   change the gateway ports that reach host sockets (--api)\n" +
 			"vunet stats --api PATH             print the counters of a running vunet\n" +
 			"vunet state save|load --api PATH   move a migrating VM's device state between vunets",
 		Description: "Flags may also be given as VUNET_<FLAG> environment variables (VUNET_LOG_LEVEL=debug)\n" +
@@ -43,6 +44,7 @@ func buildApp(run runFunc) *cli.App {
 		Commands: []*cli.Command{
 			qemuArgsCommand(),
 			forwardCommand(),
+			exposeCommand(),
 			stateCommand(),
 			statsCommand(),
 			guestsCommand(),

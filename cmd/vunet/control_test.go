@@ -26,6 +26,9 @@ type fakeAPI struct {
 	mu       sync.Mutex
 	forwards []api.Forward
 	removed  []api.Forward
+	// exposes and removedExposes: expose_test.go.
+	exposes        []api.Expose
+	removedExposes []api.Expose
 }
 
 func (f *fakeAPI) Health() api.Health { return api.Health{Status: "ok", Version: "fake"} }

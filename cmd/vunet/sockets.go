@@ -26,7 +26,7 @@ func socketFlags() []cli.Flag {
 		str(flagSocketMode, catEndpoint, "permission bits of the --socket file, in octal, whatever the umask (0660 with --socket-group)", config.FormatSocketMode(d.SocketMode)),
 		str(flagSocketGroup, catEndpoint, "give the --socket file to `GROUP` (name or number) and let frontends running with that group connect, e.g. libvirt's QEMU user", ""),
 		str(flagSetupTimeout, catEndpoint, "drop a frontend that has not finished the vhost-user handshake (SET_OWNER) within `DURATION`; 0 disables", d.SetupTimeout.String()),
-		str(flagUnixForwardDir, catForward, "let unix forwards be added at run time (vunet forward add unix:PATH:PORT, the API, a migrated device state), with their sockets in `DIR`: vunet creates it (0700; with --socket-group, that group's and setgid), and the sandbox allows creating and removing sockets there and nowhere else", ""),
+		str(flagUnixForwardDir, catForward, "let unix forwards be added at run time (vunet forward add unix:PATH:PORT, the API, a migrated device state), with their sockets in `DIR`: vunet creates it (0700; with --socket-group, that group's and setgid), and the sandbox allows creating and removing sockets there and nowhere else; gateway exposes added at run time (vunet expose add) may connect to sockets there", ""),
 		str(flagPCAPMaxSize, catOps, "stop capturing when the --pcap file reaches `SIZE` (K, M, G suffixes); 0 is unlimited", "0"),
 	}
 }
