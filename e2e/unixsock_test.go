@@ -26,7 +26,10 @@ import (
 // through a unix forward added at run time (vunet forward add, in
 // --unix-forward-dir): the socket the confined vunet created after
 // start-up; the --forward one is checked for its mode and that it
-// accepts.
+// accepts. Two gateway ports exposed at run time (vunet expose add, to a
+// socket in --unix-forward-dir and to one next to the --expose socket)
+// answer the guest's wget as well: the confined vunet connects to them as
+// nobody.
 func TestLinuxGuestUnixSockets(t *testing.T) {
 	e := setup(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*guestTimeout)
@@ -43,19 +46,8 @@ func TestLinuxGuestUnixSockets(t *testing.T) {
 		t.Fatal(err)
 	}
 	api := filepath.Join(dir, "api.sock")
-	l, err := net.Listen("unix", api)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(api, 0o666); err != nil {
-		t.Fatal(err)
-	}
 	const body = "unix-exposed"
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		_, _ = io.WriteString(w, body)
-	}), ReadHeaderTimeout: 10 * time.Second}
-	go func() { _ = srv.Serve(l) }()
-	t.Cleanup(func() { _ = srv.Close() })
+	serveHTTPUnix(t, api, body)
 
 	fwd := filepath.Join(dir, "app.sock")
 	apiSock := filepath.Join(dir, "vunet-api.sock")
@@ -75,11 +67,19 @@ func TestLinuxGuestUnixSockets(t *testing.T) {
 	// Added while vunet is confined (as root it runs as nobody).
 	runtimeFwd := filepath.Join(fwdDir, "app.sock")
 	vunetCLI(t, nil, "forward", "add", "--api", apiSock, fmt.Sprintf("unix:%s:%d", runtimeFwd, guestFwdPort))
+	// The directory vunet made (its user's, 0700) holds the service's
+	// socket; the test, root, may put it there.
+	inDir, nextTo := filepath.Join(fwdDir, "svc.sock"), filepath.Join(dir, "next.sock")
+	serveHTTPUnix(t, inDir, "runtime-in-dir")
+	serveHTTPUnix(t, nextTo, "runtime-next-to")
+	vunetCLI(t, nil, "expose", "add", "--api", apiSock, "tcp:2376:unix:"+inDir, "tcp:2377:unix:"+nextTo)
 	inst := startGuest(t, ctx, &qemutest.Guest{
 		Socket: vn.Socket,
 		Script: script(
 			harness.StepDHCP(1500),
 			harness.StepFetch("expose", "http://"+harness.Gateway4+":2375/", body),
+			harness.StepFetch("expose-runtime-dir", "http://"+harness.Gateway4+":2376/", "runtime-in-dir"),
+			harness.StepFetch("expose-runtime-next", "http://"+harness.Gateway4+":2377/", "runtime-next-to"),
 			harness.StepForward(guestFwdPort),
 		),
 	})
@@ -103,5 +103,23 @@ func TestLinuxGuestUnixSockets(t *testing.T) {
 		}
 		t.Logf("runtime unix forward %s -> guest:%d: guest saw %s", runtimeFwd, guestFwdPort, peer)
 	}
-	finish(t, inst, "dhcp", "expose", "forward")
+	finish(t, inst, "dhcp", "expose", "expose-runtime-dir", "expose-runtime-next", "forward")
+}
+
+// serveHTTPUnix serves body over HTTP on a Unix socket at path that any
+// user may connect to (vunet runs as nobody when the test runs as root).
+func serveHTTPUnix(t *testing.T, path, body string) {
+	t.Helper()
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, body)
+	}), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() { _ = srv.Close() })
 }
