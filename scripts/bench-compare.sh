@@ -15,15 +15,23 @@
 #   gvproxy  VUNET_PERF_GVPROXY=PATH to a gvproxy binary you built yourself
 #            (gvisor-tap-vsock's cmd/gvproxy); this repository neither
 #            contains nor fetches or builds it.
-# A backend that is missing is reported as unavailable; the others still run.
+# A column that cannot run (a backend or frontend missing or failing to
+# start) is reported as unavailable with the reason, one that fails later
+# as failed, in the markdown and the JSON; the others still run. The run
+# exits 0 as long as one comparison ran: non-zero only if a vunet column
+# could not run or failed, if nothing was measured, or if no other
+# backend's column was.
 #
 # Frontends: VUNET_PERF_FRONTENDS (default qemu) is a comma-separated subset
 # of
 #   qemu      the QEMU TCG guest (every backend; the throughput, latency
 #             and counter tests)
 #   testpmd   dpdk-testpmd (apt-get install dpdk, or VUNET_PERF_TESTPMD=PATH):
-#             a virtio-user port on the backend's socket io-forwarding to a
-#             tap in a namespace, no offloads
+#             a virtio-user port on the backend's socket forwarding to a
+#             tap in a namespace, no offloads negotiated; its csum engine
+#             recomputes every checksum in software (passt leaves TCP
+#             checksums out) and retries a full TX ring for up to 10 ms
+#             (VUNET_PERF_TESTPMD_ARGS replaces testpmd's own arguments)
 #   tapfront  e2e/tapfront: a tap with IFF_VNET_HDR/TUNSETOFFLOAD bridged to
 #             the virtqueues, checksum and TSO both ways
 # The two VM-less frontends measure throughput (VUNET_PERF_STREAMS, both
@@ -37,7 +45,7 @@
 # vunet is built from this tree into build/perf/vunet (VUNET_PERF_VUNET=PATH
 # overrides). Every VUNET_PERF_* variable of e2e/perf/compare_test.go passes
 # through (VUNET_PERF_BACKENDS, _FRONTENDS, _REPS, _SECONDS, _STREAMS, _MEM,
-# _SMP, _OUT, _PROFILE, _TESTPMD), and the VUNET_PERF_SCALE_* ones of
+# _SMP, _OUT, _PROFILE, _TESTPMD, _TESTPMD_ARGS), and the VUNET_PERF_SCALE_* ones of
 # e2e/perf/scale_test.go. The markdown report is printed and written to
 # build/perf/report.md unless VUNET_PERF_OUT says otherwise; every sample
 # goes to build/perf/report.json (VUNET_PERF_JSON).

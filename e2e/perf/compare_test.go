@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -38,6 +39,10 @@ import (
 //	                             measured in the same repetition), e.g.
 //	                             "qemu,testpmd,tapfront"
 //	VUNET_PERF_TESTPMD           dpdk-testpmd binary (default: PATH)
+//	VUNET_PERF_TESTPMD_ARGS      replaces testpmd's own arguments (after
+//	                             "--"; default: the csum engine with
+//	                             testpmdCmds, frontends_test.go), e.g.
+//	                             "--forward-mode=io --auto-start"
 //	VUNET_PERF_SMP               guest vCPUs, -smp (default 1)
 //	VUNET_PERF_REPS              repetitions of the whole round (default 3)
 //	VUNET_PERF_SECONDS           iperf3 -t (default 10)
@@ -233,6 +238,7 @@ func TestCompare(t *testing.T) {
 
 	var samples []sample
 	unavailable := map[string]string{}
+	failed := map[string]string{} // column -> its first failure after it started
 	start := time.Now()
 	// Interleaved: every repetition runs each backend once, so a drift of
 	// the machine over time hits all backends alike.
@@ -252,11 +258,16 @@ func TestCompare(t *testing.T) {
 					res, started, err = runVMLess(bins, spec, rep, tput, secs, dir, t.Logf)
 				}
 				if err != nil {
-					t.Errorf("rep %d %s: %v", rep, spec, err)
+					// Reported, and failing the run only by
+					// runProblems' rule (a vunet column's failure,
+					// or nothing compared).
+					t.Logf("rep %d %s: %v", rep, spec, err)
 					if !started {
 						// The backend itself cannot run here: say why
 						// once instead of failing every repetition.
 						unavailable[spec.String()] = firstLine(err.Error())
+					} else if _, ok := failed[spec.String()]; !ok {
+						failed[spec.String()] = fmt.Sprintf("rep %d: %s", rep, firstLine(err.Error()))
 					}
 					break
 				}
@@ -287,7 +298,7 @@ func TestCompare(t *testing.T) {
 		}
 	}
 
-	report := formatReport(cols, tests, samples, unavailable, reps, secs, memMB, smp, maxOther, meta)
+	report := formatReport(cols, tests, samples, unavailable, failed, reps, secs, memMB, smp, maxOther, meta)
 	fmt.Fprintf(os.Stdout, "\n%s\n", report)
 	if out := os.Getenv("VUNET_PERF_OUT"); out != "" {
 		if err := os.WriteFile(out, []byte(report), 0o644); err != nil {
@@ -295,7 +306,7 @@ func TestCompare(t *testing.T) {
 		}
 	}
 	if out := os.Getenv("VUNET_PERF_JSON"); out != "" {
-		data, err := jsonReport(samples, unavailable, meta)
+		data, err := jsonReport(samples, unavailable, failed, meta)
 		if err == nil {
 			err = os.WriteFile(out, data, 0o644)
 		}
@@ -303,6 +314,57 @@ func TestCompare(t *testing.T) {
 			t.Errorf("writing %s: %v", out, err)
 		}
 	}
+	for _, p := range runProblems(cols, samples, unavailable, failed) {
+		t.Error(p)
+	}
+}
+
+// measured reports whether spec has at least one successful sample: a
+// rate, or round trips for a latency test.
+func measured(samples []sample, spec backendSpec) bool {
+	for _, s := range samples {
+		if s.Spec == spec && s.Err == "" && (s.Mbps > 0 || s.Lat.N > 0) {
+			return true
+		}
+	}
+	return false
+}
+
+// runProblems is why a finished comparison fails: a vunet column that
+// could not run or failed (unavailable, failed: column -> reason), nothing
+// measured at all, or vunet measured but none of the other backends'
+// columns although some were asked for (the loopback reference does not
+// count). Any other column that could not run or failed is only reported
+// (unavailable or failed, in the markdown and the JSON): the run completes
+// and passes as long as one comparison ran.
+func runProblems(cols []backendSpec, samples []sample, unavailable, failed map[string]string) []string {
+	var out []string
+	var any, vunet, others, othersMeasured bool
+	for _, c := range cols {
+		m := measured(samples, c)
+		any = any || m
+		switch c.Kind {
+		case "vunet":
+			vunet = vunet || m
+			if why, ok := unavailable[c.String()]; ok {
+				out = append(out, fmt.Sprintf("%s unavailable: %s", c, why))
+			}
+			if why, ok := failed[c.String()]; ok {
+				out = append(out, fmt.Sprintf("%s failed (%s)", c, why))
+			}
+		case kindLoopback:
+		default:
+			others = true
+			othersMeasured = othersMeasured || m
+		}
+	}
+	switch {
+	case len(cols) > 0 && !any:
+		out = append(out, "nothing was measured: every column was unavailable or failed")
+	case vunet && others && !othersMeasured:
+		out = append(out, "no comparison ran: every column of the other backends was unavailable or failed")
+	}
+	return out
 }
 
 // jsonSample is one sample in the JSON report, in plain units.
@@ -357,12 +419,16 @@ type jsonSample struct {
 
 // jsonReport renders every sample, the unavailable backends and the machine
 // description as JSON, for tools that want the raw numbers.
-func jsonReport(samples []sample, unavailable map[string]string, meta string) ([]byte, error) {
+func jsonReport(samples []sample, unavailable, failed map[string]string, meta string) ([]byte, error) {
 	out := struct {
-		Machine     string            `json:"machine"`
+		Machine string `json:"machine"`
+		// Unavailable: columns that never started (backend or frontend),
+		// with the reason; Failed: columns that started but failed in a
+		// repetition, with the first failure.
 		Unavailable map[string]string `json:"unavailable,omitempty"`
+		Failed      map[string]string `json:"failed,omitempty"`
 		Samples     []jsonSample      `json:"samples"`
-	}{Machine: meta, Unavailable: unavailable, Samples: []jsonSample{}}
+	}{Machine: meta, Unavailable: unavailable, Failed: failed, Samples: []jsonSample{}}
 	for _, s := range samples {
 		out.Samples = append(out.Samples, jsonSample{
 			Backend: s.Spec.Kind, MTU: s.Spec.MTU, Bin: s.Spec.Bin, Rep: s.Rep, Test: s.Test.Name, Reverse: s.Test.Reverse, Streams: s.Test.Streams,
@@ -746,12 +812,15 @@ func describeMachine(root string, bins *binaries) string {
 
 // formatReport renders the per-run results, the summary and the ratios as
 // markdown.
-func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unavailable map[string]string, reps, secs, memMB, smp int, maxOther float64, meta string) string {
+func formatReport(specs []backendSpec, tests []perfTest, samples []sample, unavailable, failed map[string]string, reps, secs, memMB, smp int, maxOther float64, meta string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "## Throughput comparison (%s)\n\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"))
 	fmt.Fprintf(&b, "%s- iperf3 -t %d, %d repetition(s) interleaved, guest RAM %d MiB, %d vCPU(s)\n\n", meta, secs, reps, memMB, smp)
-	for k, v := range unavailable {
-		fmt.Fprintf(&b, "**%s unavailable**: %s\n\n", k, v)
+	for _, k := range slices.Sorted(maps.Keys(unavailable)) {
+		fmt.Fprintf(&b, "**%s unavailable**: %s\n\n", k, unavailable[k])
+	}
+	for _, k := range slices.Sorted(maps.Keys(failed)) {
+		fmt.Fprintf(&b, "**%s failed** (%s)\n\n", k, failed[k])
 	}
 
 	var vmSpecs []backendSpec

@@ -121,7 +121,7 @@ func TestVMLessReport(t *testing.T) {
 	noisy.Noisy = true // dropped: quiet samples exist
 	samples = append(samples, noisy)
 	cols := []backendSpec{qv, qp, loop, pv, tv, tp}
-	r := formatReport(cols, []perfTest{up, down}, samples, nil, 2, 10, 512, 1, 0.1, "m\n")
+	r := formatReport(cols, []perfTest{up, down}, samples, nil, nil, 2, 10, 512, 1, 0.1, "m\n")
 	for _, want := range []string{
 		"### VM-less frontends",
 		// loopback's medians: up 11000, down 10000
@@ -150,11 +150,11 @@ func TestVMLessReport(t *testing.T) {
 		t.Errorf("QEMU per-run table:\n%s", r)
 	}
 	met := []sample{smp(loop, 1, up, 10000), smp(tv, 1, up, 5000)}
-	r = formatReport([]backendSpec{loop, tv}, []perfTest{up}, met, nil, 1, 10, 512, 1, 0.1, "m\n")
+	r = formatReport([]backendSpec{loop, tv}, []perfTest{up}, met, nil, nil, 1, 10, 512, 1, 0.1, "m\n")
 	if !strings.Contains(r, "**met**, lowest up-1 at 50 %") || strings.Contains(r, "Every run (\"other\"") {
 		t.Errorf("VM-less-only report:\n%s", r)
 	}
-	r = formatReport([]backendSpec{qv, qp}, []perfTest{up}, samples, nil, 1, 10, 512, 1, 0.1, "m\n")
+	r = formatReport([]backendSpec{qv, qp}, []perfTest{up}, samples, nil, nil, 1, 10, 512, 1, 0.1, "m\n")
 	if strings.Contains(r, "VM-less") || strings.Contains(r, "tapfront") {
 		t.Errorf("QEMU-only report shows the VM-less columns:\n%s", r)
 	}
@@ -170,7 +170,7 @@ func TestVMLessSample(t *testing.T) {
 	if got := s.Other(); got != time.Second {
 		t.Fatalf("Other() = %v, want 1s", got)
 	}
-	data, err := jsonReport([]sample{s}, nil, "m")
+	data, err := jsonReport([]sample{s}, nil, nil, "m")
 	if err != nil {
 		t.Fatal(err)
 	}

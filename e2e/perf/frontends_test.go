@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -28,9 +29,11 @@ import (
 // 127.0.0.1, through the backend, like the QEMU guest's.
 //
 //   - testpmd: DPDK's dpdk-testpmd, a virtio-user port on the backend's
-//     socket io-forwarding to and from a DPDK tap in the namespace
-//     (--no-huge: its memory is an anonymous memfd shared with the
-//     backend). No offloads: MTU-sized frames with full checksums. Its
+//     socket forwarding to and from a DPDK tap in the namespace with the
+//     csum engine, which recomputes every checksum in software and
+//     retries a full TX ring for up to 10 ms (testpmdCmds; --no-huge: its
+//     memory is an anonymous memfd shared with the backend). No offloads
+//     are negotiated: MTU-sized frames with full checksums. Its
 //     forwarding lcore polls, so it keeps one core busy the whole time.
 //   - tapfront: e2e/tapfront, this repository's frontend bridging a tap
 //     with IFF_VNET_HDR and TUNSETOFFLOAD to the virtqueues; with vunet
@@ -193,6 +196,8 @@ type nsGuest struct {
 	// stop ends the frontend and returns what it reported (testpmd's
 	// statistics) and any error; idempotent.
 	stop func() (string, error)
+	// output is what the frontend printed so far (nil: nothing).
+	output func() string
 }
 
 func (g *nsGuest) close() {
@@ -300,11 +305,16 @@ func startNSGuest(ctx context.Context, bins *binaries, spec backendSpec, b *back
 	hint := ""
 	if m := regexp.MustCompile(`TcpInCsumErrors\s+([1-9]\d*)`).FindSubmatch(diag); m != nil {
 		// passt --vhost-user leaves the TCP checksum out of frames it
-		// marks DATA_VALID; testpmd's io engine passes them on
-		// untouched and the tap's kernel stack drops them.
+		// marks DATA_VALID; testpmd's io engine (VUNET_PERF_TESTPMD_ARGS
+		// with --forward-mode=io) passes them on untouched and the tap's
+		// kernel stack drops them.
 		hint = fmt.Sprintf(" (the namespace dropped %s TCP segments with bad checksums: the backend left checksums out, which a tap verifies)", m[1])
 	}
-	return nil, fmt.Errorf("no TCP connection from the namespace to %s through %s: %s%s\nguest namespace:\n%s", warm, spec, last, hint, diag)
+	front := ""
+	if g.output != nil {
+		front = fmt.Sprintf("\n%s output:\n%s", spec.Front, lastLines(g.output(), 40))
+	}
+	return nil, fmt.Errorf("no TCP connection from the namespace to %s through %s: %s%s\nguest namespace:\n%s%s", warm, spec, last, hint, diag, front)
 }
 
 // startTapfront opens the tap, moves it into g's namespace and bridges it
@@ -359,18 +369,57 @@ func tapfrontCounters(st *tapfront.Stats) netCounters {
 	}
 }
 
+// testpmdCmds is what testpmd runs from --cmdline-file before it starts
+// forwarding. The csum engine recomputes the IPv4, TCP and UDP checksums
+// of every frame in software (no port has a checksum offload, so nothing
+// is left to a device): passt --vhost-user sends TCP frames with the
+// checksum left out and marked VIRTIO_NET_HDR_F_DATA_VALID whether or not
+// the driver negotiated VIRTIO_NET_F_GUEST_CSUM (it offers neither that
+// nor any other offload), and DPDK's virtio driver, which requests
+// GUEST_CSUM only with an Rx checksum offload, ignores the header, so
+// without this the tap's kernel drops them (TcpInCsumErrors). mac-swap
+// off: the engine would otherwise rewrite both MAC addresses like the mac
+// engine. retry with a 10 ms budget (200 × 50 µs): without it testpmd
+// drops a burst whenever the backend's TX ring is full (the io engine
+// too), which a VM's virtio-net driver never does (it stops its queue),
+// and passt's upload then collapses into retransmission timeouts (6-30
+// Mbit/s, 840-1150 retransmissions in 3 s here; 1.6-1.9 Gbit/s and none
+// with the retry).
+const testpmdCmds = `csum mac-swap off 0
+csum mac-swap off 1
+set fwd csum retry
+set burst tx delay 50 retry 200
+`
+
+// testpmdArgs is the testpmd command line after bin: EAL options (two
+// lcores, no hugepages, no PCI, the runtime directory under prefix), the
+// virtio-user port on socket (port 0) and the DPDK tap nsDev (port 1),
+// then testpmd's own: the commands of cmdFile (testpmdCmds), then
+// forwarding. VUNET_PERF_TESTPMD_ARGS, if set, replaces everything after
+// "--" (split at spaces).
+func testpmdArgs(prefix, socket, cmdFile, override string) []string {
+	args := []string{"-l", "0,1", "--no-huge", "--no-pci", "-m", "1024", "--file-prefix", prefix,
+		"--vdev=net_virtio_user0,path=" + socket, "--vdev=net_tap0,iface=" + nsDev, "--"}
+	if override != "" {
+		return append(args, strings.Fields(override)...)
+	}
+	return append(args, "--total-num-mbufs=16384", "--forward-mode=csum", "--cmdline-file="+cmdFile, "--auto-start")
+}
+
 // startTestpmd runs dpdk-testpmd in g's namespace: a virtio-user port on
-// the backend's socket and a DPDK tap (nsDev) there, io-forwarding
-// between them, as e2e/boot's TestTestpmdIperf3 does.
+// the backend's socket and a DPDK tap (nsDev) there, csum-forwarding
+// between them (testpmdCmds). e2e/boot's TestTestpmdIperf3 io-forwards
+// instead: vunet's frames carry their checksums.
 func startTestpmd(ctx context.Context, g *nsGuest, bins *binaries, b *backend) error {
 	if bins.testpmd == "" {
 		return errors.New(bins.missing[frontTestpmd])
 	}
 	prefix := g.ns // DPDK's runtime directory, /var/run/dpdk/PREFIX
-	args := []string{"netns", "exec", g.ns, bins.testpmd,
-		"-l", "0,1", "--no-huge", "--no-pci", "-m", "1024", "--file-prefix", prefix,
-		"--vdev=net_virtio_user0,path=" + b.socket, "--vdev=net_tap0,iface=" + nsDev,
-		"--", "--total-num-mbufs=16384", "--forward-mode=io", "--auto-start"}
+	cmdFile := filepath.Join(filepath.Dir(b.socket), "testpmd-"+g.ns+".cmds")
+	if err := os.WriteFile(cmdFile, []byte(testpmdCmds), 0o644); err != nil {
+		return err
+	}
+	args := append([]string{"netns", "exec", g.ns, bins.testpmd}, testpmdArgs(prefix, b.socket, cmdFile, os.Getenv("VUNET_PERF_TESTPMD_ARGS"))...)
 	cmd := exec.Command("ip", args...)
 	out := &testutil.Buffer{}
 	cmd.Stdout, cmd.Stderr = out, out
@@ -385,6 +434,7 @@ func startTestpmd(ctx context.Context, g *nsGuest, bins *binaries, b *backend) e
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
 	g.frontPid = cmd.Process.Pid // ip netns exec execs testpmd in place
+	g.output = out.String
 	var stopped bool
 	var stopErr error
 	g.stop = func() (string, error) {
@@ -631,7 +681,7 @@ func formatVMLess(b *strings.Builder, specs []backendSpec, tests []perfTest, sam
 		return x / l, true
 	}
 
-	fmt.Fprintf(b, "\n### VM-less frontends\n\nThe guest is the Linux stack of a network namespace behind a tap: `testpmd` is DPDK's dpdk-testpmd io-forwarding between a virtio-user port on the backend's socket and a DPDK tap (no offloads), `tapfront` is e2e/tapfront bridging a tap with IFF_VNET_HDR and TUNSETOFFLOAD to the virtqueues (checksum and TSO both ways where the backend offers them). iperf3 runs in the namespace against the same servers on 127.0.0.1 (guest→host: namespace to host). `loopback` is the same iperf3 test straight over the host's loopback in the same repetition, the ceiling for any user-mode backend here; \"of loopback\" is each median over loopback's median for the same test. Medians as above (quiet samples only where there is one; noisy: the rest of the machine used more than %.0f%% of a core). CPU %% columns over the client's wall time: the backend; the frontend (testpmd's process, whose forwarding core polls all the time; for tapfront the test process that runs it); the namespace's iperf3 client plus the host's iperf3 server.\n\n", 100*maxOther)
+	fmt.Fprintf(b, "\n### VM-less frontends\n\nThe guest is the Linux stack of a network namespace behind a tap: `testpmd` is DPDK's dpdk-testpmd forwarding between a virtio-user port on the backend's socket and a DPDK tap with its csum engine (no offloads negotiated; testpmd recomputes every IPv4/TCP/UDP checksum in software, since passt leaves TCP checksums out, and retries a full TX ring for up to 10 ms instead of dropping), `tapfront` is e2e/tapfront bridging a tap with IFF_VNET_HDR and TUNSETOFFLOAD to the virtqueues (checksum and TSO both ways where the backend offers them). iperf3 runs in the namespace against the same servers on 127.0.0.1 (guest→host: namespace to host). `loopback` is the same iperf3 test straight over the host's loopback in the same repetition, the ceiling for any user-mode backend here; \"of loopback\" is each median over loopback's median for the same test. Medians as above (quiet samples only where there is one; noisy: the rest of the machine used more than %.0f%% of a core). CPU %% columns over the client's wall time: the backend; the frontend (testpmd's process, whose forwarding core polls all the time; for tapfront the test process that runs it); the namespace's iperf3 client plus the host's iperf3 server.\n\n", 100*maxOther)
 	b.WriteString("| frontend | backend | test | direction | streams | n | Mbit/s | of loopback | backend CPU s/GB | backend CPU % | frontend CPU % | iperf3 CPU % | Retr | RSS MiB | anon MiB |\n")
 	b.WriteString("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, spec := range specs {

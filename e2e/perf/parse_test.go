@@ -83,7 +83,7 @@ func TestJSONReport(t *testing.T) {
 	s := sample{Spec: backendSpec{Kind: "passt-vhost", MTU: 65520}, Rep: 2, Test: perfTest{Name: "down-1", Reverse: true, Streams: 1},
 		Mbps: 4998, CPU: 2500 * time.Millisecond, Host: 4 * time.Second, Retr: 6, HWMKB: 22000, AnonKB: 13700,
 		Net: map[string]uint64{"Tcp:RetransSegs": 7}}
-	data, err := jsonReport([]sample{s}, nil, "m")
+	data, err := jsonReport([]sample{s}, nil, nil, "m")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,7 +189,7 @@ func TestLatencyReport(t *testing.T) {
 		{Spec: p, Rep: 1, Test: tests[0], Lat: latResult{N: 900, P50: 100, P99: 500}},
 		{Spec: v, Rep: 1, Test: up, Mbps: 1000, Bytes: 1e9},
 	}
-	r := formatReport([]backendSpec{v, p}, append([]perfTest{up}, tests...), samples, nil, 1, 10, 512, 1, 0.1, "m")
+	r := formatReport([]backendSpec{v, p}, append([]perfTest{up}, tests...), samples, nil, nil, 1, 10, 512, 1, 0.1, "m")
 	for _, want := range []string{
 		"| vunet | TCP_RR | 1 | 120 | 400 | 1000 | 1000.0 |",
 		"| passt-vhost | TCP_RR | 1 | 100 | 500 | 900 | 0.0 |",
