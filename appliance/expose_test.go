@@ -272,3 +272,43 @@ func TestRuntimeExposeWithoutDirectory(t *testing.T) {
 		t.Errorf("AddExpose with --sandbox=off: %v", err)
 	}
 }
+
+// TestRuntimeExposeSharedByGuests: with --max-guests 2, a gateway port
+// exposed at run time is reached by both guests (it is the gateway's; an
+// expose names no guest), and each guest's connection counts against its
+// own flows.
+func TestRuntimeExposeSharedByGuests(t *testing.T) {
+	dir := t.TempDir()
+	cfg := testConfig(t, dir)
+	cfg.MaxGuests = 2
+	cfg.UnixForwardDir = filepath.Join(dir, "fwd")
+	a, err := New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	stop, _ := start(t, a)
+	defer func() { _ = stop() }()
+	g1 := connectGuest(t, cfg.Socket, "\x52\x54\x00\x00\x00\x01", netstacktest.Guest4)
+	g2 := connectGuest(t, cfg.Socket, "\x52\x54\x00\x00\x00\x02", netip.MustParseAddr("10.0.2.16"))
+	sock := filepath.Join(cfg.UnixForwardDir, "svc.sock")
+	hostEcho(t, sock, "host:")
+	if _, err := a.AddExpose(api.Expose{GatewayPort: 2375, Path: sock}); err != nil {
+		t.Fatal(err)
+	}
+	for i, g := range []*testGuest{g1, g2} {
+		c, err := dialGateway(t, g, 2375)
+		if err != nil {
+			t.Fatalf("guest %d: %v", i, err)
+		}
+		if ans := c.ask(t, fmt.Sprintf("from %d", i)); ans != fmt.Sprintf("host:from %d\n", i) {
+			t.Errorf("guest %d through the expose: %q", i, ans)
+		}
+	}
+	st := a.Stats()
+	for i := range 2 {
+		if n, ok := st.Find("vunet_forward_guest_flows", "guest", fmt.Sprint(i), "proto", "tcp"); !ok || n != 1 {
+			t.Errorf("guest %d's tcp flows = %d (%v), want its own connection", i, n, ok)
+		}
+	}
+}
