@@ -276,6 +276,8 @@ func TestLogSandboxWithoutLandlock(t *testing.T) {
 // --socket-mode and, started as root, --socket-group and the switched-to
 // user as owner; replaces a stale socket of its own there; refuses a path
 // elsewhere with the directory's name; and removes the socket at exit.
+// Runtime exposes: a path outside the directory is refused, and (as root)
+// a socket the switched-to user may not write, checked after the switch.
 func TestSandboxUnixForwardDir(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the vunet binary")
@@ -347,6 +349,36 @@ func TestSandboxUnixForwardDir(t *testing.T) {
 	out, err := cli("forward", "add", "--api", apiSock, "unix:"+outside+":8080")
 	if err == nil || !strings.Contains(out, "is not in --unix-forward-dir "+dir) {
 		t.Errorf("forward add outside the directory: %v\n%s", err, out)
+	}
+
+	// Runtime exposes, checked by the confined vunet: outside the
+	// directory refused; in it, a socket its user may not write (as root:
+	// root's 0600 socket, vunet running as nobody) refused, one it may
+	// accepted.
+	out, err = cli("expose", "add", "--api", apiSock, "tcp:2375:unix:"+outside)
+	if err == nil || !strings.Contains(out, outside+" is not directly in --unix-forward-dir "+dir) {
+		t.Errorf("expose add outside the directory: %v\n%s", err, out)
+	}
+	svc := filepath.Join(dir, "svc.sock")
+	sl, err := net.Listen("unix", svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sl.Close()
+	if root {
+		if err := os.Chmod(svc, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out, err := cli("expose", "add", "--api", apiSock, "tcp:2375:unix:"+svc)
+		if err == nil || !strings.Contains(out, "vunet (uid 65534) may not connect to it") {
+			t.Errorf("expose add of a socket nobody may not write: %v\n%s", err, out)
+		}
+		if err := os.Chmod(svc, 0o666); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err := cli("expose", "add", "--api", apiSock, "tcp:2375:unix:"+svc); err != nil || !strings.Contains(out, "added tcp:2375:unix:"+svc) {
+		t.Errorf("expose add in the directory: %v\n%s", err, out)
 	}
 	if err := in.Stop(); err != nil {
 		t.Errorf("vunet exit: %v\n%s", err, in.Log())
