@@ -307,6 +307,8 @@ type tcpFields struct {
 	gsoMSS    *uint16       // Endpoint.gso.MSS, when the sender uses GSO
 	tsOffset  *uint32       // Endpoint.TSOffset's milliseconds
 	rack      *tcp.TCPRACKState
+	rcvWnd    *seqnum.Size  // receiver.rcvWnd: the window last offered, from rcvWUP
+	rcvWUP    *seqnum.Value // receiver.rcvWUP: RcvNxt when it was offered
 }
 
 // fieldsOf finds the fields; tep is locked.
@@ -330,6 +332,12 @@ func fieldsOf(tep *tcp.Endpoint) (f tcpFields, err error) {
 		return f, ErrTCPLayout
 	}
 	if f.rcv, ok = ptrTo[tcp.TCPReceiverState](field(rv, "TCPReceiverState")); !ok {
+		return f, ErrTCPLayout
+	}
+	if f.rcvWnd, ok = ptrTo[seqnum.Size](field(rv, "rcvWnd")); !ok {
+		return f, ErrTCPLayout
+	}
+	if f.rcvWUP, ok = ptrTo[seqnum.Value](field(rv, "rcvWUP")); !ok {
 		return f, ErrTCPLayout
 	}
 	if f.writeNext = field(sv, "writeNext"); f.writeNext.Kind() != reflect.Pointer {
@@ -391,6 +399,14 @@ func ptrTo[T any](v reflect.Value) (*T, bool) {
 // MaxRestoreWindow bounds the receive window a restore honours (a window
 // scale of 14 allows 1 GiB; vunet's buffers are far smaller).
 const MaxRestoreWindow = 64 << 20
+
+// RestoreReceiveBuffer is the receive buffer RestoreTCP gives the
+// endpoint of st: room for the whole window the guest was offered, as
+// gVisor accounts it. Whoever sizes the endpoint's buffers afterwards
+// keeps at least this much until the guest has sent into that window.
+func RestoreReceiveBuffer(st TCPConnState) int64 {
+	return 2 * int64(st.RcvWnd)
+}
 
 // handshakeTimeout bounds a restore's swallowed handshake; it runs inside
 // one process and takes microseconds.
@@ -455,11 +471,13 @@ func (ns *Stack) RestoreTCP(ctx context.Context, st TCPConnState, configure func
 	}
 	// Room for the window the guest was offered: a new endpoint starts
 	// with a small buffer, and a guest that sends into the window it knows
-	// would see its segments dropped until it backs off. The caller may
-	// shrink it again once the connection runs (the offered window is
-	// never retracted).
-	if so := ep.SocketOptions(); so.GetReceiveBufferSize() < int64(st.RcvWnd) {
-		so.SetReceiveBufferSize(int64(st.RcvWnd), true)
+	// would see its segments dropped until it backs off. gVisor offers
+	// half its free buffer as window (tcp.wndFromSpace: the other half is
+	// for the segments' own memory), so the source held at least twice
+	// RcvWnd; so does this endpoint, or its window closes with half of
+	// what the guest may send still on the way.
+	if so := ep.SocketOptions(); so.GetReceiveBufferSize() < RestoreReceiveBuffer(st) {
+		so.SetReceiveBufferSize(RestoreReceiveBuffer(st), true)
 	}
 	if terr := ep.Bind(tcpip.FullAddress{NIC: NICID, Addr: tcpip.AddrFromSlice(st.Local.Addr().AsSlice()), Port: st.Local.Port()}); terr != nil {
 		return nil, nil, fmt.Errorf("netstack: restore: bind %s: %s", st.Local, terr)
@@ -574,6 +592,20 @@ func (ns *Stack) moveNumbers(tep *tcp.Endpoint, st TCPConnState) error {
 	f.snd.SndWnd = seqnum.Size(st.SndWnd)
 	f.snd.SndWndScale = st.SndWndScale
 	f.rcv.RcvWndScale = st.RcvWndScale
+	// The window the guest holds is the source's, not the one of the
+	// swallowed handshake (about 29 KiB, from this endpoint's SYN). gVisor
+	// measures what is left of its offer from rcvWUP + rcvWnd and never
+	// shrinks it: left at the handshake's, the offer looks used up once
+	// the guest has sent that much before the reader catches up, the next
+	// ACK offers a zero window, and every segment the guest still had in
+	// flight within the source's window is dropped as out of window (a
+	// guest without SACK information then recovers one segment per RTO).
+	wnd := seqnum.Size(st.RcvWnd)
+	if most := seqnum.Size(0xffff) << st.RcvWndScale; wnd > most {
+		wnd = most
+	}
+	*f.rcvWnd, *f.rcvWUP = wnd, f.rcv.RcvNxt
+	f.rcv.RcvAcc = f.rcv.RcvNxt.Add(wnd)
 	if int(st.MaxPayload) < f.snd.MaxPayloadSize || f.snd.MaxPayloadSize == 0 {
 		f.snd.MaxPayloadSize = int(st.MaxPayload)
 		if f.gsoMSS != nil {
