@@ -321,11 +321,16 @@ func restoreFD(fd int, st *State, v6 bool) error {
 		}
 		return nil
 	}
-	if err := set("TCP_REPAIR on", unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
-		return err
-	}
+	// SO_REUSEADDR before repair mode: turning repair mode on lets the
+	// bind share its address with any socket (the kernel's
+	// SK_FORCE_REUSE), and SO_REUSEADDR after it would take that back. A
+	// connection that came in through a port forward is bound to the
+	// forward's port, where this vunet's listener already is.
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 		return fmt.Errorf("tcprepair: SO_REUSEADDR: %w", err)
+	}
+	if err := set("TCP_REPAIR on", unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+		return err
 	}
 	if v6 {
 		_ = unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1)
@@ -369,7 +374,7 @@ func restoreFD(fd int, st *State, v6 bool) error {
 		}
 	}
 	// In repair mode connect sends no SYN: the socket is established.
-	if err := unix.Connect(fd, toSockaddr(st.Remote, v6)); err != nil {
+	if err := connectRetry(fd, toSockaddr(st.Remote, v6)); err != nil {
 		return fmt.Errorf("tcprepair: connect %s: %w", st.Remote, err)
 	}
 	opts := []unix.TCPRepairOpt{{Code: unix.TCPOPT_MAXSEG, Val: st.MSS}}
@@ -444,6 +449,21 @@ func IsPermission(err error) bool {
 // bindWait bounds how long Restore waits for the source's socket to let go
 // of the 4-tuple.
 const bindWait = time.Second
+
+// connectRetry connects fd in repair mode, retrying while another socket
+// still has the four-tuple (EADDRNOTAVAIL): the bind shares the address
+// with anything (repair mode), so a source socket that has not let go yet
+// (see bindRetry) shows here.
+func connectRetry(fd int, sa unix.Sockaddr) error {
+	deadline := time.Now().Add(bindWait)
+	for {
+		err := unix.Connect(fd, sa)
+		if err != unix.EADDRNOTAVAIL || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
 
 // bindRetry binds fd, retrying while the address is in use: the source's
 // socket, closed in repair mode, releases its port only when its last file

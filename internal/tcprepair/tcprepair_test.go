@@ -204,3 +204,64 @@ func TestRestoreRejectsBadState(t *testing.T) {
 		t.Fatal("restored an oversized queue")
 	}
 }
+
+// TestRestoreWaitsForTheSource: a restore on the host where the dumped
+// socket still exists (its last descriptor not closed yet) waits for it
+// to go, then carries on; and it binds beside a listener on its own
+// address (a connection accepted through a port forward, restored where
+// the forward listens too).
+func TestRestoreWaitsForTheSource(t *testing.T) {
+	needRepair(t)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := sc.(*net.TCPConn)
+	// A second descriptor keeps the dumped socket, and its four-tuple.
+	held, err := server.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := Dump(server, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	released := make(chan struct{})
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		_ = held.Close()
+		close(released)
+	}()
+	restored, err := Restore(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer restored.Close()
+	select {
+	case <-released:
+	default:
+		t.Fatal("restored while the source socket still held the connection")
+	}
+	if _, err := restored.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if got := readFull(t, client, 4); string(got) != "ping" {
+		t.Fatalf("client got %q", got)
+	}
+	if _, err := client.Write([]byte("pong")); err != nil {
+		t.Fatal(err)
+	}
+	if got := readFull(t, restored, 4); string(got) != "pong" {
+		t.Fatalf("restored socket got %q", got)
+	}
+}
