@@ -103,6 +103,11 @@ type tcpSplice struct {
 	mem   *budget.Budget // the share this connection draws from
 	desc  string         // for logs
 	owner *portForward   // inbound forward it came through, or nil
+	// restoredRcv: the receive buffer netstack.RestoreTCP gave a moved
+	// connection's endpoint, room for the window the guest holds; the
+	// receive direction starts with it (budget permitting) instead of
+	// MinTCPBuffer, which would drop most of the guest's first flight.
+	restoredRcv int64
 	// onEnd runs once when the splice has ended (the caller's slot
 	// accounting).
 	onEnd func()
@@ -234,8 +239,11 @@ func (c *tcpSplice) run() {
 		return
 	}
 	so := c.gep.SocketOptions()
-	c.setShare(&c.snd, so.SetSendBufferSize)
-	c.setShare(&c.rcv, so.SetReceiveBufferSize)
+	c.setShare(&c.snd, so.SetSendBufferSize, 0)
+	c.setShare(&c.rcv, so.SetReceiveBufferSize, c.restoredRcv)
+	if c.rcv.size > MinTCPBuffer {
+		c.lastRcv = time.Now() // not shrunk before the guest had its turn
+	}
 	f.poll.add(c)
 	c.entry.Init(c, waiter.ReadableEvents|waiter.WritableEvents|waiter.EventHUp|waiter.EventErr)
 	c.wq.EventRegister(&c.entry)
@@ -454,9 +462,15 @@ func (c *tcpSplice) armTimer(d *direction, dur time.Duration, from int32) {
 // setShare gives a direction its minimum share, or the unaccounted floor
 // when the budget has none left (the connection then crawls until its
 // direction finds memory again, see retryShare).
-func (c *tcpSplice) setShare(w *window, set func(int64, bool)) {
+//
+// A direction that starts larger (want: a restored connection's receive
+// buffer, see restoredRcv) grows to want at once if the budget allows.
+func (c *tcpSplice) setShare(w *window, set func(int64, bool), want int64) {
 	if c.mem.Take(MinTCPBuffer) {
 		w.size, w.charged = MinTCPBuffer, MinTCPBuffer
+		if want = min(want, MaxTCPBuffer); want > MinTCPBuffer && c.mem.Grow(want-MinTCPBuffer) {
+			w.size, w.charged = want, want
+		}
 	} else {
 		c.f.c.TCPBudgetFloor.Add(1)
 		w.size, w.charged = floorTCPBuffer, 0

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -194,15 +195,31 @@ func (f *Forwarder) restoreOne(mover TCPMover, fl *TCPFlowState) bool {
 		return false
 	}
 	defer f.wg.Done()
-	// TCP moves need one guest (--migrate-tcp refuses max_guests above
-	// 1): its connections count against guest 0's limits and memory.
-	g := f.guests[0]
-	if !reserveGuest(g.conns(f), f.opts.MaxConns) {
-		f.c.TCPRestoreRefused.Add(1)
-		log.Debug("tcp restore refused: connection limit")
-		return false
+	// A connection that came in through a port forward belongs to this
+	// vunet's forward with the same listening address: it counts as that
+	// forward's (inbound limit and memory) and ends with it. Any other
+	// counts against the guest's limits and memory: TCP moves need one
+	// guest (--migrate-tcp refuses max_guests above 1).
+	owner := f.inboundForward(fl.Host.Local)
+	var slot *connSlot
+	mem := f.memIn
+	if owner != nil {
+		if !reserve(&f.c.InboundTCPOpen, f.opts.MaxInboundConns) {
+			f.c.TCPRestoreRefused.Add(1)
+			log.Debug("tcp restore refused: inbound connection limit")
+			return false
+		}
+		slot = &connSlot{n: gauges{all: &f.c.InboundTCPOpen}}
+	} else {
+		g := f.guests[0]
+		if !reserveGuest(g.conns(f), f.opts.MaxConns) {
+			f.c.TCPRestoreRefused.Add(1)
+			log.Debug("tcp restore refused: connection limit")
+			return false
+		}
+		slot = &connSlot{n: g.conns(f)}
+		mem = g.mem
 	}
-	slot := &connSlot{n: g.conns(f)}
 	defer slot.release()
 	hc, err := tcprepair.Restore(&fl.Host)
 	if err != nil {
@@ -223,13 +240,15 @@ func (f *Forwarder) restoreOne(mover TCPMover, fl *TCPFlowState) bool {
 	if err := hc.SetKeepAliveConfig(hostKeepAlive()); err != nil {
 		log.Debug("host keepalive", "err", err)
 	}
-	sp, err := f.newSplice(ep, wq, hc, g.mem, fl.Guest.Remote.String()+"->"+fl.Host.Remote.String())
+	sp, err := f.newSplice(ep, wq, hc, mem, fl.Guest.Remote.String()+"->"+fl.Host.Remote.String())
 	if err != nil {
 		f.c.TCPRestoreFailures.Add(1)
 		ep.Abort()
 		_ = hc.Close()
 		return false
 	}
+	sp.owner = owner
+	sp.restoredRcv = netstack.RestoreReceiveBuffer(fl.Guest)
 	sp.onEnd = slot.handOver()
 	f.c.TCPRestored.Add(1)
 	log.Debug("tcp connection restored")
@@ -239,4 +258,23 @@ func (f *Forwarder) restoreOne(mover TCPMover, fl *TCPFlowState) bool {
 		sp.run()
 	}()
 	return true
+}
+
+// inboundForward returns the TCP port forward listening on local, the
+// host address of a connection it accepted, or nil.
+func (f *Forwarder) inboundForward(local netip.AddrPort) *portForward {
+	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, p := range f.pfwds {
+		h := p.spec.Host
+		if p.spec.Proto != "tcp" || h.Port() != local.Port() {
+			continue
+		}
+		if a := h.Addr().Unmap(); a == local.Addr() || a.IsUnspecified() && a.Is4() == local.Addr().Is4() ||
+			h.Addr() == netip.IPv6Unspecified() {
+			return p
+		}
+	}
+	return nil
 }

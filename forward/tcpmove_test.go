@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/vunet/vunet/budget"
 	"github.com/vunet/vunet/internal/tcprepair"
 	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/netstack/netstacktest"
@@ -30,6 +32,7 @@ func newMoveHost(t *testing.T, w *netstacktest.Wire, move bool) *moveHost {
 	o := Options{
 		Stack: ns.Stack(), NIC: ns.NIC(), Gateway4: gw4, DNS4: netstacktest.DNS4,
 		MapHostLoopback: true, DialTimeout: 5 * time.Second, Logger: testLogger(t),
+		Memory: budget.New(64 << 20),
 	}
 	if move {
 		o.MoveTCP = ns
@@ -150,6 +153,7 @@ func TestMoveTCPConnection(t *testing.T) {
 		t.Fatalf("the guest saw %d SYNs of the restore", n)
 	}
 	both(t, quietG, quietH, 300<<10, 3)
+	noDrops(t, to, guest)
 	if got := to.f.c.TCPConns.Load(); got != 1 {
 		t.Fatalf("destination counts %d connections, want 1", got)
 	}
@@ -180,4 +184,139 @@ func TestMoveTCPOff(t *testing.T) {
 	if got := h.f.c.TCPRestoreRefused.Load(); got != 1 {
 		t.Fatalf("refused %d, want 1", got)
 	}
+}
+
+// noDrops checks that h's stack dropped nothing the guest sent: a
+// restored connection's receive buffer holds the window the guest was
+// offered (not its minimum share: the guest's first flight after the
+// move would be dropped in part).
+func noDrops(t *testing.T, h *moveHost, guest *stack.Stack) {
+	t.Helper()
+	if n := h.ns.Stack().Stats().DroppedPackets.Value(); n != 0 {
+		t.Errorf("the destination's stack dropped %d packets (the guest retransmitted %d segments)", n, guest.Stats().TCP.Retransmits.Value())
+	}
+}
+
+// waitQuiet waits until every connection of h could move: all its data
+// toward the guest acknowledged, none from the guest unread.
+func waitQuiet(t *testing.T, h *moveHost) {
+	t.Helper()
+	eventually(t, "the connections to be quiet", func() bool {
+		h.f.mu.Lock()
+		defer h.f.mu.Unlock()
+		for c := range h.f.conns {
+			if _, err := h.ns.FreezeTCP(c.gep); err != nil {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// TestMoveInboundTCPConnection moves a connection that came in through a
+// port forward (host client → guest server): it goes on both ways on the
+// destination, where it belongs to the same forward (its inbound gauge,
+// its memory share, ended when the forward is removed), and the guest
+// sends into the window it was offered without losing a segment.
+func TestMoveInboundTCPConnection(t *testing.T) {
+	if err := tcprepair.Available(); err != nil {
+		t.Skip(err)
+	}
+	w := netstacktest.NewWire(t)
+	guest, err := netstacktest.NewGuest(w.Guest())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(guest.Destroy)
+	at := netip.AddrPortFrom(netstacktest.Guest4, 8080)
+	ln, err := netstacktest.ListenTCP(guest, at)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	src := newMoveHost(t, w, true)
+	w.Plug(src.link)
+	pf, err := src.f.AddPortForward(PortForward{Proto: "tcp", Host: netip.MustParseAddrPort("127.0.0.1:0"), Guest: at})
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			accepted <- c
+		}
+	}()
+	client, err := net.Dial("tcp", pf.Host.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	var gc net.Conn
+	select {
+	case gc = <-accepted:
+		t.Cleanup(func() { _ = gc.Close() })
+	case <-time.After(5 * time.Second):
+		t.Fatal("the guest accepted no connection")
+	}
+	both(t, client, gc, 300<<10, 1)
+	if got := src.f.c.InboundTCPOpen.Load(); got != 1 {
+		t.Fatalf("source counts %d inbound connections, want 1", got)
+	}
+	waitQuiet(t, src)
+
+	w.Unplug()
+	flows := src.f.SaveTCP()
+	if len(flows) != 1 || src.f.c.TCPMoved.Load() != 1 {
+		t.Fatalf("saved %d connections (moved %d), want 1", len(flows), src.f.c.TCPMoved.Load())
+	}
+	if fl := flows[0]; fl.Host.Local != pf.Host || fl.Guest.Remote != at {
+		t.Fatalf("saved host %s, guest %s; want %s and %s", fl.Host.Local, fl.Guest.Remote, pf.Host, at)
+	}
+	eventually(t, "the source to let go", func() bool {
+		return src.f.c.InboundTCPOpen.Load() == 0 && src.f.c.TCPConns.Load() == 0
+	})
+	// The source vunet ends; the destination has the same forward (from
+	// its command line or the device state).
+	if err := src.f.RemovePortForward(pf); err != nil {
+		t.Fatal(err)
+	}
+	to := newMoveHost(t, w, true)
+	if _, err := to.f.AddPortForward(pf); err != nil {
+		t.Fatal(err)
+	}
+	w.Plug(to.link)
+	syns := w.SYNsToGuest.Load()
+	if n := to.f.RestoreTCP(flows); n != 1 {
+		t.Fatalf("restored %d connections, want 1", n)
+	}
+	if n := w.SYNsToGuest.Load() - syns; n != 0 {
+		t.Fatalf("the guest saw %d SYNs of the restore", n)
+	}
+	// Its buffers are the inbound share's, the receive buffer as large as
+	// the window the guest holds.
+	want := MinTCPBuffer + min(netstack.RestoreReceiveBuffer(flows[0].Guest), MaxTCPBuffer)
+	for deadline := time.Now().Add(5 * time.Second); to.f.memIn.Used() != want; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("destination's inbound memory share holds %d bytes, want %d", to.f.memIn.Used(), want)
+		}
+	}
+	both(t, client, gc, 300<<10, 5)
+	noDrops(t, to, guest)
+	if got := to.f.c.InboundTCPOpen.Load(); got != 1 {
+		t.Errorf("destination counts %d inbound connections, want 1", got)
+	}
+	if got := to.f.memOut.Used(); got != 0 {
+		t.Errorf("destination's outbound memory share holds %d bytes, want 0", got)
+	}
+	// Removing the forward ends its connections, the moved one too.
+	if err := to.f.RemovePortForward(pf); err != nil {
+		t.Fatal(err)
+	}
+	_ = client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadAll(client); err != nil && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client after the forward's removal: %v", err)
+	}
+	eventually(t, "the destination's connection to end", func() bool {
+		return to.f.c.TCPConns.Load() == 0 && to.f.c.InboundTCPOpen.Load() == 0
+	})
 }
