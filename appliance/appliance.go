@@ -280,7 +280,15 @@ func New(cfg *config.Config, log *slog.Logger) (a *Appliance, err error) {
 		Guests:      cfg.MaxGuests,
 		GuestOf:     a.Link.PortOf,
 		GuestMemory: cfg.MaxGuestMemory,
-		Memory:      a.Memory,
+		// What the NAT's connections to a guest have in flight is
+		// bounded by its port's receive backlog (forward's rxShareNum).
+		GuestRXCapacity: func(i int) int64 {
+			if ports := a.Link.Ports(); i >= 0 && i < len(ports) {
+				return ports[i].RXCapacity()
+			}
+			return 0
+		},
+		Memory: a.Memory,
 		// The guest's traffic may take three quarters; with the link's
 		// eighth, the last eighth is kept for port forwards.
 		OutboundMemory:       cfg.MaxMemory - cfg.MaxMemory/8 - cfg.MaxMemory/8,

@@ -405,6 +405,28 @@ func (e *Endpoint) RXBacklog() int {
 	return n
 }
 
+// RXCapacity returns how many bytes of TCP payload toward the guest one
+// receive queue holds while the guest has posted no buffers: the backlog
+// (Options.RXBacklog packets) times what one packet carries, a GSO
+// segment (gsoMaxSize) when the stack hands this guest those, else one
+// frame of the MTU less IPv6, TCP and timestamp headers (the smallest
+// payload of a full-sized segment). One queue's, not the sum of all: a
+// connection's packets all take one queue (steer.go), and several
+// connections may hash to the same one. The NAT bounds what its
+// connections have in flight to the guest by it
+// (forward.Options.GuestRXCapacity; see forward's rxShareNum).
+func (e *Endpoint) RXCapacity() int64 {
+	per := int64(gsoMaxSize)
+	if e.SupportedGSO() != stack.HostGSOSupported {
+		per = int64(e.MTU()) - header.IPv6MinimumSize - header.TCPMinimumSize - rxTimestampOption
+	}
+	return max(per, 1) * int64(e.opts.RXBacklog)
+}
+
+// rxTimestampOption is the TCP timestamp option padded to 4 bytes, as
+// gVisor and Linux send it on every segment.
+const rxTimestampOption = 12
+
 // Reset implements vhost.Backend.Reset.
 func (e *Endpoint) Reset() {
 	e.ctl.Lock()

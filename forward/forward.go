@@ -122,6 +122,14 @@ type Options struct {
 	// Zero means OutboundMemory / Guests (an equal share; with one guest,
 	// all of it).
 	GuestMemory int64
+	// GuestRXCapacity, if set, returns how many bytes of TCP payload guest
+	// i's link can hold queued toward it while the guest has no receive
+	// buffers (endpoint.Endpoint.RXCapacity), or 0 for no bound. The
+	// connections sending bulk data to that guest share rxShare of it as
+	// the limit of their send buffers (sendLimit), so what they have in
+	// flight fits in the link's backlog and a guest that falls behind
+	// for a moment costs no drops. Nil: no bound but MaxTCPBuffer.
+	GuestRXCapacity func(guest int) int64
 
 	// MaxInFlightDials bounds one guest's concurrent outbound TCP
 	// connects; SYNs beyond it are answered with RST. Zero means

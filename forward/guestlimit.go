@@ -46,6 +46,10 @@ type guestLimits struct {
 	id  int
 	c   GuestStats
 	mem *budget.Budget
+	// senders counts this guest's bulk senders, sendBytes sums its
+	// connections' send buffers (see tcpSplice.sendLimit).
+	senders   atomic.Int32
+	sendBytes atomic.Int64
 }
 
 // GuestCounters returns guest i's counters and its memory share, for the

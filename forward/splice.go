@@ -50,7 +50,38 @@ const (
 	// kernel's smallest loss-probe timeout (2 ms plus twice the smoothed
 	// RTT).
 	roomPoll = time.Millisecond
+	// rxShareNum/rxShareDen: the part of a guest link's receive capacity
+	// (Options.GuestRXCapacity) its bulk senders share; the rest is left
+	// for everything else queued toward the guest (ACKs of its uploads,
+	// connections that have not grown, in-stack services).
+	rxShareNum, rxShareDen = 7, 8
 )
+
+// Host → guest, what a connection may have queued toward the guest is
+// bounded by the guest link, as Linux's TCP Small Queues bound a socket's
+// bytes below it and passt reads from a socket only what fits in the
+// guest's free buffers. gVisor's sender emits up to its congestion window
+// whatever the guest's ring holds; the link backlogs the frames the ring
+// has no buffers for, and drops beyond its backlog (endpoint:
+// link_drops_total{reason="rx_backlog_full"}), every drop a retransmission.
+// gVisor's send buffer holds the unacknowledged bytes and the unsent ones,
+// so a send buffer no larger than the backlog's payload bytes keeps the
+// connection's in-flight frames within the backlog: the frames the guest
+// has taken or has buffers for only add room. The share is divided
+// among the guest's bulk senders (sendLimit: connections that filled
+// their send buffer and had half of it consumed within growWithin); one
+// that finds its buffer full above a new, lower fair share gives the
+// excess back (sendFull). The guest's sendBytes sums the send buffers of
+// all its connections (the bytes each may have queued: a lowered buffer
+// counts its old size until gVisor has room below the new one), and a
+// buffer grows only into what that sum leaves of the share, so
+// connections that start or join at once cannot overrun the backlog
+// together while the others have not given back yet. On the testpmd bridge (no offloads,
+// MTU 1500: 1024 frames of 1428 bytes, 1.25 MiB for one sender, 312 KiB
+// each for four) this took the drops of a 5-s download from hundreds or
+// thousands to 0 (docs/performance.md). With TSO, or a large MTU, a
+// backlogged packet carries up to 64 KiB and the limit is far above
+// MaxTCPBuffer: it vanishes.
 
 // Keepalive settings for both halves of a splice: a guest or host peer that
 // vanishes without FIN/RST is detected after about two minutes of silence.
@@ -108,6 +139,14 @@ type tcpSplice struct {
 	// receive direction starts with it (budget permitting) instead of
 	// MinTCPBuffer, which would drop most of the guest's first flight.
 	restoredRcv int64
+	// g is the guest an outbound connection belongs to (its send buffer
+	// is bounded by the guest's link, sendLimit), or nil.
+	g *guestLimits
+	// sender: counted in g.senders (a bulk sender, see sendLimit);
+	// counted: this connection's part of g.sendBytes. Owned by tg, and by
+	// finish once tg is done.
+	sender  bool
+	counted int64
 	// onEnd runs once when the splice has ended (the caller's slot
 	// accounting).
 	onEnd func()
@@ -240,6 +279,7 @@ func (c *tcpSplice) run() {
 	}
 	so := c.gep.SocketOptions()
 	c.setShare(&c.snd, so.SetSendBufferSize, 0)
+	c.recount(c.snd.size)
 	c.setShare(&c.rcv, so.SetReceiveBufferSize, c.restoredRcv)
 	if c.rcv.size > MinTCPBuffer {
 		c.lastRcv = time.Now() // not shrunk before the guest had its turn
@@ -280,6 +320,8 @@ func (c *tcpSplice) finish() {
 	c.unpoll()
 	f.poll.remove(c)
 	f.unstarve(c)
+	c.setSender(false)
+	c.recount(0)
 	detached := c.detaching.Load()
 	if !detached {
 		c.closeBoth()
@@ -489,11 +531,12 @@ func (c *tcpSplice) retryShare(w *window, set func(int64, bool)) {
 // grow quadruples a direction if the budget allows: from MinTCPBuffer to
 // MaxTCPBuffer in four steps, so a bulk transfer of a few MiB is not spent
 // ramping up.
-func (c *tcpSplice) grow(w *window, set func(int64, bool)) bool {
-	if w.charged == 0 || w.size >= MaxTCPBuffer {
+// It stops at limit.
+func (c *tcpSplice) grow(w *window, set func(int64, bool), limit int64) bool {
+	if w.charged == 0 || w.size >= limit {
 		return false
 	}
-	n := min(w.size*4, MaxTCPBuffer)
+	n := min(w.size*4, limit)
 	if !c.mem.Grow(n - w.size) {
 		return false
 	}
@@ -501,6 +544,53 @@ func (c *tcpSplice) grow(w *window, set func(int64, bool)) bool {
 	w.size = n
 	set(n, true)
 	return true
+}
+
+// setSender counts the splice in (or out of) its guest's bulk senders.
+func (c *tcpSplice) setSender(on bool) {
+	if c.g == nil || c.sender == on {
+		return
+	}
+	c.sender = on
+	if on {
+		c.g.senders.Add(1)
+	} else {
+		c.g.senders.Add(-1)
+	}
+}
+
+// recount makes n this connection's part of its guest's sendBytes.
+func (c *tcpSplice) recount(n int64) {
+	if c.g != nil && n != c.counted {
+		c.g.sendBytes.Add(n - c.counted)
+		c.counted = n
+	}
+}
+
+// sendLimit returns the guest link's share (rxShare of
+// Options.GuestRXCapacity), fair: the share divided among the guest's bulk
+// senders, counting this one, between MinTCPBuffer and MaxTCPBuffer, and
+// room: the largest this send buffer may grow to, fair or what the send
+// buffers of the guest's other connections leave of the share if less.
+// Without a capacity both are MaxTCPBuffer. See the comment above
+// rxShareNum.
+func (c *tcpSplice) sendLimit() (fair, room int64) {
+	capf := c.f.opts.GuestRXCapacity
+	if c.g == nil || capf == nil {
+		return MaxTCPBuffer, MaxTCPBuffer
+	}
+	rx := capf(c.g.id)
+	if rx <= 0 {
+		return MaxTCPBuffer, MaxTCPBuffer
+	}
+	share := rx * rxShareNum / rxShareDen
+	n := int64(c.g.senders.Load())
+	if !c.sender {
+		n++
+	}
+	fair = min(max(share/n, MinTCPBuffer), MaxTCPBuffer)
+	others := c.g.sendBytes.Load() - c.counted
+	return fair, min(fair, share-others)
 }
 
 func (c *tcpSplice) releaseAll() {
@@ -532,6 +622,7 @@ func (c *tcpSplice) toGuest() {
 		c.settleSend()
 		if c.snd.charged == 0 {
 			c.retryShare(&c.snd, so.SetSendBufferSize)
+			c.recount(c.snd.size)
 		}
 	}
 	c.progress = false
@@ -589,6 +680,7 @@ func (c *tcpSplice) toGuest() {
 			c.settleSend()
 			if c.snd.charged == 0 {
 				c.retryShare(&c.snd, so.SetSendBufferSize)
+				c.recount(c.snd.size)
 			}
 		case pushEOF:
 			if c.gep.Shutdown(tcpip.ShutdownWrite) != nil {
@@ -612,9 +704,31 @@ func (c *tcpSplice) toGuest() {
 // it filling up: the rule gVisor's own writable event (at half the buffer
 // free) used to decide alone, now that roomTimer also wakes tg. Otherwise
 // a new interval starts when the last one has run out.
+//
+// A buffer above its limit (more bulk senders to the guest than when it
+// grew) is lowered to it instead; as in shrinkSend, the excess stays
+// charged until gVisor has room below the new size.
 func (c *tcpSplice) sendFull(so *tcpip.SocketOptions, now time.Time) bool {
+	if w := &c.snd; w.charged != 0 && w.size > MinTCPBuffer {
+		if fair, _ := c.sendLimit(); w.size > fair {
+			so.SetSendBufferSize(fair, true)
+			w.size, w.pending = fair, true
+			c.f.c.TCPSendLimited.Add(1)
+			c.fullAt, c.sinceFull = now, 0
+			return false
+		}
+	}
 	if c.snd.charged != 0 && c.sinceFull >= c.snd.size/2 {
-		grew := now.Sub(c.fullAt) < growWithin && c.grow(&c.snd, so.SetSendBufferSize)
+		grew := false
+		if now.Sub(c.fullAt) < growWithin {
+			// A bulk sender, whether or not it may grow now: the
+			// others' fair share shrinks, and they give back.
+			c.setSender(true)
+			_, room := c.sendLimit()
+			if grew = c.grow(&c.snd, so.SetSendBufferSize, room); grew {
+				c.recount(c.snd.size)
+			}
+		}
 		c.fullAt, c.sinceFull = now, 0
 		return grew
 	}
@@ -653,6 +767,7 @@ func (c *tcpSplice) shrinkSend() {
 	c.gep.SocketOptions().SetSendBufferSize(MinTCPBuffer, true)
 	w.size = MinTCPBuffer
 	w.pending = true
+	c.setSender(false)
 	c.settleSend()
 }
 
@@ -664,6 +779,7 @@ func (c *tcpSplice) settleSend() {
 		return
 	}
 	w.pending = false
+	c.recount(w.size)
 	if w.charged > w.size {
 		c.mem.Release(w.charged - w.size)
 		w.charged = w.size
@@ -782,7 +898,7 @@ func (c *tcpSplice) toHost() {
 				c.since, c.moved, c.waited = now, 0, false
 			}
 			if c.moved += int64(c.rcount); c.moved >= c.rcv.size/2 {
-				c.grow(&c.rcv, so.SetReceiveBufferSize)
+				c.grow(&c.rcv, so.SetReceiveBufferSize, MaxTCPBuffer)
 				c.since, c.moved = now, 0
 			}
 			continue

@@ -70,6 +70,10 @@ type Stats struct {
 	// itself, looking for room in a full gVisor send buffer before gVisor
 	// reported any (see tcpSplice.roomTimer).
 	TCPRoomPolls atomic.Uint64 `metric:"forward_tcp_room_polls_total" help:"Host socket reads a TCP splice started by looking for room in a full send buffer itself, before gVisor reported half of it free."`
+	// TCPSendLimited counts send buffers lowered to their share of the
+	// guest link's receive capacity because more connections began
+	// sending bulk data to that guest (sendLimit).
+	TCPSendLimited atomic.Uint64 `metric:"forward_tcp_send_limited_total" help:"TCP send buffers lowered to their share of the guest link's receive backlog as more connections began sending to that guest."`
 	// TCPLostReads counts connections aborted because a host socket
 	// returned less than it announced (should never happen).
 	TCPLostReads atomic.Uint64 `metric:"forward_tcp_lost_reads_total" help:"TCP connections aborted because a host socket returned less than it announced."`

@@ -107,6 +107,7 @@ func (f *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 		_ = hc.Close()
 		return
 	}
+	sp.g = g
 	sp.onEnd = slot.handOver()
 	sp.run()
 }
@@ -188,6 +189,7 @@ func (f *Forwarder) serveExposed(r *tcp.ForwarderRequest, g *guestLimits, path s
 		_ = hc.Close()
 		return
 	}
+	sp.g = g
 	sp.onEnd = slot.handOver()
 	sp.run()
 }

@@ -249,6 +249,9 @@ func (f *Forwarder) restoreOne(mover TCPMover, fl *TCPFlowState) bool {
 	}
 	sp.owner = owner
 	sp.restoredRcv = netstack.RestoreReceiveBuffer(fl.Guest)
+	if owner == nil {
+		sp.g = f.guests[0] // its send buffer is bounded by the guest's link
+	}
 	sp.onEnd = slot.handOver()
 	f.c.TCPRestored.Add(1)
 	log.Debug("tcp connection restored")
