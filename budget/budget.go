@@ -77,6 +77,20 @@ func (b *Budget) Used() int64 {
 	return b.c.Used.Load()
 }
 
+// Tight reports whether b, or a budget b is a share of, has used more
+// than half of its growth ceiling. Memory held on behalf of idle flows is
+// then worth taking back even at a cost to them; below that it is left
+// where it is, since giving it back can cost the flow more than it frees
+// (see the forward package's receive buffers). Nil b is never tight.
+func (b *Budget) Tight() bool {
+	for x := b; x != nil; x = x.parent {
+		if x.c.Used.Load() > x.ceiling/2 {
+			return true
+		}
+	}
+	return false
+}
+
 // Take accounts n bytes of a minimum share; it fails (and counts a denial)
 // if b or any parent would exceed its limit.
 func (b *Budget) Take(n int64) bool {

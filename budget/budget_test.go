@@ -157,3 +157,28 @@ func TestNestedGuestShares(t *testing.T) {
 		t.Fatalf("released: root %d out %d", root.Used(), out.Used())
 	}
 }
+
+func TestTight(t *testing.T) {
+	b := New(800) // growth ceiling 600: tight above 300
+	s := b.Share(400)
+	if b.Tight() || s.Tight() {
+		t.Fatal("an empty budget is tight")
+	}
+	if !b.Take(300) || b.Tight() {
+		t.Fatalf("tight at 300 of 800 (ceiling 600)")
+	}
+	if !s.Take(1) || !b.Tight() || !s.Tight() {
+		t.Fatalf("at 301 of 800: parent tight %v, share tight %v; want both (a share is tight when its parent is)", b.Tight(), s.Tight())
+	}
+	b.Release(300)
+	if b.Tight() || s.Tight() {
+		t.Fatal("still tight after the release")
+	}
+	if !s.Take(200) || !s.Tight() || b.Tight() {
+		t.Fatalf("share at 201 of 400 (ceiling 300): share tight %v, parent tight %v; want true, false", s.Tight(), b.Tight())
+	}
+	var nilB *Budget
+	if nilB.Tight() {
+		t.Fatal("nil budget is tight")
+	}
+}

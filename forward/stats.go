@@ -62,6 +62,10 @@ type Stats struct {
 	// share because the memory budget was used up: they move data through
 	// gVisor's smallest window until memory is released.
 	TCPBudgetFloor atomic.Uint64 `metric:"forward_tcp_budget_floor_total" help:"TCP connection directions started at the smallest window because the memory budget was used up."`
+	// TCPRecvShrinks counts idle receive buffers returned to the minimum
+	// share because the memory budget was tight (shrinkRecv): each may
+	// cost its guest part of its next flight.
+	TCPRecvShrinks atomic.Uint64 `metric:"forward_tcp_recv_shrinks_total" help:"Idle TCP receive buffers returned to the minimum share because the memory budget was tight."`
 	// TCPWakeups counts restarts of a parked splice direction: an idle
 	// connection holds no goroutine, and each guest or host event that
 	// gives a parked direction work starts one.
