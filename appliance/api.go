@@ -47,6 +47,7 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 		}
 	}
 	add("switch", &a.Link.Stats)
+	add("netstack", a.Stack.Stats())
 	add("vhost", &a.VHost.Stats)
 	add("vhost", &a.dialStats)
 	add("forward", a.Forward.Stats())

@@ -22,6 +22,7 @@ import (
 	"github.com/vunet/vunet/forward/egress"
 	"github.com/vunet/vunet/internal/ratelimit"
 	"github.com/vunet/vunet/internal/sandbox"
+	"github.com/vunet/vunet/netstack"
 	"github.com/vunet/vunet/pcap"
 	"github.com/vunet/vunet/services/dhcp4"
 	"github.com/vunet/vunet/services/dns"
@@ -65,6 +66,7 @@ func declared(t *testing.T, a *appliance.Appliance, pairs int) int {
 	count(egress.HostAddrStats{}, 1)
 	count(ratelimit.Stats{}, 1)
 	count(pcap.Stats{}, 1)
+	count(netstack.Stats{}, 1)
 	count(sandbox.Gauges{}, 1)
 	count(appliance.MigrationStats{}, 1)
 	count(appliance.ProcessStats{}, 1)

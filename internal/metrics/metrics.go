@@ -206,6 +206,16 @@ func parseField(layer string, f reflect.StructField, v reflect.Value) (s series,
 	}
 	s = series{layer: layer, labels: labels, hostile: f.Tag.Get(TagHostile),
 		fam: &family{name: Prefix + name, help: f.Tag.Get(TagHelp), kind: kind}}
+	// A counter kept by a library (gVisor's *tcpip.StatCounter): read
+	// through its Value method.
+	if v.Kind() == reflect.Pointer {
+		c, isCounter := v.Interface().(valuer)
+		if !isCounter || kind != Counter || v.IsNil() {
+			return s, false, fmt.Errorf("metrics: %s: a pointer field is a counter with a Value() uint64 method and must be set before Register", where)
+		}
+		s.load = func() int64 { return int64(min(c.Value(), math.MaxInt64)) }
+		return s, true, nil
+	}
 	switch p := v.Addr().Interface().(type) {
 	case *atomic.Uint64:
 		s.load = func() int64 { return int64(min(p.Load(), math.MaxInt64)) }
@@ -222,10 +232,14 @@ func parseField(layer string, f reflect.StructField, v reflect.Value) (s series,
 		}
 		s.load = *p
 	default:
-		return s, false, fmt.Errorf("metrics: %s: type %s, want atomic.Uint64, atomic.Int64 or func() int64", where, f.Type)
+		return s, false, fmt.Errorf("metrics: %s: type %s, want atomic.Uint64, atomic.Int64, func() int64 or a pointer to a counter with Value() uint64", where, f.Type)
 	}
 	return s, true, nil
 }
+
+// valuer is a counter kept outside vunet, such as gVisor's
+// *tcpip.StatCounter.
+type valuer interface{ Value() uint64 }
 
 // parseSeries splits "name{a=b,c=d}".
 func parseSeries(tag string) (string, map[string]string, error) {

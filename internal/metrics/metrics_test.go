@@ -149,3 +149,38 @@ func BenchmarkSnapshot(b *testing.B) {
 		r.Snapshot()
 	}
 }
+
+// extCounter stands for a library's counter (gVisor's *tcpip.StatCounter).
+type extCounter struct{ v uint64 }
+
+func (c *extCounter) Value() uint64 { return c.v }
+
+func TestRegisterLibraryCounter(t *testing.T) {
+	type lib struct {
+		Drops *extCounter `metric:"lib_drops_total" help:"Drops."`
+	}
+	r := New()
+	c := &extCounter{v: 7}
+	if err := r.Register("lib", &lib{Drops: c}); err != nil {
+		t.Fatal(err)
+	}
+	c.v = 1<<64 - 1
+	if snap := r.Snapshot(); len(snap) != 1 || snap[0].Value != 1<<63-1 || snap[0].Kind != Counter {
+		t.Fatalf("%+v", snap)
+	}
+	if err := New().Register("lib", &lib{}); err == nil || !strings.Contains(err.Error(), "must be set") {
+		t.Errorf("a nil counter: %v", err)
+	}
+	type gauge struct {
+		Drops *extCounter `metric:"lib_drops" kind:"gauge" help:"Drops."`
+	}
+	if err := New().Register("lib", &gauge{Drops: c}); err == nil {
+		t.Error("a library counter registered as a gauge")
+	}
+	type other struct {
+		P *int `metric:"lib_p_total" help:"P."`
+	}
+	if err := New().Register("lib", &other{P: new(int)}); err == nil {
+		t.Error("a pointer without Value registered")
+	}
+}
