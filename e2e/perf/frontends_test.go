@@ -214,7 +214,77 @@ func (g *nsGuest) netCounters() (netCounters, error) {
 		return nil, fmt.Errorf("guest namespace counters: %v", err)
 	}
 	c := netCounters{}
-	return c, parseNetCounters(string(out), c)
+	if err := parseNetCounters(string(out), c); err != nil {
+		return nil, err
+	}
+	// What the namespace's own devices and queues dropped before a frame
+	// reached the frontend (a frontend that reads the tap late overflows
+	// its qdisc: loss no backend counter can see).
+	q, err := exec.Command("ip", "netns", "exec", g.ns, "tc", "-s", "qdisc", "show").Output()
+	if err != nil {
+		return nil, fmt.Errorf("guest namespace qdiscs: %v", err)
+	}
+	c["Qdisc:Dropped"] = qdiscDrops(string(q))
+	dev, err := exec.Command("ip", "netns", "exec", g.ns, "cat", "/proc/net/dev").Output()
+	if err != nil {
+		return nil, fmt.Errorf("guest namespace devices: %v", err)
+	}
+	c["Dev:TxDrop"] = devTxDrops(string(dev))
+	return c, nil
+}
+
+// devTxDrops sums the transmit "drop" column of /proc/net/dev (a tap
+// whose reader falls behind drops there, past its qdisc).
+func devTxDrops(out string) uint64 {
+	var n uint64
+	for _, line := range strings.Split(out, "\n") {
+		_, stats, ok := strings.Cut(line, ":")
+		f := strings.Fields(stats)
+		if !ok || len(f) < 16 {
+			continue // the two header lines
+		}
+		if d, err := strconv.ParseUint(f[11], 10, 64); err == nil {
+			n += d
+		}
+	}
+	return n
+}
+
+// testpmdTxQueueLen is the testpmd bridge's tap queue. testpmd's one
+// forwarding lcore reads the tap only between its bursts toward the
+// backend; while it waits for room in the backend's ring the kernel's
+// default 1000-frame tap queue overflows and drops (Dev:TxDrop): 24 000-32 000
+// of a 5 s 4-stream upload through vunet, and passt's upload collapsed
+// to 41 Mbit/s. A VM's driver would stop its queue instead. With 10 000
+// neither backend loses a frame there (2026-12-02, docs/performance.md).
+const testpmdTxQueueLen = "10000"
+
+// tapTxQueueLen is the txqueuelen set on the namespace's device: env
+// (VUNET_PERF_TAP_TXQUEUELEN) if given ("0" leaves the kernel's
+// default), else testpmdTxQueueLen on the testpmd bridge.
+func tapTxQueueLen(front, env string) string {
+	switch {
+	case env == "0":
+		return ""
+	case env != "":
+		return env
+	case front == frontTestpmd:
+		return testpmdTxQueueLen
+	}
+	return ""
+}
+
+// qdiscDrops sums the "dropped N" of `tc -s qdisc show` output.
+func qdiscDrops(out string) uint64 {
+	var n uint64
+	for _, f := range strings.Split(out, "(dropped ")[1:] {
+		v, _, _ := strings.Cut(f, ",")
+		d, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+		if err == nil {
+			n += d
+		}
+	}
+	return n
 }
 
 func ipNS(ns string, args ...string) error {
@@ -259,6 +329,9 @@ func startNSGuest(ctx context.Context, bins *binaries, spec backendSpec, b *back
 	steps := [][]string{{"link", "set", nsDev, "address", nsMAC}, {"addr", "add", gn.addr, "dev", nsDev}}
 	if spec.MTU != 0 {
 		steps = append(steps, []string{"link", "set", nsDev, "mtu", strconv.Itoa(spec.MTU)})
+	}
+	if q := tapTxQueueLen(spec.Front, os.Getenv("VUNET_PERF_TAP_TXQUEUELEN")); q != "" {
+		steps = append(steps, []string{"link", "set", nsDev, "txqueuelen", q})
 	}
 	steps = append(steps, []string{"link", "set", nsDev, "up"}, []string{"route", "add", "default", "via", gn.gateway})
 	for _, args := range steps {

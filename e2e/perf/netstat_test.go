@@ -91,6 +91,9 @@ var netKeys = []string{
 	"TcpExt:TCPOFOQueue",     // segments that arrived out of order (a hole: loss)
 	"TcpExt:TCPDSACKOldSent", // duplicates received (spurious retransmissions)
 	"TcpExt:TCPDSACKOfoSent",
+	// The VM-less guest's qdiscs (a frontend that reads its tap late).
+	"Qdisc:Dropped",
+	"Dev:TxDrop",
 }
 
 // formatNet renders the non-zero netKeys of d with short names, in
@@ -145,7 +148,7 @@ func metricKey(m api.Metric) string {
 func formatVunet(d map[string]uint64) string {
 	var parts []string
 	for _, k := range slices.Sorted(maps.Keys(d)) {
-		if strings.Contains(k, "drops") || strings.Contains(k, "backlogged") || strings.Contains(k, "retrans") {
+		if strings.Contains(k, "drops") || strings.Contains(k, "dropped") || strings.Contains(k, "backlogged") || strings.Contains(k, "retrans") || strings.Contains(k, "timeouts") {
 			parts = append(parts, fmt.Sprintf("%s=%d", strings.TrimPrefix(k, "vunet_"), d[k]))
 		}
 	}
