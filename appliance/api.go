@@ -8,9 +8,12 @@ import (
 	"net/netip"
 	"path/filepath"
 	"runtime"
+	rtmetrics "runtime/metrics"
 	"strconv"
 	"syscall"
 	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/vunet/vunet/api"
 	"github.com/vunet/vunet/budget"
@@ -79,7 +82,8 @@ func (a *Appliance) registerMetrics() (*metrics.Registry, error) {
 	add("log", a.logLimit.Stats())
 	add("sandbox", &a.Sandbox)
 	add("migration", &a.migStats)
-	add("process", &ProcessStats{Goroutines: func() int64 { return int64(runtime.NumGoroutine()) }})
+	add("process", newProcessStats())
+	add("netstack", newNetstackStats(a.Stack.Stack()))
 	memOut, memIn := a.Forward.MemoryShares()
 	for _, m := range []struct {
 		share string
@@ -104,6 +108,53 @@ type ProcessStats struct {
 	// Goroutines shows what connections and flows hold: an idle TCP
 	// connection holds none (docs/performance.md, connection scale).
 	Goroutines func() int64 `metric:"process_goroutines" kind:"gauge" help:"Goroutines in the vunet process."`
+	// The Go heap (runtime/metrics, read without stopping the world):
+	// what its objects, live or not yet swept, occupy, the goroutine
+	// stacks, and the heap memory free for reuse that is still resident
+	// (not yet returned to the kernel) or already returned. Together
+	// they tell a resident set that is held from one that is only not
+	// yet given back.
+	HeapObjects  func() int64 `metric:"process_heap_objects_bytes" kind:"gauge" help:"Go heap memory occupied by objects, live or not yet swept."`
+	Stacks       func() int64 `metric:"process_stack_bytes" kind:"gauge" help:"Go heap memory used for goroutine stacks."`
+	HeapFree     func() int64 `metric:"process_heap_free_bytes" kind:"gauge" help:"Go heap memory free for reuse and still resident (not yet returned to the kernel)."`
+	HeapReleased func() int64 `metric:"process_heap_released_bytes" kind:"gauge" help:"Go heap memory free and returned to the kernel."`
+}
+
+func newProcessStats() *ProcessStats {
+	heap := func(name string) func() int64 {
+		return func() int64 {
+			s := []rtmetrics.Sample{{Name: name}}
+			rtmetrics.Read(s)
+			if s[0].Value.Kind() != rtmetrics.KindUint64 {
+				return 0
+			}
+			return int64(s[0].Value.Uint64())
+		}
+	}
+	return &ProcessStats{
+		Goroutines:   func() int64 { return int64(runtime.NumGoroutine()) },
+		HeapObjects:  heap("/memory/classes/heap/objects:bytes"),
+		Stacks:       heap("/memory/classes/heap/stacks:bytes"),
+		HeapFree:     heap("/memory/classes/heap/free:bytes"),
+		HeapReleased: heap("/memory/classes/heap/released:bytes"),
+	}
+}
+
+// NetstackStats are gauges of vunet's gVisor stack.
+type NetstackStats struct {
+	// TCPConnected counts the endpoints a closed connection leaves
+	// behind as well as the open ones: TIME_WAIT and the closing states
+	// hold a whole endpoint until they end.
+	TCPConnected   func() int64 `metric:"netstack_tcp_connected" kind:"gauge" help:"gVisor TCP endpoints in a connected state (ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1/2, CLOSING, LAST_ACK, TIME_WAIT)."`
+	TCPEstablished func() int64 `metric:"netstack_tcp_established" kind:"gauge" help:"gVisor TCP endpoints in ESTABLISHED."`
+}
+
+func newNetstackStats(s *stack.Stack) *NetstackStats {
+	st := s.Stats().TCP
+	return &NetstackStats{
+		TCPConnected:   func() int64 { return int64(st.CurrentConnected.Value()) },
+		TCPEstablished: func() int64 { return int64(st.CurrentEstablished.Value()) },
+	}
 }
 
 // direction names virtio-net queue i seen from the guest: even queues

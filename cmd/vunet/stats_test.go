@@ -70,6 +70,7 @@ func declared(t *testing.T, a *appliance.Appliance, pairs int) int {
 	count(sandbox.Gauges{}, 1)
 	count(appliance.MigrationStats{}, 1)
 	count(appliance.ProcessStats{}, 1)
+	count(appliance.NetstackStats{}, 1)
 	count(budget.Counters{}, 4) // total, outbound, inbound, link
 	// The guest's own limits (one guest): its NAT counters and its two
 	// memory shares (guest, guest_link).
@@ -128,7 +129,8 @@ func TestEveryCounterInEveryOutput(t *testing.T) {
 		if m.Layer == "process" {
 			// Live values (goroutines) change between the three calls:
 			// only the series and its section must be there.
-			if !strings.Contains(metrics.stdout, "\n"+exposition(m)) || !strings.Contains(human.stdout, "\nprocess\n  "+shortName(m)+" ") {
+			if !strings.Contains(metrics.stdout, "\n"+exposition(m)) || !strings.Contains(human.stdout, "\nprocess\n  ") ||
+				!strings.Contains(human.stdout, "\n  "+shortName(m)+" ") {
 				t.Errorf("stats lack %s", m.Name)
 			}
 			continue

@@ -32,9 +32,16 @@ import (
 // the same way. Per backend: the time until every connection is open on
 // both ends, the backend's resident set before and with the connections
 // (VmRSS, RssAnon) and its peak (VmHWM), its threads and, for vunet, its
-// goroutines (vunet_process_goroutines).
+// goroutines (vunet_process_goroutines). After both ends of every
+// connection closed at once, the same again at several times (default 1,
+// 3, 10 and 65 s: gVisor's TIME_WAIT lasts 60 s), with, for vunet, its Go
+// heap, stacks and heap memory not yet returned (vunet_process_*), its
+// gVisor endpoints still connected (TIME_WAIT included) and the peak of its
+// goroutines while they closed.
 //
 //	VUNET_PERF_SCALE_CONNS     connections (default 10000; 0 skips)
+//	VUNET_PERF_SCALE_AFTER     when to sample after the close, e.g.
+//	                           "1s,3s,10s,65s" (the default)
 //	VUNET_PERF_SCALE_BACKENDS  default "vunet,passt-vhost"
 //	VUNET_PERF_SCALE_OUT       markdown report file (bench-compare.sh:
 //	                           build/perf/scale.md)
@@ -57,7 +64,29 @@ type scaleResult struct {
 	Threads      int64   `json:"threads"`
 	Goroutines   int64   `json:"goroutines"` // -1: not reported by the backend
 	GoroutinesIn int64   `json:"goroutines_idle"`
-	Err          string  `json:"error,omitempty"`
+	// The peak of vunet's goroutines while the connections closed
+	// (sampled every 20 ms until the first sample, at most 2 s), and the
+	// samples: with the connections open, then after the close.
+	GoroutinesClosePeak int64         `json:"goroutines_close_peak"`
+	AfterClose          []closeSample `json:"after_close,omitempty"`
+	Err                 string        `json:"error,omitempty"`
+}
+
+// closeSample is the backend's memory some time after every connection
+// closed (At 0: before, with them open). The vunet_* figures are -1 for
+// other backends.
+type closeSample struct {
+	At         float64 `json:"seconds"`
+	RSSKB      int64   `json:"rss_kb"`
+	AnonKB     int64   `json:"anon_kb"`
+	HWMKB      int64   `json:"hwm_kb"`
+	Goroutines int64   `json:"goroutines"`
+	HeapKB     int64   `json:"heap_objects_kb"`  // vunet_process_heap_objects_bytes
+	StackKB    int64   `json:"stack_kb"`         // vunet_process_stack_bytes
+	FreeKB     int64   `json:"heap_free_kb"`     // vunet_process_heap_free_bytes: not yet returned
+	ReleasedKB int64   `json:"heap_released_kb"` // vunet_process_heap_released_bytes
+	Connected  int64   `json:"tcp_connected"`    // vunet_netstack_tcp_connected: gVisor endpoints, TIME_WAIT included
+	Flows      int64   `json:"tcp_flows"`        // vunet_flows{proto="tcp"}: splices
 }
 
 // perConnKB is the resident set the open connections added, per
@@ -108,6 +137,10 @@ func TestConnScale(t *testing.T) {
 	if n == 0 {
 		t.Skip("VUNET_PERF_SCALE_CONNS=0")
 	}
+	after, err := parseAfter(cmp.Or(os.Getenv("VUNET_PERF_SCALE_AFTER"), "1s,3s,10s,65s"))
+	if err != nil {
+		t.Fatalf("VUNET_PERF_SCALE_AFTER: %v", err)
+	}
 	specs, err := parseBackends(cmp.Or(os.Getenv("VUNET_PERF_SCALE_BACKENDS"), "vunet,passt-vhost"))
 	if err != nil {
 		t.Fatal(err)
@@ -135,7 +168,7 @@ func TestConnScale(t *testing.T) {
 	meta := describeMachine(root, bins)
 	var results []scaleResult
 	for _, spec := range specs {
-		r := scaleOne(t, bins, spec, n)
+		r := scaleOne(t, bins, spec, n, after)
 		t.Logf("%s: %+v", spec, r)
 		results = append(results, r)
 	}
@@ -183,8 +216,8 @@ func scaleProblems(specs []backendSpec, results []scaleResult) []string {
 
 // scaleOne measures one backend. Failures to set up are reported in the
 // result, so the other backends still run.
-func scaleOne(t *testing.T, bins *binaries, spec backendSpec, n int) (res scaleResult) {
-	res = scaleResult{Backend: spec.String(), Conns: n, Goroutines: -1, GoroutinesIn: -1}
+func scaleOne(t *testing.T, bins *binaries, spec backendSpec, n int, after []time.Duration) (res scaleResult) {
+	res = scaleResult{Backend: spec.String(), Conns: n, Goroutines: -1, GoroutinesIn: -1, GoroutinesClosePeak: -1}
 	fail := func(err error) scaleResult { res.Err = err.Error(); t.Logf("%s: %v", spec, err); return res }
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -332,14 +365,76 @@ func scaleOne(t *testing.T, bins *binaries, spec backendSpec, n int) (res scaleR
 	}
 	res.RSSOpenKB, res.AnonOpenKB, res.HWMKB, res.Threads = st1["VmRSS"], st1["RssAnon"], st1["VmHWM"], st1["Threads"]
 	res.Goroutines = b.goroutines()
+	if open, err := b.closeSample(pid, 0); err == nil {
+		res.AfterClose = append(res.AfterClose, open) // the row "open"
+	}
 
-	d.close()
+	// Both ends at once: the dialer closes the guest's sockets while
+	// this process closes the host's.
+	closed := time.Now()
+	peak := make(chan int64, 1)
+	go func() {
+		p := int64(-1)
+		for time.Since(closed) < min(2*time.Second, after[0]-50*time.Millisecond) {
+			p = max(p, b.goroutines())
+			time.Sleep(20 * time.Millisecond)
+		}
+		peak <- p
+	}()
+	dclosed := make(chan struct{})
+	go func() { d.close(); close(dclosed) }()
 	closeHost()
-	time.Sleep(3 * time.Second)
-	if st2, err := procStatus(pid); err == nil {
-		res.RSSClosedKB = st2["VmRSS"]
+	<-dclosed
+	defer func() { res.GoroutinesClosePeak = <-peak }()
+	for _, at := range after {
+		time.Sleep(time.Until(closed.Add(at)))
+		cs, err := b.closeSample(pid, at)
+		if err != nil {
+			break
+		}
+		res.AfterClose = append(res.AfterClose, cs)
+		if at <= 3*time.Second || res.RSSClosedKB == 0 {
+			res.RSSClosedKB = cs.RSSKB // the table's column: 3 s after
+		}
 	}
 	return res
+}
+
+// closeSample reads the backend's memory now, at after seconds from the
+// close (0: with the connections open).
+func (b *backend) closeSample(pid int, after time.Duration) (closeSample, error) {
+	st, err := procStatus(pid)
+	if err != nil {
+		return closeSample{}, err
+	}
+	m := b.metrics()
+	get := func(name string, div int64) int64 {
+		if v, ok := m[name]; ok {
+			return v / div
+		}
+		return -1
+	}
+	return closeSample{At: after.Seconds(), RSSKB: st["VmRSS"], AnonKB: st["RssAnon"], HWMKB: st["VmHWM"],
+		Goroutines: get("vunet_process_goroutines", 1), HeapKB: get("vunet_process_heap_objects_bytes", 1024),
+		StackKB: get("vunet_process_stack_bytes", 1024), FreeKB: get("vunet_process_heap_free_bytes", 1024),
+		ReleasedKB: get("vunet_process_heap_released_bytes", 1024), Connected: get("vunet_netstack_tcp_connected", 1),
+		Flows: get(`vunet_flows{proto="tcp"}`, 1)}, nil
+}
+
+// parseAfter reads VUNET_PERF_SCALE_AFTER: increasing durations.
+func parseAfter(v string) ([]time.Duration, error) {
+	var out []time.Duration
+	for _, f := range strings.Split(v, ",") {
+		d, err := time.ParseDuration(strings.TrimSpace(f))
+		if err != nil {
+			return nil, err
+		}
+		if d <= 0 || len(out) > 0 && d <= out[len(out)-1] {
+			return nil, fmt.Errorf("%q: want increasing positive durations", v)
+		}
+		out = append(out, d)
+	}
+	return out, nil
 }
 
 // Environment of the dialer: this test binary run inside the namespace
@@ -482,28 +577,48 @@ func procStatus(pid int) (map[string]int64, error) {
 // goroutines asks vunet's API for vunet_process_goroutines; -1 for other
 // backends or on error.
 func (b *backend) goroutines() int64 {
-	if b.api == "" {
-		return -1
+	if v, ok := b.metrics()["vunet_process_goroutines"]; ok {
+		return v
 	}
-	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+	return -1
+}
+
+// metrics reads vunet's /metrics: every series ("name" or
+// "name{labels}") with an integer value; empty for other backends or on
+// error.
+func (b *backend) metrics() map[string]int64 {
+	out := map[string]int64{}
+	if b.api == "" {
+		return out
+	}
+	// No keep-alive: an idle API connection would hold a goroutine in
+	// vunet, which the figures would count.
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", b.api)
 		}}}
 	resp, err := c.Get("http://vunet/metrics")
 	if err != nil {
-		return -1
+		return out
 	}
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "vunet_process_goroutines "); ok {
-			if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil {
-				return n
-			}
+		line := sc.Text()
+		if strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		if i < 0 {
+			continue
+		}
+		if n, err := strconv.ParseInt(line[i+1:], 10, 64); err == nil {
+			out[line[:i]] = n
 		}
 	}
-	return -1
+	return out
 }
 
 // formatScale renders the scale results as markdown.
@@ -526,11 +641,55 @@ func formatScale(results []scaleResult, meta string) string {
 			r.Backend, r.Opened, r.Conns, r.OpenSeconds, mib(r.RSSIdleKB), mib(r.RSSOpenKB), r.perConnKB(), r.anonPerConnKB(),
 			mib(r.HWMKB), mib(r.RSSClosedKB), r.Threads, g)
 	}
+	b.WriteString(formatAfterClose(results))
 	for _, r := range results {
 		if r.DialErrors > 0 || r.Err != "" {
 			fmt.Fprintf(&b, "\n%s: %d dial errors (first: %s) %s", r.Backend, r.DialErrors, r.FirstError, r.Err)
 		}
 	}
 	b.WriteString("\n")
+	return b.String()
+}
+
+// formatAfterClose renders the samples after the close as a second
+// table: one row per backend and time.
+func formatAfterClose(results []scaleResult) string {
+	var b strings.Builder
+	mib := func(kb int64) string {
+		if kb < 0 {
+			return "—"
+		}
+		return strconv.FormatFloat(float64(kb)/1024, 'f', 1, 64)
+	}
+	num := func(v int64) string {
+		if v < 0 {
+			return "—"
+		}
+		return strconv.FormatInt(v, 10)
+	}
+	for _, r := range results {
+		if len(r.AfterClose) == 0 {
+			continue
+		}
+		if b.Len() == 0 {
+			b.WriteString("\nAfter closing both ends at once (Go heap, stacks, free heap not yet returned: vunet_process_*; endpoints: gVisor's still connected, TIME_WAIT included):\n\n")
+			b.WriteString("| backend | after s | RSS MiB | RssAnon MiB | VmHWM MiB | goroutines (peak) | heap objects MiB | stacks MiB | heap free MiB | heap released MiB | endpoints | splices |\n")
+			b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		}
+		first := true
+		for _, c := range r.AfterClose {
+			g, at := num(c.Goroutines), "open"
+			if c.At > 0 {
+				at = strconv.FormatFloat(c.At, 'g', -1, 64)
+				if first && r.GoroutinesClosePeak >= 0 {
+					g += " (" + num(r.GoroutinesClosePeak) + ")"
+				}
+				first = false
+			}
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", r.Backend, at,
+				mib(c.RSSKB), mib(c.AnonKB), mib(c.HWMKB), g, mib(c.HeapKB), mib(c.StackKB), mib(c.FreeKB), mib(c.ReleasedKB),
+				num(c.Connected), num(c.Flows))
+		}
+	}
 	return b.String()
 }
