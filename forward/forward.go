@@ -214,6 +214,7 @@ type Forwarder struct {
 
 	ping *pinger
 	poll *hostPoller // wakes splice directions parked on host sockets
+	run  *runQueue   // runs woken splice directions on a bounded set of goroutines
 	// starved: splices waiting for the budget, one goroutine for all.
 	starved starvedSet
 	syns    *synTable // guest SYNs being dialed, for ICMP errors
@@ -365,6 +366,7 @@ func New(opts Options) (*Forwarder, error) {
 		return nil, fmt.Errorf("forward: %w", err)
 	}
 	f.poll = poll
+	f.run = newRunQueue(f)
 	f.syns = newSYNTable(opts.Guests, max(4*opts.MaxInFlightDials, 1024))
 
 	// gVisor's forwarder drops SYNs silently beyond its own in-flight

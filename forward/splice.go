@@ -115,12 +115,14 @@ func setGuestKeepalive(ep tcpip.Endpoint) {
 // host, it lets gVisor hand its queued segments straight to a
 // non-blocking write(2), consuming only what the kernel took.
 //
-// Nor does an idle connection hold a goroutine. Each direction runs in a
-// goroutine only while it has work; when it would wait (nothing to read,
-// or no room to write) it parks: it records what it waits for and
-// returns. Guest-side events (gVisor's waiter queue, one callback entry
-// per connection) and host-side events (the Forwarder's hostPoller) start
-// a parked direction again in a fresh goroutine. A direction is in
+// Nor does an idle connection hold a goroutine. Each direction runs only
+// while it has work; when it would wait (nothing to read, or no room to
+// write) it parks: it records what it waits for and returns. Guest-side
+// events (gVisor's waiter queue, one callback entry per connection) and
+// host-side events (the Forwarder's hostPoller) queue a parked direction
+// in the Forwarder's run queue, whose bounded set of goroutines runs it
+// (runqueue.go), so many connections getting work at once (closing
+// together, say) do not start a goroutine each. A direction is in
 // exactly one state at a time (running, parked on the guest, parked on
 // the host, done), changed only by compare-and-swap, so it never runs
 // twice at once and a wakeup that races with parking is never lost: the
@@ -170,9 +172,11 @@ type tcpSplice struct {
 	// the guest consumed half of it within growWithin of it filling up.
 	sinceFull int64
 	// progress: this run of tg moved data (so it polls for room when it
-	// parks, see roomTimer).
-	progress bool
-	byPoll   bool // this run of tg was started by roomTimer
+	// parks, see roomTimer); a run that yielded to the run queue
+	// (tgYielded) goes on with it.
+	progress  bool
+	tgYielded bool
+	byPoll    bool // this run of tg was started by roomTimer
 	// roomTimer wakes tg, parked for room in a full send buffer, before
 	// gVisor would: gVisor reports room only once half the buffer is
 	// free (2 MiB of a grown one: several milliseconds of a TCG guest's
@@ -231,6 +235,17 @@ const (
 type direction struct {
 	state atomic.Int32
 	timer *time.Timer // wakes it to shrink a grown buffer; owned by the running goroutine
+	c     *tcpSplice
+	next  *direction // in the Forwarder's run queue, under its lock
+}
+
+// run runs the direction until it parks, ends or yields.
+func (d *direction) run() {
+	if d == &d.c.tg {
+		d.c.toGuest()
+	} else {
+		d.c.toHost()
+	}
 }
 
 // window is one direction's gVisor buffer: its size and the bytes of it
@@ -255,12 +270,13 @@ func (f *Forwarder) newSplice(gep tcpip.Endpoint, wq *waiter.Queue, host net.Con
 	c := &tcpSplice{f: f, gep: gep, wq: wq, host: host, rc: rc, mem: mem, desc: desc,
 		stop: make(chan struct{}), detached: make(chan struct{})}
 	c.pushFn, c.pullFn, c.ctlFn = c.pushFD, c.pullFD, c.ctlFD
+	c.tg.c, c.th.c = c, c
 	return c, nil
 }
 
 // run starts both directions and returns: host → guest first runs in the
-// caller's goroutine until it parks, guest → host in a goroutine of its
-// own. The splice holds one count of the Forwarder's WaitGroup until both
+// caller's goroutine until it parks, guest → host in the Forwarder's run
+// queue. The splice holds one count of the Forwarder's WaitGroup until both
 // directions have ended; then it closes both sides and calls onEnd.
 func (c *tcpSplice) run() {
 	f := c.f
@@ -288,11 +304,7 @@ func (c *tcpSplice) run() {
 	c.entry.Init(c, waiter.ReadableEvents|waiter.WritableEvents|waiter.EventHUp|waiter.EventErr)
 	c.wq.EventRegister(&c.entry)
 	c.live.Store(2)
-	f.wg.Add(1) // within the splice's count: safe against Close's Wait
-	go func() {
-		defer f.wg.Done()
-		c.toHost()
-	}()
+	f.run.push(&c.th) // th starts in dirRunning: the queue owns it
 	c.toGuest()
 }
 
@@ -375,8 +387,7 @@ func (c *tcpSplice) hostReady(ev uint32) {
 	}
 }
 
-// wake starts direction d in a new goroutine if it is parked in state
-// from.
+// wake queues direction d to run if it is parked in state from.
 func (c *tcpSplice) wake(d *direction, from int32) { c.wakeBy(d, from, false) }
 
 // wakeBy is wake; polled says roomTimer wakes tg, which the woken run
@@ -386,18 +397,10 @@ func (c *tcpSplice) wakeBy(d *direction, from int32, polled bool) {
 		return
 	}
 	if polled {
-		c.byPoll = true // tg is ours now; the go statement publishes it
+		c.byPoll = true // tg is ours now; the run queue's lock publishes it
 	}
 	c.f.c.TCPWakeups.Add(1)
-	c.f.wg.Add(1) // the splice still holds its count: d is not done
-	go func() {
-		defer c.f.wg.Done()
-		if d == &c.tg {
-			c.toGuest()
-		} else {
-			c.toHost()
-		}
-	}()
+	c.f.run.push(d)
 }
 
 // done ends direction d; the last one to end finishes the splice.
@@ -625,9 +628,13 @@ func (c *tcpSplice) toGuest() {
 			c.recount(c.snd.size)
 		}
 	}
-	c.progress = false
+	if !c.tgYielded {
+		c.progress = false
+	}
+	c.tgYielded = false
 	polled := c.byPoll
 	c.byPoll = false
+	start := time.Now()
 	for {
 		if c.stopped() {
 			c.done(d)
@@ -649,6 +656,11 @@ func (c *tcpSplice) toGuest() {
 				polled = false
 			}
 			c.progress = true
+			if c.f.run.yield(start) {
+				c.tgYielded = true
+				c.f.run.push(d)
+				return
+			}
 			continue
 		case pushWait:
 			// A grown buffer shrinks when the host has been quiet.
@@ -866,6 +878,7 @@ var errLostRead = errors.New("host socket returned less than it announced")
 func (c *tcpSplice) toHost() {
 	d := &c.th
 	so := c.gep.SocketOptions()
+	start := time.Now()
 	for {
 		if c.stopped() {
 			c.done(d)
@@ -900,6 +913,10 @@ func (c *tcpSplice) toHost() {
 			if c.moved += int64(c.rcount); c.moved >= c.rcv.size/2 {
 				c.grow(&c.rcv, so.SetReceiveBufferSize, MaxTCPBuffer)
 				c.since, c.moved = now, 0
+			}
+			if c.f.run.yield(start) {
+				c.f.run.push(d)
+				return
 			}
 			continue
 		}

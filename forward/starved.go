@@ -74,8 +74,8 @@ func (s *starvedSet) run(f *Forwarder) {
 			return
 		}
 		s.mu.Unlock()
-		// Outside the lock: wake starts a goroutine for the direction,
-		// which may register again at once.
+		// Outside the lock: wake queues the direction to run, and it
+		// may register again at once.
 		for _, c := range woken {
 			c.budgetWait.Store(false)
 			c.wake(&c.th, dirParkedGuest)

@@ -69,7 +69,7 @@ type Stats struct {
 	// TCPWakeups counts restarts of a parked splice direction: an idle
 	// connection holds no goroutine, and each guest or host event that
 	// gives a parked direction work starts one.
-	TCPWakeups atomic.Uint64 `metric:"forward_tcp_wakeups_total" help:"Restarts of parked TCP splice directions (an idle connection holds no goroutine; a guest or host event that gives it work starts one)."`
+	TCPWakeups atomic.Uint64 `metric:"forward_tcp_wakeups_total" help:"Restarts of parked TCP splice directions (an idle connection holds no goroutine; a guest or host event that gives it work queues it for one of a bounded set of runners)."`
 	// TCPRoomPolls counts reads from a host socket that a splice started
 	// itself, looking for room in a full gVisor send buffer before gVisor
 	// reported any (see tcpSplice.roomTimer).
