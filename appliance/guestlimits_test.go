@@ -91,6 +91,14 @@ func TestGuestLimits(t *testing.T) {
 			memA.Used(), memA.Limit(), memA.Stats().Denied)
 	}
 
+	// A connection's directions take their shares when they first run,
+	// which can trail the connection's count: wait until each of A's
+	// 2 x maxConns directions has its share or its floor window, so that
+	// the floor counter (the Forwarder's, not per guest) moves for B only.
+	eventuallyTrue(t, "guest A's directions to have their shares", func() bool {
+		return memA.Stats().Takes+a.Forward.Stats().TCPBudgetFloor.Load() >= 2*maxConns
+	})
+
 	// Guest B is served, with its own shares, while A holds everything.
 	floor := a.Forward.Stats().TCPBudgetFloor.Load()
 	c, err := dial(gb)
